@@ -1,0 +1,1 @@
+"""memsparse.eval: long-context retrieval tasks, harness and plots."""

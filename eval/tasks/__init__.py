@@ -1,0 +1,1 @@
+"""Registry of synthetic long-context tasks."""

@@ -1,0 +1,1 @@
+"""memsparse.train: Lightning training (module, data, tokenizer building, CLI)."""
