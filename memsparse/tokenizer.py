@@ -105,7 +105,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         else:
             path = path / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"no tokenizer at {spec!s}: expected 'byte', a saved tokenizer directory or a tokenizer.json")
+        raise FileNotFoundError(f"no tokenizer at {spec!s}: expected 'byte', a saved tokenizer dir or tokenizer.json")
     from tokenizers import Tokenizer as HFTokenizer
 
     return BPETokenizer(HFTokenizer.from_file(str(path)))

@@ -1,0 +1,416 @@
+"""Titans-style neural long-term memory: per-head MLP fast weights written by gradient steps.
+
+Memory function (per head, fast weights W_1..W_L; Titans sec. 3.1 with residual + norm):
+    M(x) = x + LN(W_L phi(... phi(x W_1))) * gain
+Write rule for token t with key k_t, value v_t (Titans eqs. 13-14), loss l_t = 1/2 ||M(k_t) - v_t||^2:
+    S_t = eta_t S_{t-1} - theta_t * grad_W l_t          (momentum = past surprise)
+    M_t = (1 - alpha_t) M_{t-1} + S_t                   (forgetting)
+A per-token gate g_t in [0, 1] scales a token's whole step: eta' = 1 - g (1 - eta), theta' = g theta,
+alpha' = g alpha and M_t = (1 - alpha'_t) M_{t-1} + g_t S_t, so g = 0 leaves memory and momentum untouched.
+
+Two implementations of the same rule, both public:
+- `write_sequential_reference`: a token loop with autograd gradients (obviously correct, slow);
+- `write_chunked`: chunk-parallel (Titans sec. 3.2). Inside a chunk all gradients are taken at the
+  chunk-start weights W_0. For an MLP the per-token gradient of layer i is an outer product
+  a_{i,t} (x) dz_{i,t}, so with the momentum/forgetting recurrence unrolled,
+      S_C = P_C S_0 - sum_t d_t a_t (x) dz_t,      M_C = beta_C M_0 + gamma S_0 - sum_t c_t a_t (x) dz_t,
+  where P = cumprod(eta'), beta = cumprod(1 - alpha'), d_t = theta'_t P_C / P_t,
+  c_t = theta'_t sum_{s>=t} g_s (beta_C / beta_s)(P_s / P_t), gamma = sum_s g_s (beta_C / beta_s) P_s.
+  The sums become two weighted matmuls per layer: no per-token weight gradient is ever materialised.
+  Ratios are computed in log space from cumulative sums, so long chunks never under/overflow.
+Every token's gradient is clipped to `max_grad_norm` (a bound on the update, against the NaNs seen in
+titans-pytorch issue 29); fast weights and their updates are kept in fp32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MemoryConfig
+
+_LN_EPS = 1e-5
+_LOG_FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryState:
+    """Fast weights and momentum of one memory, one per sequence in the batch.
+
+    weights[i], momentum[i]: fp32 `(B, H, d_in_i, d_out_i)`; step: int64 `(B,)` tokens written so far.
+    Initialised from the module's learned initial weights (`NeuralMemory.init_state`), momentum zero.
+    """
+
+    weights: list[Tensor]
+    momentum: list[Tensor]
+    step: Tensor
+
+    def detach(self) -> MemoryState:
+        return MemoryState([w.detach() for w in self.weights], [s.detach() for s in self.momentum],
+                           self.step.detach())
+
+    def clone(self) -> MemoryState:
+        return MemoryState([w.clone() for w in self.weights], [s.clone() for s in self.momentum], self.step.clone())
+
+    def to(self, device) -> MemoryState:
+        return MemoryState([w.to(device) for w in self.weights], [s.to(device) for s in self.momentum],
+                           self.step.to(device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.weights[0].shape[0]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {f"weights.{i}": w for i, w in enumerate(self.weights)}
+        out.update({f"momentum.{i}": s for i, s in enumerate(self.momentum)})
+        out["step"] = self.step
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Tensor]) -> MemoryState:
+        n = sum(1 for k in sd if k.startswith("weights."))
+        if n == 0 or "step" not in sd:
+            raise ValueError("not a MemoryState state dict: expected keys weights.N, momentum.N, step")
+        return cls([sd[f"weights.{i}"] for i in range(n)], [sd[f"momentum.{i}"] for i in range(n)], sd["step"])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.weights, *self.momentum, self.step])
+
+
+@dataclass
+class WriteStats:
+    """Per-token surprise of a write, measured at the chunk-start weights: `(B, H, N)` each."""
+
+    loss: Tensor
+    grad_norm: Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functional core
+# ----------------------------------------------------------------------------------------------------------
+def _act(z: Tensor, activation: str) -> Tensor:
+    return F.silu(z) if activation == "silu" else F.gelu(z)
+
+
+def _act_grad(z: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+    return cdf + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def memory_forward(weights: list[Tensor], x: Tensor, gain: Tensor, activation: str = "silu",
+                   return_cache: bool = False):
+    """Apply the memory M to x `(B, H, N, D)` with fast weights `(B, H, d_in, d_out)`; gain `(H, D)`.
+
+    Returns y `(B, H, N, D)` (and the activations needed for the closed-form backward).
+    """
+    acts, zs = [x], []
+    a = x
+    for i, w in enumerate(weights):
+        z = torch.matmul(a, w)
+        zs.append(z)
+        if i < len(weights) - 1:
+            a = _act(z, activation)
+            acts.append(a)
+    z = zs[-1]
+    zc = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(zc.pow(2).mean(-1, keepdim=True) + _LN_EPS)
+    n = zc * rstd
+    y = x + n * gain[None, :, None, :]
+    if return_cache:
+        return y, (acts, zs, n, rstd)
+    return y
+
+
+def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, activation: str = "silu"):
+    """Closed-form per-token gradients of l_t = 1/2 ||M(k_t) - v_t||^2 at `weights`, as outer-product factors.
+
+    Returns (a, dz, loss, grad_norm): lists a[i] `(B, H, N, d_in_i)`, dz[i] `(B, H, N, d_out_i)` with
+    grad_{W_i} l_t = a[i][t]^T dz[i][t]; loss and grad_norm (Frobenius, all layers) `(B, H, N)`.
+    """
+    y, (acts, zs, n, rstd) = memory_forward(weights, k, gain, activation, return_cache=True)
+    dy = y - v
+    loss = 0.5 * dy.pow(2).sum(-1)
+    dn = dy * gain[None, :, None, :]
+    dz = rstd * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))
+    dzs: list[Tensor] = [dz]
+    for i in range(len(weights) - 1, 0, -1):
+        da = torch.matmul(dz, weights[i].transpose(-1, -2))
+        dz = da * _act_grad(zs[i - 1], activation)
+        dzs.insert(0, dz)
+    sq = sum(a.pow(2).sum(-1) * d.pow(2).sum(-1) for a, d in zip(acts, dzs))
+    return acts, dzs, loss, torch.sqrt(sq + 1e-20)
+
+
+def _effective_rates(eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None, clip: Tensor):
+    g = torch.ones_like(eta) if gates is None else gates
+    return 1 - g * (1 - eta), g * theta * clip, g * alpha, g
+
+
+def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+                gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float):
+    """One chunk-parallel write of C tokens (k, v `(B, H, C, D)`; rates/gates `(B, H, C)`), closed form.
+
+    Returns (new_state, WriteStats).
+    """
+    a_list, dz_list, loss, gnorm = token_gradients(state.weights, k, v, gain, activation)
+    clip = torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
+    eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
+
+    log_p = torch.cumsum(torch.log(eta_e.clamp_min(_LOG_FLOOR)), -1)          # log P_s
+    log_b = torch.cumsum(torch.log((1 - alpha_e).clamp_min(_LOG_FLOOR)), -1)  # log beta_s
+    C = k.shape[2]
+    w = rho * torch.exp(log_b[..., -1:] - log_b)                              # g_s beta_C / beta_s
+    expo = log_p.unsqueeze(-1) - log_p.unsqueeze(-2)                          # [s, t] = log P_s/P_t
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()       # s >= t
+    decay = torch.exp(torch.where(causal, expo, torch.full_like(expo, -math.inf)))
+    c = theta_e * torch.einsum("bhs,bhst->bht", w, decay)
+    d = theta_e * torch.exp(log_p[..., -1:] - log_p)
+    gamma = (w * torch.exp(log_p)).sum(-1)[..., None, None]
+    beta_c = torch.exp(log_b[..., -1])[..., None, None]
+    p_c = torch.exp(log_p[..., -1])[..., None, None]
+
+    new_w, new_s = [], []
+    for w0, s0, a, dz in zip(state.weights, state.momentum, a_list, dz_list):
+        gc = torch.einsum("bhni,bhn,bhno->bhio", a, c, dz)
+        gd = torch.einsum("bhni,bhn,bhno->bhio", a, d, dz)
+        new_w.append(beta_c * w0 + gamma * s0 - gc)
+        new_s.append(p_c * s0 - gd)
+    step = state.step + C
+    return MemoryState(new_w, new_s, step), WriteStats(loss, gnorm)
+
+
+def _check_write_inputs(state: MemoryState, k: Tensor, v: Tensor, rates: dict[str, Tensor],
+                        gates: Tensor | None, chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if k.dim() != 4:
+        raise ValueError(f"k must be (B, H, N, D), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.dtype != v.dtype:
+        raise ValueError(f"k and v dtypes differ: k is {k.dtype}, v is {v.dtype}")
+    B, H, N, D = k.shape
+    w0 = state.weights[0]
+    if w0.shape[0] != B or w0.shape[1] != H or w0.shape[2] != D:
+        raise ValueError(f"k (B={B}, H={H}, D={D}) does not match the memory state "
+                         f"(B={w0.shape[0]}, H={w0.shape[1]}, D={w0.shape[2]})")
+    for name, r in rates.items():
+        if r.shape != (B, H, N):
+            raise ValueError(f"{name} must be (B, H, N) = {(B, H, N)}, got {tuple(r.shape)}")
+    if gates is not None and gates.shape != (B, H, N):
+        raise ValueError(f"gates must be (B, H, N) = {(B, H, N)}, got {tuple(gates.shape)}")
+
+
+def _up(t: Tensor) -> Tensor:
+    """At least fp32 (float64 stays float64, for tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _fp32(*ts):
+    return [None if t is None else _up(t) for t in ts]
+
+
+def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, *,
+                  gain: Tensor, chunk_size: int, gates: Tensor | None = None, activation: str = "silu",
+                  max_grad_norm: float = 1.0) -> tuple[MemoryState, WriteStats]:
+    """Write N tokens chunk by chunk (chunk-parallel inside each chunk; a partial last chunk is written).
+
+    k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`. Returns (state, stats with `(B, H, N)` tensors).
+    """
+    _check_write_inputs(state, k, v, {"eta": eta, "theta": theta, "alpha": alpha}, gates, chunk_size)
+    with torch.autocast(k.device.type, enabled=False):
+        k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
+        losses, norms = [], []
+        for c0 in range(0, k.shape[2], chunk_size):
+            sl = slice(c0, c0 + chunk_size)
+            state, st = write_chunk(state, k[:, :, sl], v[:, :, sl], eta[:, :, sl], theta[:, :, sl],
+                                    alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain,
+                                    activation, max_grad_norm)
+            losses.append(st.loss)
+            norms.append(st.grad_norm)
+    if not losses:
+        empty = k.new_zeros(k.shape[:3])
+        return state, WriteStats(empty, empty)
+    return state, WriteStats(torch.cat(losses, -1), torch.cat(norms, -1))
+
+
+def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
+                               alpha: Tensor, *, gain: Tensor, chunk_size: int, gates: Tensor | None = None,
+                               activation: str = "silu", max_grad_norm: float = 1.0) -> MemoryState:
+    """The same write, token by token with autograd gradients taken at each chunk's start weights.
+
+    With chunk_size=1 this is the exact Titans recurrence (gradient at the current weights).
+    """
+    _check_write_inputs(state, k, v, {"eta": eta, "theta": theta, "alpha": alpha}, gates, chunk_size)
+    k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
+    W = list(state.weights)
+    S = list(state.momentum)
+    N = k.shape[2]
+    with torch.enable_grad():
+        for c0 in range(0, N, chunk_size):
+            W0 = [w if w.requires_grad else w.detach().requires_grad_(True) for w in W]
+            W = list(W0)
+            for t in range(c0, min(c0 + chunk_size, N)):
+                y = memory_forward(W0, k[:, :, t:t + 1], gain, activation)
+                loss = 0.5 * (y - v[:, :, t:t + 1]).pow(2).sum()
+                grads = torch.autograd.grad(loss, W0, create_graph=True)
+                gn = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads) + 1e-20)  # (B, H)
+                clip = torch.clamp(max_grad_norm / (gn + 1e-6), max=1.0)
+                g_t = None if gates is None else gates[:, :, t]
+                e, th, al, rho = _effective_rates(eta[:, :, t], theta[:, :, t], alpha[:, :, t], g_t, clip)
+                e, th, al, rho = (x[..., None, None] for x in (e, th, al, rho))
+                S = [e * s - th * g for s, g in zip(S, grads)]
+                W = [(1 - al) * w + rho * s for w, s in zip(W, S)]
+    return MemoryState(W, S, state.step + N)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryInputs:
+    """Projected inputs of the memory for N tokens: q, k, v `(B, H, N, D)`; eta, theta, alpha `(B, H, N)`."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    eta: Tensor
+    theta: Tensor
+    alpha: Tensor
+
+    def slice(self, sl: slice) -> MemoryInputs:
+        return MemoryInputs(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], self.eta[:, :, sl],
+                            self.theta[:, :, sl], self.alpha[:, :, sl])
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory over model width `dim`: projections, learned rates, the fast-weight MLP.
+
+    Outer (slow) parameters: q/k/v projections, the eta/theta/alpha nets, the memory's initial fast
+    weights and output gain, the output projection. Fast weights live in `MemoryState`.
+    """
+
+    def __init__(self, dim: int, config: MemoryConfig):
+        super().__init__()
+        self.config = config.validate()
+        H, D = config.heads, config.head_dim
+        self.dim, self.heads, self.head_dim = dim, H, D
+        self.to_qkv = nn.Linear(dim, 3 * H * D, bias=False)
+        self.to_rates = nn.Linear(dim, 3 * H)
+        with torch.no_grad():
+            self.to_rates.weight.mul_(0.1)
+            b = self.to_rates.bias.view(3, H)
+            b[0].fill_(_logit(config.momentum_init))
+            b[1].fill_(_logit(config.lr_init / config.lr_max))
+            b[2].fill_(_logit(config.forget_init))
+        dims = [D] + [D * config.expansion] * (config.depth - 1) + [D]
+        self.init_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(H, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(config.depth)]
+        )
+        self.gain = nn.Parameter(torch.full((H, D), 1 / math.sqrt(D)))
+        self.out = nn.Linear(H * D, dim, bias=False)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None) -> MemoryState:
+        """Fresh per-sequence state: fast weights = the learned initial weights (differentiable), momentum 0."""
+        device = device or self.gain.device
+        weights = [_up(w).to(device).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights]
+        momentum = [torch.zeros_like(w) for w in weights]
+        return MemoryState(weights, momentum, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    # -- projections ------------------------------------------------------------------------------------
+    def project(self, x: Tensor) -> MemoryInputs:
+        """x `(B, N, dim)` -> MemoryInputs (keys/queries L2-normalised per head when qk_norm)."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, N, dim={self.dim}), got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        H, D = self.heads, self.head_dim
+        q, k, v = self.to_qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        if self.config.qk_norm:
+            q, k = F.normalize(_up(q), dim=-1), F.normalize(_up(k), dim=-1)
+        r = _up(self.to_rates(x)).view(B, N, 3, H).permute(2, 0, 3, 1)
+        eta = torch.sigmoid(r[0])
+        theta = self.config.lr_max * torch.sigmoid(r[1])
+        alpha = torch.sigmoid(r[2])
+        return MemoryInputs(_up(q), _up(k), _up(v), eta, theta, alpha)
+
+    # -- read / write -----------------------------------------------------------------------------------
+    def read(self, state: MemoryState, q: Tensor) -> Tensor:
+        """q `(B, H, N, D)` -> M(q) `(B, H, N, D)` in fp32 (read with the state as it stands)."""
+        with torch.autocast(q.device.type, enabled=False):
+            return memory_forward(state.weights, _up(q), _up(self.gain), self.config.activation)
+
+    def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
+              chunk_size: int | None = None, impl: str = "chunked") -> tuple[MemoryState, WriteStats | None]:
+        """Write the tokens of `inputs` (keys/values/rates) into `state`; gates `(B, N)` or `(B, H, N)` in [0, 1].
+
+        impl "chunked" (training path) or "sequential" (reference; returns stats None).
+        """
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        gates = self._expand_gates(gates, inputs.k)
+        kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
+                  max_grad_norm=self.config.max_grad_norm)
+        if impl == "chunked":
+            return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, **kw)
+        if impl == "sequential":
+            return write_sequential_reference(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
+                                              **kw), None
+        raise ValueError(f"impl must be 'chunked' or 'sequential', got {impl!r}")
+
+    def surprise(self, state: MemoryState, inputs: MemoryInputs) -> WriteStats:
+        """Each candidate token's surprise (loss and gradient norm at the current weights), `(B, H, N)`."""
+        with torch.autocast(inputs.k.device.type, enabled=False):
+            _, _, loss, gnorm = token_gradients(state.weights, _up(inputs.k), _up(inputs.v),
+                                                _up(self.gain), self.config.activation)
+        return WriteStats(loss, gnorm)
+
+    def _expand_gates(self, gates: Tensor | None, k: Tensor) -> Tensor | None:
+        if gates is None:
+            return None
+        B, H, N, _ = k.shape
+        if gates.dim() == 2:
+            if gates.shape != (B, N):
+                raise ValueError(f"gates must be (B, N) = {(B, N)} or (B, H, N), got {tuple(gates.shape)}")
+            gates = gates[:, None, :].expand(B, H, N)
+        return _up(gates)
+
+    def merge_heads(self, y: Tensor) -> Tensor:
+        """(B, H, N, D) -> output projection `(B, N, dim)`."""
+        B, H, N, D = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, N, H * D).to(self.out.weight.dtype))
+
+    # -- the memory layer on its own ----------------------------------------------------------------------
+    def forward(self, x: Tensor, state: MemoryState | None = None, gates: Tensor | None = None,
+                chunk_size: int | None = None) -> tuple[Tensor, MemoryState]:
+        """Memory as a layer: each chunk reads the memory as it stood before the chunk, then is written.
+
+        x `(B, N, dim)` -> (out `(B, N, dim)`, final state).
+        """
+        chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        state = self.init_state(x.shape[0], x.device) if state is None else state
+        inp = self.project(x)
+        gates = self._expand_gates(gates, inp.k)
+        reads = []
+        for c0 in range(0, x.shape[1], chunk_size):
+            sl = slice(c0, c0 + chunk_size)
+            chunk = inp.slice(sl)
+            reads.append(self.read(state, chunk.q))
+            state, _ = self.write(state, chunk, None if gates is None else gates[:, :, sl], chunk_size=chunk_size)
+        y = torch.cat(reads, dim=2)
+        return self.merge_heads(y.to(x.dtype)), state
