@@ -157,12 +157,16 @@ def _effective_rates(eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | 
 
 
 def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
-                gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float):
+                gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float, gate_fn=None):
     """One chunk-parallel write of C tokens (k, v `(B, H, C, D)`; rates/gates `(B, H, C)`), closed form.
 
+    `gate_fn(WriteStats) -> (B, H, C)` optionally gates tokens by their surprise (multiplied into `gates`).
     Returns (new_state, WriteStats).
     """
     a_list, dz_list, loss, gnorm = token_gradients(state.weights, k, v, gain, activation)
+    if gate_fn is not None:
+        g = gate_fn(WriteStats(loss, gnorm))
+        gates = g if gates is None else gates * g
     clip = torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
     eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
 
@@ -222,7 +226,7 @@ def _fp32(*ts):
 
 def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, *,
                   gain: Tensor, chunk_size: int, gates: Tensor | None = None, activation: str = "silu",
-                  max_grad_norm: float = 1.0) -> tuple[MemoryState, WriteStats]:
+                  max_grad_norm: float = 1.0, gate_fn=None) -> tuple[MemoryState, WriteStats]:
     """Write N tokens chunk by chunk (chunk-parallel inside each chunk; a partial last chunk is written).
 
     k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`. Returns (state, stats with `(B, H, N)` tensors).
@@ -235,7 +239,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
             sl = slice(c0, c0 + chunk_size)
             state, st = write_chunk(state, k[:, :, sl], v[:, :, sl], eta[:, :, sl], theta[:, :, sl],
                                     alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain,
-                                    activation, max_grad_norm)
+                                    activation, max_grad_norm, gate_fn)
             losses.append(st.loss)
             norms.append(st.grad_norm)
     if not losses:
@@ -246,7 +250,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
 
 def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                                alpha: Tensor, *, gain: Tensor, chunk_size: int, gates: Tensor | None = None,
-                               activation: str = "silu", max_grad_norm: float = 1.0) -> MemoryState:
+                               activation: str = "silu", max_grad_norm: float = 1.0, gate_fn=None) -> MemoryState:
     """The same write, token by token with autograd gradients taken at each chunk's start weights.
 
     With chunk_size=1 this is the exact Titans recurrence (gradient at the current weights).
@@ -260,13 +264,26 @@ def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Te
         for c0 in range(0, N, chunk_size):
             W0 = [w if w.requires_grad else w.detach().requires_grad_(True) for w in W]
             W = list(W0)
+            sl = slice(c0, min(c0 + chunk_size, N))
+            if gate_fn is not None:  # surprise of every token of the chunk at the chunk-start weights
+                y = memory_forward(W0, k[:, :, sl], gain, activation)
+                cl = 0.5 * (y - v[:, :, sl]).pow(2).sum(-1)
+                cn = []
+                for t in range(sl.start, sl.stop):
+                    lt = 0.5 * (memory_forward(W0, k[:, :, t:t + 1], gain, activation) - v[:, :, t:t + 1]).pow(2).sum()
+                    gt = torch.autograd.grad(lt, W0, create_graph=True)
+                    cn.append(torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in gt) + 1e-20))
+                cg = gate_fn(WriteStats(cl, torch.stack(cn, -1)))
+                gates_chunk = cg if gates is None else gates[:, :, sl] * cg
+            else:
+                gates_chunk = None if gates is None else gates[:, :, sl]
             for t in range(c0, min(c0 + chunk_size, N)):
                 y = memory_forward(W0, k[:, :, t:t + 1], gain, activation)
                 loss = 0.5 * (y - v[:, :, t:t + 1]).pow(2).sum()
                 grads = torch.autograd.grad(loss, W0, create_graph=True)
                 gn = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads) + 1e-20)  # (B, H)
                 clip = torch.clamp(max_grad_norm / (gn + 1e-6), max=1.0)
-                g_t = None if gates is None else gates[:, :, t]
+                g_t = None if gates_chunk is None else gates_chunk[:, :, t - c0]
                 e, th, al, rho = _effective_rates(eta[:, :, t], theta[:, :, t], alpha[:, :, t], g_t, clip)
                 e, th, al, rho = (x[..., None, None] for x in (e, th, al, rho))
                 S = [e * s - th * g for s, g in zip(S, grads)]
@@ -355,15 +372,17 @@ class NeuralMemory(nn.Module):
             return memory_forward(state.weights, _up(q), _up(self.gain), self.config.activation)
 
     def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
-              chunk_size: int | None = None, impl: str = "chunked") -> tuple[MemoryState, WriteStats | None]:
+              chunk_size: int | None = None, impl: str = "chunked",
+              gate_fn=None) -> tuple[MemoryState, WriteStats | None]:
         """Write the tokens of `inputs` (keys/values/rates) into `state`; gates `(B, N)` or `(B, H, N)` in [0, 1].
 
-        impl "chunked" (training path) or "sequential" (reference; returns stats None).
+        impl "chunked" (training path) or "sequential" (reference; returns stats None). `gate_fn(WriteStats)`
+        gates tokens by their surprise at the chunk-start weights (the model's surprise gate).
         """
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         gates = self._expand_gates(gates, inputs.k)
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
-                  max_grad_norm=self.config.max_grad_norm)
+                  max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn)
         if impl == "chunked":
             return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, **kw)
         if impl == "sequential":

@@ -189,3 +189,17 @@ def test_bad_input_errors():
         mem.project(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="memory.depth"):
         MemoryConfig(depth=0).validate()
+
+
+def test_surprise_gate_fn_chunked_equals_sequential():
+    mem = _mem(chunk=4)
+    inp = mem.project(torch.randn(2, 10, 24, dtype=torch.float64))
+
+    def gate_fn(stats):
+        return torch.sigmoid(3 * torch.log(stats.grad_norm) + stats.loss)
+
+    a, _ = mem.write(mem.init_state(2), inp, gate_fn=gate_fn)
+    b, _ = mem.write(mem.init_state(2), inp, gate_fn=gate_fn, impl="sequential")
+    c, _ = mem.write(mem.init_state(2), inp)
+    torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-10, atol=1e-10)
+    assert (_flat(a) - _flat(c)).abs().max() > 1e-6
