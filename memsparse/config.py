@@ -53,6 +53,105 @@ class MemoryConfig:
         return self
 
 
+@dataclass
+class ConsolidationConfig:
+    """Consolidation ("sleep") passes: after each eviction, replay the evicted keys/values n more times.
+
+    mode "off" | "fixed" (n = passes) | "schedule" (n(L) = clamp(round(a * log2(L / window)), 0, n_max), L the
+    sequence length: the stream's declared total length, else the tokens seen so far). Training uses
+    `train_passes` (unrolled differentiably; default 0). replay "segment" (the whole evicted segment) or
+    "surprising" (its `replay_tokens` most surprising tokens, a bounded replay buffer).
+    """
+
+    mode: str = "off"
+    passes: int = 0
+    a: float = 1.0
+    n_max: int = 8
+    replay: str = "segment"
+    replay_tokens: int = 64
+    train_passes: int = 0
+
+    def validate(self) -> ConsolidationConfig:
+        _check(self.mode in ("off", "fixed", "schedule"), "consolidation.mode",
+               f"must be off, fixed or schedule, got {self.mode!r}")
+        _check(self.passes >= 0, "consolidation.passes", f"must be >= 0, got {self.passes}")
+        _check(self.n_max >= 0, "consolidation.n_max", f"must be >= 0, got {self.n_max}")
+        _check(self.a >= 0, "consolidation.a", f"must be >= 0, got {self.a}")
+        _check(self.replay in ("segment", "surprising"), "consolidation.replay",
+               f"must be segment or surprising, got {self.replay!r}")
+        _check(self.replay_tokens >= 1, "consolidation.replay_tokens", f"must be >= 1, got {self.replay_tokens}")
+        _check(self.train_passes >= 0, "consolidation.train_passes", f"must be >= 0, got {self.train_passes}")
+        return self
+
+
+@dataclass
+class ModelConfig:
+    """A memsparse language model: decoder blocks of sparse window attention + neural memory + SwiGLU MLP.
+
+    The sequence is processed in segments of `segment` tokens; attention sees the persistent tokens, the
+    previous `window` tokens and the current segment (causally); a segment leaving the window is written
+    into the memory of each memory layer (gated by surprise), then optionally replayed (consolidation).
+    """
+
+    vocab_size: int = 259
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    mlp_hidden: int = 344                # SwiGLU hidden width
+    block_size: int = 16                 # attention block (64 or 128 on GPU)
+    segment: int = 64                    # tokens per segment = tokens evicted at a time (multiple of block_size)
+    window: int = 128                    # attention window in tokens (multiple of segment)
+    persistent_tokens: int = 16          # learned persistent key/values per layer (multiple of block_size; 0 = none)
+    budget: str = "length_scaled:c=12,min_tokens=64"  # dense | fixed:k | length_scaled:... | top_p:...
+    local_blocks: int = 1                # most recent blocks always kept (diagonal included)
+    variant: str = "mac"                 # mac | mag | mal
+    memory_layers: list[int] | None = None  # None: every layer; [] : no memory
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    surprise_gate: bool = True           # learned soft gate on each evicted token's surprise
+    hard_keep_fraction: float = 1.0      # inference: write only this top fraction (by surprise) of evicted tokens
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    loss_chunk: int = 4096               # tokens per chunk of the chunked cross-entropy
+
+    def validate(self) -> ModelConfig:
+        from memsparse.kernels.budget import parse_policy
+
+        for name in ("vocab_size", "dim", "depth", "heads", "kv_heads", "head_dim", "mlp_hidden", "block_size",
+                     "segment", "window", "loss_chunk"):
+            _check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                   f"must be a positive integer, got {getattr(self, name)!r}")
+        _check(self.heads % self.kv_heads == 0, "kv_heads", f"must divide heads={self.heads}, got {self.kv_heads}")
+        _check(self.segment % self.block_size == 0, "segment",
+               f"must be a multiple of block_size={self.block_size}, got {self.segment}")
+        _check(self.window % self.segment == 0, "window",
+               f"must be a multiple of segment={self.segment}, got {self.window}")
+        _check(self.persistent_tokens >= 0 and self.persistent_tokens % self.block_size == 0, "persistent_tokens",
+               f"must be a non-negative multiple of block_size={self.block_size}, got {self.persistent_tokens}")
+        _check(self.variant in ("mac", "mag", "mal"), "variant", f"must be mac, mag or mal, got {self.variant!r}")
+        _check(self.local_blocks >= 1, "local_blocks", f"must be >= 1, got {self.local_blocks}")
+        _check(0 < self.hard_keep_fraction <= 1, "hard_keep_fraction",
+               f"must be in (0, 1], got {self.hard_keep_fraction}")
+        for i in self.memory_layer_ids():
+            _check(0 <= i < self.depth, "memory_layers", f"layer {i} is out of range for depth={self.depth}")
+        try:
+            parse_policy(self.budget)
+        except ValueError as e:
+            raise ConfigError(f"budget: {e}") from None
+        if isinstance(self.memory, dict):
+            self.memory = from_dict(MemoryConfig, self.memory)
+        if isinstance(self.consolidation, dict):
+            self.consolidation = from_dict(ConsolidationConfig, self.consolidation)
+        self.memory.validate()
+        self.consolidation.validate()
+        return self
+
+    def memory_layer_ids(self) -> list[int]:
+        return list(range(self.depth)) if self.memory_layers is None else list(self.memory_layers)
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -84,4 +183,4 @@ def _resolved_types(cls) -> dict:
         return {}
 
 
-__all__ = ["ConfigError", "MemoryConfig", "to_dict", "from_dict", "field"]
+__all__ = ["ConfigError", "MemoryConfig", "ConsolidationConfig", "ModelConfig", "to_dict", "from_dict"]

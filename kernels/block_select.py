@@ -1,0 +1,103 @@
+"""Block selection for sparse attention: pooled-query x pooled-key scores, forced blocks, a budget policy.
+
+Output is already in the kernel's index format (sorted, padded with -1, int32). Fused torch ops: it runs on
+any device; its cost is part of every "adaptive" timing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .budget import BudgetPolicy, parse_policy
+
+
+def block_pool(x: Tensor, block_size: int) -> Tensor:
+    """Mean over each block of `block_size` rows: `(B, H, L, D)` -> `(B, H, ceil(L/bs), D)` (tail averaged)."""
+    B, H, L, D = x.shape
+    n = math.ceil(L / block_size)
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - L)).view(B, H, n, block_size, D)
+    cnt = torch.clamp(L - torch.arange(n, device=x.device) * block_size, max=block_size).to(xp.dtype)
+    return xp.sum(3) / cnt[:, None]
+
+
+def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> Tensor:
+    """Selection query of each query block: the mean query of the *previous* block (over the GQA group's heads
+    and the block's tokens), so a block's selection never depends on its own or later tokens; block 0 uses
+    its first query. `(B, Hq, Lq, D)` -> `(B, Hkv, NQ, D)`."""
+    B, Hq, Lq, D = q.shape
+    qg = q.float().view(B, num_kv_heads, Hq // num_kv_heads, Lq, D).mean(2)
+    pooled = block_pool(qg, block_size)
+    return torch.cat([qg[:, :, :1], pooled[:, :, :-1]], dim=2)
+
+
+def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy | str, causal: bool = True,
+                  sink_blocks: int = 1, local_blocks: int = 1, min_key_block: Tensor | None = None,
+                  q_select: Tensor | None = None, return_info: bool = False):
+    """Choose the key blocks of each query block.
+
+    q `(B, Hq, Lq, D)`, k `(B, Hkv, Lk, D)`, queries aligned to the end of the keys. Always kept: the first
+    `sink_blocks` key blocks (persistent tokens / sink) and the `local_blocks` most recent visible blocks
+    (the diagonal included); then the best-scoring visible blocks until `policy` is met. `min_key_block`
+    `(NQ,)` bounds the visible range from below (a sliding window; sinks exempt). `q_select` `(B, Hkv, NQ, D)`
+    overrides the selection queries (default `causal_selection_queries`).
+
+    Returns block_indices int32 `(B, Hkv, NQ, max_count)` (ascending, padded with -1) and block_counts int32
+    `(B, Hkv, NQ)`; with return_info also a dict (visible blocks, forced blocks, scores).
+    """
+    policy = parse_policy(policy)
+    if local_blocks < 1:
+        raise ValueError(f"local_blocks must be >= 1 (the diagonal block is always kept), got {local_blocks}")
+    if sink_blocks < 0:
+        raise ValueError(f"sink_blocks must be >= 0, got {sink_blocks}")
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hq % Hkv or k.shape[0] != B or k.shape[3] != D or Lq > Lk:
+        raise ValueError(f"select_blocks: incompatible q{tuple(q.shape)} and k{tuple(k.shape)}")
+    bs = block_size
+    nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
+    dev = q.device
+    off = Lk - Lq
+    m = torch.arange(nq, device=dev)
+    first = off + m * bs
+    last = off + torch.clamp((m + 1) * bs, max=Lq) - 1
+    j = torch.arange(nk, device=dev)
+    diag_lo, diag_hi = (first // bs)[:, None], (last // bs)[:, None]
+    visible = j[None, :] <= diag_hi if causal else torch.ones(nq, nk, dtype=torch.bool, device=dev)
+    in_window = torch.ones_like(visible) if min_key_block is None else j[None, :] >= min_key_block.to(dev)[:, None]
+    sink = j[None, :] < sink_blocks
+    allowed = visible & (in_window | sink)
+    local = (j[None, :] >= diag_lo - (local_blocks - 1)) & (j[None, :] <= (diag_hi if causal else nk))
+    forced = allowed & (sink | local)
+    # tokens visible to the block's last query inside the allowed blocks
+    blk_tokens = torch.clamp(torch.minimum(last[:, None] + 1 if causal else torch.full_like(last[:, None], Lk),
+                                           torch.full_like(last[:, None], Lk)) - j[None, :] * bs, 0, bs)
+    visible_tokens = (blk_tokens * allowed).sum(-1)
+
+    k_pool = block_pool(k, bs)
+    q_sel = causal_selection_queries(q, Hkv, bs) if q_select is None else q_select.float()
+    scores = torch.einsum("bhnd,bhkd->bhnk", q_sel, k_pool) * (D ** -0.5)
+
+    allowed_b = allowed.expand(B, Hkv, nq, nk)
+    forced_b = forced.expand(B, Hkv, nq, nk)
+    counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs)
+    kmax = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    rank = scores.masked_fill(forced_b, math.inf).masked_fill(~allowed_b, -math.inf)
+    idx = torch.topk(rank, kmax, dim=-1).indices
+    keep = torch.arange(kmax, device=dev) < counts.unsqueeze(-1)
+    idx = torch.where(keep, idx, torch.full_like(idx, nk)).sort(-1).values
+    idx = torch.where(idx == nk, torch.full_like(idx, -1), idx)
+    out = (idx.to(torch.int32), counts.to(torch.int32))
+    if not return_info:
+        return out
+    info = {"visible_blocks": allowed.sum(-1), "forced_blocks": forced.sum(-1), "scores": scores,
+            "visible_tokens": visible_tokens}
+    return (*out, info)
+
+
+def kept_fraction(block_counts: Tensor, visible_blocks: Tensor) -> float:
+    """Kept / visible key blocks, averaged over query blocks (1.0 = dense)."""
+    vis = visible_blocks.expand_as(block_counts).double().clamp_min(1)
+    return float((block_counts.double() / vis).mean())

@@ -1,0 +1,511 @@
+"""The memsparse language model: adaptive sparse window attention + surprise-gated neural long-term memory.
+
+Every layer processes a span of tokens [p, p+n) given a per-layer cache (`LayerState`): the one-shot forward
+is one call with an empty cache, `stream` is many calls that carry it, so the two compute the same function.
+
+Per segment of `segment` tokens, in a memory layer (read first, then write, as the Titans MAC does):
+  1. the segment's queries read the memory as it stands (it holds every token that has left the window);
+  2. attention: persistent tokens + the previous `window` tokens + the segment (causal), block-sparse with
+     a budget policy; MAC adds each token's memory read-out as one extra key/value for that token (merged by
+     log-sum-exp, so no token sees another's read-out), MAG gates the memory output beside attention, MAL
+     adds it to the attention input;
+  3. when the segment is complete, the oldest segment of the window is evicted: written into the memory,
+     each token gated by its surprise, then replayed `n` consolidation passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ConfigError, ModelConfig, from_dict
+from .consolidation import consolidation_passes
+from .kernels import parse_policy, select_blocks, sparse_attention
+from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------------------
+def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotary embedding (rotate-half form). x `(B, H, N, D)`, pos `(N,)` absolute positions."""
+    D = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D))
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(a) * b)
+
+
+class SurpriseGate(nn.Module):
+    """Gate in [0, 1] on each evicted token's write from its surprise (gradient norm at the chunk start).
+
+    Soft and learned in training: g = sigmoid(s_h * log(grad_norm) + b_h), initialised near 1 (write nearly
+    everything) so the model learns what to drop. At inference an optional hard rule keeps only the top
+    `keep_fraction` of a segment's tokens by surprise.
+    """
+
+    def __init__(self, heads: int, learned: bool = True):
+        super().__init__()
+        self.learned = learned
+        self.scale = nn.Parameter(torch.ones(heads))
+        self.bias = nn.Parameter(torch.full((heads,), 4.0))
+
+    def forward(self, stats: WriteStats, keep_fraction: float = 1.0) -> Tensor:
+        gn = stats.grad_norm
+        if self.learned:
+            g = torch.sigmoid(self.scale[:, None] * torch.log(gn + 1e-6) + self.bias[:, None])
+        else:
+            g = torch.ones_like(gn)
+        if keep_fraction < 1.0:
+            n = gn.shape[-1]
+            keep = max(1, math.ceil(keep_fraction * n))
+            thresh = torch.topk(gn, keep, dim=-1).values[..., -1:]
+            g = g * (gn >= thresh).to(g.dtype)
+        return g
+
+
+@dataclass
+class LayerState:
+    """What one layer carries across spans: attention cache of the window, the memory inputs of those same
+    tokens (written when they are evicted), the memory, and the running pooled selection queries."""
+
+    k: Tensor                       # (B, Hkv, T, D) roped keys of tokens [start, pos)
+    v: Tensor
+    mem_inputs: MemoryInputs | None  # same T tokens (q dropped)
+    memory: MemoryState | None
+    q_pool_prev: Tensor             # (B, Hkv, D) mean selection query of the last complete block
+    q_sum_cur: Tensor               # (B, Hkv, D) sum over the current, incomplete block
+
+    def detach(self) -> LayerState:
+        mi = self.mem_inputs
+        if mi is not None:
+            mi = MemoryInputs(*(t.detach() for t in (mi.q, mi.k, mi.v, mi.eta, mi.theta, mi.alpha)))
+        mem = None if self.memory is None else self.memory.detach()
+        return LayerState(self.k.detach(), self.v.detach(), mi, mem, self.q_pool_prev.detach(), self.q_sum_cur.detach())
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.k, self.v, self.q_pool_prev, self.q_sum_cur]
+        if self.mem_inputs is not None:
+            mi = self.mem_inputs
+            out += [mi.k, mi.v, mi.eta, mi.theta, mi.alpha]
+        if self.memory is not None:
+            out += [*self.memory.weights, *self.memory.momentum]
+        return out
+
+
+@dataclass
+class StreamState:
+    """Everything carried across segments: per-layer caches and memories, the position, the declared total
+    length (for the consolidation schedule; None = tokens seen so far)."""
+
+    layers: list[LayerState]
+    pos: int = 0
+    total_length: int | None = None
+
+    def detach(self) -> StreamState:
+        return StreamState([layer.detach() for layer in self.layers], self.pos, self.total_length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+
+@dataclass
+class LMOutput:
+    loss: Tensor | None
+    logits: Tensor | None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block
+# ----------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_memory: bool):
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.norm1 = nn.RMSNorm(cfg.dim)
+        self.wq = nn.Linear(cfg.dim, H * D, bias=False)
+        self.wkv = nn.Linear(cfg.dim, 2 * Hkv * D, bias=False)
+        self.wo = nn.Linear(H * D, cfg.dim, bias=False)
+        P = cfg.persistent_tokens
+        self.persistent_k = nn.Parameter(torch.randn(Hkv, P, D) * D ** -0.5) if P else None
+        self.persistent_v = nn.Parameter(torch.randn(Hkv, P, D) * D ** -0.5) if P else None
+        self.norm2 = nn.RMSNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
+        self.memory = NeuralMemory(cfg.dim, cfg.memory) if has_memory else None
+        self.gate = SurpriseGate(cfg.memory.heads, cfg.surprise_gate) if has_memory else None
+        self.mag_gate = nn.Linear(cfg.dim, cfg.dim) if has_memory and cfg.variant == "mag" else None
+        self.policy = parse_policy(cfg.budget)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def init_state(self, batch: int, device, dtype) -> LayerState:
+        cfg = self.cfg
+        z = torch.zeros(batch, cfg.kv_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+        mem = self.memory.init_state(batch, device) if self.memory is not None else None
+        mi = None
+        if self.memory is not None:
+            Hm, Dm = cfg.memory.heads, cfg.memory.head_dim
+            e = torch.zeros(batch, Hm, 0, Dm, device=device)
+            r = torch.zeros(batch, Hm, 0, device=device)
+            mi = MemoryInputs(e, e, e, r, r, r)
+        qz = torch.zeros(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=torch.float32)
+        return LayerState(z, z.clone(), mi, mem, qz, qz.clone())
+
+    # -- forward over a span ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict):
+        """x `(B, n, dim)` = tokens [pos, pos+n) -> (x_out, new LayerState)."""
+        cfg = self.cfg
+        B, n, _ = x.shape
+        S, W = cfg.segment, cfg.window
+        w_seg = W // S
+        h = self.norm1(x)
+
+        # 1. memory: per segment, read with the state as it stands, then evict what leaves the window
+        mem_out, mem_state, mem_inputs = None, st.memory, st.mem_inputs
+        if self.memory is not None:
+            new_in = self.memory.project(h)
+            all_in = _cat_inputs(st.mem_inputs, new_in)
+            c0 = pos - st.k.shape[2]  # absolute position of the first cached token
+            reads = []
+            s0 = pos
+            while s0 < pos + n:
+                s1 = min((s0 // S + 1) * S, pos + n)
+                reads.append(self.memory.read(mem_state, new_in.q[:, :, s0 - pos:s1 - pos]))
+                if s1 % S == 0:  # segment s1//S - 1 complete: evict segment (s1//S - 1) - w_seg
+                    ev = s1 // S - 1 - w_seg
+                    if ev >= 0:
+                        e0 = ev * S - c0
+                        seq_len = total_len if total_len is not None else s1
+                        mem_state = self._evict(mem_state, all_in.slice(slice(e0, e0 + S)), seq_len, stats)
+                s0 = s1
+            mem_out = self.memory.merge_heads(torch.cat(reads, dim=2)).to(x.dtype)
+
+        # 2. attention over persistent + window + span
+        att_in = h + mem_out if (mem_out is not None and cfg.variant == "mal") else h
+        o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats)
+        if mem_out is not None and cfg.variant == "mag":
+            x = x + self.wo(o) + torch.sigmoid(self.mag_gate(h)) * mem_out
+        else:
+            x = x + self.wo(o)
+        x = x + self.mlp(self.norm2(x))
+
+        # 3. trim the cache to the window of the next token's segment
+        end = pos + n
+        keep_from = max(0, (end // S - w_seg) * S)
+        c0 = pos - st.k.shape[2]
+        cut = keep_from - c0
+        if self.memory is not None:
+            mem_inputs = all_in.slice(slice(cut, None))
+            mem_inputs.q = mem_inputs.q[:, :, :0]
+        new_state = LayerState(new_k[:, :, cut:], new_v[:, :, cut:], mem_inputs, mem_state, q_pool_prev, q_sum_cur)
+        return x, new_state
+
+    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int, stats: dict) -> MemoryState:
+        cfg = self.cfg
+        keep = 1.0 if self.training else cfg.hard_keep_fraction
+        gate_vals = []
+
+        def gate_fn(s: WriteStats) -> Tensor:
+            g = self.gate(s, keep)
+            gate_vals.append(g.detach())
+            return g
+
+        mem, ws = self.memory.write(mem, ev, gate_fn=gate_fn)
+        stats.setdefault("memory_surprise", []).append(ws.grad_norm.detach().mean())
+        stats.setdefault("memory_gate", []).append(gate_vals[0].mean())
+        passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
+        if passes:
+            replay = ev
+            if cfg.consolidation.replay == "surprising" and cfg.consolidation.replay_tokens < ev.k.shape[2]:
+                top = torch.topk(ws.grad_norm, cfg.consolidation.replay_tokens, dim=-1).indices.sort(-1).values
+                replay = _gather_inputs(ev, top)
+            for _ in range(passes):
+                mem, _ = self.memory.write(mem, replay, gate_fn=lambda s: self.gate(s, keep))
+        return mem
+
+    def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict):
+        cfg = self.cfg
+        B, n, _ = h.shape
+        H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
+        G = H // Hkv
+        positions = torch.arange(pos, pos + n, device=h.device)
+        q = apply_rope(self.wq(h).view(B, n, H, D).transpose(1, 2), positions, cfg.rope_theta)
+        kv = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
+        k_new = apply_rope(kv[0], positions, cfg.rope_theta)
+        k_all = torch.cat([st.k.to(k_new.dtype), k_new], 2)
+        v_all = torch.cat([st.v.to(kv.dtype), kv[1]], 2)
+        c0 = pos - st.k.shape[2]
+        if P:
+            pk = self.persistent_k.to(k_all.dtype).unsqueeze(0).expand(B, -1, -1, -1)
+            pv = self.persistent_v.to(v_all.dtype).unsqueeze(0).expand(B, -1, -1, -1)
+            keys, vals = torch.cat([pk, k_all], 2), torch.cat([pv, v_all], 2)
+        else:
+            keys, vals = k_all, v_all
+
+        # queries start at a block boundary: pad the front of a span that starts mid-block (outputs dropped)
+        r = pos % bs
+        qp = F.pad(q, (0, 0, r, 0)) if r else q
+        nq = math.ceil((r + n) / bs)
+        # causal selection queries: block m is chosen with the mean query of block m-1 (carried across spans)
+        qg = F.pad(q.detach().float().view(B, Hkv, G, n, D).mean(2), (0, 0, r, nq * bs - r - n))
+        sums = qg.view(B, Hkv, nq, bs, D).sum(3)
+        sums[:, :, 0] += st.q_sum_cur
+        pools = sums / bs
+        q_sel = torch.cat([st.q_pool_prev.unsqueeze(2), pools[:, :, :-1]], 2)
+        if (pos + n) % bs == 0:
+            q_pool_prev, q_sum_cur = pools[:, :, -1], torch.zeros_like(st.q_sum_cur)
+        else:
+            q_pool_prev = pools[:, :, -2] if nq >= 2 else st.q_pool_prev
+            q_sum_cur = sums[:, :, -1]
+        # sliding window: query block of segment j sees tokens from max(0, j*S - window) on (sinks exempt)
+        qstart = pos - r + torch.arange(nq, device=h.device) * bs
+        win_start = torch.clamp((qstart // S) * S - cfg.window, min=0)
+        min_key_block = (P + win_start - c0) // bs
+        idx, cnt, info = select_blocks(qp.detach(), keys.detach(), block_size=bs, policy=self.policy,
+                                       sink_blocks=P // bs,
+                                       local_blocks=cfg.local_blocks, min_key_block=min_key_block,
+                                       q_select=q_sel, return_info=True)
+        stats.setdefault("attn_kept_fraction", []).append(
+            (cnt.double() / info["visible_blocks"].clamp_min(1)).mean().detach())
+        stats.setdefault("attn_kept_blocks", []).append(cnt.double().mean().detach())
+        want_lse = mem_out is not None and cfg.variant == "mac"
+        res = sparse_attention(qp, keys, vals, idx, cnt, block_size=bs, return_lse=want_lse)
+        o, lse = (res if want_lse else (res, None))
+        o = o[:, :, r:]
+        if want_lse:
+            lse = lse[:, :, r:]
+            # MAC: each token's memory read-out is one more key/value, for that token alone
+            rk, rv = self.wkv(mem_out).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
+            rk = apply_rope(rk, positions, cfg.rope_theta).repeat_interleave(G, 1)
+            rv = rv.repeat_interleave(G, 1)
+            s_r = (q.float() * rk.float()).sum(-1) * D ** -0.5  # (B, H, n)
+            m = torch.maximum(lse, s_r)
+            wa, wr = torch.exp(lse - m), torch.exp(s_r - m)
+            o = (wa.unsqueeze(-1) * o.float() + wr.unsqueeze(-1) * rv.float()) / (wa + wr).unsqueeze(-1)
+            o = o.to(h.dtype)
+        o = o.transpose(1, 2).reshape(B, n, H * D)
+        return o, k_all, v_all, q_pool_prev, q_sum_cur
+
+
+def _cat_inputs(a: MemoryInputs | None, b: MemoryInputs) -> MemoryInputs:
+    if a is None or a.k.shape[2] == 0:
+        return b
+    return MemoryInputs(b.q, *(torch.cat([x, y.to(x.dtype)], 2) for x, y in
+                               ((a.k, b.k), (a.v, b.v), (a.eta, b.eta), (a.theta, b.theta), (a.alpha, b.alpha))))
+
+
+def _gather_inputs(a: MemoryInputs, idx: Tensor) -> MemoryInputs:
+    """Select tokens idx `(B, H, K)` of each head."""
+    def g4(t):
+        return t.gather(2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
+    return MemoryInputs(a.q[:, :, :0], g4(a.k), g4(a.v), a.eta.gather(2, idx), a.theta.gather(2, idx),
+                        a.alpha.gather(2, idx))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+class MemSparseLM(nn.Module):
+    """Decoder-only LM. `forward(input_ids, labels)` -> LMOutput; `stream(ids, state)`; `generate(...)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        mem_layers = set(config.memory_layer_ids())
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList([Block(config, i in mem_layers) for i in range(config.depth)])
+        self.norm = nn.RMSNorm(config.dim)
+        self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    # -- state ------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int = 1, total_length: int | None = None, device=None) -> StreamState:
+        """A fresh stream: empty window caches, memories at their learned initial weights, position 0.
+
+        `total_length` (optional) is the length the stream will reach; the consolidation schedule uses it.
+        """
+        device = device or self.embed.weight.device
+        dtype = self.embed.weight.dtype
+        return StreamState([b.init_state(batch_size, device, dtype) for b in self.blocks], 0, total_length)
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            got = getattr(input_ids, "shape", input_ids)
+            raise ValueError(f"input_ids must be a (B, L) integer tensor, got {got}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids out of vocabulary: values in [{lo}, {hi}], "
+                             f"vocab_size={self.config.vocab_size}")
+
+    def _run(self, input_ids: Tensor, state: StreamState, stats: dict) -> tuple[Tensor, StreamState]:
+        x = self.embed(input_ids)
+        new_layers = []
+        for blk, ls in zip(self.blocks, state.layers):
+            x, ls = blk(x, ls, state.pos, state.total_length, stats)
+            new_layers.append(ls)
+        return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length)
+
+    # -- training / scoring ----------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, return_logits: bool = True,
+                state: StreamState | None = None) -> LMOutput:
+        """input_ids `(B, L)`; labels `(B, L)` already aligned (labels[t] is the target at position t; -100 =
+        ignore). Returns LMOutput(loss, logits `(B, L, V)` or None, stats of scalar tensors)."""
+        self._check_ids(input_ids)
+        B, L = input_ids.shape
+        state = self.init_state(B, total_length=L) if state is None else state
+        stats: dict = {}
+        h, _ = self._run(input_ids, state, stats)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            loss = chunked_cross_entropy(h, self.output_weight, labels, self.config.loss_chunk)
+        logits = h @ self.output_weight.t() if return_logits else None
+        return LMOutput(loss, logits, {k: torch.stack(v).mean() for k, v in stats.items()})
+
+    # -- streaming --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, input_ids: Tensor, state: StreamState | None = None, return_logits: str = "all"):
+        """Process any length segment by segment with memory flat in length.
+
+        input_ids `(B, n)`; returns (logits `(B, n, V)` | last `(B, 1, V)` | None, new state). Equal to the
+        one-shot forward of the whole sequence when the state declares the same total length.
+        """
+        self._check_ids(input_ids)
+        if return_logits not in ("all", "last", "none"):
+            raise ValueError(f"return_logits must be all, last or none, got {return_logits!r}")
+        state = self.init_state(input_ids.shape[0], device=input_ids.device) if state is None else state
+        S = self.config.segment
+        outs = []
+        i, n = 0, input_ids.shape[1]
+        stats: dict = {}
+        while i < n:
+            take = min(S - state.pos % S, n - i)
+            h, state = self._run(input_ids[:, i:i + take], state, stats)
+            if return_logits == "all":
+                outs.append(h @ self.output_weight.t())
+            elif return_logits == "last" and i + take == n:
+                outs.append(h[:, -1:] @ self.output_weight.t())
+            i += take
+        return (torch.cat(outs, 1) if outs else None), state
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 eos_id: int | None = None, state: StreamState | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, StreamState]:
+        """Stream the prompt, then decode greedily (temperature 0) or by sampling. Returns (new ids `(B, m)`, state)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        logits, state = self.stream(input_ids, state, return_logits="last")
+        out = []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits[:, -1].float(), temperature, top_k, generator)
+            out.append(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    break
+            logits, state = self.stream(nxt[:, None], state, return_logits="last")
+        ids = torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
+        return ids, state
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors: a self-describing checkpoint."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.head is None:
+            sd = {k: v for k, v in sd.items() if k != "head.weight"}
+        save_file(sd, str(directory / "model.safetensors"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MemSparseLM:
+        """Load a directory written by `save_pretrained`; clear errors for missing or mismatched files."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.exists():
+                raise FileNotFoundError(f"checkpoint {directory}: missing {p.name}")
+        try:
+            config = from_dict(ModelConfig, json.loads(cfg_path.read_text()))
+        except (json.JSONDecodeError, ConfigError, TypeError) as e:
+            raise ValueError(f"checkpoint {directory}: bad config.json: {e}") from None
+        model = cls(config)
+        try:
+            sd = load_file(str(w_path), device=str(map_location))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise ValueError(f"checkpoint {directory}: cannot read model.safetensors ({e})") from None
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory}: weights do not match config.json "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
+    """Mean CE of `h @ weight.T` against labels without materialising all logits: chunks of `chunk` tokens,
+    each recomputed in backward (activation checkpointing). h `(B, L, dim)`, labels `(B, L)` (-100 ignored)."""
+    hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    count = (lf != -100).sum()
+    if int(count) == 0:
+        return total + 0.0 * h.sum()
+
+    def piece(hc, lc):
+        return F.cross_entropy((hc @ weight.t()).float(), lc, ignore_index=-100, reduction="sum")
+
+    for i in range(0, hf.shape[0], chunk):
+        hc, lc = hf[i:i + chunk], lf[i:i + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(piece, hc, lc, use_reentrant=False)
+        else:
+            total = total + piece(hc, lc)
+    return total / count
