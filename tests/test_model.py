@@ -1,0 +1,207 @@
+"""The hybrid model: streaming == one-shot, eviction, gating, consolidation, learning, config/input errors."""
+
+import pytest
+import torch
+
+from memsparse.config import ConfigError, ConsolidationConfig, MemoryConfig, ModelConfig
+from memsparse.consolidation import consolidation_passes
+from memsparse.model import MemSparseLM, chunked_cross_entropy
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=50, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
+                segment=16, window=32, persistent_tokens=8, budget="fixed:3", memory_layers=[1],
+                memory=MemoryConfig(heads=2, head_dim=8, chunk_size=16))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    return MemSparseLM(tiny_config(**kw)).to(dtype).eval()
+
+
+def mem_flat(state, layer=1):
+    m = state.layers[layer].memory
+    return torch.cat([t.flatten() for t in m.weights + m.momentum])
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+@pytest.mark.parametrize("budget", ["fixed:3", "top_p:p=0.7,min=1", "dense"])
+def test_stream_equals_one_shot(variant, budget):
+    model = tiny_model(variant=variant, budget=budget, consolidation=ConsolidationConfig(mode="fixed", passes=1))
+    ids = torch.randint(0, 50, (2, 150), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    state = model.init_state(2, total_length=150)
+    out, i = [], 0
+    for n in (5, 11, 16, 1, 1, 40, 3, 73):  # chunks that start and end mid-block and mid-segment
+        lg, state = model.stream(ids[:, i:i + n], state)
+        out.append(lg)
+        i += n
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-9, atol=1e-9)
+
+
+def test_stream_state_is_flat_in_length():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 400))
+    _, s1 = model.stream(ids[:, :96])
+    _, s2 = model.stream(ids, None)
+    assert s1.nbytes() == s2.nbytes()  # window caches + memory; nothing grows with length
+    assert s2.layers[0].k.shape[2] <= model.config.window + model.config.segment
+
+
+def test_eviction_writes_only_what_left_the_window():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 112), generator=torch.Generator().manual_seed(2))
+    _, st_short = model.stream(ids[:, :47])  # window 32 + a segment not yet complete: nothing evicted
+    torch.testing.assert_close(mem_flat(st_short), mem_flat(model.init_state(1)), rtol=0, atol=0)
+    _, st = model.stream(ids)  # 7 segments: segments 0..4 evicted (tokens < 80)
+    ids2 = ids.clone()
+    ids2[:, 80:] = torch.randint(0, 50, (1, 32))  # tokens still in the window
+    _, st2 = model.stream(ids2)
+    torch.testing.assert_close(mem_flat(st), mem_flat(st2), rtol=0, atol=0)
+    ids3 = ids.clone()
+    ids3[:, 70] = (ids3[:, 70] + 1) % 50  # a token that was evicted
+    _, st3 = model.stream(ids3)
+    assert (mem_flat(st) - mem_flat(st3)).abs().max() > 0
+    assert int(st.layers[1].memory.step[0]) == 5 * 16
+
+
+def test_zero_surprise_gates_never_change_memory():
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].gate.scale.zero_()
+        model.blocks[1].gate.bias.fill_(-1e4)
+    _, st = model.stream(torch.randint(0, 50, (1, 200)))
+    torch.testing.assert_close(mem_flat(st), mem_flat(model.init_state(1)), rtol=0, atol=0)
+
+
+def test_hard_keep_fraction_writes_fewer_tokens():
+    ids = torch.randint(0, 50, (1, 128))
+    a = tiny_model()
+    b = tiny_model(hard_keep_fraction=0.25)
+    _, sa = a.stream(ids)
+    _, sb = b.stream(ids)
+    d_a = (mem_flat(sa) - mem_flat(a.init_state(1))).norm()
+    d_b = (mem_flat(sb) - mem_flat(b.init_state(1))).norm()
+    assert 0 < d_b < d_a
+
+
+def test_consolidation_zero_is_noop_and_passes_reduce_memory_loss():
+    ids = torch.randint(0, 50, (1, 96), generator=torch.Generator().manual_seed(4))
+    off = tiny_model()
+    zero = tiny_model(consolidation=ConsolidationConfig(mode="fixed", passes=0))
+    _, s_off = off.stream(ids)
+    _, s_zero = zero.stream(ids)
+    torch.testing.assert_close(mem_flat(s_off), mem_flat(s_zero), rtol=0, atol=0)
+
+    # memory loss on the evicted pairs of layer 1 (96 tokens: the last evicted segment is tokens 48..63)
+    @torch.no_grad()
+    def evicted_loss(model, state):
+        blk = model.blocks[1]
+        h = model.blocks[0](model.embed(ids), model.init_state(1).layers[0], 0, None, {})[0]
+        inp = blk.memory.project(blk.norm1(h)[:, 48:64])
+        return blk.memory.surprise(state.layers[1].memory, inp).loss.mean()
+
+    losses = []
+    mem = MemoryConfig(heads=2, head_dim=8, chunk_size=16, lr_max=1.0, lr_init=0.3)
+    for passes in (0, 1, 3):
+        m = tiny_model(memory=mem, consolidation=ConsolidationConfig(mode="fixed", passes=passes))
+        _, st = m.stream(ids)
+        losses.append(float(evicted_loss(m, st)))
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_consolidation_schedule_scales_with_length():
+    cfg = ConsolidationConfig(mode="schedule", a=1.0, n_max=6)
+    got = [consolidation_passes(cfg, L, 1024, training=False) for L in (512, 1024, 4096, 65536, 2 ** 30)]
+    assert got == [0, 0, 2, 6, 6]
+    assert consolidation_passes(cfg, 4096, 1024, training=True) == cfg.train_passes == 0
+
+
+def test_tiny_model_overfits_passkey_batch_through_memory():
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=20, segment=16, window=16, budget="dense", memory_layers=[0, 1])
+    model = MemSparseLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(10, 20, (8, 4), generator=g)
+    filler = torch.randint(0, 5, (8, 60), generator=g)
+    # key at the start, filler, then "query" token 9 and the key again: the key is beyond the window
+    ids = torch.cat([keys, filler, torch.full((8, 1), 9), keys], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -5:-1] = ids[:, -4:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        out = model(ids, labels=labels, return_logits=False)
+        opt.zero_grad()
+        out.loss.backward()
+        if first is None:
+            first = out.loss.item()
+            assert model.blocks[0].memory.to_rates.weight.grad.abs().sum() > 0  # the memory path is trained
+        opt.step()
+    assert out.loss.item() < 0.5 * first
+
+
+def test_save_load_roundtrip_and_corruption(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 50, (1, 40))
+    model.save_pretrained(tmp_path / "ckpt")
+    back = MemSparseLM.from_pretrained(tmp_path / "ckpt").eval()
+    torch.testing.assert_close(back(ids).logits, model(ids).logits)
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read model.safetensors"):
+        MemSparseLM.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MemSparseLM.from_pretrained(tmp_path / "nowhere")
+
+
+def test_generate_greedy_is_deterministic():
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, 50, (2, 37))
+    a, _ = model.generate(ids, 5)
+    b, _ = model.generate(ids, 5)
+    assert a.shape == (2, 5) and torch.equal(a, b)
+    # the first generated token is the argmax of the one-shot forward's last logits
+    assert torch.equal(a[:, 0], model(ids).logits[:, -1].argmax(-1))
+
+
+def test_chunked_cross_entropy_matches_full():
+    h = torch.randn(2, 33, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 33))
+    labels[0, :5] = -100
+    a = chunked_cross_entropy(h, w, labels, chunk=10)
+    b = torch.nn.functional.cross_entropy((h @ w.t()).view(-1, 50), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, (h, w))
+    gb = torch.autograd.grad(b, (h, w))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(window=40), "window: must be a multiple of segment"),
+    (dict(segment=20), "segment: must be a multiple of block_size"),
+    (dict(variant="mat"), "variant"),
+    (dict(kv_heads=3), "kv_heads"),
+    (dict(memory_layers=[5]), "memory_layers"),
+    (dict(persistent_tokens=5), "persistent_tokens"),
+    (dict(budget="fixed:0"), "budget"),
+    (dict(consolidation=ConsolidationConfig(mode="nightly")), "consolidation.mode"),
+])
+def test_bad_config_errors_name_the_field(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        tiny_config(**kw).validate()
+
+
+def test_bad_input_errors():
+    model = tiny_model(dtype=torch.float32)
+    with pytest.raises(ValueError, match="out of vocabulary"):
+        model(torch.tensor([[1, 2, 50]]))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]]))
