@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError, ModelConfig, from_dict
+from .config import ConfigError, ConsolidationConfig, ModelConfig, from_dict
 from .consolidation import consolidation_passes
 from .kernels import parse_policy, select_blocks, sparse_attention
 from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats
@@ -342,6 +342,20 @@ class MemSparseLM(nn.Module):
     @property
     def output_weight(self) -> Tensor:
         return self.embed.weight if self.head is None else self.head.weight
+
+    # -- inference-time overrides (no retraining) ------------------------------------------------------
+    def set_budget(self, spec: str) -> None:
+        """Switch every layer's attention budget policy (e.g. 'dense', 'fixed:8', 'top_p:p=0.9')."""
+        policy = parse_policy(spec)
+        self.config.budget = spec
+        for blk in self.blocks:
+            blk.policy = policy
+
+    def set_consolidation(self, consolidation: ConsolidationConfig) -> None:
+        """Switch the consolidation schedule (all layers share the model's config object)."""
+        self.config.consolidation = consolidation.validate()
+        for blk in self.blocks:
+            blk.cfg = self.config
 
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int = 1, total_length: int | None = None, device=None) -> StreamState:

@@ -205,3 +205,18 @@ def test_bad_input_errors():
         model(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="labels"):
         model(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]]))
+
+
+def test_budget_and_consolidation_overrides():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 128))
+    model.set_budget("dense")
+    dense = model(ids).logits
+    model.set_budget("fixed:2")
+    assert model(ids).stats["attn_kept_blocks"] < 2.01
+    model.set_budget("dense")
+    torch.testing.assert_close(model(ids).logits, dense)
+    model.set_consolidation(ConsolidationConfig(mode="fixed", passes=2))
+    assert all(b.cfg.consolidation.passes == 2 for b in model.blocks)
+    with pytest.raises(ValueError, match="unknown budget policy"):
+        model.set_budget("sparse-ish")
