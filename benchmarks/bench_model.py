@@ -1,0 +1,155 @@
+"""Whole-model training throughput, side by side in one run: memsparse MAC vs titans-pytorch MAC vs a dense GPT.
+
+Same shape as BENCHMARKS.md section 2 (dim 512, depth 8, memory in 3 layers), B=1, AdamW, bf16 autocast;
+tokens/s (median of timed steps) and peak GPU memory per sequence length. titans-pytorch comes from the
+`bench` extra (carried as wheels to the GPU machine); a system that runs out of memory is recorded as OOM.
+
+    python benchmarks/bench_model.py --lengths 2048,8192,32768 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memsparse.config import MemoryConfig, ModelConfig
+from memsparse.model import MemSparseLM
+
+VOCAB = 256
+
+
+class DenseGPT(nn.Module):
+    """Plain pre-norm GPT with SDPA (flash) causal attention and a SwiGLU MLP."""
+
+    def __init__(self, dim=512, depth=8, heads=8, hidden=1408):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.layers = nn.ModuleList()
+        for _ in range(depth):
+            self.layers.append(nn.ModuleDict(dict(n1=nn.RMSNorm(dim), qkv=nn.Linear(dim, 3 * dim, bias=False),
+                                                  o=nn.Linear(dim, dim, bias=False), n2=nn.RMSNorm(dim),
+                                                  w12=nn.Linear(dim, 2 * hidden, bias=False),
+                                                  w3=nn.Linear(hidden, dim, bias=False))))
+        self.norm = nn.RMSNorm(dim)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        B, L, D = x.shape
+        for ly in self.layers:
+            q, k, v = ly["qkv"](ly["n1"](x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + ly["o"](a.transpose(1, 2).reshape(B, L, D))
+            g, u = ly["w12"](ly["n2"](x)).chunk(2, -1)
+            x = x + ly["w3"](F.silu(g) * u)
+        return self.norm(x) @ self.embed.weight.t()
+
+
+def memsparse_mac(L: int, segment: int, window: int, budget: str) -> MemSparseLM:
+    cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
+                      block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
+                      variant="mac", memory_layers=[1, 3, 5],
+                      memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment))
+    return MemSparseLM(cfg)
+
+
+def step_fns(name: str, L: int, args):
+    """Returns (model, loss_fn(ids) -> loss)."""
+    if name == "dense GPT (SDPA flash)":
+        model = DenseGPT()
+
+        def loss_fn(ids):
+            return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+    elif name.startswith("titans-pytorch"):
+        from titans_pytorch import MemoryAsContextTransformer
+
+        model = MemoryAsContextTransformer(num_tokens=VOCAB, dim=512, depth=8, segment_len=128,
+                                           num_persist_mem_tokens=4, num_longterm_mem_tokens=16,
+                                           neural_memory_layers=(2, 4, 6), use_flex_attn=True,
+                                           sliding_window_attn=True)
+
+        def loss_fn(ids):
+            return model(ids, return_loss=True)
+    else:
+        model = memsparse_mac(L, args.segment, args.window, args.budget)
+
+        def loss_fn(ids):
+            x = ids[:, :-1]
+            return model(x, labels=ids[:, 1:], return_logits=False).loss
+    return model, loss_fn
+
+
+def bench(name, L, args):
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    row = {"system": name, "L": L}
+    try:
+        model, loss_fn = step_fns(name, L, args)
+        model = model.cuda()
+        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        times = []
+        for i in range(args.warmup + args.steps):
+            ids = torch.randint(0, VOCAB, (1, L + 1), device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = loss_fn(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        t = sorted(times)[len(times) // 2]
+        row.update(status="ok", step_s=t, tokens_per_s=L / t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   loss=float(loss))
+    except torch.OutOfMemoryError:
+        row.update(status="OOM")
+    except Exception as e:  # record and keep going (e.g. a missing optional package)
+        row.update(status=f"error: {type(e).__name__}: {str(e)[:300]}")
+    print(row, flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--lengths", default="2048,8192,32768")
+    ap.add_argument("--systems", default="memsparse,titans,dense")
+    ap.add_argument("--segment", type=int, default=512)
+    ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=256")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window})",
+             "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
+    rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in args.systems.split(",")]
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
+           "batch": 1, "precision": "bf16 autocast, AdamW", "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "model_throughput.json").write_text(json.dumps(out, indent=2))
+    lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
+             f"memsparse budget {args.budget}", "", "| system | L | params (M) | tokens/s | peak GiB |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"| {r['system']} | {r['L']} | {r['params_M']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['peak_gib']:.1f} |")
+        else:
+            lines.append(f"| {r['system']} | {r['L']} | {r.get('params_M', float('nan')):.1f} | {r['status']} | |")
+    (Path(args.out) / "model_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
