@@ -1,0 +1,449 @@
+"""The training data: local documents (or the stdlib's own sources), a tokenizer, packing, synthetic tasks.
+
+`MemSparseDataModule` is built by LightningCLI from YAML (`data:` section). Batches are dicts:
+`input_ids` (B, seq_len), `labels` (B, seq_len) with -100 where no loss is taken, `doc_ids` (B, seq_len)
+(document index inside each sequence, -1 on padding) and `source` (B,) (0 text, 1 + k synthetic task k).
+Labels are already shifted: `labels[:, t]` is the token after `input_ids[:, t]`.
+
+Everything is local: `datasets` runs offline (the environment variables below are set before it is
+imported), the default corpus is the Python standard library's source, and the synthetic long-context
+tasks are generated in code from the `memsparse.eval.tasks` registry.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lightning.pytorch import LightningDataModule  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from memsparse.tokenizer import ByteTokenizer, load_tokenizer, train_bpe  # noqa: E402
+
+from .packing import (  # noqa: E402
+    MixtureDataset,
+    PackedTextDataset,
+    SyntheticTaskDataset,
+    encode_documents,
+    pack_stream,
+)
+from .sampler import ResumableDataLoader, ResumableDistributedSampler  # noqa: E402
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+FORMATS = ("auto", "text", "json", "parquet")
+_TOKENIZER_META = "memsparse_tokenizer.json"  # written by Tokenizer.save
+_DATA_META = "memsparse_tokenizer_data.json"  # ours: what the BPE was trained on
+
+
+@dataclass
+class SyntheticSpec:
+    """One task of the synthetic mixture.
+
+    task: a name in `memsparse.eval.tasks`; proportion: its share of all training sequences (the text gets
+    what the tasks leave); lengths: sequence lengths (tokens, <= seq_len) drawn uniformly per sample
+    (empty: [seq_len], which fills every sequence exactly).
+    """
+
+    task: str
+    proportion: float
+    lengths: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def resolve_files(patterns: Sequence[str]) -> list[Path]:
+    """Paths, globs (`**` recursive) or directories -> sorted unique files; FileNotFoundError naming a miss."""
+    out: set[Path] = set()
+    for pattern in patterns:
+        p = Path(os.path.expanduser(str(pattern)))
+        if p.is_dir():
+            found = [q for q in p.rglob("*") if q.is_file() and _infer_format(q, strict=False)]
+        elif p.is_file():
+            found = [p]
+        else:
+            found = [Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no data file matches {str(pattern)!r} (resolved as {p.absolute()})")
+        out.update(q.absolute() for q in found)
+    return sorted(out)
+
+
+def _infer_format(path: Path, strict: bool = True) -> str | None:
+    name = path.name.lower()
+    for fmt, suffixes in (("json", JSON_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("text", TEXT_SUFFIXES)):
+        if name.endswith(suffixes):
+            return fmt
+    if strict:
+        raise ValueError(
+            f"cannot tell the format of {path} from its suffix; set data_format to 'text', 'json' or 'parquet'")
+    return None
+
+
+def load_documents(
+    files: Sequence[str], data_format: str = "auto", text_field: str = "text", cache_dir: str | None = None
+) -> list[str]:
+    """Read local files through `datasets`, offline: one document per text file, per JSON line/record,
+    per Parquet row (its `text_field`). Empty documents are dropped; order: formats, then sorted paths."""
+    if data_format not in FORMATS:
+        raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    paths = resolve_files(files)
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        fmt = data_format if data_format != "auto" else _infer_format(p)
+        groups.setdefault(fmt, []).append(str(p))
+
+    import datasets  # after the offline variables are set
+
+    datasets.config.HF_HUB_OFFLINE = True  # even if `datasets` was imported before us
+    datasets.config.HF_DATASETS_OFFLINE = True
+    docs: list[str] = []
+    for fmt in sorted(groups):
+        group = groups[fmt]
+        if fmt == "text":
+            ds = datasets.load_dataset("text", data_files=group, sample_by="document", encoding_errors="replace",
+                                       split="train", cache_dir=cache_dir)
+            column = "text"
+        else:
+            ds = datasets.load_dataset(fmt, data_files=group, split="train", cache_dir=cache_dir)
+            column = text_field
+            if column not in ds.column_names:
+                shown = group if len(group) <= 3 else group[:3] + [f"... ({len(group)} files)"]
+                raise ValueError(
+                    f"text_field {column!r} is not a column of {shown}; columns: {ds.column_names}")
+        docs.extend(str(t) for t in ds[column] if t is not None and str(t) != "")
+    return docs
+
+
+def default_documents(limit: int | None = None) -> list[str]:
+    """The default corpus: the Python standard library's own .py sources (the first `limit` files)."""
+    from memsparse.corpus import read_documents, stdlib_source_files
+
+    return [d for d in read_documents(stdlib_source_files(limit)) if d]
+
+
+def _doc_hash(doc: str, seed: int) -> int:
+    h = hashlib.blake2b(doc.encode("utf-8", errors="replace"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic split by a seeded hash of each document's content (order-independent; duplicates land
+    together). With val_fraction > 0 and >= 2 documents, both sides get at least one document."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0 or len(docs) < 2:
+        return list(docs), []
+    u = [_doc_hash(d, seed) / 2.0**64 for d in docs]
+    is_val = [x < val_fraction for x in u]
+    if not any(is_val):
+        is_val[min(range(len(u)), key=u.__getitem__)] = True
+    if all(is_val):
+        is_val[max(range(len(u)), key=u.__getitem__)] = False
+    train = [d for d, v in zip(docs, is_val) if not v]
+    val = [d for d, v in zip(docs, is_val) if v]
+    return train, val
+
+
+def _fingerprint(docs: Sequence[str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for d in docs:
+        h.update(hashlib.blake2b(d.encode("utf-8", errors="replace"), digest_size=16).digest())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- DataModule
+
+
+class MemSparseDataModule(LightningDataModule):
+    """Local documents + synthetic long-context tasks, tokenized and packed into (B, seq_len) batches.
+
+    Args:
+        files: data files, globs or directories (text: one document per file; JSON lines / Parquet: one per
+            record). None or empty: the Python standard library's sources (`stdlib_limit` files).
+        val_files: explicit validation files (then `val_fraction` is not used to split `files`).
+        data_format: "auto" (by suffix), "text", "json" or "parquet".
+        text_field: the column holding the text in JSON / Parquet files.
+        stdlib_limit: how many stdlib files the default corpus reads (None: all, ~650 files / 11 MB).
+        tokenizer: "byte", "bpe" (trained on the training documents, saved in `tokenizer_dir`, reloaded
+            from there if present), or the path of a saved tokenizer.
+        vocab_size: BPE vocabulary size (specials included); ignored for "byte" (259).
+        tokenizer_dir: where the BPE is saved/loaded; None: `<trainer.default_root_dir>/tokenizer` (stable
+            across resumes, unlike the versioned log dir), or `./outputs/tokenizer` without a trainer.
+        seq_len: tokens per sequence (inputs and labels are both seq_len long).
+        batch_size: sequences per batch and per rank.
+        val_fraction: share of documents held out (by a seeded content hash).
+        seed: seeds the split, the per-epoch shuffle and the synthetic samples.
+        synthetic: the synthetic task mixture (proportions of all training sequences, sum <= 1).
+        synthetic_loss: "answer" (loss on the answer tokens and the eos after them) or "all".
+        synthetic_samples: synthetic sequences per epoch when the proportions sum to 1 (no text).
+        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        cache_dir: the `datasets` cache (None: its default).
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        data_format: str = "auto",
+        text_field: str = "text",
+        stdlib_limit: int | None = None,
+        tokenizer: str = "byte",
+        vocab_size: int = 8192,
+        tokenizer_dir: str | None = None,
+        seq_len: int = 1024,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        synthetic: list[SyntheticSpec] | None = None,
+        synthetic_loss: str = "answer",
+        synthetic_samples: int = 1024,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if data_format not in FORMATS:
+            raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+        if synthetic_loss not in ("answer", "all"):
+            raise ValueError(f"synthetic_loss must be 'answer' or 'all', got {synthetic_loss!r}")
+        if seq_len < 2 or batch_size < 1:
+            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        specs = [s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s) for s in (synthetic or [])]
+        for s in specs:
+            if not s.proportion > 0:
+                raise ValueError(f"synthetic task {s.task!r}: proportion must be > 0, got {s.proportion}")
+            if any(not 2 <= n <= seq_len for n in s.lengths):
+                raise ValueError(f"synthetic task {s.task!r}: lengths must be in [2, seq_len={seq_len}], "
+                                 f"got {s.lengths}")
+        total = sum(s.proportion for s in specs)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"synthetic proportions sum to {total} > 1")
+        self.save_hyperparameters(ignore=["synthetic"])
+        self.hparams["synthetic"] = [asdict(s) for s in specs]  # plain dicts: YAML-safe
+        self.files, self.val_files = list(files or []), list(val_files or [])
+        self.data_format, self.text_field, self.stdlib_limit = data_format, text_field, stdlib_limit
+        self.tokenizer_spec, self.tokenizer_dir = tokenizer, tokenizer_dir
+        self.seq_len, self.batch_size, self.val_fraction, self.seed = seq_len, batch_size, val_fraction, seed
+        self.synthetic, self.synthetic_loss, self.synthetic_samples = specs, synthetic_loss, synthetic_samples
+        self.text_share = 0.0 if total >= 1.0 - 1e-9 else 1.0 - total
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers, self.cache_dir = persistent_workers, cache_dir
+
+        # The vocabulary the model must cover is known now (CLI links can read it at instantiation):
+        # byte -> 259; a saved tokenizer -> its size; bpe -> the requested size (the trained one is <=).
+        self.tokenizer: Any = None
+        self.tokenizer_path: str | None = None
+        if tokenizer == "byte":
+            self.tokenizer = ByteTokenizer()
+            self.vocab_size = self.tokenizer.vocab_size
+        elif tokenizer == "bpe":
+            self.vocab_size = vocab_size
+        else:
+            self.tokenizer = load_tokenizer(tokenizer)
+            self.tokenizer_path = str(tokenizer)
+            self.vocab_size = self.tokenizer.vocab_size
+        self._requested_vocab = vocab_size
+
+        self.train_dataset: MixtureDataset | None = None
+        self.val_dataset: MixtureDataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._pending_loader_state: dict[str, Any] | None = None
+        self._docs: tuple[list[str], list[str]] | None = None
+
+    # ---- documents and tokenizer
+
+    def documents(self) -> tuple[list[str], list[str]]:
+        """(train, val) documents: the files (or the stdlib corpus), split deterministically."""
+        if self._docs is None:
+            docs = (load_documents(self.files, self.data_format, self.text_field, self.cache_dir)
+                    if self.files else default_documents(self.stdlib_limit))
+            if self.val_files:
+                train = docs
+                val = load_documents(self.val_files, self.data_format, self.text_field, self.cache_dir)
+            else:
+                train, val = split_documents(docs, self.val_fraction, self.seed)
+            if not train:
+                raise ValueError(f"no training documents (files={self.files or 'stdlib'})")
+            self._docs = (train, val)
+        return self._docs
+
+    def resolve_tokenizer_dir(self) -> Path:
+        if self.tokenizer_dir is not None:
+            return Path(self.tokenizer_dir)
+        root = getattr(self.trainer, "default_root_dir", None) if self.trainer is not None else None
+        return Path(root or "outputs") / "tokenizer"
+
+    def _build_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        directory = self.resolve_tokenizer_dir()
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if not (directory / _TOKENIZER_META).exists() and (not distributed or trainer.is_global_zero):
+            train_docs, _ = self.documents()
+            tok = train_bpe(iter(train_docs), self._requested_vocab)
+            tok.save(directory)
+            (directory / _DATA_META).write_text(json.dumps(
+                {"vocab_size": self._requested_vocab, "train_documents": len(train_docs),
+                 "train_fingerprint": _fingerprint(train_docs)}))
+        if distributed:
+            trainer.strategy.barrier("memsparse_tokenizer")
+        self._load_saved_bpe(directory)
+
+    def _load_saved_bpe(self, directory: Path) -> None:
+        tok = load_tokenizer(directory)
+        if tok.kind != "bpe":
+            raise ValueError(f"{directory} holds a {tok.kind!r} tokenizer, but tokenizer='bpe' was asked for")
+        meta_path = directory / _DATA_META
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("vocab_size", tok.vocab_size) != self._requested_vocab or tok.vocab_size > self._requested_vocab:
+            raise ValueError(
+                f"the BPE saved in {directory} was trained with vocab_size={meta.get('vocab_size', tok.vocab_size)}"
+                f", but vocab_size={self._requested_vocab} is asked for: remove it or set another tokenizer_dir")
+        if "train_fingerprint" in meta:
+            train_docs, _ = self.documents()
+            if meta["train_fingerprint"] != _fingerprint(train_docs):
+                import warnings
+
+                warnings.warn(f"reusing the BPE saved in {directory}, which was trained on other training "
+                              "documents than the current ones", stacklevel=3)
+        self.tokenizer, self.tokenizer_path = tok, str(directory)
+
+    # ---- datasets
+
+    def prepare_data(self) -> None:
+        """Fail early (on rank 0) when a data file is missing."""
+        if self.files:
+            resolve_files(self.files)
+        if self.val_files:
+            resolve_files(self.val_files)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenizer (trained if needed), packed text and synthetic datasets; idempotent."""
+        if self.train_dataset is not None:
+            return
+        self._build_tokenizer()
+        tok = self.tokenizer
+        tasks = self._tasks()
+
+        def text_dataset(docs: list[str]) -> PackedTextDataset:
+            stream = pack_stream(encode_documents(tok, docs), tok.eos_id)
+            return PackedTextDataset(stream, self.seq_len, tok.pad_id, tok.eos_id)
+
+        train_docs, val_docs = self.documents() if self.text_share > 0 else ([], [])
+        train_text, val_text = text_dataset(train_docs), text_dataset(val_docs)
+        with_val = bool(self.val_files) or self.val_fraction > 0
+        if self.text_share > 0:
+            scale_train = len(train_text) / self.text_share
+            scale_val = len(val_text) / self.text_share
+        else:
+            scale_train = float(self.synthetic_samples)
+            scale_val = max(1.0, self.val_fraction * self.synthetic_samples) if with_val else 0.0
+
+        def synthetic_parts(scale: float, stream: int) -> list[SyntheticTaskDataset]:
+            parts = []
+            for k, (spec, task) in enumerate(zip(self.synthetic, tasks)):
+                n = max(1, round(scale * spec.proportion)) if scale > 0 else 0
+                parts.append(SyntheticTaskDataset(
+                    task, n, spec.lengths or [self.seq_len], self.seq_len, tok, self.seed, source=1 + k,
+                    stream=stream, loss=self.synthetic_loss, vary_by_epoch=stream == 0))
+            return parts
+
+        self.train_dataset = MixtureDataset([train_text, *synthetic_parts(scale_train, 0)])
+        self.val_dataset = MixtureDataset([val_text, *synthetic_parts(scale_val, 1)]) if with_val else None
+
+    def _tasks(self) -> list[Any]:
+        """The mixture's tasks, by name (SyntheticTaskDataset looks them up; checked here for a clear error)."""
+        if not self.synthetic:
+            return []
+        try:
+            from memsparse.eval.tasks import get_task
+        except ImportError as e:
+            raise ImportError(f"the synthetic mixture needs the task registry memsparse.eval.tasks: {e}") from e
+        for s in self.synthetic:
+            get_task(s.task)
+        return [s.task for s in self.synthetic]
+
+    # ---- loaders
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self.build_train_loader()
+
+    def build_train_loader(self, rank: int | None = None, world_size: int | None = None) -> ResumableDataLoader:
+        """The resumable train loader for `rank` of `world_size` (default: the trainer's, else 0 of 1)."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        trainer = self.trainer
+        rank = rank if rank is not None else (trainer.global_rank if trainer is not None else 0)
+        world_size = world_size if world_size is not None else (trainer.world_size if trainer is not None else 1)
+        sampler = ResumableDistributedSampler(self.train_dataset, self.batch_size, num_replicas=world_size,
+                                              rank=rank, shuffle=True, seed=self.seed, epoch_indices=True)
+        loader = ResumableDataLoader(
+            self.train_dataset, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0)
+        if trainer is not None:
+            loader.consumed_fn = self._consumed_batches
+        if self._pending_loader_state is not None:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def _consumed_batches(self) -> int | None:
+        """Batches of the current epoch the fit loop has consumed (the fetcher's prefetch excluded)."""
+        trainer = self.trainer
+        if trainer is None or self._train_loader is None or trainer.state.fn != "fit":
+            return None
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        n = trainer.num_training_batches
+        if not math.isinf(n) and ready >= n:  # epoch done (also when limit_train_batches cut it short)
+            return self._train_loader.sampler.batches_per_epoch  # type: ignore[attr-defined]
+        return int(ready)
+
+    # ---- checkpointed state (beside Lightning's own loader state; see `state_dict`)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train loader's position, and the tokenizer used.
+
+        Lightning checkpoints and restores the loader itself (it is `_Stateful`); this copy is applied when
+        the loader is built, which covers a loader built before Lightning restores its state (Lightning
+        issue 20550, e.g. `trainer.estimated_stepping_batches` in `configure_optimizers` on some versions).
+        """
+        state: dict[str, Any] = {"tokenizer_path": self.tokenizer_path, "vocab_size": self.vocab_size}
+        if self._train_loader is not None:
+            state["train_loader"] = self._train_loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        loader_state = state_dict.get("train_loader")
+        if loader_state is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(loader_state)
+        else:
+            self._pending_loader_state = dict(loader_state)
