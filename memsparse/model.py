@@ -121,9 +121,14 @@ class StreamState:
     layers: list[LayerState]
     pos: int = 0
     total_length: int | None = None
+    stats: dict = field(default_factory=dict)  # running (sum, count) of the model's statistics over the stream
 
     def detach(self) -> StreamState:
-        return StreamState([layer.detach() for layer in self.layers], self.pos, self.total_length)
+        return StreamState([layer.detach() for layer in self.layers], self.pos, self.total_length, self.stats)
+
+    def stat_means(self) -> dict[str, Tensor]:
+        """Means over the stream so far: attention kept fraction/blocks, memory surprise and gate."""
+        return stat_means(self.stats)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
@@ -232,8 +237,8 @@ class Block(nn.Module):
             return g
 
         mem, ws = self.memory.write(mem, ev, gate_fn=gate_fn)
-        stats.setdefault("memory_surprise", []).append(ws.grad_norm.detach().mean())
-        stats.setdefault("memory_gate", []).append(gate_vals[0].mean())
+        _acc(stats, "memory_surprise", ws.grad_norm.mean())
+        _acc(stats, "memory_gate", gate_vals[0].mean())
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
             replay = ev
@@ -286,9 +291,9 @@ class Block(nn.Module):
                                        sink_blocks=P // bs,
                                        local_blocks=cfg.local_blocks, min_key_block=min_key_block,
                                        q_select=q_sel, return_info=True)
-        stats.setdefault("attn_kept_fraction", []).append(
-            (cnt.double() / info["visible_blocks"].clamp_min(1)).mean().detach())
-        stats.setdefault("attn_kept_blocks", []).append(cnt.double().mean().detach())
+        # token-weighted over spans (and averaged over layers)
+        _acc(stats, "attn_kept_fraction", (cnt.double() / info["visible_blocks"].clamp_min(1)).mean(), n)
+        _acc(stats, "attn_kept_blocks", cnt.double().mean(), n)
         want_lse = mem_out is not None and cfg.variant == "mac"
         res = sparse_attention(qp, keys, vals, idx, cnt, block_size=bs, return_lse=want_lse)
         o, lse = (res if want_lse else (res, None))
@@ -306,6 +311,16 @@ class Block(nn.Module):
             o = o.to(h.dtype)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return o, k_all, v_all, q_pool_prev, q_sum_cur
+
+
+def _acc(stats: dict, key: str, value: Tensor, weight: int = 1) -> None:
+    """Running weighted (sum, count) of a scalar statistic: constant memory however long the stream."""
+    total, n = stats.get(key, (0.0, 0))
+    stats[key] = (total + value.detach().float() * weight, n + weight)
+
+
+def stat_means(stats: dict) -> dict[str, Tensor]:
+    return {k: total / n for k, (total, n) in stats.items()}
 
 
 def _cat_inputs(a: MemoryInputs | None, b: MemoryInputs) -> MemoryInputs:
@@ -386,7 +401,7 @@ class MemSparseLM(nn.Module):
         for blk, ls in zip(self.blocks, state.layers):
             x, ls = blk(x, ls, state.pos, state.total_length, stats)
             new_layers.append(ls)
-        return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length)
+        return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length, stats)
 
     # -- training / scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, return_logits: bool = True,
@@ -405,7 +420,7 @@ class MemSparseLM(nn.Module):
                                  f"got {tuple(labels.shape)}")
             loss = chunked_cross_entropy(h, self.output_weight, labels, self.config.loss_chunk)
         logits = h @ self.output_weight.t() if return_logits else None
-        return LMOutput(loss, logits, {k: torch.stack(v).mean() for k, v in stats.items()})
+        return LMOutput(loss, logits, stat_means(stats))
 
     # -- streaming --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -422,7 +437,7 @@ class MemSparseLM(nn.Module):
         S = self.config.segment
         outs = []
         i, n = 0, input_ids.shape[1]
-        stats: dict = {}
+        stats = state.stats
         while i < n:
             take = min(S - state.pos % S, n - i)
             h, state = self._run(input_ids[:, i:i + take], state, stats)

@@ -220,3 +220,15 @@ def test_budget_and_consolidation_overrides():
     assert all(b.cfg.consolidation.passes == 2 for b in model.blocks)
     with pytest.raises(ValueError, match="unknown budget policy"):
         model.set_budget("sparse-ish")
+
+
+def test_stream_stats_are_running_means_in_constant_memory():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 300))
+    _, st = model.stream(ids)
+    n_entries = {k: v[1] for k, v in st.stats.items()}
+    assert all(isinstance(v[0], torch.Tensor) and v[0].dim() == 0 for v in st.stats.values())
+    _, st = model.stream(ids, st)
+    assert all(st.stats[k][1] > n_entries[k] for k in n_entries)  # accumulated, one scalar per key
+    means = st.stat_means()
+    assert 0 < float(means["attn_kept_fraction"]) <= 1 and float(means["memory_gate"]) > 0

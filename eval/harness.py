@@ -1,0 +1,577 @@
+"""Long-context retrieval harness: tasks x lengths x depths x samples, streamed with flat memory at any length.
+
+Every cell generates its samples from the task registry (seeded, no downloads), streams each prompt through
+`MemSparseLM.generate` from a fresh `init_state(1, total_length=len(prompt))`, decodes the answer greedily and
+scores it. Per cell it records accuracy, wall time, tokens/s, peak memory and, when the model exposes them, the
+attention kept fraction and attention FLOPs per token. Budget policy and consolidation can be overridden for
+a run (no retraining), or swept over a list of settings into one combined table.
+
+Input checks (`parse_*`, `resolve_checkpoint`, `check_plan`) are cheap and run before any model work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from memsparse.kernels import parse_policy
+
+from memsparse.config import ConsolidationConfig
+from memsparse.consolidation import consolidation_passes
+from memsparse.tokenizer import load_tokenizer
+
+SWEEP_KINDS = ("budget", "consolidation")
+
+
+class EvalInputError(ValueError):
+    """Bad user input (task, length, depth, spec, checkpoint); raised before any model work."""
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+_LENGTH_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*$")
+_LENGTH_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_length(text: str | int) -> int:
+    """'512' -> 512, '1k' -> 1024, '64K' -> 65536, '1m' -> 1048576, '1.5k' -> 1536 (binary units)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _LENGTH_RE.match(str(text))
+        if not m:
+            raise EvalInputError(f"cannot parse length {text!r}: use an integer or a k/m suffix "
+                                 "(1k = 1024, 1m = 1048576)")
+        raw = float(m.group(1)) * _LENGTH_UNITS[m.group(2).lower()]
+        if raw != int(raw):
+            raise EvalInputError(f"length {text!r} is not a whole number of tokens ({raw})")
+        value = int(raw)
+    if value < 1:
+        raise EvalInputError(f"length must be positive, got {text!r}")
+    return value
+
+
+def format_length(n: int) -> str:
+    """1024 -> '1K', 1048576 -> '1M', 1500 -> '1500'."""
+    for unit, size in (("M", 1024**2), ("K", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _split(text: str | Sequence, sep: str = ",") -> list[str]:
+    items = text.split(sep) if isinstance(text, str) else [str(t) for t in text]
+    return [t.strip() for t in items if str(t).strip()]
+
+
+def parse_lengths(text: str | Sequence) -> list[int]:
+    """Comma-separated lengths (see `parse_length`), de-duplicated, in ascending order."""
+    values = sorted({parse_length(t) for t in _split(text)})
+    if not values:
+        raise EvalInputError("no lengths given")
+    return values
+
+
+def parse_depths(text: str | Sequence) -> list[float]:
+    """Comma-separated depth fractions in [0, 1] (0 = needle at the haystack start), ascending."""
+    out = set()
+    for t in _split(text):
+        try:
+            d = float(t)
+        except ValueError:
+            raise EvalInputError(f"cannot parse depth {t!r}: use fractions in [0, 1] such as 0,0.5,1") from None
+        if not 0.0 <= d <= 1.0 or math.isnan(d):
+            raise EvalInputError(f"depth {t!r} is outside [0, 1]")
+        out.add(d)
+    if not out:
+        raise EvalInputError("no depths given")
+    return sorted(out)
+
+
+def parse_tasks(text: str | Sequence) -> list[str]:
+    """Comma-separated registered task names ('all' = every registered task), order kept, de-duplicated."""
+    from memsparse.eval.tasks import list_tasks
+
+    known = list_tasks()
+    names: list[str] = []
+    for t in _split(text):
+        for n in known if t == "all" else [t]:
+            if n not in known:
+                raise EvalInputError(f"unknown task {n!r}; known tasks: {', '.join(known)}")
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise EvalInputError("no tasks given")
+    return names
+
+
+def parse_budget(spec: str) -> str:
+    """Validate a budget policy spec ('dense', 'fixed:16', 'length_scaled:c=12,min_tokens=256', 'top_p:p=0.9,...')."""
+    try:
+        parse_policy(spec)
+    except (ValueError, TypeError) as e:
+        raise EvalInputError(f"bad budget policy {spec!r}: {e}") from None
+    return str(spec).strip()
+
+
+_CONS_FIELDS = {"a": float, "n_max": int, "passes": int, "replay": str, "replay_tokens": int}
+
+
+def parse_consolidation(spec: str) -> dict:
+    """'off' | 'fixed:N' | 'N' | 'schedule[:a=1,n_max=8]' (+ replay=segment|surprising, replay_tokens=K)
+    -> the `ConsolidationConfig` fields to override (validated)."""
+    text = str(spec).strip()
+    mode, _, args = text.partition(":")
+    mode = mode.strip()
+    if re.fullmatch(r"\d+", mode) and not args:
+        mode, args = "fixed", mode
+    if mode not in ("off", "fixed", "schedule"):
+        raise EvalInputError(f"bad consolidation {spec!r}: use off, fixed:N or schedule:a=1,n_max=8")
+    out: dict = {"mode": mode}
+    for i, item in enumerate(a.strip() for a in args.split(",") if a.strip()):
+        key, eq, val = item.partition("=")
+        if not eq:
+            if mode != "fixed" or i:
+                raise EvalInputError(f"bad consolidation {spec!r}: write arguments as key=value")
+            key, val = "passes", item
+        key = key.strip()
+        if key not in _CONS_FIELDS:
+            raise EvalInputError(f"bad consolidation {spec!r}: unknown argument {key!r}; known: {list(_CONS_FIELDS)}")
+        try:
+            out[key] = _CONS_FIELDS[key](val.strip())
+        except ValueError:
+            kind = _CONS_FIELDS[key].__name__
+            raise EvalInputError(f"bad consolidation {spec!r}: {key}={val!r} is not a {kind}") from None
+    if mode == "fixed" and "passes" not in out:
+        raise EvalInputError(f"bad consolidation {spec!r}: fixed needs a pass count, e.g. fixed:2")
+    if mode == "off":
+        out.setdefault("passes", 0)
+    try:
+        dataclasses.replace(ConsolidationConfig(), **out).validate()
+    except ValueError as e:
+        raise EvalInputError(f"bad consolidation {spec!r}: {e}") from None
+    return out
+
+
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """'budget=SPEC1;SPEC2' or 'consolidation=off;fixed:1' -> (kind, validated specs)."""
+    kind, eq, rest = str(text).partition("=")
+    kind = kind.strip()
+    if not eq or kind not in SWEEP_KINDS:
+        raise EvalInputError(f"bad sweep {text!r}: use budget=SPEC1;SPEC2 or consolidation=off;fixed:1;fixed:2")
+    specs = _split(rest, ";")
+    if not specs:
+        raise EvalInputError(f"sweep {text!r} lists no settings")
+    for s in specs:
+        (parse_budget if kind == "budget" else parse_consolidation)(s)
+    if len(set(specs)) != len(specs):
+        raise EvalInputError(f"sweep {text!r} repeats a setting")
+    return kind, specs
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory, its parsed config.json and its tokenizer source."""
+
+    path: Path
+    config: dict
+    tokenizer_source: str
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "memsparse_tokenizer.json").exists() or (d / "tokenizer.json").exists()
+
+
+def resolve_checkpoint(path: str | Path, tokenizer: str | None = None) -> Checkpoint:
+    """Check the checkpoint files exist and read config.json (no weights); find the tokenizer: `tokenizer` if
+    given, else the checkpoint dir, else its `tokenizer/` subdir, else 'byte'."""
+    p = Path(path)
+    if not p.is_dir():
+        raise EvalInputError(f"checkpoint {path} does not exist or is not a directory")
+    for name in ("config.json", "model.safetensors"):
+        if not (p / name).is_file():
+            raise EvalInputError(f"checkpoint {path}: missing {name} (expected a MemSparseLM.save_pretrained dir)")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"checkpoint {path}: bad config.json ({e})") from None
+    if tokenizer is None:
+        tokenizer = str(p) if _has_tokenizer(p) else str(p / "tokenizer") if _has_tokenizer(p / "tokenizer") else "byte"
+    return Checkpoint(p, cfg, tokenizer)
+
+
+def load_checked_tokenizer(ckpt: Checkpoint):
+    """The checkpoint's tokenizer, checked against the model's vocabulary."""
+    try:
+        tok = load_tokenizer(ckpt.tokenizer_source)
+    except (OSError, ValueError) as e:
+        raise EvalInputError(f"cannot load tokenizer {ckpt.tokenizer_source!r}: {e}") from None
+    vocab = ckpt.config.get("vocab_size")
+    if isinstance(vocab, int) and tok.vocab_size > vocab:
+        raise EvalInputError(f"tokenizer {ckpt.tokenizer_source!r} has {tok.vocab_size} ids but the model's "
+                             f"vocab_size is {vocab}: wrong tokenizer for this checkpoint?")
+    return tok
+
+
+def check_plan(tasks: Sequence[str], lengths: Sequence[int], tokenizer) -> None:
+    """Every (task, length) must fit the task's prompt overhead; one error lists all that do not."""
+    from memsparse.eval.tasks import get_task
+
+    bad = []
+    for name in tasks:
+        need = get_task(name).min_length(tokenizer)
+        bad += [f"{name} needs >= {need} tokens, got {n}" for n in lengths if n < need]
+    if bad:
+        raise EvalInputError("length below the task's prompt overhead (min_length): " + "; ".join(bad))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | None (cuda when available); an error if CUDA is asked for but absent."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EvalInputError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise EvalInputError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+@contextlib.contextmanager
+def overrides(model, budget: str | None = None, consolidation: str | dict | None = None) -> Iterator[None]:
+    """Apply a budget policy and/or consolidation override to `model` for the duration; restored on exit."""
+    cfg = model.config
+    old_budget, old_policies, old_cons = cfg.budget, [b.policy for b in model.blocks], cfg.consolidation
+    try:
+        if budget is not None:
+            policy = parse_policy(budget)
+            cfg.budget = budget
+            for b in model.blocks:
+                b.policy = policy
+        if consolidation is not None:
+            fields = parse_consolidation(consolidation) if isinstance(consolidation, str) else consolidation
+            cfg.consolidation = dataclasses.replace(old_cons, **fields).validate()
+        yield
+    finally:
+        cfg.budget, cfg.consolidation = old_budget, old_cons
+        for b, p in zip(model.blocks, old_policies):
+            b.policy = p
+
+
+def describe_consolidation(c: ConsolidationConfig) -> str:
+    """The spec string of a consolidation config ('off', 'fixed:2', 'schedule:a=1.0,n_max=8')."""
+    if c.mode == "fixed":
+        return f"fixed:{c.passes}"
+    if c.mode == "schedule":
+        return f"schedule:a={c.a},n_max={c.n_max}"
+    return "off"
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak memory over a region: CUDA `max_memory_allocated` (reset per region) above the allocation at its
+    start; on CPU the process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs) above the RSS at
+    its start, else the growth of `getrusage` ru_maxrss (0 unless the region sets a new process peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else self._cpu_kind()
+        self._start = 0
+
+    @staticmethod
+    def _status_kb(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    @classmethod
+    def _cpu_kind(cls) -> str:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            if cls._status_kb("VmHWM") is not None:
+                return "cpu_peak_rss_growth"
+        except OSError:
+            pass
+        return "cpu_maxrss_growth"
+
+    @staticmethod
+    def _maxrss_bytes() -> int:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+    def start(self) -> None:
+        if self.kind == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif self.kind == "cpu_peak_rss_growth":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._start = (self._status_kb("VmRSS") or 0) * 1024
+        else:
+            self._start = self._maxrss_bytes()
+
+    def stop(self) -> tuple[int, int]:
+        """(peak bytes, growth bytes over the start of the region)."""
+        if self.kind == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "cpu_peak_rss_growth":
+            peak = (self._status_kb("VmHWM") or 0) * 1024
+        else:
+            peak = self._maxrss_bytes()
+        return peak, max(0, peak - self._start)
+
+
+class AttentionStats:
+    """Attention selection of the streams of one cell, from each stream's running statistics
+    (`StreamState.stat_means()`: token-weighted mean kept blocks / kept fraction per query block, over layers)."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.per_query_flops = 4.0 * cfg.block_size * cfg.head_dim * cfg.heads * cfg.depth
+        self.reset()
+
+    def reset(self) -> None:
+        self.kept: list[float] = []
+        self.frac: list[float] = []
+
+    def add(self, state) -> None:
+        means = state.stat_means() if hasattr(state, "stat_means") else {}
+        if "attn_kept_blocks" in means:
+            self.kept.append(float(means["attn_kept_blocks"]))
+            self.frac.append(float(means["attn_kept_fraction"]))
+
+    def summary(self) -> dict:
+        """Mean kept blocks / kept fraction per query block, and attention FLOPs per token
+        (kept_blocks * block_size * 4 * head_dim * heads per query token, summed over layers)."""
+        if not self.kept:
+            return {"attn_kept_blocks": None, "attn_kept_fraction": None, "attn_flops_per_token": None}
+        kept = sum(self.kept) / len(self.kept)
+        return {"attn_kept_blocks": kept, "attn_kept_fraction": sum(self.frac) / len(self.frac),
+                "attn_flops_per_token": kept * self.per_query_flops}
+
+
+def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                    chunk_tokens: int = 8192):
+    """`model.generate(ids, ...)` from `init_state(1, total_length=len)`, with the prompt streamed in calls of
+    `chunk_tokens` (a multiple of the segment) first: the same segment-by-segment computation, but host/device
+    memory stays flat at any length)."""
+    length = ids.shape[1]
+    seg = model.config.segment
+    chunk = max(seg, chunk_tokens // seg * seg)
+    state = model.init_state(ids.shape[0], total_length=length)
+    head = (length - 1) // chunk * chunk  # at least one prompt token is left for generate
+    for i in range(0, head, chunk):
+        _, state = model.stream(ids[:, i:i + chunk], state, return_logits="none")
+    return model.generate(ids[:, head:], max_new_tokens, eos_id=eos_id, state=state)
+
+
+# ----------------------------------------------------------------------------------------------- running
+@dataclass
+class EvalPlan:
+    """What to run: tasks x lengths x depths x samples, plus optional overrides and one sweep."""
+
+    tasks: list[str]
+    lengths: list[int]
+    depths: list[float]
+    samples: int = 1
+    seed: int = 0
+    budget: str | None = None
+    consolidation: str | None = None
+    sweep_kind: str | None = None
+    sweep_specs: list[str] = field(default_factory=list)
+
+    def settings(self) -> list[tuple[str | None, str | None, str | None]]:
+        """(sweep value, budget, consolidation) for each setting run."""
+        if self.sweep_kind == "budget":
+            return [(s, s, self.consolidation) for s in self.sweep_specs]
+        if self.sweep_kind == "consolidation":
+            return [(s, self.budget, s) for s in self.sweep_specs]
+        return [(None, self.budget, self.consolidation)]
+
+    def num_generations(self) -> int:
+        return len(self.settings()) * len(self.tasks) * len(self.lengths) * len(self.depths) * self.samples
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of sample `index`: the same at every length and depth, so cells compare like with like."""
+    return seed * 1_000_003 + index
+
+
+def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, seed: int,
+             device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
+             on_sample=None, chunk_tokens: int = 8192) -> dict:
+    """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell."""
+    max_new = task.max_answer_tokens(tokenizer)
+    eos = getattr(tokenizer, "eos_id", None)
+    details, scores = [], []
+    wall = 0.0
+    if attn is not None:
+        attn.reset()
+    memory.start()
+    for i in range(samples):
+        s = sample_seed(seed, i)
+        sample = task.generate(length, depth, s, tokenizer)
+        if len(sample.prompt_ids) != length:
+            raise RuntimeError(f"{task.name} generated {len(sample.prompt_ids)} tokens for length {length}")
+        ids = torch.tensor([sample.prompt_ids], dtype=torch.long, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        new_ids, state = stream_generate(model, ids, max_new, eos, chunk_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall += time.perf_counter() - t0
+        if attn is not None:
+            attn.add(state)
+        del state, ids
+        out = new_ids[0].tolist()
+        if eos is not None and eos in out:
+            out = out[: out.index(eos)]
+        pred = tokenizer.decode(out)
+        score = float(task.score(pred, sample))
+        scores.append(score)
+        details.append({"seed": s, "prediction": pred, "answer": sample.answer, "score": score,
+                        "new_tokens": len(out)})
+        if on_sample is not None:
+            on_sample()
+    peak, growth = memory.stop()
+    row = {
+        "task": task.name, "length": length, "depth": depth, "n": samples,
+        "accuracy": sum(scores) / len(scores),
+        "wall_s": wall,
+        "tokens_per_s": samples * length / wall if wall > 0 else None,
+        "peak_mem_bytes": peak, "peak_mem_growth_bytes": growth, "mem_measure": memory.kind,
+    }
+    row.update(attn.summary() if attn is not None else
+               {"attn_kept_blocks": None, "attn_kept_fraction": None, "attn_flops_per_token": None})
+    row["samples"] = details
+    return row
+
+
+def warm_up(model, device: torch.device) -> None:
+    """Stream a short random prompt (window + 2 segments) and decode 2 tokens, untimed: compiles the Triton
+    kernels and fills the allocator pools so that the first cell's time and memory are not skewed."""
+    cfg = model.config
+    ids = torch.randint(0, min(256, cfg.vocab_size), (1, cfg.window + 2 * cfg.segment + 1), device=device)
+    stream_generate(model, ids, 2)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: bool = True,
+             warmup: bool = True) -> list[dict]:
+    """Run every setting x task x length x depth cell of `plan`; one row per cell (the combined table).
+    `warmup` runs `warm_up` once per setting first."""
+    from memsparse.eval.tasks import get_task
+    from tqdm.auto import tqdm
+
+    model.eval()
+    memory = PeakMemory(device)
+    rows: list[dict] = []
+    bar = tqdm(total=plan.num_generations(), desc="memsparse-eval", unit="sample", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            attn = AttentionStats(model)
+            for sweep_value, budget, cons in plan.settings():
+                with overrides(model, budget=budget, consolidation=cons):
+                    cfg = model.config
+                    if warmup:
+                        bar.set_postfix_str("warm-up", refresh=True)
+                        warm_up(model, device)
+                    attn.reset()
+                    for name in plan.tasks:
+                        task = get_task(name)
+                        for length in plan.lengths:
+                            passes = consolidation_passes(cfg.consolidation, length, cfg.window, False)
+                            for depth in plan.depths:
+                                label = f"{name} {format_length(length)} d={depth:g}"
+                                if sweep_value is not None:
+                                    label += f" [{plan.sweep_kind}={sweep_value}]"
+                                bar.set_postfix_str(label, refresh=False)
+                                row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
+                                               device, memory, attn, on_sample=lambda: bar.update(1))
+                                row.update({"budget": cfg.budget,
+                                            "consolidation": describe_consolidation(cfg.consolidation),
+                                            "consolidation_passes": passes,
+                                            "sweep_kind": plan.sweep_kind, "sweep_value": sweep_value})
+                                rows.append(row)
+    finally:
+        bar.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+CSV_COLUMNS = [
+    "task", "length", "depth", "n", "accuracy", "sweep_kind", "sweep_value", "budget", "consolidation",
+    "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token", "wall_s",
+    "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes", "mem_measure",
+]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean accuracy (and attention FLOPs per token) per (setting, task, length), averaged over depths."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["sweep_value"], r["task"], r["length"]), []).append(r)
+    out = []
+    for (sv, task, length), rs in groups.items():
+        flops = [r["attn_flops_per_token"] for r in rs if r["attn_flops_per_token"] is not None]
+        out.append({"sweep_value": sv, "task": task, "length": length,
+                    "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
+                    "attn_flops_per_token": sum(flops) / len(flops) if flops else None,
+                    "consolidation_passes": rs[0]["consolidation_passes"], "budget": rs[0]["budget"],
+                    "consolidation": rs[0]["consolidation"]})
+    return out
+
+
+def write_results(out_dir: str | Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    """results.json (meta, cells with per-sample predictions, summary) and results.csv (one row per cell)."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out_dir / "results.json", out_dir / "results.csv"
+    jpath.write_text(json.dumps({"meta": meta, "cells": rows, "summary": summarize(rows)}, indent=2, default=str))
+    with cpath.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    return jpath, cpath
+
+
+def environment() -> dict:
+    """Versions and host facts for results.json."""
+    import platform
+
+    import memsparse
+
+    env = {"memsparse": memsparse.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name()
+    return env

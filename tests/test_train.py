@@ -1,0 +1,389 @@
+"""Training (Lightning) on CPU: the CLI and recipes, W&B offline runs, export, exact resume, non-finite steps,
+checkpoint errors, DDP with 2 gloo processes."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("lightning")
+
+from memsparse.train.cli import main  # noqa: E402
+from memsparse.train.data import MemSparseDataModule  # noqa: E402
+from memsparse.train.module import (  # noqa: E402
+    MemSparseLightningModule,
+    NonFiniteTrainingError,
+    export_checkpoint,
+    load_checkpoint,
+    param_groups,
+)
+
+from memsparse.model import MemSparseLM  # noqa: E402
+from memsparse.tokenizer import load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+TINY_MODEL = {
+    "dim": 32, "depth": 2, "heads": 2, "kv_heads": 1, "head_dim": 16, "mlp_hidden": 64, "block_size": 16,
+    "segment": 32, "window": 64, "persistent_tokens": 16, "memory_layers": [1],
+    "memory": {"heads": 2, "head_dim": 16, "depth": 1, "chunk_size": 16},
+}
+
+
+def tiny_config(root: Path, **over) -> Path:
+    """A tiny CPU recipe (CSV logger, no validation unless asked) written under `root`."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 6,
+            "limit_val_batches": 0, "log_every_n_steps": 1, "gradient_clip_val": 1.0,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root)}},
+        },
+        "model": {"config": copy.deepcopy(TINY_MODEL), "lr": 3e-3, "warmup_steps": 2, "total_steps": 6, "min_lr": 3e-4},
+        "data": {"stdlib_limit": 6, "tokenizer": "byte", "seq_len": 128, "batch_size": 2, "val_fraction": 0.2},
+        "last_checkpoint": {"every_n_train_steps": 1},
+    }
+    for key, value in over.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])  # main(args) is given its arguments
+
+
+def csv_losses(root: Path) -> dict[int, float]:
+    rows = list(csv.DictReader(open(next(root.glob("**/metrics.csv")))))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+# --------------------------------------------------------------------------------------------- recipes / CLI
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    from memsparse.config import ModelConfig, from_dict
+
+    from_dict(ModelConfig, cfg["model"]["config"]).validate()  # the model part is a valid ModelConfig
+
+
+def _resolved(recipe: Path, capsys) -> dict:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(recipe), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg["trainer"].pop("default_root_dir")
+    return cfg
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix[:-1]]
+
+
+def test_ablations_differ_from_mac_small_in_one_thing(capsys):
+    base = _resolved(REPO / "recipes" / "mac_small.yaml", capsys)
+    expected = {
+        "ablation_budget_fixed": {"model.config.budget"},
+        "ablation_budget_length_scaled": set(),  # the baseline policy under its own name / run dir
+        "ablation_budget_top_p": {"model.config.budget"},
+        "ablation_no_memory": {"model.config.memory_layers"},
+        "ablation_consolidation": {"model.config.consolidation.mode", "model.config.consolidation.train_passes"},
+        "mag_small": {"model.config.variant"},
+    }
+    for name, keys in expected.items():
+        assert set(_diff(base, _resolved(REPO / "recipes" / f"{name}.yaml", capsys))) == keys, name
+
+
+def test_unknown_key_is_named(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, **{"model.config.dimm": 64})
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    assert e.value.code != 0
+    assert "dimm" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()  # failed before any work
+
+
+def test_wrong_type_is_named(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, **{"data.batch_size": "four"})
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "batch_size" in err and "four" in err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(cfg), "--data.batch_size", "2", "--model.lr", "fast"])
+    assert "model.lr" in capsys.readouterr().err
+
+
+def test_missing_data_path(tmp_path):
+    cfg = tiny_config(tmp_path, **{"data.files": [str(tmp_path / "nope" / "corpus.jsonl")]})
+    with pytest.raises(FileNotFoundError, match="corpus.jsonl"):
+        main(["fit", "--config", str(cfg)])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------ quickstart
+
+
+def test_quickstart_end_to_end(tmp_path):
+    root = tmp_path / "qs"
+    main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.default_root_dir", str(root),
+          "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+          "--data.stdlib_limit", "20", "--data.batch_size", "2",
+          "--last_checkpoint.every_n_train_steps", "2"])
+    ckpts = {p.name for p in (root / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") for n in ckpts)
+    ckpt = load_checkpoint(root / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert ckpt["memsparse"]["model_config"]["dim"] == 64 and ckpt["memsparse"]["tokenizer"]["kind"] == "byte"
+    # W&B offline run with the metrics, the resolved config and the tokenizer
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"train/loss", b"val/loss", b"train/memory_surprise", b"train/attn_kept_fraction",
+                b"train/tokens_per_s", b"train/grad_norm", b"train/lr"):
+        assert key in records, key
+    assert (runs[0] / "files" / "config.yaml").is_file()
+    assert (runs[0] / "files" / "tokenizer" / "memsparse_tokenizer.json").is_file()
+    assert (root / "config.yaml").is_file()
+    # export loadable by memsparse-eval's loaders
+    model = MemSparseLM.from_pretrained(root / "export")
+    tok = load_tokenizer(root / "export")
+    assert model.config.vocab_size == tok.vocab_size == 259
+    assert model.config.dim == 64
+    ids = torch.tensor([tok.encode("def f(x):\n    return x")])
+    assert torch.isfinite(model(ids, return_logits=True).logits).all()
+
+
+# -------------------------------------------------------------------------------------------------- resume
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A tiny 6-step run that crashes at the start of step 4 (a mid-epoch `last.ckpt` of step 3 is left)."""
+    import lightning.pytorch as pl
+
+    class Crash(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise SimulatedCrash("simulated preemption")
+
+    root = tmp_path_factory.mktemp("stopped")
+    from memsparse.train.cli import cli
+
+    c = cli(["--config", str(tiny_config(root))], run=False)
+    c.trainer.callbacks.append(Crash())
+    with pytest.raises(SimulatedCrash):
+        c.trainer.fit(c.model, datamodule=c.datamodule)
+    return root
+
+
+def test_exact_resume(stopped_run, tmp_path):
+    full = tmp_path / "full"
+    main(["fit", "--config", str(tiny_config(full))])
+    resumed = tmp_path / "resumed"
+    main(["fit", "--config", str(tiny_config(resumed)),
+          "--ckpt_path", str(stopped_run / "checkpoints" / "last.ckpt")])
+    a, b, c = csv_losses(full), csv_losses(stopped_run), csv_losses(resumed)
+    assert sorted(a) == [0, 1, 2, 3, 4, 5] and sorted(b) == [0, 1, 2] and sorted(c) == [3, 4, 5]
+    for s in (0, 1, 2):
+        assert a[s] == b[s]
+    for s in (3, 4, 5):
+        assert a[s] == c[s], (s, a[s], c[s])
+    from safetensors.torch import load_file
+
+    wa, wc = load_file(full / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(stopped_run, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="bad.ckpt"):
+        main(["fit", "--config", str(tiny_config(tmp_path / "a")), "--ckpt_path", str(bad)])
+    truncated = tmp_path / "truncated.ckpt"
+    data = (stopped_run / "checkpoints" / "last.ckpt").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.ckpt"):
+        main(["fit", "--config", str(tiny_config(tmp_path / "b")), "--ckpt_path", str(truncated)])
+    with pytest.raises(ValueError, match="truncated.ckpt"):
+        load_checkpoint(truncated)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(stopped_run, tmp_path):
+    from memsparse.config import ModelConfig, from_dict
+
+    module = MemSparseLightningModule(from_dict(ModelConfig, {**TINY_MODEL, "mlp_hidden": 96, "vocab_size": 259}),
+                                      total_steps=8)
+    with pytest.raises(ValueError, match=r"last\.ckpt.*mlp_hidden: 64 \(checkpoint\) vs 96"):
+        _trainer(tmp_path, 8).fit(module, datamodule=_datamodule(),
+                                  ckpt_path=str(stopped_run / "checkpoints" / "last.ckpt"))
+
+
+def test_checkpoint_is_self_describing(stopped_run, tmp_path):
+    out = export_checkpoint(stopped_run / "checkpoints" / "last.ckpt", tmp_path / "exp")
+    model = MemSparseLM.from_pretrained(out)
+    assert load_tokenizer(out).kind == "byte"
+
+    saved = load_checkpoint(stopped_run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(v, saved[f"model.{k}"]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- module unit
+
+
+def test_weight_decay_groups():
+    from memsparse.config import ModelConfig, from_dict
+
+    m = MemSparseLM(from_dict(ModelConfig, {**TINY_MODEL, "memory": dict(TINY_MODEL["memory"], depth=2)}))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "embed.weight" in nd and "blocks.0.persistent_k" in nd and "blocks.1.memory.gain" in nd
+    assert "blocks.1.memory.init_weights.0" in nd and "blocks.0.norm1.weight" in nd
+    assert "blocks.0.wq.weight" in d and "blocks.0.mlp.w12.weight" in d and "blocks.1.memory.to_qkv.weight" in d
+    assert d | nd == set(names.values()) and not d & nd
+
+
+def _trainer(root: Path, max_steps: int):
+    import lightning.pytorch as pl
+    from memsparse.train.callbacks import LastCheckpoint
+
+    ckpt = LastCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=1)
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, limit_val_batches=0,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[ckpt],
+                      default_root_dir=str(root))
+
+
+def _tiny_module(**kw) -> MemSparseLightningModule:
+    from memsparse.config import ModelConfig, from_dict
+
+    return MemSparseLightningModule(from_dict(ModelConfig, {**TINY_MODEL, "vocab_size": 259}), lr=3e-3,
+                                    warmup_steps=1, total_steps=8, **kw)
+
+
+def _datamodule() -> MemSparseDataModule:
+    return MemSparseDataModule(stdlib_limit=4, tokenizer="byte", seq_len=64, batch_size=2, val_fraction=0.0)
+
+
+def _inject_nan(module: MemSparseLightningModule, bad_calls: set[int] | None):
+    """Make the model's loss NaN on the given training-step calls (None: on every call)."""
+    forward = module.model.forward
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls["n"] += 1
+        if bad_calls is None or calls["n"] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    module.model.forward = patched
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path):
+    module = _tiny_module()
+    _inject_nan(module, {2, 3})
+    snapshots = {}
+
+    import lightning.pytorch as pl
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            snapshots[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    trainer = _trainer(tmp_path, 5)
+    trainer.callbacks.append(Snap())
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(module, datamodule=_datamodule())
+    assert module.nonfinite_steps == 2 and module.consecutive_nonfinite == 0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    # steps 2 and 3 were skipped: the weights after them equal those after step 1
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4]))
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["memsparse"]["nonfinite_steps"] == 2
+
+
+def test_consecutive_nonfinite_stops_with_last_good_checkpoint(tmp_path):
+    module = _tiny_module(max_consecutive_nonfinite=3)
+    _inject_nan(module, {3, 4, 5, 6, 7, 8})
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive"):
+        trainer = _trainer(tmp_path, 8)
+        trainer.fit(module, datamodule=_datamodule())
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4  # 2 good steps + 2 skipped ones were checkpointed; the 3rd skip stopped
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_vocab_mismatch_is_a_clear_error(tmp_path):
+    from memsparse.config import ModelConfig, from_dict
+
+    module = MemSparseLightningModule(from_dict(ModelConfig, {**TINY_MODEL, "vocab_size": 200}), total_steps=2)
+    with pytest.raises(ValueError, match=r"vocab_size=200.*259"):
+        _trainer(tmp_path, 1).fit(module, datamodule=_datamodule())
+
+
+def test_lr_schedule():
+    from memsparse.train.module import WarmupCosine
+
+    f = WarmupCosine(warmup=10, total=110, floor=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) - 1e-12 for s in range(10, 200))
+    assert not math.isnan(f(10))
+
+
+# ------------------------------------------------------------------------------------------- multi-process
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    root = tmp_path / "ddp"
+    cfg = tiny_config(root, **{
+        "trainer.strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": 3,
+        "trainer.callbacks": [{"class_path": "memsparse.train.callbacks.RankAgreementCheck",
+                               "init_args": {"output_dir": str(root / "digests")}}],
+    })
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PL_DISABLE_FORK": "1"}
+    exe = Path(sys.executable).parent / "memsparse-train"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "memsparse.train.cli"]
+    proc = subprocess.run([*cmd, "fit", "--config", str(cfg)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = [json.loads((root / "digests" / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0]["world_size"] == 2 and digests[0]["step"] == digests[1]["step"] == 3
+    assert digests[0]["sha256"] == digests[1]["sha256"]
+    assert (root / "checkpoints" / "last.ckpt").is_file()

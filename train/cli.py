@@ -1,0 +1,143 @@
+"""`memsparse-train`: a LightningCLI over `MemSparseLightningModule` and `MemSparseDataModule`.
+
+    memsparse-train fit --config recipes/quickstart.yaml [--trainer.max_steps 50 ...]
+    memsparse-train fit --config recipes/quickstart.yaml --print_config
+
+Defaults: W&B logging, offline unless the user has a key or set WANDB_MODE (runs under
+`<trainer.default_root_dir>/wandb/`); checkpoints in `<trainer.default_root_dir>/checkpoints`: the best by
+val/loss (`checkpoint.*`) and `last.ckpt` every `last_checkpoint.every_n_train_steps` steps and at the end;
+the final model + tokenizer exported to `<trainer.default_root_dir>/export`. `model.config.vocab_size` is
+taken from the data's tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from .callbacks import LastCheckpoint, RunConfigCallback, SafeLearningRateMonitor
+from .data import MemSparseDataModule, resolve_files
+from .module import MemSparseLightningModule, NonFiniteTrainingError
+
+_WANDB = "lightning.pytorch.loggers.WandbLogger"
+
+
+def configure_wandb_env() -> str:
+    """W&B offline unless the user chose: WANDB_MODE set, WANDB_API_KEY set, or a `wandb login` in ~/.netrc."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.path.expanduser("~/.netrc"))
+    try:
+        if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
+            return "online"
+    except OSError:
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+    return "offline"
+
+
+class MemSparseCLI(LightningCLI):
+    """LightningCLI with memsparse's defaults (checkpointing, W&B, the vocab link, run-directory layout)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best by validation loss
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_top_k": 1,
+            "checkpoint.save_last": False,
+            "checkpoint.filename": "best-step{step:06d}-loss{val/loss:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # last.ckpt, for resuming
+        # The model's vocabulary is the tokenizer's (known when the datamodule is built).
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads `--ckpt_path`'s hyperparameters (the model config of a resumed run comes from the
+        checkpoint); make an unreadable file a ValueError naming it instead of an unpickling traceback."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError,
+                ValueError, AttributeError) as e:
+            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
+
+    def before_instantiate_classes(self) -> None:
+        """Place checkpoints and W&B runs under `trainer.default_root_dir` unless configured otherwise."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        root = cfg.trainer.get("default_root_dir") or os.getcwd()
+        cfg.trainer.default_root_dir = root
+        for key in ("checkpoint", "last_checkpoint"):
+            if cfg.get(key) is not None and cfg[key].get("dirpath") is None:
+                cfg[key].dirpath = os.path.join(root, "checkpoints")
+        loggers = cfg.trainer.get("logger")
+        for lg in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(lg, "class_path", None) == _WANDB:
+                if lg.init_args.get("save_dir") in (None, "."):
+                    lg.init_args.save_dir = root
+                Path(root).mkdir(parents=True, exist_ok=True)
+
+    def before_fit(self) -> None:
+        """Fail before any work when a data file is missing."""
+        dm = self.datamodule
+        for files in (dm.files, dm.val_files):
+            if files:
+                resolve_files(files)
+        import torch
+
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+
+    before_validate = before_test = before_predict = before_fit
+
+
+def cli(args: ArgsType = None, run: bool = True) -> MemSparseCLI:
+    """Build (and by default run) the CLI; `args` as for LightningCLI (a list of strings, or None: sys.argv)."""
+    configure_wandb_env()
+    return MemSparseCLI(
+        MemSparseLightningModule,
+        MemSparseDataModule,
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {"class_path": _WANDB, "init_args": {"project": "memsparse", "log_model": False}},
+            "callbacks": [SafeLearningRateMonitor(logging_interval="step")],
+        },
+        seed_everything_default=0,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "yaml"},
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Console entry point `memsparse-train`."""
+    try:
+        cli(args)
+    except NonFiniteTrainingError as e:
+        print(f"memsparse-train: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run now (flushes the offline run files) instead of at interpreter exit."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    main()

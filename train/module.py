@@ -1,0 +1,471 @@
+"""`MemSparseLightningModule`: the training loop around `MemSparseLM` (AdamW, warmup + cosine, logging,
+non-finite step skipping, self-describing checkpoints, export for `memsparse-eval`).
+
+The model config's `vocab_size` comes from the data: `memsparse-train` links `data.vocab_size` into
+`model.config.vocab_size` when it builds the module, and `setup` checks that the model covers the
+datamodule's tokenizer (a clear error otherwise) when the module is used without the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import random
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from memsparse.config import ConfigError, ModelConfig, from_dict
+from memsparse.model import MemSparseLM
+from memsparse.tokenizer import load_tokenizer
+
+CKPT_KEY = "memsparse"  # our section of a Lightning checkpoint
+_NO_DECAY_NAMES = ("embed", "persistent_", "init_weights", "gain", "norm", "bias")
+_DEFAULT_CONFIG = ModelConfig()  # never mutated: `_as_config` copies it
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup over `warmup` steps, then cosine from 1 to `floor` at `total` steps."""
+
+    def __init__(self, warmup: int, total: int, floor: float) -> None:
+        self.warmup, self.total, self.floor = int(warmup), int(total), float(floor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices; none on norms, biases, gains, embeddings, persistent tokens, memory
+    initial weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 2)
+        if p.ndim < 2 or any(k in part for part in leaf for k in _NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def tokenizer_payload(tokenizer: Any) -> dict[str, Any]:
+    """A tokenizer as a plain dict `{"kind", "files": {name: text}}` (what `Tokenizer.save` writes)."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        files = {p.name: p.read_text() for p in sorted(Path(d).iterdir()) if p.is_file()}
+    return {"kind": getattr(tokenizer, "kind", "unknown"), "vocab_size": int(tokenizer.vocab_size), "files": files}
+
+
+def tokenizer_from_payload(payload: dict[str, Any], directory: str | Path | None = None) -> Any:
+    """Rebuild a tokenizer stored by `tokenizer_payload` (written to `directory`, or a temporary one)."""
+    if payload.get("kind") == "byte":
+        return load_tokenizer("byte") if directory is None else _write_and_load(payload, Path(directory))
+    if directory is None:
+        with tempfile.TemporaryDirectory() as d:
+            return _write_and_load(payload, Path(d))
+    return _write_and_load(payload, Path(directory))
+
+
+def _write_and_load(payload: dict[str, Any], directory: Path) -> Any:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in payload["files"].items():
+        (directory / name).write_text(text)
+    return load_tokenizer(directory)
+
+
+def _as_config(config: ModelConfig | dict | None) -> ModelConfig:
+    if config is None:
+        return ModelConfig()
+    if config is _DEFAULT_CONFIG:
+        return from_dict(ModelConfig, asdict(config))
+    if isinstance(config, dict):
+        return from_dict(ModelConfig, config)
+    if isinstance(config, ModelConfig):
+        return config
+    raise TypeError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
+
+
+class MemSparseLightningModule(pl.LightningModule):
+    """Trains a `MemSparseLM`.
+
+    Args:
+        config: the model (`memsparse.config.ModelConfig`; `vocab_size` is filled from the data by the CLI).
+        lr: peak learning rate (AdamW).
+        betas, eps: AdamW betas and epsilon.
+        weight_decay: decoupled weight decay of matrices (none on norms, biases, gains, embeddings,
+            persistent tokens and the memory's initial weights).
+        warmup_steps: linear warmup (optimizer steps).
+        total_steps: length of the cosine schedule; None: `trainer.estimated_stepping_batches` (max_steps).
+        min_lr: the learning rate at the end of the cosine.
+        compile: `torch.compile` the model (in place: checkpoint keys are unchanged).
+        max_consecutive_nonfinite: stop the run after this many skipped (non-finite) steps in a row.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig = _DEFAULT_CONFIG,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        min_lr: float = 3e-5,
+        compile: bool = False,
+        max_consecutive_nonfinite: int = 5,
+    ) -> None:
+        super().__init__()
+        cfg = _as_config(config)
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+        if warmup_steps < 0 or (total_steps is not None and total_steps < 1):
+            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+        if max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = asdict(cfg)  # plain dict: the checkpoint loads with weights_only=True
+        self.model = MemSparseLM(cfg)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
+        self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+        self._loss_finite = True
+        self._t_last: float | None = None
+        self._tokens_last = 0
+        self._compiled = False
+        self._eval_sum, self._eval_tokens = 0.0, 0
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def setup(self, stage: str) -> None:
+        """Check the model's vocabulary against the datamodule's tokenizer; guard checkpoint loading."""
+        self._check_vocab()
+        self._guard_checkpoint_loading()
+        if self.compile_model and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    def _tokenizer(self) -> Any:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(dm, "tokenizer", None)
+
+    def _check_vocab(self) -> None:
+        tok = self._tokenizer()
+        if tok is None:
+            return
+        model_v, tok_v = self.config.vocab_size, int(tok.vocab_size)
+        if model_v < tok_v:
+            raise ValueError(
+                f"model.config.vocab_size={model_v} is smaller than the data's tokenizer ({tok.kind}, "
+                f"{tok_v} tokens): the model must cover every token id. Let memsparse-train fill it from "
+                f"data.vocab_size, or set it to >= {tok_v}")
+        if model_v > tok_v:
+            rank_zero_warn(f"model vocab_size={model_v} > tokenizer vocab_size={tok_v} ({tok.kind}): "
+                           f"{model_v - tok_v} embedding rows are never used")
+
+    def _guard_checkpoint_loading(self) -> None:
+        """Make a corrupted/unreadable `.ckpt` a ValueError naming the file (Lightning loads it after setup)."""
+        strategy = self.trainer.strategy
+        if getattr(strategy, "_memsparse_guarded", False):
+            return
+        original = strategy.load_checkpoint
+
+        def load_checkpoint(checkpoint_path, *args: Any, **kwargs: Any):
+            try:
+                ckpt = original(checkpoint_path, *args, **kwargs)
+            except FileNotFoundError:
+                raise
+            except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError,
+                    ValueError, AttributeError, ImportError) as e:
+                raise ValueError(f"cannot read checkpoint {checkpoint_path}: {type(e).__name__}: {e}") from None
+            if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+                raise ValueError(f"{checkpoint_path} is not a Lightning training checkpoint (no state_dict)")
+            return ckpt
+
+        strategy.load_checkpoint = load_checkpoint
+        strategy._memsparse_guarded = True
+
+    # --------------------------------------------------------------------------------------------- training
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.model(input_ids, labels, return_logits=False)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None and self._tokens_last:
+            rate = self._tokens_last * self.trainer.world_size / max(now - self._t_last, 1e-9)
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
+        self._t_last = now
+        self._tokens_last = int(batch["input_ids"].numel())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["labels"])
+        loss = out.loss
+        finite = bool(torch.isfinite(loss.detach()))
+        self._loss_finite = self._loss_finite and finite  # over the micro-batches of this optimizer step
+        if finite:
+            n_tok = int((batch["labels"] != -100).sum())
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+            self.log("train/ppl", torch.exp(loss.detach().clamp(max=30.0)), on_step=True, on_epoch=False,
+                     batch_size=1)
+            self.log("train/label_tokens", float(n_tok), on_step=True, on_epoch=False, batch_size=1)
+            for k, v in out.stats.items():
+                self.log(f"train/{k}", v.detach().float(), on_step=True, on_epoch=False, batch_size=1)
+        opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
+        if opt is not None:
+            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm; on a non-finite loss or gradient drop the gradients (the step is skipped)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0)
+            sq = torch.stack([n.float() for n in norms]).square().sum()
+        else:
+            sq = torch.zeros((), device=self.device)
+        if self._sharded():
+            sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
+        grad_norm = sq.sqrt()
+        bad = not self._loss_finite or not bool(torch.isfinite(grad_norm))
+        bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        self._loss_finite = True
+        if not bad:
+            self.consecutive_nonfinite = 0
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
+        else:
+            for p in self.parameters():
+                p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient, optimizer step skipped "
+                           f"({self.consecutive_nonfinite} in a row, {self.nonfinite_steps} in total)")
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(max_consecutive_nonfinite={self.max_consecutive_nonfinite}) at step {self.global_step}: "
+                "stopping. The weights were never updated with them; the last checkpoint is intact. "
+                "Lower the learning rate, raise warmup, or check the data.")
+
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(self.trainer.strategy, FSDPStrategy)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["labels"])
+        n_tok = max(1, int((batch["labels"] != -100).sum()))
+        if torch.isfinite(out.loss):
+            self._eval_sum += float(out.loss) * n_tok
+            self._eval_tokens += n_tok
+        self.log(f"{prefix}/loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n_tok,
+                 sync_dist=True)
+        for k, v in out.stats.items():
+            self.log(f"{prefix}/{k}", v.float(), on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sum, self._eval_tokens = 0.0, 0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _log_ppl(self, prefix: str) -> None:
+        """Token-weighted perplexity over the whole evaluation (all ranks)."""
+        t = torch.tensor([self._eval_sum, float(self._eval_tokens)], dtype=torch.float64, device=self.device)
+        t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        if t[1] > 0:
+            self.log(f"{prefix}/ppl", torch.exp((t[0] / t[1]).clamp(max=30.0)).float(), batch_size=1, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ppl("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ppl("test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-sequence mean loss over the labelled positions (a scoring pass)."""
+        labels = batch["labels"]
+        losses = []
+        for i in range(labels.shape[0]):
+            out = self(batch["input_ids"][i:i + 1], labels[i:i + 1])
+            losses.append(out.loss.detach().float())
+        return {"loss": torch.stack(losses)}
+
+    # ------------------------------------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = param_groups(self.model, self.weight_decay)
+        kwargs: dict[str, Any] = {"lr": self.lr, "betas": self.betas, "eps": self.eps}
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        opt = torch.optim.AdamW(groups, **kwargs)
+        total = self.total_steps or int(self.trainer.estimated_stepping_batches)
+        if not 0 < total < 10**12:
+            raise ValueError(f"cannot size the cosine schedule (total steps {total}): set trainer.max_steps or "
+                             "model.total_steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr / self.lr))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse non-finite weights; store the model config, the tokenizer, counters and RNG states."""
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NonFiniteTrainingError(f"refusing to save a checkpoint with non-finite weights: {bad[:5]}")
+        tok = self._tokenizer()
+        np_state = np.random.get_state()
+        checkpoint[CKPT_KEY] = {
+            "format": 1,
+            "model_config": asdict(self.config),
+            "tokenizer": tokenizer_payload(tok) if tok is not None else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": _py_state_to_plain(random.getstate()),
+                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint matches this model (clear error), restore counters and RNG states."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_checkpoint_matches(checkpoint, self.model, source=str(path or "checkpoint"))
+        meta = checkpoint.get(CKPT_KEY) or {}
+        self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+        self.consecutive_nonfinite = int(meta.get("consecutive_nonfinite", 0))
+        rng = meta.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(_plain_to_py_state(rng["python"]))
+            n = rng["numpy"]
+            np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+    # ---------------------------------------------------------------------------------------------- export
+
+    def on_fit_end(self) -> None:
+        """Export the final model + tokenizer to `<default_root_dir>/export` (loadable by `from_pretrained`)."""
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir) / "export"
+            self.export(out)
+            rank_zero_info(f"exported the model and tokenizer to {out}")
+
+    def export(self, directory: str | Path) -> Path:
+        """`save_pretrained` + the tokenizer into `directory`."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        tok = self._tokenizer()
+        if tok is not None:
+            tok.save(directory)
+        return directory
+
+
+# ------------------------------------------------------------------------------------------ checkpoint files
+
+
+def check_checkpoint_matches(checkpoint: dict[str, Any], model: MemSparseLM, source: str) -> None:
+    """ValueError naming `source` when the checkpoint's config or weight shapes differ from `model`'s."""
+    meta = checkpoint.get(CKPT_KEY) or {}
+    saved_cfg = meta.get("model_config")
+    if saved_cfg is not None:
+        now = asdict(model.config)
+        diff = {k: (saved_cfg.get(k), v) for k, v in now.items() if saved_cfg.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in list(diff.items())[:6])
+            raise ValueError(f"checkpoint {source} was trained with another model config: {shown}")
+    sd = checkpoint.get("state_dict")
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {source} has no state_dict")
+    own = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in own.items()
+             if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(s)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint {source} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape mismatch (checkpoint vs model) {wrong[:5]}")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a memsparse training checkpoint (weights_only); ValueError naming the file on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CKPT_KEY not in ckpt:
+        raise ValueError(f"{path} is not a memsparse training checkpoint (no state_dict / {CKPT_KEY} section)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[MemSparseLM, Any]:
+    """(MemSparseLM with the checkpoint's weights, its tokenizer or None) from a `.ckpt` alone."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt[CKPT_KEY]
+    try:
+        model = MemSparseLM(from_dict(ModelConfig, meta["model_config"]))
+    except (ConfigError, TypeError, KeyError) as e:
+        raise ValueError(f"checkpoint {path}: bad model config: {e}") from None
+    check_checkpoint_matches(ckpt, model, str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()})
+    tok = tokenizer_from_payload(meta["tokenizer"]) if meta.get("tokenizer") else None
+    return model, tok
+
+
+def export_checkpoint(path: str | Path, directory: str | Path) -> Path:
+    """Write a `.ckpt`'s model (`save_pretrained`) and tokenizer into `directory`."""
+    model, tok = model_from_checkpoint(path)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if tok is not None:
+        tok.save(directory)
+    return directory
+
+
+def _py_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _plain_to_py_state(plain: list) -> tuple:
+    version, internal, gauss = plain
+    return (version, tuple(internal), gauss)
