@@ -218,6 +218,9 @@ class MemSparseLightningModule(pl.LightningModule):
         if self._t_last is not None and self._tokens_last:
             rate = self._tokens_last * self.trainer.world_size / max(now - self._t_last, 1e-9)
             self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                self.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
         self._t_last = now
         self._tokens_last = int(batch["input_ids"].numel())
 
