@@ -126,6 +126,8 @@ def log_wandb(args, out_dir: Path, rows: list[dict], summary: list[dict], meta: 
             run.summary[key] = s["accuracy"]
         run_dir = getattr(run, "dir", None)
         run.finish()
+        if hasattr(wandb, "teardown"):
+            wandb.teardown()  # drop the per-process settings so a later run in this process starts clean
         return run_dir
     except Exception as e:  # W&B is a mirror of the files on disk: never fail the eval over it
         print(f"memsparse-eval: warning: W&B logging failed ({type(e).__name__}: {e}); results are in {out_dir}",

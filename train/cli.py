@@ -103,14 +103,16 @@ class MemSparseCLI(LightningCLI):
 
 def cli(args: ArgsType = None, run: bool = True) -> MemSparseCLI:
     """Build (and by default run) the CLI; `args` as for LightningCLI (a list of strings, or None: sys.argv)."""
-    configure_wandb_env()
+    mode = configure_wandb_env()
     return MemSparseCLI(
         MemSparseLightningModule,
         MemSparseDataModule,
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "logger": {"class_path": _WANDB, "init_args": {"project": "memsparse", "log_model": False}},
+            # offline passed explicitly: W&B caches settings per process, so the environment alone is not enough
+            "logger": {"class_path": _WANDB, "init_args": {"project": "memsparse", "log_model": False,
+                                                           "offline": mode == "offline"}},
             "callbacks": [SafeLearningRateMonitor(logging_interval="step")],
         },
         seed_everything_default=0,
@@ -137,6 +139,8 @@ def _finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()  # drop the per-process settings so a later run in this process starts clean
 
 
 if __name__ == "__main__":
