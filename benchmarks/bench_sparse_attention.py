@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def flex_block_mask(blk: torch.Tensor, G: int, L: int):
         return b.sum(-1).to(torch.int32), torch.argsort(b, dim=-1, descending=True, stable=True).to(torch.int32)
 
     def causal(b, h, q_idx, kv_idx):
+        # Block sparsity comes from the BlockMask itself (the compiled kernel visits only listed blocks and
+        # evaluates mask_mod on the partial, diagonal ones); the run checks flex's output against ours.
         return q_idx >= kv_idx
 
     kv_num, kv_idx = ordered(part)
@@ -189,6 +192,51 @@ def check_kernel(q, k, v, idx, cnt, blk, full_check: bool):
     finite = all(bool(torch.isfinite(t).all()) for t in (o, lse, qg.grad, kg.grad, vg.grad))
     return {"errors": errs, "finite": finite, "query_blocks_checked": len(qblocks),
             "key_blocks_checked": len(kblocks), "pass": finite and max(errs.values()) <= 1e-2}
+
+
+def small_checks(log):
+    """Odd shapes on the GPU (tails, Lq < Lk, GQA, duplicates, junk padding, empty lists, dlse) vs the reference.
+
+    Run with autotuning off (one fixed config per kernel) to keep compiles few; the real-size checks
+    below cover the autotuned configs."""
+    from memsparse.kernels import sparse_attention_triton as tri
+
+    cases = [  # (Hq, Hkv, Lq, Lk, D, bs, dtype)
+        (4, 1, 300, 431, 128, 128, torch.bfloat16), (2, 2, 200, 200, 64, 64, torch.float16),
+        (8, 2, 333, 333, 128, 64, torch.float32), (4, 2, 129, 700, 64, 128, torch.bfloat16)]
+    saved = tri.AUTOTUNE
+    tri.AUTOTUNE = False
+    out = []
+    try:
+        for Hq, Hkv, Lq, Lk, D, bs, dt in cases:
+            gen = torch.Generator(device=DEV).manual_seed(Lq + Lk)
+            q = torch.randn(2, Hq, Lq, D, device=DEV, generator=gen).to(dt)
+            k = torch.randn(2, Hkv, Lk, D, device=DEV, generator=gen).to(dt)
+            v = torch.randn(2, Hkv, Lk, D, device=DEV, generator=gen).to(dt)
+            do = torch.randn(2, Hq, Lq, D, device=DEV, generator=gen)
+            dlse = torch.randn(2, Hq, Lq, device=DEV, generator=gen)
+            nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
+            mb = nk + 2
+            idx = torch.randint(0, nk, (2, Hkv, nq, mb), device=DEV, generator=gen).sort(-1).values
+            cnt = torch.randint(0, mb + 1, (2, Hkv, nq), device=DEV, generator=gen)
+            cnt[0, 0, 0] = 0  # an empty list
+            idx = torch.where(torch.arange(mb, device=DEV) < cnt[..., None], idx, -1).int()
+            got, want = [], []
+            for impl, lst in (("triton", got), ("reference", want)):
+                qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                o, lse = sparse_attention(qq, kk, vv, idx, cnt.int(), block_size=bs, return_lse=True, impl=impl)
+                lf = torch.where(torch.isfinite(lse), lse, 0.0)
+                ((o.float() * do).sum() + (lf * dlse).sum()).backward()
+                lst += [o, lf, qq.grad, kk.grad, vv.grad]
+            errs = {n: rel(a, b) for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want)}
+            finite = all(bool(torch.isfinite(t).all()) for t in got)
+            tol = 1e-4 if dt == torch.float32 else 1e-2
+            out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "errors": errs, "finite": finite,
+                        "pass": finite and max(errs.values()) <= tol})
+            log("small check " + json.dumps(out[-1]))
+    finally:
+        tri.AUTOTUNE = saved
+    return out
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -284,31 +332,43 @@ def run_length(L, Hq, Hkv, args, flex_compiled, log):
             r["ours_vs_sdpa_fwd"] = min(r["ours_fwd_ms"]) / min(sdpa_fwd)
             r["ours_vs_sdpa_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / min(sdpa_fb_t)
         if name != "dense" or args.flex_dense:
-            bm = flex_block_mask(blk, G, L)
-
-            def flex_f(q_, k_, v_, bm=bm):
-                return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
-
-            with torch.no_grad():
-                r["flex_vs_ours_out_rel_err"] = rel(flex_f(q, k, v), ours_fwd())
-                r["flex_fwd_ms"] = timed_pair(lambda: flex_f(q, k, v))
-
-            def flex_fb():
-                flex_f(qg, kg, vg).backward(do)
-
-            r["flex_fwdbwd_ms"] = timed_pair(flex_fb, [qg, kg, vg])
-            r["flex_fwd_tflops"] = fwd_flops / min(r["flex_fwd_ms"]) / 1e9
-            r["flex_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["flex_fwdbwd_ms"]) / 1e9
-            r["speedup_vs_flex_fwd"] = min(r["flex_fwd_ms"]) / min(r["ours_fwd_ms"])
-            r["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
+            try:
+                flex_timings(r, blk, G, L, q, k, v, qg, kg, vg, do, ours_fwd, fwd_flops, flex_compiled)
+            except Exception as e:  # keep the rest of the run
+                r["flex_error"] = repr(e)[:500]
         log(f"L={L} G={G} {name}: " + json.dumps({kk: vv for kk, vv in r.items() if kk != 'check'}))
         res["masks"][name] = r
 
     if select_blocks is not None and not args.no_select:
-        res["selection"] = bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log)
+        try:
+            res["selection"] = bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log)
+        except Exception as e:
+            res["selection"] = {"available": True, "error": repr(e)[:500]}
+            log(f"selection failed: {e!r}")
     else:
         res["selection"] = {"available": False}
     return res
+
+
+def flex_timings(r, blk, G, L, q, k, v, qg, kg, vg, do, ours_fwd, fwd_flops, flex_compiled):
+    """FlexAttention (compiled) on the same kept blocks: output agreement with ours, then timings."""
+    bm = flex_block_mask(blk, G, L)
+
+    def flex_f(q_, k_, v_, bm=bm):
+        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
+
+    with torch.no_grad():
+        r["flex_vs_ours_out_rel_err"] = rel(flex_f(q, k, v), ours_fwd())
+        r["flex_fwd_ms"] = timed_pair(lambda: flex_f(q, k, v))
+
+    def flex_fb():
+        flex_f(qg, kg, vg).backward(do)
+
+    r["flex_fwdbwd_ms"] = timed_pair(flex_fb, [qg, kg, vg])
+    r["flex_fwd_tflops"] = fwd_flops / min(r["flex_fwd_ms"]) / 1e9
+    r["flex_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["flex_fwdbwd_ms"]) / 1e9
+    r["speedup_vs_flex_fwd"] = min(r["flex_fwd_ms"]) / min(r["ours_fwd_ms"])
+    r["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
 
 
 def bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log):
@@ -340,6 +400,53 @@ def bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log):
     out["selection_overhead"] = min(out["select_plus_ours_fwdbwd_ms"]) / min(out["ours_fwdbwd_ms"]) - 1
     log("selection: " + json.dumps(out))
     return out
+
+
+def breakdown(L, Hq, Hkv, log):
+    """Where our fwd+bwd time goes on the window+random mask: host planning, each kernel, host (CPU) time."""
+    from memsparse.kernels import sparse_attention_triton as tri
+
+    D, nq = 128, L // BS
+    gen = torch.Generator(device=DEV).manual_seed(L)
+    q = torch.randn(1, Hq, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    do = torch.randn_like(q)
+    idx, cnt = blocks_to_lists(window_random_blocks(Hkv, nq, seed=L))
+    sc = D ** -0.5
+    o, lse = tri._fwd_impl(q, k, v, idx, cnt, BS, True, sc)
+    t = {"L": L, "Hq": Hq, "Hkv": Hkv}
+    t["fwd_impl_ms"] = bench(lambda: tri._fwd_impl(q, k, v, idx, cnt, BS, True, sc))
+    t["plan_forward_ms"] = bench(lambda: tri._plan_forward(idx, cnt, L, L, BS, True))
+    t["reverse_index_ms"] = bench(lambda: tri.build_reverse_index(idx, cnt, L, L, BS, True))
+    t["bwd_impl_ms"] = bench(lambda: tri._bwd_impl(do, q, k, v, o, lse, None, idx, cnt, BS, True, sc))
+    real_launch = tri._launch
+    def bwd():
+        return tri._bwd_impl(do, q, k, v, o, lse, None, idx, cnt, BS, True, sc)
+
+    for skip in ("dq", "dkdv"):
+        tri._launch = lambda name, *a, _skip=skip, **kw: None if name == _skip else real_launch(name, *a, **kw)
+        try:
+            t[f"bwd_without_{skip}_ms"] = bench(bwd)
+        finally:
+            tri._launch = real_launch
+    qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+
+    def fb():
+        sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, impl="triton").backward(do)
+
+    t["autograd_fwdbwd_ms"] = bench(fb, [qg, kg, vg])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        fb()
+    t["host_ms_per_fwdbwd"] = (time.perf_counter() - t0) / 20 * 1e3  # launch-side time before the queue drains
+    torch.cuda.synchronize()
+    for name in ("_fwd_tuned", "_dq_tuned", "_dkdv_tuned"):
+        cfg = getattr(getattr(tri, name), "best_config", None)
+        t[name + "_best"] = str(cfg)
+    log("breakdown " + json.dumps(t))
+    return t
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -374,7 +481,12 @@ def markdown(results, meta):
         lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {min(s['fwd_ms']):.3f} ({s['fwd_tflops']:.0f}) | "
                      f"{min(s['fwdbwd_ms']):.3f} ({s['fwdbwd_tflops']:.0f}) | {min(d['ours_fwd_ms']):.3f} / "
                      f"{min(d['ours_fwdbwd_ms']):.3f} | {d['ours_vs_sdpa_fwd']:.2f} / {d['ours_vs_sdpa_fwdbwd']:.2f} |")
-    sel = [r for r in results if r.get("selection", {}).get("available")]
+    sc = meta.get("small_checks", [])
+    if sc:
+        lines += ["", f"Odd-shape GPU checks vs the reference (tails, Lq < Lk, GQA, duplicates, empty lists, "
+                  f"dlse): {sum(c['pass'] for c in sc)}/{len(sc)} pass, max rel err "
+                  f"{max(max(c['errors'].values()) for c in sc):.1e}."]
+    sel = [r for r in results if r.get("selection", {}).get("available") and "error" not in r["selection"]]
     lines += [""]
     if sel:
         lines += ["Selection (`select_blocks`, top-p) + our fwd+bwd vs FlexAttention fwd+bwd on the selected mask:",
@@ -398,6 +510,8 @@ def main():
     ap.add_argument("--heads", default="16/16,16/4", help="q/kv head pairs")
     ap.add_argument("--flex-dense", action="store_true", help="also time FlexAttention on the dense list")
     ap.add_argument("--no-select", action="store_true")
+    ap.add_argument("--no-small-checks", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="only time the pieces of our fwd+bwd")
     ap.add_argument("--name", default="sparse_attention")
     args = ap.parse_args()
     out = Path(args.out)
@@ -416,16 +530,32 @@ def main():
         log_f.flush()
 
     log(json.dumps(meta))
+    for name in ("cache_size_limit", "recompile_limit"):  # one compile per (L, GQA) shape
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     flex_compiled = torch.compile(flex_attention, dynamic=False)
-    results = []
+    if args.breakdown:
+        rows = [breakdown(int(L), *(int(x) for x in hp.split("/")), log)
+                for L in args.lengths.split(",") for hp in args.heads.split(",")]
+        (out / f"{args.name}_breakdown.json").write_text(json.dumps({"meta": meta, "breakdown": rows}, indent=1))
+        return
+    t0 = time.time()
+    meta["small_checks"] = small_checks(log) if not args.no_small_checks else []
+    log(f"small checks done in {time.time() - t0:.1f}s")
+    results, failures = [], []
     for L in (int(x) for x in args.lengths.split(",")):
         for hp in args.heads.split(","):
             Hq, Hkv = (int(x) for x in hp.split("/"))
             t0 = time.time()
-            results.append(run_length(L, Hq, Hkv, args, flex_compiled, log))
+            try:
+                results.append(run_length(L, Hq, Hkv, args, flex_compiled, log))
+            except Exception:
+                failures.append({"L": L, "heads": hp, "error": traceback.format_exc()[-2000:]})
+                log(failures[-1]["error"])
             log(f"L={L} {Hq}/{Hkv} done in {time.time() - t0:.1f}s")
             torch.cuda.empty_cache()
-            (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+            (out / f"{args.name}.json").write_text(
+                json.dumps({"meta": meta, "results": results, "failures": failures}, indent=1))
             (out / f"{args.name}.md").write_text(markdown(results, meta))
     print(markdown(results, meta))
 

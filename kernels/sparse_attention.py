@@ -1,14 +1,68 @@
-"""Public block-sparse attention: picks the Triton kernel on CUDA and the reference elsewhere."""
+"""Public block-sparse attention: picks the Triton kernel on CUDA and the reference elsewhere.
+
+`impl` chooses the path: "auto" (Triton for supported CUDA inputs, else the reference), "triton"
+(force the kernel; on CPU it needs TRITON_INTERPRET=1) or "reference". With impl="auto" the
+environment variable MEMSPARSE_SPARSE_ATTENTION_IMPL (same three values) overrides the choice.
+Supported by the kernel: head dims 16/32/64/128, block sizes 16..256 (powers of two), fp16/bf16/fp32;
+anything else falls back to the reference with a one-time warning.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from torch import Tensor
 
-from .sparse_attention_reference import sparse_attention_reference
+from . import sparse_attention_triton as _tri
+from .sparse_attention_reference import check_sparse_attention_inputs, sparse_attention_reference
+
+IMPLS = ("auto", "triton", "reference")
+ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_IMPL"
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def resolve_impl(q: Tensor, block_size: int, impl: str = "auto") -> str:
+    """Which path `sparse_attention` takes for these inputs: "triton" or "reference"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    if impl == "auto" and not q.is_cuda:
+        return "reference"
+    reason = _tri.unsupported_reason(q, block_size)
+    if reason is None:
+        return "triton"
+    if impl == "triton" and (not _tri.HAS_TRITON or (not q.is_cuda and not _tri.interpreting())):
+        raise ValueError(f"impl='triton' cannot run here: {reason}")
+    _warn_once(f"sparse_attention: using the PyTorch reference ({reason})")
+    return "reference"
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
-                     block_size: int, causal: bool = True, scale: float | None = None, return_lse: bool = False):
-    """Block-sparse attention (contract in `sparse_attention_reference`): returns (B, Hq, Lq, D) [, lse]."""
+                     block_size: int, causal: bool = True, scale: float | None = None, return_lse: bool = False,
+                     impl: str = "auto"):
+    """Block-sparse attention (contract in `sparse_attention_reference`): returns (B, Hq, Lq, D) [, lse].
+
+    q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)`, block_indices int `(B, Hkv, ceil(Lq/bs), max_blocks)`
+    sorted ascending per row, block_counts `(B, Hkv, ceil(Lq/bs))`. Gradients flow to q, k, v, also
+    through the returned lse.
+    """
+    check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size)
+    if not (k.device == q.device == v.device == block_indices.device == block_counts.device):
+        raise ValueError("q, k, v, block_indices and block_counts must be on one device")
+    if resolve_impl(q, block_size, impl) == "triton":
+        return _tri.sparse_attention_triton(q, k, v, block_indices, block_counts, block_size=block_size,
+                                            causal=causal, scale=scale, return_lse=return_lse)
     return sparse_attention_reference(q, k, v, block_indices, block_counts, block_size=block_size,
                                       causal=causal, scale=scale, return_lse=return_lse)

@@ -1,0 +1,548 @@
+"""Triton block-sparse flash attention, forward and backward (contract: `sparse_attention_reference`).
+
+Design (docs/kernels.md has the long form):
+- Rows. A program owns one query block m of one (batch, KV head) and a tile of BLOCK_M rows of the
+  flattened (G query heads x block_size queries) row space, so the G heads of a GQA group share each
+  key/value tile load (one tile spans several heads when BLOCK_M > block_size).
+- Forward / dQ. Loop over the block's listed key blocks (BLOCK_N keys at a time). Lists are split on
+  the host side into a prefix of "full" blocks (entirely visible to every query of the block, no
+  element mask: the unmasked fast loop) and the rest (diagonal / key-tail / out-of-order blocks:
+  masked loop). Invalid slots and an entry equal to its predecessor (lists are sorted, so that is a
+  duplicate) get a -inf score bias instead of a branch, which keeps the loop body pipelinable.
+- dK/dV. A reverse index (key block -> ascending list of query blocks that list it), built on the
+  GPU with a stable sort + searchsorted, lets one program own a key tile and accumulate dK/dV in
+  registers over its query blocks: no atomics, deterministic, attention matrix never stored.
+- Programs are launched heaviest first (longest list first), so the sink block's dK/dV program,
+  listed by every query block, starts at once rather than last.
+- lse is saved per query row (natural log); the backward uses delta = rowsum(dO * O) - dlse, so
+  gradients flow through a returned lse too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: without it the dispatcher uses the reference
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Debug aid for tests: fill every output buffer with NaN before the kernels run, so an element that
+# a kernel fails to write shows up as NaN instead of as a plausible stale value.
+POISON_OUTPUTS = os.environ.get("MEMSPARSE_POISON_OUTPUTS", "0") == "1"
+# Tile sizes used under TRITON_INTERPRET=1 (no autotuning there); tests change them to reach every
+# tiling regime (BLOCK_N < block_size, BLOCK_M < or > block_size).
+INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}
+# GPU launches autotune (configs below, cached per head dim / block size / GQA group / dtype); with
+# AUTOTUNE = False they use FIXED_CONFIG ((BLOCK_M, BLOCK_N, num_warps, num_stages)): one compile each.
+AUTOTUNE = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_AUTOTUNE", "1") == "1"
+FIXED_CONFIG = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unsupported_reason(q: Tensor, block_size: int) -> str | None:
+    """Why the Triton path cannot run these inputs (None when it can)."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} not in {SUPPORTED_HEAD_DIMS}"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"block_size {block_size} not in {SUPPORTED_BLOCK_SIZES}"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} not in {SUPPORTED_DTYPES}"
+    if not q.is_cuda and not interpreting():
+        return "tensors are not on CUDA and TRITON_INTERPRET is not set"
+    return None
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: the CPU interpreter's bf16 tl.dot is wrong (triton 3.9), so it multiplies the same
+        # bf16-rounded operands in fp32 instead; GPU launches never set it.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER,
+                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                    Hkv, Lq, Lk, NQ, NK, MB, qk_scale,
+                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
+        NSUB: tl.constexpr = BS // BLOCK_N
+        pid = tl.program_id(0)
+        flat = tl.load(ORDER + pid // NRT)  # (b * Hkv + hkv) * NQ + m, heaviest first
+        rt = pid % NRT
+        bh = flat // NQ
+        m = flat % NQ
+        b = bh // Hkv
+        hkv = bh % Hkv
+
+        r = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = r // BS
+        qi = m * BS + r % BS
+        row_ok = (r < G * BS) & (qi < Lq)
+        qpos = Lk - Lq + qi
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        head = hkv * G + g
+
+        q_ptrs = Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+
+        cnt = tl.load(CNT + flat)
+        nfull = tl.load(NFULL + flat)
+        idx_base = IDX + flat * MB
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        # Fast loop: blocks fully visible to every row, no element mask.
+        for it in range(0, nfull * NSUB):
+            s = it // NSUB
+            j = tl.load(idx_base + s)
+            jp = tl.load(idx_base + s - 1, mask=s > 0, other=-1)
+            ok = (j != jp) & (j >= 0) & (j < NK)
+            bias = tl.where(ok, 0.0, float("-inf"))
+            kn = tl.minimum(tl.maximum(j, 0), NK - 1) * BS + (it % NSUB) * BLOCK_N + offs_n
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None])
+            qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale + bias
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + kn[:, None] * svn + offs_d[None, :])
+            acc = acc * alpha[:, None] + _mma(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+            m_i = m_new
+
+        # Masked loop: diagonal blocks, the key tail, anything out of order.
+        for it in range(nfull * NSUB, cnt * NSUB):
+            s = it // NSUB
+            j = tl.load(idx_base + s)
+            jp = tl.load(idx_base + s - 1, mask=s > 0, other=-1)
+            ok = (j != jp) & (j >= 0) & (j < NK)
+            kn = tl.minimum(tl.maximum(j, 0), NK - 1) * BS + (it % NSUB) * BLOCK_N + offs_n
+            k_ok = kn < tl.where(ok, Lk, 0)  # (a scalar bool & a vector trips the interpreter)
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+            qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale
+            msk = k_ok[None, :]
+            if CAUSAL:
+                msk = msk & (kn[None, :] <= qpos[:, None])
+            qk = tl.where(msk, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _mma(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+            m_i = m_new
+
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        o_ptrs = O + b * sob + head[:, None] * soh + qi[:, None] * som + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + (b * Hkv * G + head) * Lq + qi, lse, mask=row_ok)
+
+    @triton.jit
+    def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                   Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale,
+                   G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
+        NSUB: tl.constexpr = BS // BLOCK_N
+        pid = tl.program_id(0)
+        flat = tl.load(ORDER + pid // NRT)
+        rt = pid % NRT
+        bh = flat // NQ
+        m = flat % NQ
+        b = bh // Hkv
+        hkv = bh % Hkv
+
+        r = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = r // BS
+        qi = m * BS + r % BS
+        row_ok = (r < G * BS) & (qi < Lq)
+        qpos = Lk - Lq + qi
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        head = hkv * G + g
+
+        q = tl.load(Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdob + head[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        row_lin = (b * Hkv * G + head) * Lq + qi
+        # LSE2 holds lse * log2(e) with +inf for rows that saw no key, so their p is exactly 0.
+        lse2 = tl.load(LSE2 + row_lin, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_lin, mask=row_ok, other=0.0)
+        k_base = K + b * skb + hkv * skh
+        v_base = V + b * svb + hkv * svh
+
+        cnt = tl.load(CNT + flat)
+        nfull = tl.load(NFULL + flat)
+        idx_base = IDX + flat * MB
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+
+        for it in range(0, nfull * NSUB):
+            s = it // NSUB
+            j = tl.load(idx_base + s)
+            jp = tl.load(idx_base + s - 1, mask=s > 0, other=-1)
+            ok = (j != jp) & (j >= 0) & (j < NK)
+            bias = tl.where(ok, 0.0, float("-inf"))
+            kn = tl.minimum(tl.maximum(j, 0), NK - 1) * BS + (it % NSUB) * BLOCK_N + offs_n
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None])
+            vt = tl.load(v_base + kn[None, :] * svn + offs_d[:, None])
+            qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale + bias
+            p = tl.math.exp2(qk - lse2[:, None])
+            dp = _mma(do, vt, DOT_PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _mma(ds.to(kt.dtype), tl.trans(kt), DOT_PREC, UPCAST)
+
+        for it in range(nfull * NSUB, cnt * NSUB):
+            s = it // NSUB
+            j = tl.load(idx_base + s)
+            jp = tl.load(idx_base + s - 1, mask=s > 0, other=-1)
+            ok = (j != jp) & (j >= 0) & (j < NK)
+            kn = tl.minimum(tl.maximum(j, 0), NK - 1) * BS + (it % NSUB) * BLOCK_N + offs_n
+            k_ok = kn < tl.where(ok, Lk, 0)  # (a scalar bool & a vector trips the interpreter)
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+            vt = tl.load(v_base + kn[None, :] * svn + offs_d[:, None], mask=k_ok[None, :], other=0.0)
+            qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale
+            msk = k_ok[None, :]
+            if CAUSAL:
+                msk = msk & (kn[None, :] <= qpos[:, None])
+            qk = tl.where(msk, qk, float("-inf"))
+            p = tl.math.exp2(qk - lse2[:, None])
+            dp = _mma(do, vt, DOT_PREC, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _mma(ds.to(kt.dtype), tl.trans(kt), DOT_PREC, UPCAST)
+
+        dq_ptrs = DQ + b * sdqb + head[:, None] * sdqh + qi[:, None] * sdqm + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_M, REV_NPART, ORDER,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                     Hkv, Lq, Lk, NK, qk_scale, scale,
+                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M  # row tiles per query block
+        NSUB: tl.constexpr = BS // BLOCK_N
+        pid = tl.program_id(0)
+        flat = tl.load(ORDER + pid // NSUB)  # (b * Hkv + hkv) * NK + j, longest reverse list first
+        sub = pid % NSUB
+        bh = flat // NK
+        j = flat % NK
+        b = bh // Hkv
+        hkv = bh % Hkv
+
+        offs_d = tl.arange(0, D)
+        kn = j * BS + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = kn < Lk
+        # Keys past Lk load as 0; their rows of dK/dV are junk but never stored.
+        k = tl.load(K + b * skb + hkv * skh + kn[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+
+        e0 = tl.load(REV_OFF + flat)
+        e1 = tl.load(REV_OFF + flat + 1)
+        npart = tl.load(REV_NPART + flat)  # the first npart query blocks cross the diagonal
+        q_base = Q + b * sqb + hkv * G * sqh
+        do_base = DO + b * sdob + hkv * G * sdoh
+        row_base = (b * Hkv + hkv) * G * Lq
+        ar = tl.arange(0, BLOCK_M)
+
+        for it in range(e0 * NRT, (e0 + npart) * NRT):
+            m = tl.load(REV_M + it // NRT)
+            r = (it % NRT) * BLOCK_M + ar
+            g = r // BS
+            qi = m * BS + r % BS
+            row_ok = (r < G * BS) & (qi < Lq)
+            q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + g[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE2 + row_base + g * Lq + qi, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + g * Lq + qi, mask=row_ok, other=0.0)
+            qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+            if CAUSAL:
+                qkt = tl.where(kn[:, None] <= (Lk - Lq + qi)[None, :], qkt, float("-inf"))
+            pt = tl.math.exp2(qkt - lse2[None, :])
+            dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
+            dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _mma(dst.to(q.dtype), q, DOT_PREC, UPCAST)
+
+        for it in range((e0 + npart) * NRT, e1 * NRT):
+            m = tl.load(REV_M + it // NRT)
+            r = (it % NRT) * BLOCK_M + ar
+            g = r // BS
+            qi = m * BS + r % BS
+            row_ok = (r < G * BS) & (qi < Lq)
+            q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + g[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE2 + row_base + g * Lq + qi, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + g * Lq + qi, mask=row_ok, other=0.0)
+            qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+            pt = tl.math.exp2(qkt - lse2[None, :])
+            dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
+            dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _mma(dst.to(q.dtype), q, DOT_PREC, UPCAST)
+
+        dk_ptrs = DK + b * sdkb + hkv * sdkh + kn[:, None] * sdkn + offs_d[None, :]
+        dv_ptrs = DV + b * sdvb + hkv * sdvh + kn[:, None] * sdvn + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+    def _cfg(bm, bn, w, s):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+    def _prune(configs, named_args, **kwargs):
+        bs = kwargs.get("BS", named_args.get("BS"))
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bs]
+        return kept or [_cfg(64, bs, 4, 2)]
+
+    _KEY = ["D", "BS", "G", "CAUSAL"]  # triton adds the tensor dtypes to the key
+    _fwd_tuned = triton.autotune(
+        [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+        key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+    _dq_tuned = triton.autotune(
+        [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 4)],
+        key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
+    _dkdv_tuned = triton.autotune(
+        [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 3)],
+        key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+
+
+def _launch(name, tuned, plain, n_tiles_fn, *args, **meta):
+    """Autotuned launch on GPU; a fixed config under the interpreter or with AUTOTUNE off."""
+    if interpreting() or not AUTOTUNE:
+        bm, bn, warps, stages = (*INTERPRET_CONFIG[name], 4, 1) if interpreting() else FIXED_CONFIG[name]
+        bn = min(bn, meta["BS"])
+        grid = (n_tiles_fn({"BLOCK_M": bm, "BLOCK_N": bn}),)
+        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+    else:
+        tuned[lambda cfg: (n_tiles_fn(cfg),)](*args, **meta)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _plan_forward(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
+    """Per query block: clamped count, length of the unmasked prefix, launch order (heaviest first)."""
+    B, Hkv, NQ, MB = idx.shape
+    cnt = cnt.clamp(0, MB)
+    slot = torch.arange(MB, device=idx.device)
+    full = (slot < cnt.unsqueeze(-1)) & ((idx + 1) * bs <= Lk)
+    if causal:
+        q_lo = (Lk - Lq) + torch.arange(NQ, device=idx.device) * bs  # first query of each block
+        full &= (idx + 1) * bs - 1 <= q_lo[:, None]
+    nfull = full.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
+    order = torch.argsort(cnt.flatten(), descending=True, stable=True).to(torch.int32)
+    return cnt.to(torch.int32).contiguous(), nfull.contiguous(), order
+
+
+def build_reverse_index(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
+    """Key block -> query blocks that list it (deduped, ascending), built with GPU torch ops.
+
+    Returns (offsets int32 (B*Hkv*NK + 1,), qblocks int32 (B*Hkv*NQ*MB,), npart int32 (B*Hkv*NK,),
+    order int32 (B*Hkv*NK,)): the list of flat key block x = (b*Hkv + h)*NK + j is
+    qblocks[offsets[x]:offsets[x+1]]; its first npart[x] entries need the causal mask.
+    """
+    B, Hkv, NQ, MB = idx.shape
+    NK = math.ceil(Lk / bs)
+    dev = idx.device
+    idx = idx.long()
+    slot = torch.arange(MB, device=dev)
+    prev = torch.nn.functional.pad(idx[..., :-1], (1, 0), value=-1)
+    valid = (slot < cnt.long().unsqueeze(-1)) & (idx >= 0) & (idx < NK) & (idx != prev)
+    bh = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1)
+    n_keys = B * Hkv * NK
+    key = torch.where(valid, bh * NK + idx, n_keys).flatten()
+    sorted_key, perm = torch.sort(key, stable=True)  # stable: query blocks stay ascending per key
+    qblocks = ((perm // MB) % NQ).to(torch.int32)
+    offsets = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev)).to(torch.int32)
+    npart = torch.zeros(n_keys + 1, dtype=torch.int32, device=dev)
+    if causal:
+        m = torch.arange(NQ, device=dev).view(1, 1, NQ, 1)
+        part = valid & ((idx + 1) * bs - 1 > (Lk - Lq) + m * bs)
+        npart.index_add_(0, key, part.flatten().to(torch.int32))
+    npart = npart[:n_keys]
+    lengths = offsets[1:] - offsets[:-1]
+    order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+    return offsets, qblocks, npart, order
+
+
+def _last_dim_contig(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block_size: int, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    NQ, NK, MB = idx.shape[2], math.ceil(Lk / block_size), idx.shape[3]
+    idx = idx.to(torch.int32).contiguous()
+    cnt, nfull, order = _plan_forward(idx, cnt, Lq, Lk, block_size, causal)
+    fill = float("nan") if POISON_OUTPUTS else None
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if fill is not None:
+        o.fill_(fill)
+        lse.fill_(fill)
+    n_work = B * Hkv * NQ
+    _launch("fwd", _fwd_tuned, _fwd_kernel, lambda c: n_work * triton.cdiv(G * block_size, c["BLOCK_M"]),
+            q, k, v, o, lse, idx, cnt, nfull, order,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E,
+            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
+    return o, lse
+
+
+def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
+              idx: Tensor, cnt: Tensor, block_size: int, causal: bool, scale: float):
+    q, k, v, do = (_last_dim_contig(t) for t in (q, k, v, do))
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    NQ, NK, MB = idx.shape[2], math.ceil(Lk / block_size), idx.shape[3]
+    idx = idx.to(torch.int32).contiguous()
+    cnt_c, nfull, order_q = _plan_forward(idx, cnt, Lq, Lk, block_size, causal)
+    rev_off, rev_m, rev_npart, order_k = build_reverse_index(idx, cnt_c, Lq, Lk, block_size, causal)
+
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isneginf(lse), math.inf, lse * LOG2E).contiguous()
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if POISON_OUTPUTS:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    prec = _dot_prec(q.dtype)
+    n_qwork = B * Hkv * NQ
+    _launch("dq", _dq_tuned, _dq_kernel, lambda c: n_qwork * triton.cdiv(G * block_size, c["BLOCK_M"]),
+            q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
+            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+    n_kwork = B * Hkv * NK
+    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, lambda c: n_kwork * (block_size // c["BLOCK_N"]),
+            q, k, v, do, dk, dv, lse2, delta, rev_off, rev_m, rev_npart, order_k,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            Hkv, Lq, Lk, NK, scale * LOG2E, scale,
+            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+    return dq, dk, dv
+
+
+# torch.compile sees these two ops as opaque nodes (with fake implementations for shape inference).
+@torch.library.custom_op("memsparse::sparse_attention_fwd", mutates_args=())
+def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor,
+                         block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Forward kernels: (o (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) fp32)."""
+    return _fwd_impl(q, k, v, block_indices, block_counts, block_size, causal, scale)
+
+
+@sparse_attention_fwd.register_fake
+def _(q, k, v, block_indices, block_counts, block_size, causal, scale):
+    B, Hq, Lq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("memsparse::sparse_attention_bwd", mutates_args=())
+def sparse_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                         dlse: Tensor | None, block_indices: Tensor, block_counts: Tensor, block_size: int,
+                         causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward kernels: (dq, dk, dv) shaped like (q, k, v)."""
+    return _bwd_impl(do, q, k, v, o, lse, dlse, block_indices, block_counts, block_size, causal, scale)
+
+
+@sparse_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, dlse, block_indices, block_counts, block_size, causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, idx, cnt, block_size, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
+    ctx.meta = (block_size, causal, scale)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, idx, cnt = ctx.saved_tensors
+    block_size, causal, scale = ctx.meta
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, dlse, idx, cnt, block_size, causal, scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
+                            block_size: int, causal: bool = True, scale: float | None = None,
+                            return_lse: bool = False):
+    """The Triton path (inputs already checked): (B, Hq, Lq, D) [, lse (B, Hq, Lq) fp32]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if block_indices.shape[-1] == 0:  # no slots at all: one padding slot keeps pointers valid
+        block_indices = block_indices.new_zeros((*block_indices.shape[:3], 1))
+        block_counts = torch.zeros_like(block_counts)
+    o, lse = sparse_attention_fwd(q, k, v, block_indices, block_counts, block_size, causal, scale)
+    return (o, lse) if return_lse else o
