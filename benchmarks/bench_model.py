@@ -86,6 +86,32 @@ def step_fns(name: str, L: int, args):
     return model, loss_fn
 
 
+def _status_of(e: BaseException) -> str:
+    """OOM also when it comes wrapped (titans-pytorch's TorchScript re-raises CUDA OOM as RuntimeError)."""
+    msg = str(e)
+    if "out of memory" in msg.lower():
+        return "OOM"
+    return f"error: {type(e).__name__}: {' '.join(msg.split())[:200]}"
+
+
+def write_table(out: dict, path: Path) -> None:
+    """The markdown table of a results dict (also used by --retable on an existing JSON)."""
+    for r in out["rows"]:  # results from before OOM was recognised inside wrapped errors
+        if r["status"].startswith("error") and "out of memory" in r["status"].lower():
+            r["status"] = "OOM"
+    lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
+             f"memsparse budget {out['budget']}", "", "| system | L | params (M) | tokens/s | peak GiB |",
+             "|---|---|---|---|---|"]
+    for r in out["rows"]:
+        if r["status"] == "ok":
+            lines.append(f"| {r['system']} | {r['L']} | {r['params_M']:.1f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['peak_gib']:.1f} |")
+        else:
+            lines.append(f"| {r['system']} | {r['L']} | {r.get('params_M', float('nan')):.1f} | {r['status']} | |")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def bench(name, L, args):
     torch.manual_seed(0)
     torch.cuda.empty_cache()
@@ -115,7 +141,7 @@ def bench(name, L, args):
     except torch.OutOfMemoryError:
         row.update(status="OOM")
     except Exception as e:  # record and keep going (e.g. a missing optional package)
-        row.update(status=f"error: {type(e).__name__}: {str(e)[:300]}")
+        row.update(status=_status_of(e))
     print(row, flush=True)
     return row
 
@@ -130,7 +156,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--retable", default="", help="only rewrite the markdown table of this results JSON")
     args = ap.parse_args(argv)
+    if args.retable:
+        p = Path(args.retable)
+        write_table(json.loads(p.read_text()), p.with_suffix(".md"))
+        return
     names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
     rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in args.systems.split(",")]
@@ -138,17 +169,7 @@ def main(argv=None):
            "batch": 1, "precision": "bf16 autocast, AdamW", "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "model_throughput.json").write_text(json.dumps(out, indent=2))
-    lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
-             f"memsparse budget {args.budget}", "", "| system | L | params (M) | tokens/s | peak GiB |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] == "ok":
-            lines.append(f"| {r['system']} | {r['L']} | {r['params_M']:.1f} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['peak_gib']:.1f} |")
-        else:
-            lines.append(f"| {r['system']} | {r['L']} | {r.get('params_M', float('nan')):.1f} | {r['status']} | |")
-    (Path(args.out) / "model_throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(out, Path(args.out) / "model_throughput.md")
 
 
 if __name__ == "__main__":

@@ -332,7 +332,8 @@ class MemSparseLightningModule(pl.LightningModule):
         groups = param_groups(self.model, self.weight_decay)
         kwargs: dict[str, Any] = {"lr": self.lr, "betas": self.betas, "eps": self.eps}
         if self.device.type == "cuda":
-            kwargs["fused"] = True
+            # foreach, not fused: Lightning refuses gradient clipping with fused optimizers under AMP
+            kwargs["foreach"] = True
         opt = torch.optim.AdamW(groups, **kwargs)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         if not 0 < total < 10**12:
