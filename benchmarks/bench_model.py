@@ -52,11 +52,12 @@ class DenseGPT(nn.Module):
         return self.norm(x) @ self.embed.weight.t()
 
 
-def memsparse_mac(L: int, segment: int, window: int, budget: str) -> MemSparseLM:
+def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False) -> MemSparseLM:
     cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
                       block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
                       variant="mac", memory_layers=[1, 3, 5],
-                      memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment))
+                      memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment),
+                      activation_checkpointing=checkpointing)
     return MemSparseLM(cfg)
 
 
@@ -78,7 +79,7 @@ def step_fns(name: str, L: int, args):
         def loss_fn(ids):
             return model(ids, return_loss=True)
     else:
-        model = memsparse_mac(L, args.segment, args.window, args.budget)
+        model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing)
 
         def loss_fn(ids):
             x = ids[:, :-1]
@@ -153,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=256")
+    ap.add_argument("--checkpointing", action="store_true", help="memsparse: activation checkpointing per block")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -162,7 +164,8 @@ def main(argv=None):
         p = Path(args.retable)
         write_table(json.loads(p.read_text()), p.with_suffix(".md"))
         return
-    names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window})",
+    ckpt = ", checkpointed" if args.checkpointing else ""
+    names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window}{ckpt})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
     rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in args.systems.split(",")]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,

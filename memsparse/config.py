@@ -115,6 +115,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     loss_chunk: int = 4096               # tokens per chunk of the chunked cross-entropy
+    activation_checkpointing: bool = False  # training: recompute each block in backward (long sequences)
 
     def validate(self) -> ModelConfig:
         from memsparse.kernels.budget import parse_policy

@@ -398,8 +398,12 @@ class MemSparseLM(nn.Module):
     def _run(self, input_ids: Tensor, state: StreamState, stats: dict) -> tuple[Tensor, StreamState]:
         x = self.embed(input_ids)
         new_layers = []
+        ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk, ls in zip(self.blocks, state.layers):
-            x, ls = blk(x, ls, state.pos, state.total_length, stats)
+            if ckpt:  # keep only each block's input; recompute the block (memory loop included) in backward
+                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, use_reentrant=False)
+            else:
+                x, ls = blk(x, ls, state.pos, state.total_length, stats)
             new_layers.append(ls)
         return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length, stats)
 

@@ -232,3 +232,17 @@ def test_stream_stats_are_running_means_in_constant_memory():
     assert all(st.stats[k][1] > n_entries[k] for k in n_entries)  # accumulated, one scalar per key
     means = st.stat_means()
     assert 0 < float(means["attn_kept_fraction"]) <= 1 and float(means["memory_gate"]) > 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 50, (2, 80))
+
+    def grads(flag):
+        model = tiny_model(activation_checkpointing=flag).train()
+        model(ids, labels=ids).loss.backward()
+        return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    a, b = grads(False), grads(True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
