@@ -35,14 +35,16 @@ def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> T
 
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy | str, causal: bool = True,
                   sink_blocks: int = 1, local_blocks: int = 1, min_key_block: Tensor | None = None,
-                  q_select: Tensor | None = None, return_info: bool = False):
+                  q_select: Tensor | None = None, max_visible_blocks: int | None = None,
+                  return_info: bool = False):
     """Choose the key blocks of each query block.
 
     q `(B, Hq, Lq, D)`, k `(B, Hkv, Lk, D)`, queries aligned to the end of the keys. Always kept: the first
     `sink_blocks` key blocks (persistent tokens / sink) and the `local_blocks` most recent visible blocks
     (the diagonal included); then the best-scoring visible blocks until `policy` is met. `min_key_block`
     `(NQ,)` bounds the visible range from below (a sliding window; sinks exempt). `q_select` `(B, Hkv, NQ, D)`
-    overrides the selection queries (default `causal_selection_queries`).
+    overrides the selection queries (default `causal_selection_queries`). `max_visible_blocks` (host int, e.g.
+    from the window) bounds the list width without a device sync; by default it is the number of key blocks.
 
     Returns block_indices int32 `(B, Hkv, NQ, max_count)` (ascending, padded with -1) and block_counts int32
     `(B, Hkv, NQ)`; with return_info also a dict (visible blocks, forced blocks, scores).
@@ -83,8 +85,12 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     allowed_b = allowed.expand(B, Hkv, nq, nk)
     forced_b = forced.expand(B, Hkv, nq, nk)
     counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs)
-    kmax = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    # list width from host-side bounds: no device sync on the hot path
+    vis_bound = nk if max_visible_blocks is None else min(nk, max_visible_blocks)
+    forced_bound = min(nk, sink_blocks + local_blocks + 1)
+    kmax = max(1, min(nk, policy.max_count(vis_bound, min(Lk, vis_bound * bs), forced_bound, bs)))
     rank = scores.masked_fill(forced_b, math.inf).masked_fill(~allowed_b, -math.inf)
+    counts = torch.clamp(counts, max=kmax)  # a too-small hint would cut lists: callers pass an upper bound
     idx = torch.topk(rank, kmax, dim=-1).indices
     keep = torch.arange(kmax, device=dev) < counts.unsqueeze(-1)
     idx = torch.where(keep, idx, torch.full_like(idx, nk)).sort(-1).values

@@ -35,6 +35,10 @@ class BudgetPolicy:
     def spec(self) -> str:
         raise NotImplementedError
 
+    def max_count(self, max_visible_blocks: int, max_visible_tokens: int, max_forced: int, block_size: int) -> int:
+        """A host-side upper bound on `num_blocks` (sizes the index lists without a device sync)."""
+        return max_visible_blocks
+
 
 def _clamp_count(count: Tensor, forced: Tensor, valid: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(count, forced.sum(-1)), valid.sum(-1))
@@ -70,6 +74,9 @@ class Fixed(BudgetPolicy):
     def spec(self) -> str:
         return f"fixed:{self.k}"
 
+    def max_count(self, max_visible_blocks, max_visible_tokens, max_forced, block_size):
+        return min(max(self.k, max_forced), max_visible_blocks)
+
 
 def length_scaled_tokens(visible_tokens: Tensor, c: float, min_tokens: int, exponent: float = 0.5) -> Tensor:
     """Kept tokens for a visible context of n tokens: max(min_tokens, c * n**exponent) (capped at n by callers)."""
@@ -96,6 +103,10 @@ class LengthScaled(BudgetPolicy):
 
     def spec(self) -> str:
         return f"length_scaled:c={self.c},min_tokens={self.min_tokens},exponent={self.exponent}"
+
+    def max_count(self, max_visible_blocks, max_visible_tokens, max_forced, block_size):
+        tokens = max(self.min_tokens, self.c * max(max_visible_tokens, 1) ** self.exponent)  # monotone in n
+        return min(max(math.ceil(tokens / block_size), max_forced), max_visible_blocks)
 
 
 @dataclass
@@ -141,6 +152,15 @@ class TopP(BudgetPolicy):
             hi = torch.ceil(length_scaled_tokens(visible_tokens, self.max_c, 0) / block_size).long()
             count = torch.minimum(count, hi)
         return _clamp_count(count, forced, valid)
+
+    def max_count(self, max_visible_blocks, max_visible_tokens, max_forced, block_size):
+        bound = max_visible_blocks
+        if self.max is not None:
+            bound = min(bound, max(self.max, max_forced))
+        if self.max_c is not None:
+            hi = math.ceil(self.max_c * max(max_visible_tokens, 1) ** 0.5 / block_size)
+            bound = min(bound, max(hi, max_forced))
+        return bound
 
     def spec(self) -> str:
         parts = [f"p={self.p}", f"min={self.min}"]

@@ -156,41 +156,62 @@ def _effective_rates(eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | 
     return 1 - g * (1 - eta), g * theta * clip, g * alpha, g
 
 
-def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
-                gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float, gate_fn=None):
-    """One chunk-parallel write of C tokens (k, v `(B, H, C, D)`; rates/gates `(B, H, C)`), closed form.
-
-    `gate_fn(WriteStats) -> (B, H, C)` optionally gates tokens by their surprise (multiplied into `gates`).
-    Returns (new_state, WriteStats).
-    """
-    a_list, dz_list, loss, gnorm = token_gradients(state.weights, k, v, gain, activation)
-    if gate_fn is not None:
-        g = gate_fn(WriteStats(loss, gnorm))
-        gates = g if gates is None else gates * g
+def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Tensor], dz_list: list[Tensor],
+                 gnorm: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None,
+                 max_grad_norm: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Fold momentum and forgetting into per-token coefficients and apply the chunk's update (module docstring)."""
     clip = torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
     eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
-
     log_p = torch.cumsum(torch.log(eta_e.clamp_min(_LOG_FLOOR)), -1)          # log P_s
     log_b = torch.cumsum(torch.log((1 - alpha_e).clamp_min(_LOG_FLOOR)), -1)  # log beta_s
-    C = k.shape[2]
+    C = eta.shape[-1]
     w = rho * torch.exp(log_b[..., -1:] - log_b)                              # g_s beta_C / beta_s
     expo = log_p.unsqueeze(-1) - log_p.unsqueeze(-2)                          # [s, t] = log P_s/P_t
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()       # s >= t
+    causal = torch.ones(C, C, dtype=torch.bool, device=eta.device).tril()     # s >= t
     decay = torch.exp(torch.where(causal, expo, torch.full_like(expo, -math.inf)))
     c = theta_e * torch.einsum("bhs,bhst->bht", w, decay)
     d = theta_e * torch.exp(log_p[..., -1:] - log_p)
     gamma = (w * torch.exp(log_p)).sum(-1)[..., None, None]
     beta_c = torch.exp(log_b[..., -1])[..., None, None]
     p_c = torch.exp(log_p[..., -1])[..., None, None]
-
     new_w, new_s = [], []
-    for w0, s0, a, dz in zip(state.weights, state.momentum, a_list, dz_list):
+    for w0, s0, a, dz in zip(weights, momentum, a_list, dz_list):
         gc = torch.einsum("bhni,bhn,bhno->bhio", a, c, dz)
         gd = torch.einsum("bhni,bhn,bhno->bhio", a, d, dz)
         new_w.append(beta_c * w0 + gamma * s0 - gc)
         new_s.append(p_c * s0 - gd)
-    step = state.step + C
-    return MemoryState(new_w, new_s, step), WriteStats(loss, gnorm)
+    return new_w, new_s
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _chunk_fns(compiled: bool):
+    """(token_gradients, _apply_chunk), optionally under torch.compile (the surprise gate stays eager between)."""
+    if not compiled:
+        return token_gradients, _apply_chunk
+    if not _COMPILED:
+        _COMPILED["grads"] = torch.compile(token_gradients, dynamic=False)
+        _COMPILED["apply"] = torch.compile(_apply_chunk, dynamic=False)
+    return _COMPILED["grads"], _COMPILED["apply"]
+
+
+def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
+                gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float, gate_fn=None,
+                compiled: bool = False):
+    """One chunk-parallel write of C tokens (k, v `(B, H, C, D)`; rates/gates `(B, H, C)`), closed form.
+
+    `gate_fn(WriteStats) -> (B, H, C)` optionally gates tokens by their surprise (multiplied into `gates`);
+    `compiled` runs the two closed-form pieces under torch.compile. Returns (new_state, WriteStats).
+    """
+    grads_fn, apply_fn = _chunk_fns(compiled)
+    a_list, dz_list, loss, gnorm = grads_fn(state.weights, k, v, gain, activation)
+    if gate_fn is not None:
+        g = gate_fn(WriteStats(loss, gnorm))
+        gates = g if gates is None else gates * g
+    new_w, new_s = apply_fn(state.weights, state.momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates,
+                            max_grad_norm)
+    return MemoryState(new_w, new_s, state.step + k.shape[2]), WriteStats(loss, gnorm)
 
 
 def _check_write_inputs(state: MemoryState, k: Tensor, v: Tensor, rates: dict[str, Tensor],
@@ -226,7 +247,7 @@ def _fp32(*ts):
 
 def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, *,
                   gain: Tensor, chunk_size: int, gates: Tensor | None = None, activation: str = "silu",
-                  max_grad_norm: float = 1.0, gate_fn=None) -> tuple[MemoryState, WriteStats]:
+                  max_grad_norm: float = 1.0, gate_fn=None, compiled: bool = False) -> tuple[MemoryState, WriteStats]:
     """Write N tokens chunk by chunk (chunk-parallel inside each chunk; a partial last chunk is written).
 
     k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`. Returns (state, stats with `(B, H, N)` tensors).
@@ -239,7 +260,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
             sl = slice(c0, c0 + chunk_size)
             state, st = write_chunk(state, k[:, :, sl], v[:, :, sl], eta[:, :, sl], theta[:, :, sl],
                                     alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain,
-                                    activation, max_grad_norm, gate_fn)
+                                    activation, max_grad_norm, gate_fn, compiled)
             losses.append(st.loss)
             norms.append(st.grad_norm)
     if not losses:
@@ -384,7 +405,9 @@ class NeuralMemory(nn.Module):
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
                   max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn)
         if impl == "chunked":
-            return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, **kw)
+            compiled = self.config.compile and inputs.k.is_cuda
+            return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, compiled=compiled,
+                                 **kw)
         if impl == "sequential":
             return write_sequential_reference(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
                                               **kw), None

@@ -290,7 +290,8 @@ class Block(nn.Module):
         idx, cnt, info = select_blocks(qp.detach(), keys.detach(), block_size=bs, policy=self.policy,
                                        sink_blocks=P // bs,
                                        local_blocks=cfg.local_blocks, min_key_block=min_key_block,
-                                       q_select=q_sel, return_info=True)
+                                       q_select=q_sel, max_visible_blocks=(P + cfg.window + S) // bs + 1,
+                                       return_info=True)
         # token-weighted over spans (and averaged over layers)
         _acc(stats, "attn_kept_fraction", (cnt.double() / info["visible_blocks"].clamp_min(1)).mean(), n)
         _acc(stats, "attn_kept_blocks", cnt.double().mean(), n)
@@ -390,10 +391,13 @@ class MemSparseLM(nn.Module):
             raise ValueError("input_ids is empty")
         if input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+        V = self.config.vocab_size
+        if input_ids.is_cuda:  # checked on the device, without a host sync on the training hot path
+            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), f"input_ids out of vocabulary ({V})")
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids out of vocabulary: values in [{lo}, {hi}], "
-                             f"vocab_size={self.config.vocab_size}")
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids out of vocabulary: values in [{lo}, {hi}], vocab_size={V}")
 
     def _run(self, input_ids: Tensor, state: StreamState, stats: dict) -> tuple[Tensor, StreamState]:
         x = self.embed(input_ids)
@@ -528,9 +532,7 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int 
     each recomputed in backward (activation checkpointing). h `(B, L, dim)`, labels `(B, L)` (-100 ignored)."""
     hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     total = h.new_zeros((), dtype=torch.float32)
-    count = (lf != -100).sum()
-    if int(count) == 0:
-        return total + 0.0 * h.sum()
+    count = (lf != -100).sum().clamp_min(1)  # all ignored -> loss 0 (no host sync to test it)
 
     def piece(hc, lc):
         return F.cross_entropy((hc @ weight.t()).float(), lc, ignore_index=-100, reduction="sum")

@@ -203,3 +203,14 @@ def test_surprise_gate_fn_chunked_equals_sequential():
     c, _ = mem.write(mem.init_state(2), inp)
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-10, atol=1e-10)
     assert (_flat(a) - _flat(c)).abs().max() > 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_chunk_step_equals_eager():
+    mem = _mem(chunk=8, dtype=torch.float32)
+    inp = mem.project(torch.randn(2, 16, 24))
+    a, sa = M.write_chunked(mem.init_state(2), inp.k, inp.v, inp.eta, inp.theta, inp.alpha, gain=mem.gain,
+                            chunk_size=8, gate_fn=lambda s: torch.sigmoid(s.grad_norm))
+    b, sb = M.write_chunked(mem.init_state(2), inp.k, inp.v, inp.eta, inp.theta, inp.alpha, gain=mem.gain,
+                            chunk_size=8, gate_fn=lambda s: torch.sigmoid(s.grad_norm), compiled=True)
+    torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-5, atol=1e-6)

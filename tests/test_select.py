@@ -153,3 +153,14 @@ def test_parse_policy_and_flops():
         with pytest.raises(ValueError, match=msg):
             parse_policy(bad)
     assert attention_flops(torch.tensor([[2, 3]]), 16, 64, 2) == 5 * 4 * 16 * 16 * 64 * 2
+
+
+def test_host_width_hint_gives_the_same_selection():
+    q, k = _qk(256, D=16, seed=7)
+    mkb = torch.clamp(torch.arange(16) - 4, min=0)  # a window of 5 blocks
+    for pol in ("dense", "fixed:3", "length_scaled:c=4,min_tokens=16", "top_p:p=0.8"):
+        a_idx, a_cnt = select_blocks(q, k, block_size=16, policy=pol, min_key_block=mkb)
+        b_idx, b_cnt = select_blocks(q, k, block_size=16, policy=pol, min_key_block=mkb, max_visible_blocks=6)
+        assert torch.equal(a_cnt, b_cnt) and b_idx.shape[-1] <= 6
+        w = b_idx.shape[-1]
+        assert torch.equal(a_idx[..., :w].masked_fill(a_idx[..., :w] < 0, -1), b_idx)
