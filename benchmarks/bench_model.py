@@ -52,11 +52,13 @@ class DenseGPT(nn.Module):
         return self.norm(x) @ self.embed.weight.t()
 
 
-def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False) -> MemSparseLM:
+def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False,
+                  memory_compile: bool = False) -> MemSparseLM:
     cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
                       block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
                       variant="mac", memory_layers=[1, 3, 5],
-                      memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment),
+                      memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment,
+                                          compile=memory_compile),
                       activation_checkpointing=checkpointing)
     return MemSparseLM(cfg)
 
@@ -79,7 +81,7 @@ def step_fns(name: str, L: int, args):
         def loss_fn(ids):
             return model(ids, return_loss=True)
     else:
-        model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing)
+        model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile)
 
         def loss_fn(ids):
             x = ids[:, :-1]
@@ -155,6 +157,7 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=256")
     ap.add_argument("--checkpointing", action="store_true", help="memsparse: activation checkpointing per block")
+    ap.add_argument("--memory-compile", action="store_true", help="memsparse: memory chunk step under torch.compile")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -164,7 +167,7 @@ def main(argv=None):
         p = Path(args.retable)
         write_table(json.loads(p.read_text()), p.with_suffix(".md"))
         return
-    ckpt = ", checkpointed" if args.checkpointing else ""
+    ckpt = (", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
     names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window}{ckpt})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
     rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in args.systems.split(",")]
