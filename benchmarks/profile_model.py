@@ -1,0 +1,69 @@
+"""Profile memsparse MAC training steps with torch.profiler: where the time goes (top CUDA kernels / ops).
+
+    python benchmarks/profile_model.py --length 8192 --out benchmarks/results
+Writes `profile_model.md` (top ops by CUDA time and by CPU time, step wall time, launch count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import VOCAB, memsparse_mac  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--memory-compile", action="store_true")
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = memsparse_mac(args.length, 512, 2048, "length_scaled:c=12,min_tokens=256",
+                          memory_compile=args.memory_compile).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        ids = torch.randint(0, VOCAB, (1, args.length + 1), device="cuda")
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_busy = sum(e.device_time for e in ev if e.device_time and not e.key.startswith(("aten::", "autograd")))
+    head = (f"memsparse MAC (dim 512, depth 8, memory in 3 layers, segment 512, window 2048"
+            f"{', memory compiled' if args.memory_compile else ''}), one training step at L={args.length}, "
+            f"B=1, bf16 autocast, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n"
+            f"step wall time {wall * 1e3:.1f} ms; {len(kernels)} GPU kernels launched; ")
+    lines = [head + f"GPU kernel time summed {gpu_busy / 1e3:.1f} ms (busy fraction ~{gpu_busy / 1e6 / wall:.0%})",
+             "", "Top by CUDA time:", "", "```",
+             ev.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60), "```", "",
+             "Top by CPU time (self):", "", "```",
+             ev.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60), "```"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = "profile_model_compiled.md" if args.memory_compile else "profile_model.md"
+    (Path(args.out) / name).write_text("\n".join(lines) + "\n")
+    print(lines[0])
+
+
+if __name__ == "__main__":
+    main()
