@@ -49,7 +49,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
     ev = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_busy = sum(e.device_time for e in ev if e.device_time and not e.key.startswith(("aten::", "autograd")))
+    gpu_busy = sum(e.time_range.elapsed_us() for e in kernels)  # microseconds of kernel execution
     head = (f"memsparse MAC (dim 512, depth 8, memory in 3 layers, segment 512, window 2048"
             f"{', memory compiled' if args.memory_compile else ''}), one training step at L={args.length}, "
             f"B=1, bf16 autocast, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n"
