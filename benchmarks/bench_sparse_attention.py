@@ -8,6 +8,10 @@ same function (all query blocks at 8K; a subset of query blocks, and the key blo
 block is in it, at longer lengths). Writes JSON + a markdown table to --out (default $OUT).
 
     python benchmarks/bench_sparse_attention.py --out benchmarks/results
+    python benchmarks/bench_sparse_attention.py --bwd-modes fused,split --out $OUT  # both backward variants
+
+With --bwd-modes, every listed backward (MEMSPARSE_SPARSE_ATTENTION_BWD) is checked and timed on the same
+inputs, and the first one fills the main table; without it the default backward is used.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import time
 import traceback
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,6 +63,36 @@ try:
     from memsparse.kernels.block_select import select_blocks
 except ImportError:  # the selector is a separate issue
     select_blocks = None
+
+
+BWD_ENV = "MEMSPARSE_SPARSE_ATTENTION_BWD"
+
+
+@contextmanager
+def bwd_mode(mode):
+    """Run with MEMSPARSE_SPARSE_ATTENTION_BWD=mode (None: leave the environment as it is)."""
+    old = os.environ.get(BWD_ENV)
+    if mode is not None:
+        os.environ[BWD_ENV] = mode
+    try:
+        yield
+    finally:
+        if mode is not None:
+            if old is None:
+                os.environ.pop(BWD_ENV, None)
+            else:
+                os.environ[BWD_ENV] = old
+
+
+def host_ms(fn, n=10):
+    """Host (launch-side) time per call before the queue drains: what the GPU cannot hide when it is short."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return dt
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -194,7 +229,7 @@ def check_kernel(q, k, v, idx, cnt, blk, full_check: bool):
             "key_blocks_checked": len(kblocks), "pass": finite and max(errs.values()) <= 1e-2}
 
 
-def small_checks(log):
+def small_checks(log, modes=(None,)):
     """Odd shapes on the GPU (tails, Lq < Lk, GQA, duplicates, junk padding, empty lists, dlse) vs the reference.
 
     Run with autotuning off (one fixed config per kernel) to keep compiles few; the real-size checks
@@ -208,7 +243,7 @@ def small_checks(log):
     tri.AUTOTUNE = False
     out = []
     try:
-        for Hq, Hkv, Lq, Lk, D, bs, dt in cases:
+        for (Hq, Hkv, Lq, Lk, D, bs, dt), mode in ((c, md) for c in cases for md in modes):
             gen = torch.Generator(device=DEV).manual_seed(Lq + Lk)
             q = torch.randn(2, Hq, Lq, D, device=DEV, generator=gen).to(dt)
             k = torch.randn(2, Hkv, Lk, D, device=DEV, generator=gen).to(dt)
@@ -224,14 +259,16 @@ def small_checks(log):
             got, want = [], []
             for impl, lst in (("triton", got), ("reference", want)):
                 qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-                o, lse = sparse_attention(qq, kk, vv, idx, cnt.int(), block_size=bs, return_lse=True, impl=impl)
-                lf = torch.where(torch.isfinite(lse), lse, 0.0)
-                ((o.float() * do).sum() + (lf * dlse).sum()).backward()
+                with bwd_mode(mode):
+                    o, lse = sparse_attention(qq, kk, vv, idx, cnt.int(), block_size=bs, return_lse=True,
+                                              impl=impl)
+                    lf = torch.where(torch.isfinite(lse), lse, 0.0)
+                    ((o.float() * do).sum() + (lf * dlse).sum()).backward()
                 lst += [o, lf, qq.grad, kk.grad, vv.grad]
             errs = {n: rel(a, b) for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want)}
             finite = all(bool(torch.isfinite(t).all()) for t in got)
             tol = 1e-4 if dt == torch.float32 else 1e-2
-            out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "errors": errs, "finite": finite,
+            out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "bwd": mode, "errors": errs, "finite": finite,
                         "pass": finite and max(errs.values()) <= tol})
             log("small check " + json.dumps(out[-1]))
     finally:
@@ -275,9 +312,12 @@ def run_length(L, Hq, Hkv, args, flex_compiled, log):
     causal_pairs = Hq * L * (L + 1) / 2
     res = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": BS, "masks": {}}
 
-    masks = {"window+random": window_random_blocks(Hkv, nq, seed=L)}
-    tri = torch.ones(nq, nq, dtype=torch.bool, device=dev).tril()
-    masks["dense"] = tri.expand(Hkv, nq, nq).contiguous()
+    masks = {}
+    if "window+random" in args.masks:
+        masks["window+random"] = window_random_blocks(Hkv, nq, seed=L)
+    if "dense" in args.masks:
+        tri = torch.ones(nq, nq, dtype=torch.bool, device=dev).tril()
+        masks["dense"] = tri.expand(Hkv, nq, nq).contiguous()
 
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     sd, ks, vs = sdpa_fn(G), k, v
@@ -310,7 +350,9 @@ def run_length(L, Hq, Hkv, args, flex_compiled, log):
         r = {"density": kept / causal_pairs, "kept_pairs": kept, "max_blocks": int(cnt.max()),
              "mean_blocks": float(cnt.float().mean())}
         t0 = time.time()
-        r["check"] = check_kernel(q, k, v, idx, cnt, blk, full_check=(nq <= 64))
+        modes = args.bwd_modes.split(",") if args.bwd_modes else [None]
+        with bwd_mode(modes[0]):
+            r["check"] = check_kernel(q, k, v, idx, cnt, blk, full_check=(nq <= 64))
         log(f"L={L} G={G} {name}: density {r['density']:.3f} check {r['check']} ({time.time() - t0:.1f}s)")
 
         def ours_fwd(idx=idx, cnt=cnt):
@@ -321,7 +363,16 @@ def run_length(L, Hq, Hkv, args, flex_compiled, log):
 
         with torch.no_grad():
             r["ours_fwd_ms"] = timed_pair(ours_fwd)
-        r["ours_fwdbwd_ms"] = timed_pair(ours_fb, [qg, kg, vg])
+        with bwd_mode(modes[0]):
+            r["ours_fwdbwd_ms"] = timed_pair(ours_fb, [qg, kg, vg])
+        if args.bwd_modes:
+            r["bwd_modes"] = {}
+            for i, mode in enumerate(modes):
+                with bwd_mode(mode):
+                    chk = r["check"] if i == 0 else check_kernel(q, k, v, idx, cnt, blk, full_check=(nq <= 64))
+                    t_fb = r["ours_fwdbwd_ms"] if i == 0 else timed_pair(ours_fb, [qg, kg, vg])
+                    r["bwd_modes"][mode] = {"check": chk, "fwdbwd_ms": t_fb, "host_ms_per_fwdbwd": host_ms(ours_fb)}
+                log(f"L={L} G={G} {name} bwd={mode}: {json.dumps(r['bwd_modes'][mode])}")
         r["ours_fwd_tflops"] = fwd_flops / min(r["ours_fwd_ms"]) / 1e9
         r["ours_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["ours_fwdbwd_ms"]) / 1e9
         r["ideal_fwd_ms"] = min(sdpa_fwd) * r["density"]
@@ -369,6 +420,8 @@ def flex_timings(r, blk, G, L, q, k, v, qg, kg, vg, do, ours_fwd, fwd_flops, fle
     r["flex_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["flex_fwdbwd_ms"]) / 1e9
     r["speedup_vs_flex_fwd"] = min(r["flex_fwd_ms"]) / min(r["ours_fwd_ms"])
     r["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
+    for m in r.get("bwd_modes", {}).values():
+        m["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_ms"])
 
 
 def bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log):
@@ -414,22 +467,15 @@ def breakdown(L, Hq, Hkv, log):
     do = torch.randn_like(q)
     idx, cnt = blocks_to_lists(window_random_blocks(Hkv, nq, seed=L))
     sc = D ** -0.5
-    o, lse = tri._fwd_impl(q, k, v, idx, cnt, BS, True, sc)
+    plan = tri.sparse_attention_plan(idx, cnt, L, L, BS, True)
+    o, lse = tri._fwd_impl(q, k, v, idx, *plan[:3], BS, True, sc)
     t = {"L": L, "Hq": Hq, "Hkv": Hkv}
-    t["fwd_impl_ms"] = bench(lambda: tri._fwd_impl(q, k, v, idx, cnt, BS, True, sc))
-    t["plan_forward_ms"] = bench(lambda: tri._plan_forward(idx, cnt, L, L, BS, True))
-    t["reverse_index_ms"] = bench(lambda: tri.build_reverse_index(idx, cnt, L, L, BS, True))
-    t["bwd_impl_ms"] = bench(lambda: tri._bwd_impl(do, q, k, v, o, lse, None, idx, cnt, BS, True, sc))
-    real_launch = tri._launch
-    def bwd():
-        return tri._bwd_impl(do, q, k, v, o, lse, None, idx, cnt, BS, True, sc)
-
-    for skip in ("dq", "dkdv"):
-        tri._launch = lambda name, *a, _skip=skip, **kw: None if name == _skip else real_launch(name, *a, **kw)
-        try:
-            t[f"bwd_without_{skip}_ms"] = bench(bwd)
-        finally:
-            tri._launch = real_launch
+    t["fwd_impl_ms"] = bench(lambda: tri._fwd_impl(q, k, v, idx, *plan[:3], BS, True, sc))
+    t["plan_ms"] = bench(lambda: tri.sparse_attention_plan(idx, cnt, L, L, BS, True))
+    t["reverse_index_ms"] = bench(lambda: tri._reverse_from_keys(plan[3], plan[4]))
+    for fused in (True, False):
+        t[f"bwd_impl_{'fused' if fused else 'split'}_ms"] = bench(
+            lambda fused=fused: tri._bwd_impl(do, q, k, v, o, lse, None, idx, *plan, BS, True, sc, fused))
     qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
 
     def fb():
@@ -442,7 +488,7 @@ def breakdown(L, Hq, Hkv, log):
         fb()
     t["host_ms_per_fwdbwd"] = (time.perf_counter() - t0) / 20 * 1e3  # launch-side time before the queue drains
     torch.cuda.synchronize()
-    for name in ("_fwd_tuned", "_dq_tuned", "_dkdv_tuned"):
+    for name in ("_fwd_tuned", "_dq_tuned", "_dkdv_tuned", "_fused_tuned"):
         cfg = getattr(getattr(tri, name), "best_config", None)
         t[name + "_best"] = str(cfg)
     log("breakdown " + json.dumps(t))
@@ -477,10 +523,24 @@ def markdown(results, meta):
               "| L | heads q/kv | SDPA fwd ms (TFLOP/s) | SDPA fwd+bwd ms (TFLOP/s) | ours dense fwd / fwd+bwd ms | "
               "ours / SDPA fwd, fwd+bwd |", "|---|---|---|---|---|---|"]
     for r in results:
-        s, d = r["sdpa"], r["masks"]["dense"]
+        s, d = r["sdpa"], r["masks"].get("dense")
+        ours = (f"{min(d['ours_fwd_ms']):.3f} / {min(d['ours_fwdbwd_ms']):.3f} | {d['ours_vs_sdpa_fwd']:.2f} / "
+                f"{d['ours_vs_sdpa_fwdbwd']:.2f}") if d else "- | -"
         lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {min(s['fwd_ms']):.3f} ({s['fwd_tflops']:.0f}) | "
-                     f"{min(s['fwdbwd_ms']):.3f} ({s['fwdbwd_tflops']:.0f}) | {min(d['ours_fwd_ms']):.3f} / "
-                     f"{min(d['ours_fwdbwd_ms']):.3f} | {d['ours_vs_sdpa_fwd']:.2f} / {d['ours_vs_sdpa_fwdbwd']:.2f} |")
+                     f"{min(s['fwdbwd_ms']):.3f} ({s['fwdbwd_tflops']:.0f}) | {ours} |")
+    bm = [(r, name, m) for r in results for name, m in r["masks"].items() if m.get("bwd_modes")]
+    if bm:
+        lines += ["", "Backward variants (MEMSPARSE_SPARSE_ATTENTION_BWD), same inputs; host ms = launch-side time "
+                  "per fwd+bwd call (10 calls, no sync):", "",
+                  "| L | heads q/kv | mask | bwd | ours fwd+bwd ms | flex fwd+bwd ms | SDPA fwd+bwd ms (dense) | "
+                  "vs flex | host ms | max rel err | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r, name, m in bm:
+            for mode, x in m["bwd_modes"].items():
+                flex = fmt(min(m["flex_fwdbwd_ms"]), 3) if "flex_fwdbwd_ms" in m else "-"
+                lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {name} | {mode} | "
+                             f"{min(x['fwdbwd_ms']):.3f} | {flex} | {min(r['sdpa']['fwdbwd_ms']):.3f} | "
+                             f"{fmt(x.get('speedup_vs_flex_fwdbwd'))}x | {x['host_ms_per_fwdbwd']:.2f} | "
+                             f"{max(x['check']['errors'].values()):.1e} | {'pass' if x['check']['pass'] else 'FAIL'} |")
     sc = meta.get("small_checks", [])
     if sc:
         lines += ["", f"Odd-shape GPU checks vs the reference (tails, Lq < Lk, GQA, duplicates, empty lists, "
@@ -513,6 +573,10 @@ def main():
     ap.add_argument("--no-small-checks", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="only time the pieces of our fwd+bwd")
     ap.add_argument("--name", default="sparse_attention")
+    ap.add_argument("--masks", default="window+random,dense", help="which block masks to run")
+    ap.add_argument("--bwd-modes", default="", help="e.g. fused,split: check and time each backward variant")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="skip (L, heads) runs that would start after this many seconds (0: no limit)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -540,13 +604,19 @@ def main():
         (out / f"{args.name}_breakdown.json").write_text(json.dumps({"meta": meta, "breakdown": rows}, indent=1))
         return
     t0 = time.time()
-    meta["small_checks"] = small_checks(log) if not args.no_small_checks else []
+    t_start = time.time()
+    modes = tuple(args.bwd_modes.split(",")) if args.bwd_modes else (None,)
+    meta["small_checks"] = small_checks(log, modes) if not args.no_small_checks else []
     log(f"small checks done in {time.time() - t0:.1f}s")
     results, failures = [], []
     for L in (int(x) for x in args.lengths.split(",")):
         for hp in args.heads.split(","):
             Hq, Hkv = (int(x) for x in hp.split("/"))
             t0 = time.time()
+            if args.deadline_s and t0 - t_start > args.deadline_s:
+                failures.append({"L": L, "heads": hp, "error": "skipped: past --deadline-s"})
+                log(f"L={L} {hp}: skipped (past --deadline-s)")
+                continue
             try:
                 results.append(run_length(L, Hq, Hkv, args, flex_compiled, log))
             except Exception:

@@ -48,11 +48,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POISON_OUTPUTS = os.environ.get("MEMSPARSE_POISON_OUTPUTS", "0") == "1"
 # Tile sizes used under TRITON_INTERPRET=1 (no autotuning there); tests change them to reach every
 # tiling regime (BLOCK_N < block_size, BLOCK_M < or > block_size).
-INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}
+INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64), "fused": (64, 64)}
 # GPU launches autotune (configs below, cached per head dim / block size / GQA group / dtype); with
 # AUTOTUNE = False they use FIXED_CONFIG ((BLOCK_M, BLOCK_N, num_warps, num_stages)): one compile each.
 AUTOTUNE = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_AUTOTUNE", "1") == "1"
-FIXED_CONFIG = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)}
+FIXED_CONFIG = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "fused": (64, 64, 4, 2)}
+# Backward variant (read at each backward call): "split" = separate dQ and dK/dV kernels (7 matmuls per tile
+# pair); "fused" = one pass per key tile computing dK/dV and adding dQ with fp32 atomics (5 matmuls). Both are
+# correct on the H100; split is the default because fused measured slower there (32K MHA fwd+bwd 9.99 ms vs
+# 8.47 ms, benchmarks/results/sparse_attention_h100_v2.md): the dQ atomics cost more than the 2 matmuls saved.
+BWD_ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_BWD"
+BWD_MODES = ("split", "fused")
+DEFAULT_BWD_MODE = "split"
 
 
 def interpreting() -> bool:
@@ -253,13 +260,51 @@ if HAS_TRITON:
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_M, REV_NPART, ORDER,
+    def _kv_steps(k, v, kn, dk, dv, lo, hi, REV_PERM, q_base, do_base, LSE2, DELTA, DQA, row_base,
+                  sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
+                  G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  MASKED: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """Row tiles lo..hi of one key tile's reverse list: dK/dV in registers (+ dQ atomics when FUSED)."""
+        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
+        ar = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        for it in range(lo, hi):
+            p = tl.load(REV_PERM + it // NRT)  # flat slot (b, hkv, m, s) of the listing entry
+            m = ((p // MB) % NQ).to(tl.int32)
+            r = (it % NRT) * BLOCK_M + ar
+            g = r // BS
+            qi = m * BS + r % BS
+            row_ok = (r < G * BS) & (qi < Lq)
+            q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + g[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            row = row_base + g * Lq + qi
+            lse2 = tl.load(LSE2 + row, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
+            qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+            if MASKED:
+                qkt = tl.where(kn[:, None] <= (Lk - Lq + qi)[None, :], qkt, float("-inf"))
+            pt = tl.math.exp2(qkt - lse2[None, :])
+            dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
+            dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dst_lo = dst.to(q.dtype)
+            dk += _mma(dst_lo, q, DOT_PREC, UPCAST)
+            if FUSED:
+                # dQ rows of this tile += dS @ K (keys past Lk load as 0, so they add exactly 0)
+                dq = _mma(tl.trans(dst_lo), k, DOT_PREC, UPCAST) * scale
+                tl.atomic_add(DQA + row[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+        return dk, dv
+
+    @triton.jit
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                     Hkv, Lq, Lk, NK, qk_scale, scale,
+                     Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale,
                      G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M  # row tiles per query block
         NSUB: tl.constexpr = BS // BLOCK_N
         pid = tl.program_id(0)
@@ -285,52 +330,72 @@ if HAS_TRITON:
         q_base = Q + b * sqb + hkv * G * sqh
         do_base = DO + b * sdob + hkv * G * sdoh
         row_base = (b * Hkv + hkv) * G * Lq
-        ar = tl.arange(0, BLOCK_M)
-
-        for it in range(e0 * NRT, (e0 + npart) * NRT):
-            m = tl.load(REV_M + it // NRT)
-            r = (it % NRT) * BLOCK_M + ar
-            g = r // BS
-            qi = m * BS + r % BS
-            row_ok = (r < G * BS) & (qi < Lq)
-            q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + g[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE2 + row_base + g * Lq + qi, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + g * Lq + qi, mask=row_ok, other=0.0)
-            qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
-            if CAUSAL:
-                qkt = tl.where(kn[:, None] <= (Lk - Lq + qi)[None, :], qkt, float("-inf"))
-            pt = tl.math.exp2(qkt - lse2[None, :])
-            dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
-            dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _mma(dst.to(q.dtype), q, DOT_PREC, UPCAST)
-
-        for it in range((e0 + npart) * NRT, e1 * NRT):
-            m = tl.load(REV_M + it // NRT)
-            r = (it % NRT) * BLOCK_M + ar
-            g = r // BS
-            qi = m * BS + r % BS
-            row_ok = (r < G * BS) & (qi < Lq)
-            q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + g[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE2 + row_base + g * Lq + qi, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + g * Lq + qi, mask=row_ok, other=0.0)
-            qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
-            pt = tl.math.exp2(qkt - lse2[None, :])
-            dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
-            dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
-            dst = pt * (dpt - delta[None, :])
-            dk += _mma(dst.to(q.dtype), q, DOT_PREC, UPCAST)
+        # Masked steps (query blocks crossing the diagonal) first, then the unmasked rest.
+        dk, dv = _kv_steps(k, v, kn, dk, dv, e0 * NRT, (e0 + npart) * NRT, REV_PERM, q_base, do_base, LSE2, DELTA,
+                           DQA, row_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
+                           G, BS, D, BLOCK_M, CAUSAL, FUSED, DOT_PREC, UPCAST)
+        dk, dv = _kv_steps(k, v, kn, dk, dv, (e0 + npart) * NRT, e1 * NRT, REV_PERM, q_base, do_base, LSE2, DELTA,
+                           DQA, row_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
+                           G, BS, D, BLOCK_M, False, FUSED, DOT_PREC, UPCAST)
 
         dk_ptrs = DK + b * sdkb + hkv * sdkh + kn[:, None] * sdkn + offs_d[None, :]
         dv_ptrs = DV + b * sdvb + hkv * sdvh + kn[:, None] * sdvn + offs_d[None, :]
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+    @triton.jit
+    def _plan_kernel(IDX, CNT, CNT_C, NFULL, KEYS, NPART, NROWS, NQ, NK, MB, Lq, Lk,
+                     BS: tl.constexpr, CAUSAL: tl.constexpr, R: tl.constexpr, MBP: tl.constexpr):
+        """Per list (b, hkv, m): clamped count, unmasked-prefix length; per slot: reverse-index sort key
+        ((b*Hkv + hkv)*NK + j for a valid first occurrence, B*Hkv*NK otherwise) and the diagonal count."""
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        rok = rows < NROWS
+        m = rows % NQ
+        bh = rows // NQ
+        s = tl.arange(0, MBP)
+        c = tl.load(CNT + rows, mask=rok, other=0)
+        c = tl.minimum(tl.maximum(c, 0), MB)
+        sok = rok[:, None] & (s[None, :] < MB)
+        base = IDX + rows[:, None] * MB + s[None, :]
+        j = tl.load(base, mask=sok, other=-1)
+        jp = tl.load(base - 1, mask=sok & (s[None, :] > 0), other=-1)
+        in_cnt = s[None, :] < c[:, None]
+        qlo = Lk - Lq + m * BS  # first query position of the block
+        full = (j + 1) * BS <= Lk
+        if CAUSAL:
+            full = full & ((j + 1) * BS - 1 <= qlo[:, None])
+        first_bad = tl.min(tl.where(in_cnt & (full == 0), s[None, :], MB), 1)
+        nfull = tl.minimum(first_bad, c)
+        tl.store(CNT_C + rows, c, mask=rok)
+        tl.store(NFULL + rows, nfull, mask=rok)
+        valid = in_cnt & (j >= 0) & (j < NK) & (j != jp)
+        n_keys = (NROWS // NQ) * NK
+        key = tl.where(valid, bh[:, None] * NK + j, n_keys)
+        tl.store(KEYS + rows[:, None] * MB + s[None, :], key, mask=sok)
+        if CAUSAL:
+            part = valid & ((j + 1) * BS - 1 > qlo[:, None])
+            tl.atomic_add(NPART + key, tl.full([R, MBP], 1, tl.int32), mask=part, sem="relaxed")
+
+    @triton.jit
+    def _bwd_prep_kernel(O, DO, LSE, DLSE, LSE2, DELTA, sob, soh, som, sdob, sdoh, sdom, Hq, Lq,
+                         HAS_DLSE: tl.constexpr, D: tl.constexpr, R: tl.constexpr):
+        """delta = rowsum(dO * O) - dlse; lse2 = lse * log2(e), +inf where lse is -inf (row saw no key)."""
+        bh = tl.program_id(1)
+        b = bh // Hq
+        h = bh % Hq
+        rows = tl.program_id(0) * R + tl.arange(0, R)
+        ok = rows < Lq
+        offs_d = tl.arange(0, D)
+        o = tl.load(O + b * sob + h * soh + rows[:, None] * som + offs_d[None, :], mask=ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        lin = bh * Lq + rows
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + lin, mask=ok, other=0.0)
+        lse = tl.load(LSE + lin, mask=ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        tl.store(DELTA + lin, delta, mask=ok)
+        tl.store(LSE2 + lin, lse2, mask=ok)
 
     def _cfg(bm, bn, w, s):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -342,14 +407,19 @@ if HAS_TRITON:
 
     _KEY = ["D", "BS", "G", "CAUSAL"]  # triton adds the tensor dtypes to the key
     _fwd_tuned = triton.autotune(
-        [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)],
+        [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
     _dq_tuned = triton.autotune(
         [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 4)],
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
     _dkdv_tuned = triton.autotune(
         [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 3)],
-        key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+        key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+    # The fused backward adds a (BLOCK_M x D) fp32 atomic per step: wide key tiles halve that traffic.
+    _fused_tuned = triton.autotune(
+        [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 2)],
+        key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=["DQA"])(_dkdv_kernel)
 
 
 def _launch(name, tuned, plain, n_tiles_fn, *args, **meta):
@@ -371,73 +441,101 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _plan_forward(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
-    """Per query block: clamped count, length of the unmasked prefix, launch order (heaviest first)."""
-    B, Hkv, NQ, MB = idx.shape
-    cnt = cnt.clamp(0, MB)
-    slot = torch.arange(MB, device=idx.device)
-    full = (slot < cnt.unsqueeze(-1)) & ((idx + 1) * bs <= Lk)
-    if causal:
-        q_lo = (Lk - Lq) + torch.arange(NQ, device=idx.device) * bs  # first query of each block
-        full &= (idx + 1) * bs - 1 <= q_lo[:, None]
-    nfull = full.to(torch.int32).cumprod(-1).sum(-1, dtype=torch.int32)
-    order = torch.argsort(cnt.flatten(), descending=True, stable=True).to(torch.int32)
-    return cnt.to(torch.int32).contiguous(), nfull.contiguous(), order
+def bwd_mode() -> str:
+    """Backward variant: "split" (dQ and dK/dV kernels, the default) or "fused" (one pass per key tile, dQ by
+    fp32 atomics), from MEMSPARSE_SPARSE_ATTENTION_BWD."""
+    mode = os.environ.get(BWD_ENV_VAR, DEFAULT_BWD_MODE).strip().lower() or DEFAULT_BWD_MODE
+    if mode not in BWD_MODES:
+        raise ValueError(f"{BWD_ENV_VAR} must be one of {BWD_MODES}, got {mode!r}")
+    return mode
 
 
-def build_reverse_index(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
-    """Key block -> query blocks that list it (deduped, ascending), built with GPU torch ops.
-
-    Returns (offsets int32 (B*Hkv*NK + 1,), qblocks int32 (B*Hkv*NQ*MB,), npart int32 (B*Hkv*NK,),
-    order int32 (B*Hkv*NK,)): the list of flat key block x = (b*Hkv + h)*NK + j is
-    qblocks[offsets[x]:offsets[x+1]]; its first npart[x] entries need the causal mask.
-    """
+# ------------------------------------------------------------------------------------------------- plan
+def _plan_impl(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
     B, Hkv, NQ, MB = idx.shape
     NK = math.ceil(Lk / bs)
     dev = idx.device
-    idx = idx.long()
-    slot = torch.arange(MB, device=dev)
-    prev = torch.nn.functional.pad(idx[..., :-1], (1, 0), value=-1)
-    valid = (slot < cnt.long().unsqueeze(-1)) & (idx >= 0) & (idx < NK) & (idx != prev)
-    bh = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1)
-    n_keys = B * Hkv * NK
-    key = torch.where(valid, bh * NK + idx, n_keys).flatten()
-    sorted_key, perm = torch.sort(key, stable=True)  # stable: query blocks stay ascending per key
+    nrows = B * Hkv * NQ
+    cnt_c = torch.empty(nrows, dtype=torch.int32, device=dev)
+    nfull = torch.empty(nrows, dtype=torch.int32, device=dev)
+    keys = torch.empty(nrows * MB, dtype=torch.int32, device=dev)
+    npart = torch.zeros(B * Hkv * NK + 1, dtype=torch.int32, device=dev)  # last: sink of invalid slots
+    mbp = triton.next_power_of_2(MB)
+    r = max(1, min(64, 4096 // mbp))
+    _plan_kernel[(triton.cdiv(nrows, r),)](idx, cnt.to(torch.int32).contiguous(), cnt_c, nfull, keys, npart,
+                                            nrows, NQ, NK, MB, Lq, Lk, BS=bs, CAUSAL=causal, R=r, MBP=mbp)
+    order = torch.argsort(cnt_c, descending=True, stable=True).to(torch.int32)
+    return cnt_c, nfull, order, keys, npart
+
+
+@torch.library.custom_op("memsparse::sparse_attention_plan", mutates_args=())
+def sparse_attention_plan(block_indices: Tensor, block_counts: Tensor, Lq: int, Lk: int, block_size: int,
+                          causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What depends only on the lists (int32 contiguous), built once per call and shared by forward and
+    backward: (counts clamped, unmasked-prefix lengths, forward launch order, reverse-index sort keys,
+    per key block the number of listing query blocks that cross the diagonal)."""
+    return _plan_impl(block_indices, block_counts, Lq, Lk, block_size, causal)
+
+
+@sparse_attention_plan.register_fake
+def _(block_indices, block_counts, Lq, Lk, block_size, causal):
+    B, Hkv, NQ, MB = block_indices.shape
+    n = B * Hkv * NQ
+    new = block_indices.new_empty
+    return (new(n, dtype=torch.int32), new(n, dtype=torch.int32), new(n, dtype=torch.int32),
+            new(n * MB, dtype=torch.int32), new(B * Hkv * math.ceil(Lk / block_size) + 1, dtype=torch.int32))
+
+
+def _plan_forward(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
+    """(clamped counts, unmasked-prefix lengths, launch order heaviest first), each int32 per list."""
+    cnt_c, nfull, order, _, _ = _plan_impl(idx.to(torch.int32).contiguous(), cnt, Lq, Lk, bs, causal)
+    return cnt_c, nfull, order
+
+
+def _reverse_from_keys(keys: Tensor, npart: Tensor):
+    """CSR reverse index from the plan's sort keys: (offsets int32 (n_keys+1,), perm int64 (flat slot of each
+    entry, ascending query block within a key block), npart int32 (n_keys,), order int32 (n_keys,))."""
+    n_keys = npart.numel() - 1
+    sorted_key, perm = torch.sort(keys, stable=True)  # stable: query blocks stay ascending per key block
+    bounds = torch.arange(n_keys + 1, dtype=torch.int32, device=keys.device)
+    offsets = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    order = torch.argsort(offsets[1:] - offsets[:-1], descending=True, stable=True).to(torch.int32)
+    return offsets, perm, npart, order
+
+
+def build_reverse_index(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, causal: bool):
+    """Key block -> query blocks that list it (deduped, ascending), built on the device.
+
+    Returns (offsets int32 (B*Hkv*NK + 1,), qblocks int32, npart int32 (B*Hkv*NK,), order int32 (B*Hkv*NK,)):
+    the list of flat key block x = (b*Hkv + h)*NK + j is qblocks[offsets[x]:offsets[x+1]]; its first npart[x]
+    entries need the causal mask. (The kernels read the sort permutation instead of qblocks.)
+    """
+    NQ, MB = idx.shape[2], idx.shape[3]
+    _, _, _, keys, npart = _plan_impl(idx.to(torch.int32).contiguous(), cnt, Lq, Lk, bs, causal)
+    offsets, perm, npart, order = _reverse_from_keys(keys, npart)
     qblocks = ((perm // MB) % NQ).to(torch.int32)
-    offsets = torch.searchsorted(sorted_key, torch.arange(n_keys + 1, device=dev)).to(torch.int32)
-    npart = torch.zeros(n_keys + 1, dtype=torch.int32, device=dev)
-    if causal:
-        m = torch.arange(NQ, device=dev).view(1, 1, NQ, 1)
-        part = valid & ((idx + 1) * bs - 1 > (Lk - Lq) + m * bs)
-        npart.index_add_(0, key, part.flatten().to(torch.int32))
-    npart = npart[:n_keys]
-    lengths = offsets[1:] - offsets[:-1]
-    order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
-    return offsets, qblocks, npart, order
+    return offsets, qblocks, npart[:-1], order
 
 
 def _last_dim_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block_size: int, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt_c: Tensor, nfull: Tensor, order: Tensor,
+              block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     NQ, NK, MB = idx.shape[2], math.ceil(Lk / block_size), idx.shape[3]
-    idx = idx.to(torch.int32).contiguous()
-    cnt, nfull, order = _plan_forward(idx, cnt, Lq, Lk, block_size, causal)
-    fill = float("nan") if POISON_OUTPUTS else None
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    if fill is not None:
-        o.fill_(fill)
-        lse.fill_(fill)
+    if POISON_OUTPUTS:
+        o.fill_(float("nan"))
+        lse.fill_(float("nan"))
     n_work = B * Hkv * NQ
     _launch("fwd", _fwd_tuned, _fwd_kernel, lambda c: n_work * triton.cdiv(G * block_size, c["BLOCK_M"]),
-            q, k, v, o, lse, idx, cnt, nfull, order,
+            q, k, v, o, lse, idx, cnt_c, nfull, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E,
@@ -445,92 +543,114 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Tensor, block_s
     return o, lse
 
 
+def _bwd_prep(do: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None):
+    B, Hq, Lq, D = o.shape
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=o.device)
+    lse2 = torch.empty_like(delta)
+    dl = dlse.to(torch.float32).contiguous() if dlse is not None else delta
+    r = 32 if D <= 64 else 16
+    _bwd_prep_kernel[(triton.cdiv(Lq, r), B * Hq)](o, do, lse.contiguous(), dl, lse2, delta, o.stride(0), o.stride(1),
+                                                   o.stride(2), do.stride(0), do.stride(1), do.stride(2), Hq, Lq,
+                                                   HAS_DLSE=dlse is not None, D=D, R=r)
+    return lse2, delta
+
+
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
-              idx: Tensor, cnt: Tensor, block_size: int, causal: bool, scale: float):
-    q, k, v, do = (_last_dim_contig(t) for t in (q, k, v, do))
+              idx: Tensor, cnt_c: Tensor, nfull: Tensor, order_q: Tensor, keys: Tensor, npart: Tensor,
+              block_size: int, causal: bool, scale: float, fused: bool):
+    q, k, v, do, o = (_last_dim_contig(t) for t in (q, k, v, do, o))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     NQ, NK, MB = idx.shape[2], math.ceil(Lk / block_size), idx.shape[3]
-    idx = idx.to(torch.int32).contiguous()
-    cnt_c, nfull, order_q = _plan_forward(idx, cnt, Lq, Lk, block_size, causal)
-    rev_off, rev_m, rev_npart, order_k = build_reverse_index(idx, cnt_c, Lq, Lk, block_size, causal)
+    rev_off, rev_perm, rev_npart, order_k = _reverse_from_keys(keys, npart)
+    lse2, delta = _bwd_prep(do, o, lse, dlse)
 
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isneginf(lse), math.inf, lse * LOG2E).contiguous()
-
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if fused:
+        dq_acc = torch.zeros((B, Hq, Lq, D), dtype=torch.float32, device=q.device)
+        dq = None
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq_acc = dk  # unused
     if POISON_OUTPUTS:
         for t in (dq, dk, dv):
-            t.fill_(float("nan"))
+            if t is not None:
+                t.fill_(float("nan"))
     prec = _dot_prec(q.dtype)
-    n_qwork = B * Hkv * NQ
-    _launch("dq", _dq_tuned, _dq_kernel, lambda c: n_qwork * triton.cdiv(G * block_size, c["BLOCK_M"]),
-            q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
-            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+    if not fused:
+        n_qwork = B * Hkv * NQ
+        _launch("dq", _dq_tuned, _dq_kernel, lambda c: n_qwork * triton.cdiv(G * block_size, c["BLOCK_M"]),
+                q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
+                G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
     n_kwork = B * Hkv * NK
-    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, lambda c: n_kwork * (block_size // c["BLOCK_N"]),
-            q, k, v, do, dk, dv, lse2, delta, rev_off, rev_m, rev_npart, order_k,
+    name, tuned = ("fused", _fused_tuned) if fused else ("dkdv", _dkdv_tuned)
+    _launch(name, tuned, _dkdv_kernel, lambda c: n_kwork * (block_size // c["BLOCK_N"]),
+            q, k, v, do, dk, dv, dq_acc, lse2, delta, rev_off, rev_perm, rev_npart, order_k,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            Hkv, Lq, Lk, NK, scale * LOG2E, scale,
-            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
+            G=G, BS=block_size, D=D, CAUSAL=causal, FUSED=fused, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+    if fused:
+        dq = dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
     return dq, dk, dv
 
 
-# torch.compile sees these two ops as opaque nodes (with fake implementations for shape inference).
+# torch.compile sees these ops as opaque nodes (with fake implementations for shape inference).
 @torch.library.custom_op("memsparse::sparse_attention_fwd", mutates_args=())
-def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor,
-                         block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Forward kernels: (o (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) fp32)."""
-    return _fwd_impl(q, k, v, block_indices, block_counts, block_size, causal, scale)
+def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cnt_c: Tensor, nfull: Tensor,
+                         order: Tensor, keys: Tensor, npart: Tensor, block_size: int, causal: bool,
+                         scale: float) -> tuple[Tensor, Tensor]:
+    """Forward kernel on a plan from `sparse_attention_plan` (keys/npart ride along for the backward):
+    (o (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) fp32)."""
+    return _fwd_impl(q, k, v, block_indices, cnt_c, nfull, order, block_size, causal, scale)
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, block_indices, block_counts, block_size, causal, scale):
+def _(q, k, v, block_indices, cnt_c, nfull, order, keys, npart, block_size, causal, scale):
     B, Hq, Lq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("memsparse::sparse_attention_bwd", mutates_args=())
 def sparse_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                         dlse: Tensor | None, block_indices: Tensor, block_counts: Tensor, block_size: int,
-                         causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                         dlse: Tensor | None, block_indices: Tensor, cnt_c: Tensor, nfull: Tensor, order: Tensor,
+                         keys: Tensor, npart: Tensor, block_size: int, causal: bool, scale: float,
+                         fused: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Backward kernels: (dq, dk, dv) shaped like (q, k, v)."""
-    return _bwd_impl(do, q, k, v, o, lse, dlse, block_indices, block_counts, block_size, causal, scale)
+    return _bwd_impl(do, q, k, v, o, lse, dlse, block_indices, cnt_c, nfull, order, keys, npart, block_size,
+                     causal, scale, fused)
 
 
 @sparse_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, dlse, block_indices, block_counts, block_size, causal, scale):
+def _(do, q, k, v, o, lse, dlse, block_indices, cnt_c, nfull, order, keys, npart, block_size, causal, scale,
+      fused):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, cnt, block_size, causal, scale = inputs
+    q, k, v, idx, cnt_c, nfull, order, keys, npart, block_size, causal, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, idx, cnt)
+    ctx.save_for_backward(q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart)
     ctx.meta = (block_size, causal, scale)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, idx, cnt = ctx.saved_tensors
+    q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart = ctx.saved_tensors
     block_size, causal, scale = ctx.meta
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, dlse, idx, cnt, block_size, causal, scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, dlse, idx, cnt_c, nfull, order, keys, npart,
+                                      block_size, causal, scale, bwd_mode() == "fused")
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -544,5 +664,8 @@ def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_indices: Tens
     if block_indices.shape[-1] == 0:  # no slots at all: one padding slot keeps pointers valid
         block_indices = block_indices.new_zeros((*block_indices.shape[:3], 1))
         block_counts = torch.zeros_like(block_counts)
-    o, lse = sparse_attention_fwd(q, k, v, block_indices, block_counts, block_size, causal, scale)
+    idx = block_indices.to(torch.int32).contiguous()
+    Lq, Lk = q.shape[2], k.shape[2]
+    plan = sparse_attention_plan(idx, block_counts, Lq, Lk, block_size, causal)
+    o, lse = sparse_attention_fwd(q, k, v, idx, *plan, block_size, causal, scale)
     return (o, lse) if return_lse else o

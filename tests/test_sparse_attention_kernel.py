@@ -26,6 +26,7 @@ from memsparse.kernels.sparse_attention_reference import (  # noqa: E402
 def _poison(monkeypatch):
     monkeypatch.setattr(tri, "POISON_OUTPUTS", True)
     monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv(tri.BWD_ENV_VAR, raising=False)  # default backward: split
 
 
 def make_lists(B, Hkv, Lq, Lk, bs, kind, gen, causal=True):
@@ -154,19 +155,60 @@ def test_kernel_matches_oracle_and_reference(case):
     check_case(*case)
 
 
-def test_non_causal_and_custom_scale():
+# The fused backward (MEMSPARSE_SPARSE_ATTENTION_BWD=fused, dQ by atomics) on the same oracle: GQA 1/2/4, odd
+# lengths, Lq < Lk, duplicates/junk, full, window and empty lists; the fast cases above run the default (split).
+FUSED_CASES = [FAST_CASES[0], FAST_CASES[1], FAST_CASES[2], FAST_CASES[3], FAST_CASES[4], FAST_CASES[6]]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_backward_matches_oracle(monkeypatch, case):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, "fused")
+    check_case(*case, seed=9)
+
+
+def test_fused_and_split_backward_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 90, 32, generator=gen)
+    k, v = torch.randn(1, 2, 110, 32, generator=gen), torch.randn(1, 2, 110, 32, generator=gen)
+    do = torch.randn(1, 4, 90, 32, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(1, 4, 90, generator=gen, dtype=torch.float64)
+    idx, cnt = make_lists(1, 2, 90, 110, 16, "random", gen)
+
+    def fn(*t):
+        return sparse_attention(*t, idx, cnt, block_size=16, return_lse=True, impl="triton")
+
+    got = {}
+    for mode in ("split", "fused"):
+        monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
+        got[mode] = fwd_bwd(fn, q, k, v, do, dlse)
+    for a, b in zip(got["fused"], got["split"]):
+        fin = torch.isfinite(b)
+        assert torch.equal(fin, torch.isfinite(a)) and rel(a[fin], b[fin]) <= 1e-5
+    monkeypatch.setenv(tri.BWD_ENV_VAR, "atomic")
+    with pytest.raises(ValueError, match="BWD"):
+        fwd_bwd(fn, q, k, v, do, dlse)
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_non_causal_and_custom_scale(monkeypatch, mode):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
     check_case(1, 4, 2, 40, 77, 16, 16, "random", causal=False, scale=0.3, seed=3)
 
 
-@pytest.mark.parametrize("tiles,bs,G", [((16, 16), 32, 1), ((64, 16), 16, 4), ((32, 16), 64, 2)])
-def test_tilings(monkeypatch, tiles, bs, G):
+@pytest.mark.parametrize("tiles,bs,G,mode", [((16, 16), 32, 1, "fused"), ((64, 16), 16, 4, "fused"),
+                                              ((32, 16), 64, 2, "fused"), ((32, 16), 64, 2, "split"),
+                                              ((16, 16), 32, 1, "split")])
+def test_tilings(monkeypatch, tiles, bs, G, mode):
     """BLOCK_N < block_size, BLOCK_M < block_size, and row tiles spanning several GQA heads."""
-    monkeypatch.setattr(tri, "INTERPRET_CONFIG", {"fwd": tiles, "dq": tiles, "dkdv": tiles[::-1]})
+    monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
+    monkeypatch.setattr(tri, "INTERPRET_CONFIG", {"fwd": tiles, "dq": tiles, "dkdv": tiles[::-1], "fused": tiles[::-1]})
     check_case(1, 2 * G, 2, 75, 99, 16, bs, "random", seed=bs + G)
 
 
+@pytest.mark.parametrize("mode", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
+def test_half_precision(monkeypatch, dtype, mode):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
     check_case(1, 4, 2, 60, 80, 32, 16, "window", dtype=dtype, seed=11)
 
 
@@ -324,11 +366,15 @@ SLOW_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", SLOW_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_sweep(case):
+def test_kernel_sweep(monkeypatch, case):
+    if case[-1] == "random":  # the random-list half of the sweep runs the fused backward, the rest the default
+        monkeypatch.setenv(tri.BWD_ENV_VAR, "fused")
     check_case(*case, seed=sum(case[:7]))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_large_blocks(dtype):
+def test_half_precision_large_blocks(monkeypatch, dtype, mode):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
     check_case(1, 4, 2, 200, 260, 128, 64, "random", dtype=dtype, seed=21)
