@@ -405,7 +405,9 @@ class NeuralMemory(nn.Module):
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
                   max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn)
         if impl == "chunked":
-            compiled = self.config.compile and inputs.k.is_cuda
+            # compiled for training only: inference-mode tensors (Lightning's validation) don't mix with compiled graphs
+            compiled = (self.config.compile and inputs.k.is_cuda and torch.is_grad_enabled()
+                        and not torch.is_inference_mode_enabled())
             return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, compiled=compiled,
                                  **kw)
         if impl == "sequential":
