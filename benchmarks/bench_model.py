@@ -5,6 +5,10 @@ tokens/s (median of timed steps) and peak GPU memory per sequence length. titans
 `bench` extra (carried as wheels to the GPU machine); a system that runs out of memory is recorded as OOM.
 
     python benchmarks/bench_model.py --lengths 2048,8192,32768 --out benchmarks/results
+
+System `memsparse-graph` is the same model trained through `memsparse.cuda_graph.GraphedLoss` (forward +
+backward replayed as one CUDA graph); before timing it, the graphed step is checked against the eager one on
+the GPU (loss and gradients on two different batches, so the static-input copy is exercised too).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memsparse.config import MemoryConfig, ModelConfig
+from memsparse.cuda_graph import GraphedLoss
 from memsparse.model import MemSparseLM
 
 VOCAB = 256
@@ -82,11 +87,46 @@ def step_fns(name: str, L: int, args):
             return model(ids, return_loss=True)
     else:
         model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile)
+        run = GraphedLoss(model.cuda()) if name.startswith("memsparse-graph") else model
 
         def loss_fn(ids):
             x = ids[:, :-1]
-            return model(x, labels=ids[:, 1:], return_logits=False).loss
+            return run(x, ids[:, 1:]).loss if run is not model else run(x, labels=ids[:, 1:], return_logits=False).loss
     return model, loss_fn
+
+
+def check_graph(L: int, args) -> dict:
+    """GraphedLoss vs the eager step on the GPU: loss and gradients on two batches (bf16 autocast)."""
+    torch.manual_seed(0)
+    model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile).cuda()
+    step = GraphedLoss(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {"L": L, "batches": []}
+    for _ in range(2):
+        ids = torch.randint(0, VOCAB, (1, L + 1), device="cuda")
+        x, y = ids[:, :-1], ids[:, 1:]
+        # graphed first: the capture must not run while an eager graph of the model (built on another
+        # stream, holding the parameters' gradient accumulators) is alive
+        with torch.autocast("cuda", torch.bfloat16):
+            out = step(x, y)
+        got_g = torch.autograd.grad(out.loss, params, allow_unused=True)
+        got_loss = float(out.loss)
+        del out
+        with torch.autocast("cuda", torch.bfloat16):
+            ref = model(x, labels=y, return_logits=False).loss
+        ref_g = torch.autograd.grad(ref, params, allow_unused=True)
+        ref_loss = float(ref)
+        del ref
+        num = sum(float((a.float() - r.float()).square().sum()) for a, r in zip(got_g, ref_g) if r is not None)
+        den = sum(float(r.float().square().sum()) for r in ref_g if r is not None)
+        res["batches"].append({"loss_eager": ref_loss, "loss_graph": got_loss,
+                               "grad_rel_err": (num / max(den, 1e-30)) ** 0.5,
+                               "grads_none_match": all((a is None) == (r is None) for a, r in zip(got_g, ref_g))})
+    res["ok"] = all(abs(r["loss_eager"] - r["loss_graph"]) <= 1e-3 * abs(r["loss_eager"]) and r["grad_rel_err"] < 1e-2
+                    and r["grads_none_match"] for r in res["batches"])
+    res["losses_differ"] = res["batches"][0]["loss_graph"] != res["batches"][1]["loss_graph"]
+    print("graph check:", res, flush=True)
+    return res
 
 
 def _status_of(e: BaseException) -> str:
@@ -111,6 +151,13 @@ def write_table(out: dict, path: Path) -> None:
                          f"{r['peak_gib']:.1f} |")
         else:
             lines.append(f"| {r['system']} | {r['L']} | {r.get('params_M', float('nan')):.1f} | {r['status']} | |")
+    chk = out.get("graph_check")
+    if chk:
+        errs = ", ".join(f"{b['grad_rel_err']:.1e}" for b in chk["batches"])
+        lines += ["", f"CUDA-graph step vs eager step at L={chk['L']} (two batches): "
+                      f"{'pass' if chk['ok'] and chk['losses_differ'] else 'FAIL'}; losses "
+                      + ", ".join(f"{b['loss_graph']:.4f} vs {b['loss_eager']:.4f}" for b in chk["batches"])
+                      + f"; gradient relative error {errs}"]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -158,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=256")
     ap.add_argument("--checkpointing", action="store_true", help="memsparse: activation checkpointing per block")
     ap.add_argument("--memory-compile", action="store_true", help="memsparse: memory chunk step under torch.compile")
+    ap.add_argument("--check-length", type=int, default=4096, help="length of the graphed-vs-eager check (0: skip)")
+    ap.add_argument("--name", default="model_throughput", help="results file stem")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -169,13 +218,19 @@ def main(argv=None):
         return
     ckpt = (", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
     names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window}{ckpt})",
+             "memsparse-graph": f"memsparse-graph MAC, CUDA graph (segment {args.segment}, window {args.window}{ckpt})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
-    rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in args.systems.split(",")]
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in names]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; choose from {sorted(names)}")
+    check = check_graph(args.check_length, args) if "memsparse-graph" in systems and args.check_length else None
+    rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in systems]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
-           "batch": 1, "precision": "bf16 autocast, AdamW", "rows": rows}
+           "batch": 1, "precision": "bf16 autocast, AdamW", "graph_check": check, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "model_throughput.json").write_text(json.dumps(out, indent=2))
-    write_table(out, Path(args.out) / "model_throughput.md")
+    (Path(args.out) / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    write_table(out, Path(args.out) / f"{args.name}.md")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,25 @@ block is in it, at longer lengths). Writes JSON + a markdown table to --out (def
 
     python benchmarks/bench_sparse_attention.py --out benchmarks/results
     python benchmarks/bench_sparse_attention.py --bwd-modes fused,split --out $OUT  # both backward variants
+    # one time-boxed GPU run (H100, ~9 min): every row, the compiler report, CUDA-graph timings and the bars
+    timeout -s TERM 560 python benchmarks/bench_sparse_attention.py --bwd-modes split --no-small-checks \
+        --report --deadline-s 490 --name sparse_attention_h100_v3 --out $OUT
+
+The run is a list of work items (one mask at one (length, heads), or the selection at one (length, heads)),
+ordered by importance (`work_items`); JSON + markdown are rewritten after every item, so a deadline or a
+kill keeps everything that finished. With --deadline-s, an item starts only if its estimated end
+(`estimate_s`, rescaled by how long finished items took against their estimates) is within that many
+seconds of the process start.
 
 With --bwd-modes, every listed backward (MEMSPARSE_SPARSE_ATTENTION_BWD) is checked and timed on the same
 inputs, and the first one fills the main table; without it the default backward is used.
+
+Per row, besides `do_bench` (which includes the host's launch work when that is longer than the GPU's),
+our fwd+bwd is also timed replaying a CUDA graph (GPU-only time; FlexAttention too when it captures), and
+the host (launch-side) ms per call is measured. --report adds, per Triton kernel of ours that ran, the
+autotuner's chosen config, every timed variant, and from the compiled kernel its registers, spills, shared
+memory and the occupancy they allow; and a per-kernel GPU time split (torch.profiler) of ours and Flex.
+The markdown ends with each of the issue's bars against the measured numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -153,14 +170,17 @@ def flex_block_mask(blk: torch.Tensor, G: int, L: int):
         b = b.to(torch.int32)
         return b.sum(-1).to(torch.int32), torch.argsort(b, dim=-1, descending=True, stable=True).to(torch.int32)
 
-    def causal(b, h, q_idx, kv_idx):
-        # Block sparsity comes from the BlockMask itself (the compiled kernel visits only listed blocks and
-        # evaluates mask_mod on the partial, diagonal ones); the run checks flex's output against ours.
-        return q_idx >= kv_idx
-
     kv_num, kv_idx = ordered(part)
     full_num, full_idx = ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BS, causal)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BS, flex_causal)
+
+
+def flex_causal(b, h, q_idx, kv_idx):
+    """FlexAttention mask_mod (one module-level function, so masks of one shape reuse the compiled kernels).
+
+    Block sparsity comes from the BlockMask itself (the compiled kernel visits only listed blocks and
+    evaluates mask_mod on the partial, diagonal ones); the run checks flex's output against ours."""
+    return q_idx >= kv_idx
 
 
 # ------------------------------------------------------------------------------------------- checking
@@ -276,7 +296,11 @@ def small_checks(log, modes=(None,)):
     return out
 
 
+
 # -------------------------------------------------------------------------------------------- timing
+SLOW_MS = 60.0  # calls slower than this are kernel-bound: one do_bench, no host-ms / graph / profiler pass
+
+
 def bench(fn, grads=None):
     from triton.testing import do_bench
 
@@ -284,7 +308,90 @@ def bench(fn, grads=None):
 
 
 def timed_pair(fn, grads=None):
-    return [bench(fn, grads), bench(fn, grads)]
+    """Two do_bench medians (the tables show the lower); one when the call is slow (already long timed)."""
+    t = [bench(fn, grads)]
+    if t[0] < SLOW_MS:
+        t.append(bench(fn, grads))
+    return t
+
+
+def _graph_bench_manual(fn, grads=None, rep_ms=40.0, retries=10):
+    """fn captured n times in one CUDA graph; ms per fn from event-timed replays (median)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for x in grads or ():
+                x.grad = None
+            fn()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(3):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        n = max(1, int(rep_ms / max(e0.elapsed_time(e1) / 3, 1e-3)))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for _ in range(n):
+                for x in grads or ():
+                    x.grad = None
+                fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(retries):
+            e0.record()
+            g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            out.append(e0.elapsed_time(e1) / n)
+    torch.cuda.current_stream().wait_stream(s)
+    out.sort()
+    return float(out[len(out) // 2])
+
+
+def graph_bench(fn, grads=None):
+    """GPU-only ms per call: fn replayed from a CUDA graph (no host launch cost; unlike do_bench, no L2 flush).
+
+    triton.testing.do_bench_cudagraph when it exists, else a manual capture (`_graph_bench_manual`)."""
+    try:
+        from triton.testing import do_bench_cudagraph
+    except ImportError:
+        return _graph_bench_manual(fn, grads)
+    try:
+        return float(do_bench_cudagraph(fn, rep=40, grad_to_none=grads, return_mode="median"))
+    except TypeError:  # an older signature without return_mode
+        return float(do_bench_cudagraph(fn, rep=40, grad_to_none=grads))
+
+
+def graph_pair(fn, grads=None):
+    return [graph_bench(fn, grads), graph_bench(fn, grads)]
+
+
+def gpu_kernel_split(fn, grads=(), n=2):
+    """torch.profiler over n calls: GPU ms per call of each kernel (by name), heaviest first, and the sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for x in grads:
+        x.grad = None
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            for x in grads:
+                x.grad = None
+            fn()
+        torch.cuda.synchronize()
+    tot = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        d = tot.setdefault(e.name, [0.0, 0])
+        d[0] += e.time_range.elapsed_us()
+        d[1] += 1
+    rows = sorted(({"name": k, "ms": v[0] / n / 1e3, "calls": v[1] / n} for k, v in tot.items()),
+                  key=lambda x: -x["ms"])
+    return {"kernels": rows, "total_ms": sum(x["ms"] for x in rows)}
 
 
 def sdpa_fn(G):
@@ -299,134 +406,452 @@ def sdpa_fn(G):
     return f
 
 
-def run_length(L, Hq, Hkv, args, flex_compiled, log):
-    G = Hq // Hkv
-    D = 128
-    nq = L // BS
-    dev = DEV
-    gen = torch.Generator(device=dev).manual_seed(L + Hkv)
-    q = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(1, Hkv, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
-    do = torch.randn(1, Hq, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
-    causal_pairs = Hq * L * (L + 1) / 2
-    res = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": BS, "masks": {}}
+# --------------------------------------------------------------------------- compiler / occupancy report
+# H100 (sm_90) per-SM limits used for the occupancy estimate.
+REGS_PER_SM = 65536
+SMEM_PER_SM = 232448  # bytes one SM can give to resident CTAs (227 KB)
+MAX_WARPS_PER_SM = 64
+MAX_CTAS_PER_SM = 32
+# Our Triton kernels (JITFunction attribute -> label) and their autotuners (attribute -> label).
+KERNELS = {"_fwd_kernel": "fwd", "_dq_kernel": "dq", "_dkdv_kernel": "dkdv", "_plan_kernel": "plan",
+           "_bwd_prep_kernel": "prep"}
+TUNERS = {"_fwd_tuned": "fwd", "_dq_tuned": "dq", "_dkdv_tuned": "dkdv", "_fused_tuned": "fused"}
+KERNEL_ORDER = ("fwd", "dq", "dkdv", "fused", "plan", "prep")
 
-    masks = {}
-    if "window+random" in args.masks:
-        masks["window+random"] = window_random_blocks(Hkv, nq, seed=L)
-    if "dense" in args.masks:
-        tri = torch.ones(nq, nq, dtype=torch.bool, device=dev).tril()
-        masks["dense"] = tri.expand(Hkv, nq, nq).contiguous()
 
+def occupancy(n_regs, shared, num_warps):
+    """Resident CTAs per SM allowed by registers, shared memory and warps; the min, warps/SM, the limiter."""
+    out = {"by_regs": None, "by_smem": None, "by_warps": None, "ctas": None, "warps_per_sm": None,
+           "occupancy": None, "limiter": None}
+    if not num_warps:
+        return out
+    lim = {"warps": MAX_WARPS_PER_SM // num_warps}
+    out["by_warps"] = lim["warps"]
+    if n_regs:
+        out["by_regs"] = lim["regs"] = REGS_PER_SM // (n_regs * 32 * num_warps)
+    if shared is not None:
+        out["by_smem"] = lim["smem"] = SMEM_PER_SM // shared if shared > 0 else MAX_CTAS_PER_SM
+    if "regs" not in lim or "smem" not in lim:  # without both, no honest minimum
+        return out
+    ctas = min(min(lim.values()), MAX_CTAS_PER_SM)
+    out["ctas"] = ctas
+    out["warps_per_sm"] = ctas * num_warps
+    out["occupancy"] = ctas * num_warps / MAX_WARPS_PER_SM
+    out["limiter"] = "/".join(k for k in ("regs", "smem", "warps") if lim[k] == ctas) or "cta cap"
+    return out
+
+
+def _config_dict(cfg):
+    kw = getattr(cfg, "kwargs", {}) or {}
+    return {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N"), "num_warps": getattr(cfg, "num_warps", None),
+            "num_stages": getattr(cfg, "num_stages", None)}
+
+
+def _ms(v):
+    """An autotuner timing: a float, or [median, p20, p80] (do_bench quantiles)."""
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def kernel_resources(ck):
+    """n_regs, n_spills, shared bytes, warps, stages and name of a triton CompiledKernel (None when missing)."""
+    out = {"n_regs": None, "n_spills": None, "shared": None, "num_warps": None, "num_stages": None, "name": None}
+    if ck is None:
+        return out
+    try:
+        if getattr(ck, "n_regs", None) is None and hasattr(ck, "_init_handles"):
+            ck._init_handles()  # registers/spills are known once the binary is loaded (it ran, so it is)
+    except Exception:
+        pass
+    md = getattr(ck, "metadata", None)
+
+    def get(name, *objs):
+        for o in objs:
+            x = o.get(name) if isinstance(o, dict) else getattr(o, name, None)
+            if x is not None:
+                return x
+        return None
+
+    for name in ("n_regs", "n_spills"):
+        x = getattr(ck, name, None)
+        out[name] = int(x) if x is not None else None
+    for name in ("shared", "num_warps", "num_stages"):
+        x = get(name, md, ck)
+        out[name] = int(x) if isinstance(x, (int, float)) else None
+    out["name"] = get("name", ck, md)
+    return out
+
+
+class KernelRecorder:
+    """Keeps every compiled variant of our Triton kernels that ran, with its config and launch grid.
+
+    Wraps each JITFunction's `run` (the autotuner benchmarks and launches through `fn.run`, which returns the
+    CompiledKernel), so nothing in the kernels module changes. `snapshot_tuning` reads each autotuner's cache
+    (tuning key -> chosen config) and `configs_timings` (the variants it timed) after a work item."""
+
+    def __init__(self, tri):
+        self.tri = tri
+        self.context = ""
+        self.compiled = {}  # id(CompiledKernel) -> entry
+        self.tuned = {}  # (tuner, repr(key)) -> entry
+        self._last_timings = {}
+        self.errors = []
+        self._patched = []
+        for attr, label in KERNELS.items():
+            fn = getattr(tri, attr, None)
+            orig = getattr(fn, "run", None)
+            if orig is None:
+                self.errors.append(f"{attr}: no JITFunction.run to wrap")
+                continue
+            try:
+                fn.run = self._wrap(orig, label)
+                self._patched.append((fn, orig))
+            except Exception as e:
+                self.errors.append(f"{attr}: {e!r}"[:200])
+
+    def _wrap(self, orig, label):
+        def run(*args, **kwargs):
+            ck = orig(*args, **kwargs)
+            try:
+                self._record(label, kwargs, ck)
+            except Exception as e:  # never break a launch for the report
+                if len(self.errors) < 10:
+                    self.errors.append(f"record {label}: {e!r}"[:200])
+            return ck
+
+        return run
+
+    def _record(self, label, kw, ck):
+        if ck is None:
+            return
+        e = self.compiled.get(id(ck))
+        if e is None:
+            if kw.get("FUSED"):
+                label = "fused"
+            e = {"kernel": label, "ck": ck, "launches": 0, "programs": {},
+                 "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED")
+                                if isinstance(kw.get(k), (int, bool))},
+                 "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages")}
+            self.compiled[id(ck)] = e
+        e["launches"] += 1
+        if self.context not in e["programs"]:
+            e["programs"][self.context] = None
+            grid = kw.get("grid")
+            if callable(grid):
+                grid = grid(kw)
+            e["programs"][self.context] = int(math.prod(int(x) for x in grid))
+
+    def restore(self):
+        for fn, orig in self._patched:
+            try:
+                del fn.run  # back to the class's method
+            except Exception:
+                try:
+                    fn.run = orig
+                except Exception:
+                    pass
+        self._patched = []
+
+    def snapshot_tuning(self):
+        for attr, label in TUNERS.items():
+            t = getattr(self.tri, attr, None)
+            cache = getattr(t, "cache", None)
+            if not isinstance(cache, dict):
+                continue
+            names = list(getattr(t, "keys", None) or [])
+            timings = getattr(t, "configs_timings", None)
+            fresh = isinstance(timings, dict) and timings is not self._last_timings.get(label)
+            new = [k for k in cache if (label, repr(k)) not in self.tuned]
+            for k in new:
+                kt = k if isinstance(k, tuple) else (k,)
+                key = {(names[i] if i < len(names) else "dtype"): str(v) for i, v in enumerate(kt)
+                       if i < len(names) or i == len(names)}
+                entry = {"tuner": label, "key": key, "best": _config_dict(cache[k]), "context": self.context,
+                         "timings": None}
+                if fresh and len(new) == 1:  # the autotuner keeps only the last tuning's timings
+                    entry["timings"] = [dict(_config_dict(c), ms=_ms(v)) for c, v in timings.items()]
+                self.tuned[(label, repr(k))] = entry
+            if fresh:
+                self._last_timings[label] = timings
+
+    def report(self):
+        """JSON-able: device limits, autotuning (chosen + timed variants), every compiled variant's resources."""
+        dev = {"regs_per_sm": REGS_PER_SM, "smem_per_sm": SMEM_PER_SM, "max_warps_per_sm": MAX_WARPS_PER_SM,
+               "max_ctas_per_sm": MAX_CTAS_PER_SM}
+        try:
+            dev["sm_count"] = torch.cuda.get_device_properties(0).multi_processor_count
+        except Exception:
+            dev["sm_count"] = None
+        variants = []
+        for e in self.compiled.values():
+            res = kernel_resources(e["ck"])
+            nw = res["num_warps"] or e["num_warps"]
+            ns = res["num_stages"] or e["num_stages"]
+            variants.append({"kernel": e["kernel"], **e["constexprs"], "num_warps": nw, "num_stages": ns,
+                             "n_regs": res["n_regs"], "n_spills": res["n_spills"], "shared": res["shared"],
+                             "name": res["name"], "occupancy": occupancy(res["n_regs"], res["shared"], nw),
+                             "launches": e["launches"], "programs": dict(e["programs"])})
+        return {"device": dev, "tuning": list(self.tuned.values()), "compiled": variants, "errors": self.errors}
+
+
+# ------------------------------------------------------------------------------------------ work items
+ROW_KEYS = ("L", "Hq", "Hkv")
+
+
+def parse_heads(spec: str):
+    return [tuple(int(x) for x in hp.split("/")) for hp in spec.split(",") if hp]
+
+
+def work_items(lengths, heads, masks, select: bool):
+    """(kind, L, Hq, Hkv) in the order that matters for the issue, so a deadline cuts the least important:
+    window+random at 32K (first heads), 128K (first heads), 32K (other heads), 8K; dense at 32K / 8K; the
+    selection at 32K (first heads); then the rest (other lengths' window+random, 128K dense, other selections)."""
+    h0 = heads[0] if heads else None
+
+    def rank(kind, L, h):
+        if kind == "window+random":
+            if L == 32768 and h == h0:
+                return 0
+            if L == 131072 and h == h0:
+                return 1
+            return {32768: 2, 8192: 3}.get(L, 7)
+        if kind == "dense":
+            if L == 32768 and h == h0:
+                return 4
+            return 4.5 if L <= 32768 else 8
+        if kind == "select":
+            return 5 if (L == 32768 and h == h0) else 9
+        return 10  # another mask kind
+
+    kinds = list(masks) + (["select"] if select else [])
+    items = [(kind, L, *h) for kind in kinds for L in lengths for h in heads]
+    pos = {it: i for i, it in enumerate(items)}
+    return sorted(items, key=lambda it: (rank(it[0], it[1], tuple(it[2:])), lengths.index(it[1]),
+                                         heads.index(tuple(it[2:])), pos[it]))
+
+
+EST_S = {"window+random": {8192: 20, 32768: 30, 131072: 40}, "dense": {8192: 12, 32768: 20, 131072: 45},
+         "select": {8192: 15, 32768: 20, 131072: 40}}
+AUTOTUNE_S = 35  # first item of a GQA group: fwd/dq/dkdv autotuning (~14 configs compiled and timed)
+FLEX_COMPILE_S = 20  # FlexAttention fwd+bwd compile for a new (L, heads) shape
+SDPA_S = {8192: 2, 32768: 4, 131072: 15}  # the dense SDPA baseline of a new (L, heads)
+
+
+def estimate_s(item, state, flex_dense=False):
+    """Seconds an item should take, with its one-time costs (autotuning, Flex compile, SDPA baseline)."""
+    kind, L, Hq, Hkv = item
+    t = EST_S.get(kind, {}).get(L, 30 * max(L / 32768, 0.5))
+    if Hq // Hkv not in state["tuned_groups"]:
+        t += AUTOTUNE_S
+    if (kind != "dense" or flex_dense) and (L, Hq, Hkv) not in state["flex_shapes"]:
+        t += FLEX_COMPILE_S
+    if kind != "select" and (L, Hq, Hkv) not in state["sdpa_rows"]:
+        t += SDPA_S.get(L, 5)
+    return t
+
+
+def make_inputs(L, Hq, Hkv, D=128):
+    """Deterministic per (L, Hkv), so every item of one (L, heads) sees the same tensors."""
+    gen = torch.Generator(device=DEV).manual_seed(L + Hkv)
+    q = torch.randn(1, Hq, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
+    do = torch.randn(1, Hq, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    sd, ks, vs = sdpa_fn(G), k, v
+    return types.SimpleNamespace(L=L, Hq=Hq, Hkv=Hkv, G=Hq // Hkv, D=D, nq=L // BS, q=q, k=k, v=v, do=do,
+                                 qg=qg, kg=kg, vg=vg)
+
+
+def sdpa_baseline(res, x, log):
+    """Dense causal SDPA flash fwd and fwd+bwd on the row's inputs (once per (L, heads))."""
+    if "sdpa" in res:
+        return res["sdpa"]
+    G, D = x.G, x.D
+    sd, ks, vs = sdpa_fn(G), x.k, x.v
     try:
         with torch.no_grad():
-            sd(q, k, v)
+            sd(x.q, x.k, x.v)
         res["sdpa_gqa"] = "enable_gqa" if G > 1 else "-"
     except RuntimeError as e:  # flash without GQA support: expand K/V once, outside the timed region
         log(f"SDPA flash refused GQA ({str(e)[:120]}); expanding K/V outside timing")
-        sd, ks, vs = sdpa_fn(1), k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        sd, ks, vs = sdpa_fn(1), x.k.repeat_interleave(G, 1), x.v.repeat_interleave(G, 1)
         res["sdpa_gqa"] = "kv expanded outside timing"
     ksg, vsg = ks.clone().requires_grad_(True), vs.clone().requires_grad_(True)
 
     def sdpa_fb():
-        sd(qg, ksg, vsg).backward(do)
+        sd(x.qg, ksg, vsg).backward(x.do)
 
     with torch.no_grad():
-        sdpa_fwd = timed_pair(lambda: sd(q, ks, vs))
-    sdpa_fb_t = timed_pair(sdpa_fb, [qg, ksg, vsg])
-    dense_flops = 4.0 * causal_pairs * D
-    res["sdpa"] = {"fwd_ms": sdpa_fwd, "fwdbwd_ms": sdpa_fb_t,
-                   "fwd_tflops": dense_flops / min(sdpa_fwd) / 1e9,
-                   "fwdbwd_tflops": 3.5 * dense_flops / min(sdpa_fb_t) / 1e9}
-    log(f"L={L} G={G} sdpa fwd {sdpa_fwd} fwd+bwd {sdpa_fb_t}")
+        fwd = timed_pair(lambda: sd(x.q, ks, vs))
+    fb = timed_pair(sdpa_fb, [x.qg, ksg, vsg])
+    x.qg.grad = None
+    dense_flops = 4.0 * x.Hq * x.L * (x.L + 1) / 2 * D
+    res["sdpa"] = {"fwd_ms": fwd, "fwdbwd_ms": fb, "fwd_tflops": dense_flops / min(fwd) / 1e9,
+                   "fwdbwd_tflops": 3.5 * dense_flops / min(fb) / 1e9}
+    log(f"L={x.L} {x.Hq}/{x.Hkv} sdpa fwd {fwd} fwd+bwd {fb}")
+    return res["sdpa"]
 
-    for name, blk in masks.items():
-        idx, cnt = blocks_to_lists(blk)
-        kept = kept_pairs(blk, G)
-        fwd_flops = 4.0 * kept * D
-        r = {"density": kept / causal_pairs, "kept_pairs": kept, "max_blocks": int(cnt.max()),
-             "mean_blocks": float(cnt.float().mean())}
-        t0 = time.time()
-        modes = args.bwd_modes.split(",") if args.bwd_modes else [None]
-        with bwd_mode(modes[0]):
-            r["check"] = check_kernel(q, k, v, idx, cnt, blk, full_check=(nq <= 64))
-        log(f"L={L} G={G} {name}: density {r['density']:.3f} check {r['check']} ({time.time() - t0:.1f}s)")
 
-        def ours_fwd(idx=idx, cnt=cnt):
-            return sparse_attention(q, k, v, idx, cnt, block_size=BS, impl="triton")
-
-        def ours_fb(idx=idx, cnt=cnt):
-            sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, impl="triton").backward(do)
-
-        with torch.no_grad():
-            r["ours_fwd_ms"] = timed_pair(ours_fwd)
-        with bwd_mode(modes[0]):
-            r["ours_fwdbwd_ms"] = timed_pair(ours_fb, [qg, kg, vg])
-        if args.bwd_modes:
-            r["bwd_modes"] = {}
-            for i, mode in enumerate(modes):
-                with bwd_mode(mode):
-                    chk = r["check"] if i == 0 else check_kernel(q, k, v, idx, cnt, blk, full_check=(nq <= 64))
-                    t_fb = r["ours_fwdbwd_ms"] if i == 0 else timed_pair(ours_fb, [qg, kg, vg])
-                    r["bwd_modes"][mode] = {"check": chk, "fwdbwd_ms": t_fb, "host_ms_per_fwdbwd": host_ms(ours_fb)}
-                log(f"L={L} G={G} {name} bwd={mode}: {json.dumps(r['bwd_modes'][mode])}")
-        r["ours_fwd_tflops"] = fwd_flops / min(r["ours_fwd_ms"]) / 1e9
-        r["ours_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["ours_fwdbwd_ms"]) / 1e9
-        r["ideal_fwd_ms"] = min(sdpa_fwd) * r["density"]
-        r["ideal_fwdbwd_ms"] = min(sdpa_fb_t) * r["density"]
-        r["ours_vs_ideal_fwd"] = min(r["ours_fwd_ms"]) / r["ideal_fwd_ms"]
-        r["ours_vs_ideal_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / r["ideal_fwdbwd_ms"]
-        if name == "dense":
-            r["ours_vs_sdpa_fwd"] = min(r["ours_fwd_ms"]) / min(sdpa_fwd)
-            r["ours_vs_sdpa_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / min(sdpa_fb_t)
-        if name != "dense" or args.flex_dense:
-            try:
-                flex_timings(r, blk, G, L, q, k, v, qg, kg, vg, do, ours_fwd, fwd_flops, flex_compiled)
-            except Exception as e:  # keep the rest of the run
-                r["flex_error"] = repr(e)[:500]
-        log(f"L={L} G={G} {name}: " + json.dumps({kk: vv for kk, vv in r.items() if kk != 'check'}))
-        res["masks"][name] = r
-
-    if select_blocks is not None and not args.no_select:
-        try:
-            res["selection"] = bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log)
-        except Exception as e:
-            res["selection"] = {"available": True, "error": repr(e)[:500]}
-            log(f"selection failed: {e!r}")
+def run_mask(res, x, name, args, flex_compiled, log):
+    """One mask at one (L, heads): check, our fwd / fwd+bwd (do_bench, host ms, CUDA graph), Flex, profiler."""
+    L, G, nq, D = x.L, x.G, x.nq, x.D
+    sd = sdpa_baseline(res, x, log)
+    if name == "window+random":
+        blk = window_random_blocks(x.Hkv, nq, seed=L)
+    elif name == "dense":
+        blk = torch.ones(nq, nq, dtype=torch.bool, device=DEV).tril().expand(x.Hkv, nq, nq).contiguous()
     else:
-        res["selection"] = {"available": False}
-    return res
+        raise ValueError(f"unknown mask {name!r}")
+    idx, cnt = blocks_to_lists(blk)
+    kept = kept_pairs(blk, G)
+    causal_pairs = x.Hq * L * (L + 1) / 2
+    fwd_flops = 4.0 * kept * D
+    r = {"density": kept / causal_pairs, "kept_pairs": kept, "max_blocks": int(cnt.max()),
+         "mean_blocks": float(cnt.float().mean())}
+    res["masks"][name] = r  # visible (partial) from here on; filled in as it goes
+    modes = args.bwd_modes.split(",") if args.bwd_modes else [None]
+    grads = [x.qg, x.kg, x.vg]
+    t0 = time.time()
+    with bwd_mode(modes[0]):
+        r["check"] = check_kernel(x.q, x.k, x.v, idx, cnt, blk, full_check=(nq <= 64))
+    r["bwd"] = modes[0] or "default"
+    log(f"L={L} G={G} {name}: density {r['density']:.3f} check {r['check']} ({time.time() - t0:.1f}s)")
+
+    def ours_fwd(idx=idx, cnt=cnt):
+        return sparse_attention(x.q, x.k, x.v, idx, cnt, block_size=BS, impl="triton")
+
+    def ours_fwd_ng():
+        with torch.no_grad():
+            return ours_fwd()
+
+    def ours_fb(idx=idx, cnt=cnt):
+        sparse_attention(x.qg, x.kg, x.vg, idx, cnt, block_size=BS, impl="triton").backward(x.do)
+
+    with torch.no_grad():
+        r["ours_fwd_ms"] = timed_pair(ours_fwd)
+    with bwd_mode(modes[0]):
+        r["ours_fwdbwd_ms"] = timed_pair(ours_fb, grads)
+        fast = min(r["ours_fwdbwd_ms"]) < SLOW_MS
+        if fast:
+            r["ours_host_ms_per_fwdbwd"] = host_ms(ours_fb)
+    if len(modes) > 1:
+        r["bwd_modes"] = {}
+        for i, mode in enumerate(modes):
+            with bwd_mode(mode):
+                chk = r["check"] if i == 0 else check_kernel(x.q, x.k, x.v, idx, cnt, blk, full_check=(nq <= 64))
+                t_fb = r["ours_fwdbwd_ms"] if i == 0 else timed_pair(ours_fb, grads)
+                r["bwd_modes"][mode] = {"check": chk, "fwdbwd_ms": t_fb,
+                                        "host_ms_per_fwdbwd": host_ms(ours_fb) if fast else None}
+            log(f"L={L} G={G} {name} bwd={mode}: {json.dumps(r['bwd_modes'][mode])}")
+    r["ours_fwd_tflops"] = fwd_flops / min(r["ours_fwd_ms"]) / 1e9
+    r["ours_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["ours_fwdbwd_ms"]) / 1e9
+    r["ideal_fwd_ms"] = min(sd["fwd_ms"]) * r["density"]
+    r["ideal_fwdbwd_ms"] = min(sd["fwdbwd_ms"]) * r["density"]
+    r["ours_vs_ideal_fwd"] = min(r["ours_fwd_ms"]) / r["ideal_fwd_ms"]
+    r["ours_vs_ideal_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / r["ideal_fwdbwd_ms"]
+    if name == "dense":
+        r["ours_vs_sdpa_fwd"] = min(r["ours_fwd_ms"]) / min(sd["fwd_ms"])
+        r["ours_vs_sdpa_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / min(sd["fwdbwd_ms"])
+    flex_fb = None
+    if name != "dense" or args.flex_dense:
+        try:
+            flex_fb = flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled)
+        except Exception as e:  # keep the rest of the run
+            r["flex_error"] = repr(e)[:500]
+            log(f"L={L} G={G} {name}: flex failed {e!r}"[:600])
+    # GPU-only times (CUDA graph replays) last: a capture that fails cannot spoil the numbers above.
+    if not args.no_graph and fast:
+        with bwd_mode(modes[0]):
+            for key, fn, gr in (("ours_fwd_graph_ms", ours_fwd_ng, None), ("ours_fwdbwd_graph_ms", ours_fb, grads)):
+                try:
+                    r[key] = graph_pair(fn, gr)
+                except Exception as e:
+                    r[key + "_error"] = repr(e)[:300]
+                    log(f"L={L} G={G} {name}: graph timing {key} failed {e!r}"[:400])
+                    _recover_cuda(log)
+        if flex_fb is not None:
+            try:
+                r["flex_fwdbwd_graph_ms"] = graph_pair(flex_fb, grads)
+            except Exception as e:
+                r["flex_fwdbwd_graph_ms_error"] = repr(e)[:300]
+                log(f"L={L} G={G} {name}: flex graph timing failed {e!r}"[:400])
+                _recover_cuda(log)
+        for g in grads:
+            g.grad = None
+    derived_graph(r)
+    if args.report and fast:
+        try:
+            with bwd_mode(modes[0]):
+                r["gpu_split_ours"] = gpu_kernel_split(ours_fb, grads)
+            if flex_fb is not None:
+                r["gpu_split_flex"] = gpu_kernel_split(flex_fb, grads)
+        except Exception as e:
+            r["gpu_split_error"] = repr(e)[:300]
+            log(f"L={L} G={G} {name}: profiler split failed {e!r}"[:400])
+    for g in grads:
+        g.grad = None
+    log(f"L={L} G={G} {name}: " + json.dumps({kk: vv for kk, vv in r.items()
+                                              if kk not in ("check", "gpu_split_ours", "gpu_split_flex")}))
+    return r
 
 
-def flex_timings(r, blk, G, L, q, k, v, qg, kg, vg, do, ours_fwd, fwd_flops, flex_compiled):
-    """FlexAttention (compiled) on the same kept blocks: output agreement with ours, then timings."""
-    bm = flex_block_mask(blk, G, L)
+def _recover_cuda(log):
+    """After a failed capture: make sure no capture is left open and the device still answers."""
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:
+        log(f"CUDA not usable after a failed capture: {e!r}"[:300])
+
+
+def derived_graph(r):
+    """Ratios from the CUDA-graph (GPU-only) times, where they exist."""
+    og = r.get("ours_fwdbwd_graph_ms")
+    if og:
+        r["ours_vs_ideal_fwdbwd_graph"] = min(og) / r["ideal_fwdbwd_ms"]
+        if r.get("flex_fwdbwd_ms"):
+            r["speedup_vs_flex_fwdbwd_graph"] = min(r["flex_fwdbwd_ms"]) / min(og)  # flex as do_bench timed it
+        if r.get("flex_fwdbwd_graph_ms"):
+            r["speedup_vs_flex_fwdbwd_both_graph"] = min(r["flex_fwdbwd_graph_ms"]) / min(og)
+        r["launch_overhead_share"] = max(0.0, 1 - min(og) / min(r["ours_fwdbwd_ms"]))
+
+
+def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
+    """FlexAttention (compiled) on the same kept blocks: output agreement with ours, then timings.
+    Returns its fwd+bwd callable (for the graph / profiler passes)."""
+    G = x.G
+    bm = flex_block_mask(blk, G, x.L)
 
     def flex_f(q_, k_, v_, bm=bm):
         return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
 
     with torch.no_grad():
-        r["flex_vs_ours_out_rel_err"] = rel(flex_f(q, k, v), ours_fwd())
-        r["flex_fwd_ms"] = timed_pair(lambda: flex_f(q, k, v))
+        r["flex_vs_ours_out_rel_err"] = rel(flex_f(x.q, x.k, x.v), ours_fwd())
+        r["flex_fwd_ms"] = timed_pair(lambda: flex_f(x.q, x.k, x.v))
 
     def flex_fb():
-        flex_f(qg, kg, vg).backward(do)
+        flex_f(x.qg, x.kg, x.vg).backward(x.do)
 
-    r["flex_fwdbwd_ms"] = timed_pair(flex_fb, [qg, kg, vg])
+    grads = [x.qg, x.kg, x.vg]
+    r["flex_fwdbwd_ms"] = timed_pair(flex_fb, grads)
+    if min(r["flex_fwdbwd_ms"]) < SLOW_MS:
+        r["flex_host_ms_per_fwdbwd"] = host_ms(flex_fb)
     r["flex_fwd_tflops"] = fwd_flops / min(r["flex_fwd_ms"]) / 1e9
     r["flex_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["flex_fwdbwd_ms"]) / 1e9
     r["speedup_vs_flex_fwd"] = min(r["flex_fwd_ms"]) / min(r["ours_fwd_ms"])
     r["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
     for m in r.get("bwd_modes", {}).values():
         m["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_ms"])
+    return flex_fb
 
 
-def bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log):
+def bench_selection(x, flex_compiled, log):
     """select_blocks (top-p, sink + 8 local blocks) + our fwd+bwd, vs FlexAttention on the same mask."""
     policy = "top_p:p=0.9,min=9,max=25"
+    q, k, qg, kg, vg, do, G = x.q, x.k, x.qg, x.kg, x.vg, x.do, x.G
 
     def sel():
         return select_blocks(q, k, block_size=BS, policy=policy, sink_blocks=1, local_blocks=8)
@@ -447,10 +872,14 @@ def bench_selection(q, k, v, qg, kg, vg, do, G, flex_compiled, log):
         flex_compiled(qg, kg, vg, block_mask=bm, enable_gqa=G > 1).backward(do)
 
     out = {"available": True, "policy": policy, "mean_blocks": float(cnt.float().mean()),
+           "density": kept_pairs(blk, G) / (x.Hq * x.L * (x.L + 1) / 2),
            "select_ms": timed_pair(lambda: sel()), "select_plus_ours_fwdbwd_ms": timed_pair(sel_fb, [qg, kg, vg]),
            "ours_fwdbwd_ms": timed_pair(ours_fb, [qg, kg, vg]), "flex_fwdbwd_ms": timed_pair(flex_fb, [qg, kg, vg])}
     out["speedup_vs_flex_with_selection"] = min(out["flex_fwdbwd_ms"]) / min(out["select_plus_ours_fwdbwd_ms"])
+    out["speedup_vs_flex_given_mask"] = min(out["flex_fwdbwd_ms"]) / min(out["ours_fwdbwd_ms"])
     out["selection_overhead"] = min(out["select_plus_ours_fwdbwd_ms"]) / min(out["ours_fwdbwd_ms"]) - 1
+    for g in (qg, kg, vg):
+        g.grad = None
     log("selection: " + json.dumps(out))
     return out
 
@@ -496,91 +925,408 @@ def breakdown(L, Hq, Hkv, log):
 
 
 # ------------------------------------------------------------------------------------------- report
-def fmt(x, p=2):
-    return "-" if x is None else f"{x:.{p}f}"
+def fmt(x, p=2, suffix=""):
+    return "-" if x is None else f"{x:.{p}f}{suffix}"
 
 
-def markdown(results, meta):
-    lines = [f"# Block-sparse attention: our Triton kernel vs FlexAttention vs SDPA flash ({meta['device']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D=128, causal, block 128; "
-             f"`do_bench` medians in ms (each timed twice, the lower shown); TFLOP/s on kept work "
-             f"(fwd 4*kept*D, fwd+bwd 3.5x). Command: `{meta['command']}`", "",
-             "| L | heads q/kv | mask | density | ours fwd | flex fwd | ours fwd+bwd | flex fwd+bwd | "
-             "TFLOP/s ours fwd / fwd+bwd | vs flex fwd / fwd+bwd | vs ideal fwd / fwd+bwd | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+def mn(x):
+    """The lower of a timing pair (None when missing)."""
+    return min(x) if x else None
+
+
+def kl(L):
+    return f"{L // 1024}K"
+
+
+def row_label(res, name=None):
+    return f"{kl(res['L'])} {res['Hq']}/{res['Hkv']}" + (f" {name}" if name else "")
+
+
+def max_err(check):
+    errs = (check or {}).get("errors") or {}
+    return max(errs.values()) if errs else None
+
+
+def sorted_rows(results):
+    return sorted(results, key=lambda r: (r["L"], -r["Hkv"]))
+
+
+def main_tables(results):
+    lines = ["| L | heads q/kv | mask | density | ours fwd | flex fwd | ours fwd+bwd | flex fwd+bwd | "
+             "ours fwd+bwd (graph) ms | TFLOP/s ours fwd / fwd+bwd | vs flex fwd / fwd+bwd | "
+             "vs flex fwd+bwd, ours graphed (flex do_bench / flex graphed) | vs ideal fwd / fwd+bwd | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted_rows(results):
         for name, m in r["masks"].items():
+            if "ours_fwdbwd_ms" not in m:
+                continue
             lines.append(
-                f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {name} | {m['density']:.3f} | "
-                f"{fmt(min(m['ours_fwd_ms']), 3)} | {fmt(min(m['flex_fwd_ms']), 3) if 'flex_fwd_ms' in m else '-'} | "
-                f"{fmt(min(m['ours_fwdbwd_ms']), 3)} | "
-                f"{fmt(min(m['flex_fwdbwd_ms']), 3) if 'flex_fwdbwd_ms' in m else '-'} | "
-                f"{m['ours_fwd_tflops']:.0f} / {m['ours_fwdbwd_tflops']:.0f} | "
-                f"{fmt(m.get('speedup_vs_flex_fwd'))}x / {fmt(m.get('speedup_vs_flex_fwdbwd'))}x | "
-                f"{m['ours_vs_ideal_fwd']:.2f} / {m['ours_vs_ideal_fwdbwd']:.2f} | "
-                f"{max(m['check']['errors'].values()):.1e} |")
+                f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {m['density']:.3f} | "
+                f"{fmt(mn(m.get('ours_fwd_ms')), 3)} | {fmt(mn(m.get('flex_fwd_ms')), 3)} | "
+                f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
+                f"{fmt(mn(m.get('ours_fwdbwd_graph_ms')), 3)} | "
+                f"{fmt(m.get('ours_fwd_tflops'), 0)} / {fmt(m.get('ours_fwdbwd_tflops'), 0)} | "
+                f"{fmt(m.get('speedup_vs_flex_fwd'), 2, 'x')} / {fmt(m.get('speedup_vs_flex_fwdbwd'), 2, 'x')} | "
+                f"{fmt(m.get('speedup_vs_flex_fwdbwd_graph'), 2, 'x')} / "
+                f"{fmt(m.get('speedup_vs_flex_fwdbwd_both_graph'), 2, 'x')} | "
+                f"{fmt(m.get('ours_vs_ideal_fwd'))} / {fmt(m.get('ours_vs_ideal_fwdbwd'))} | "
+                f"{_e(max_err(m.get('check')))} |")
+    lines += ["", "GPU-only (CUDA graph replays) vs `do_bench`, and the host's launch-side ms per fwd+bwd call "
+              "(10 calls, no sync); launch share = 1 - graph / do_bench:", "",
+              "| L | heads q/kv | mask | ours fwd graph | ours fwd+bwd do_bench | ours fwd+bwd graph | ours host ms | "
+              "launch share | flex fwd+bwd do_bench | flex fwd+bwd graph | flex host ms | ours vs ideal (graph) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted_rows(results):
+        for name, m in r["masks"].items():
+            if "ours_fwdbwd_ms" not in m:
+                continue
+            og = fmt(mn(m.get("ours_fwdbwd_graph_ms")), 3) if "ours_fwdbwd_graph_ms_error" not in m else "fail"
+            fg = fmt(mn(m.get("flex_fwdbwd_graph_ms")), 3) if "flex_fwdbwd_graph_ms_error" not in m else "fail"
+            share = m.get("launch_overhead_share")
+            lines.append(
+                f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {fmt(mn(m.get('ours_fwd_graph_ms')), 3)} | "
+                f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {og} | {fmt(m.get('ours_host_ms_per_fwdbwd'))} | "
+                f"{fmt(None if share is None else 100 * share, 0, '%')} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
+                f"{fg} | {fmt(m.get('flex_host_ms_per_fwdbwd'))} | {fmt(m.get('ours_vs_ideal_fwdbwd_graph'))} |")
     lines += ["", "Dense SDPA flash (same inputs) and our kernel on the dense causal list:", "",
               "| L | heads q/kv | SDPA fwd ms (TFLOP/s) | SDPA fwd+bwd ms (TFLOP/s) | ours dense fwd / fwd+bwd ms | "
               "ours / SDPA fwd, fwd+bwd |", "|---|---|---|---|---|---|"]
-    for r in results:
-        s, d = r["sdpa"], r["masks"].get("dense")
-        ours = (f"{min(d['ours_fwd_ms']):.3f} / {min(d['ours_fwdbwd_ms']):.3f} | {d['ours_vs_sdpa_fwd']:.2f} / "
-                f"{d['ours_vs_sdpa_fwdbwd']:.2f}") if d else "- | -"
-        lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {min(s['fwd_ms']):.3f} ({s['fwd_tflops']:.0f}) | "
-                     f"{min(s['fwdbwd_ms']):.3f} ({s['fwdbwd_tflops']:.0f}) | {ours} |")
-    bm = [(r, name, m) for r in results for name, m in r["masks"].items() if m.get("bwd_modes")]
-    if bm:
-        lines += ["", "Backward variants (MEMSPARSE_SPARSE_ATTENTION_BWD), same inputs; host ms = launch-side time "
-                  "per fwd+bwd call (10 calls, no sync):", "",
-                  "| L | heads q/kv | mask | bwd | ours fwd+bwd ms | flex fwd+bwd ms | SDPA fwd+bwd ms (dense) | "
-                  "vs flex | host ms | max rel err | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r, name, m in bm:
-            for mode, x in m["bwd_modes"].items():
-                flex = fmt(min(m["flex_fwdbwd_ms"]), 3) if "flex_fwdbwd_ms" in m else "-"
-                lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {name} | {mode} | "
-                             f"{min(x['fwdbwd_ms']):.3f} | {flex} | {min(r['sdpa']['fwdbwd_ms']):.3f} | "
-                             f"{fmt(x.get('speedup_vs_flex_fwdbwd'))}x | {x['host_ms_per_fwdbwd']:.2f} | "
-                             f"{max(x['check']['errors'].values()):.1e} | {'pass' if x['check']['pass'] else 'FAIL'} |")
+    for r in sorted_rows(results):
+        s, d = r.get("sdpa"), r["masks"].get("dense")
+        if not s:
+            continue
+        ours = (f"{fmt(mn(d.get('ours_fwd_ms')), 3)} / {fmt(mn(d.get('ours_fwdbwd_ms')), 3)} | "
+                f"{fmt(d.get('ours_vs_sdpa_fwd'))} / {fmt(d.get('ours_vs_sdpa_fwdbwd'))}") if d else "- | -"
+        lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {mn(s['fwd_ms']):.3f} ({s['fwd_tflops']:.0f}) | "
+                     f"{mn(s['fwdbwd_ms']):.3f} ({s['fwdbwd_tflops']:.0f}) | {ours} |")
+    return lines
+
+
+def _e(x):
+    return "-" if x is None else f"{x:.1e}"
+
+
+def variants_lines(results):
+    bm = [(r, name, m) for r in sorted_rows(results) for name, m in r["masks"].items() if m.get("bwd_modes")]
+    if not bm:
+        return []
+    lines = ["", "Backward variants (MEMSPARSE_SPARSE_ATTENTION_BWD), same inputs; host ms = launch-side time "
+             "per fwd+bwd call (10 calls, no sync):", "",
+             "| L | heads q/kv | mask | bwd | ours fwd+bwd ms | flex fwd+bwd ms | SDPA fwd+bwd ms (dense) | "
+             "vs flex | host ms | max rel err | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, name, m in bm:
+        for mode, x in m["bwd_modes"].items():
+            lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {mode} | {fmt(mn(x['fwdbwd_ms']), 3)} | "
+                         f"{fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | {fmt(mn(r['sdpa']['fwdbwd_ms']), 3)} | "
+                         f"{fmt(x.get('speedup_vs_flex_fwdbwd'), 2, 'x')} | {fmt(x.get('host_ms_per_fwdbwd'))} | "
+                         f"{_e(max_err(x['check']))} | {'pass' if x['check']['pass'] else 'FAIL'} |")
+    return lines
+
+
+def selection_lines(results):
+    sel = [r for r in sorted_rows(results) if r.get("selection", {}).get("available")]
+    if not sel:
+        return ["Selection: not run (`--no-select`, `select_blocks` unavailable, or past the deadline)."]
+    lines = ["Selection (`select_blocks`, top-p) + our fwd+bwd vs FlexAttention fwd+bwd on the selected mask "
+             "(Flex is given the mask: its time excludes the selection):", "",
+             "| L | heads q/kv | blocks/row | density | select ms | select + ours ms | ours ms | flex ms | overhead | "
+             "vs flex, selection included | vs flex, given the mask |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        s = r["selection"]
+        if "error" in s:
+            lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | error: {s['error'][:80]} |||||||||")
+            continue
+        lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {s['mean_blocks']:.1f} | {fmt(s.get('density'), 3)} | "
+                     f"{fmt(mn(s['select_ms']), 3)} | {fmt(mn(s['select_plus_ours_fwdbwd_ms']), 3)} | "
+                     f"{fmt(mn(s['ours_fwdbwd_ms']), 3)} | {fmt(mn(s['flex_fwdbwd_ms']), 3)} | "
+                     f"{100 * s['selection_overhead']:.1f}% | {s['speedup_vs_flex_with_selection']:.2f}x | "
+                     f"{fmt(s.get('speedup_vs_flex_given_mask'), 2, 'x')} |")
+    return lines
+
+
+def _cfg_str(c):
+    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps')} s{c.get('num_stages')}"
+
+
+def _uniq(vals, f=str):
+    u = sorted({v for v in vals if v is not None})
+    return "/".join(f(v) for v in u) if u else "n/a"
+
+
+def _occ_str(variants):
+    """CTAs/SM by regs / smem / warps -> min (limiter), for one or more compiled instances of a config."""
+    occ = [v["occupancy"] for v in variants]
+    if not occ:
+        return "n/a", "n/a"
+    parts = " / ".join(_uniq([o.get(k) for o in occ]) for k in ("by_regs", "by_smem", "by_warps"))
+    lim = _uniq([o.get("limiter") for o in occ])
+    ctas = _uniq([o.get("ctas") for o in occ])
+    wps = _uniq([o.get("warps_per_sm") for o in occ])
+    pct = _uniq([None if o.get("occupancy") is None else round(100 * o["occupancy"]) for o in occ])
+    return f"{parts} -> {ctas} ({lim})", f"{wps} ({pct}%)"
+
+
+def _matching(compiled, kernel, G, cfg):
+    return [v for v in compiled if v["kernel"] == kernel and str(v.get("G")) == str(G)
+            and v.get("BLOCK_M") == cfg.get("BLOCK_M") and v.get("BLOCK_N") == cfg.get("BLOCK_N")
+            and v.get("num_warps") == cfg.get("num_warps") and v.get("num_stages") == cfg.get("num_stages")]
+
+
+def report_lines(report, results):
+    """Markdown for the --report data: chosen configs, variants timed, compiled resources, waves, GPU split."""
+    if not report:
+        return []
+    dev, compiled = report.get("device", {}), report.get("compiled", [])
+    sms = dev.get("sm_count")
+    lines = ["", "## Compiler report (`--report`)", "",
+             f"Per kernel and autotuning key: the config the autotuner chose, and from the compiled kernel registers "
+             f"per thread, spills, shared memory, and the CTAs one SM can hold (by registers "
+             f"{dev.get('regs_per_sm', REGS_PER_SM)} // (regs*32*warps), by shared memory "
+             f"{dev.get('smem_per_sm', SMEM_PER_SM)} // shared, by warps "
+             f"{dev.get('max_warps_per_sm', MAX_WARPS_PER_SM)} // warps; the min and what sets it); "
+             f"{sms or 'n/a'} SMs. "
+             "Several values (a/b) = several compiled specializations of one config (e.g. list widths).", "",
+             "| kernel | G | tuned on | chosen BLOCK_MxBLOCK_N, warps, stages | regs/thread | spills | smem KB | "
+             "CTAs/SM regs / smem / warps -> min (limiter) | warps/SM (occupancy) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    tuning = sorted(report.get("tuning", []), key=lambda t: (KERNEL_ORDER.index(t["tuner"])
+                                                             if t["tuner"] in KERNEL_ORDER else 99,
+                                                             str(t["key"].get("G"))))
+    for t in tuning:
+        G = t["key"].get("G")
+        vs = _matching(compiled, t["tuner"], G, t["best"])
+        occ, wps = _occ_str(vs)
+        lines.append(f"| {t['tuner']} | {G} | {t.get('context') or '-'} | {_cfg_str(t['best'])} | "
+                     f"{_uniq([v['n_regs'] for v in vs])} | {_uniq([v['n_spills'] for v in vs])} | "
+                     f"{_uniq([v['shared'] for v in vs], lambda s: f'{s / 1024:.0f}')} | {occ} | {wps} |")
+    for v in compiled:
+        if v["kernel"] in ("plan", "prep"):
+            occ, wps = _occ_str([v])
+            lines.append(f"| {v['kernel']} (not tuned) | - | - | R={v.get('R')}, w{v.get('num_warps')} "
+                         f"s{v.get('num_stages')} | {fmt(v['n_regs'], 0)} | {fmt(v['n_spills'], 0)} | "
+                         f"{fmt(None if v['shared'] is None else v['shared'] / 1024, 0)} | {occ} | {wps} |")
+    timed = [t for t in tuning if t.get("timings")]
+    if timed:
+        lines += ["", "Variants timed by the autotuner (its do_bench median on the tuning row) with their "
+                  "compiled resources:", "",
+                  "| kernel | G | config | autotune ms | vs chosen | regs | spills | smem KB | CTAs/SM -> min "
+                  "(limiter) |", "|---|---|---|---|---|---|---|---|---|"]
+        for t in timed:
+            G = t["key"].get("G")
+            best = next((x["ms"] for x in t["timings"] if _cfg_str(x) == _cfg_str(t["best"])), None)
+            for x in sorted(t["timings"], key=lambda x: (x["ms"] is None, x["ms"] or 0)):
+                vs = _matching(compiled, t["tuner"], G, x)
+                occ, _ = _occ_str(vs)
+                ratio = x["ms"] / best if (x["ms"] and best) else None
+                lines.append(f"| {t['tuner']} | {G} | {_cfg_str(x)}{' (chosen)' if ratio == 1 else ''} | "
+                             f"{fmt(x['ms'], 3)} | {fmt(ratio, 2, 'x')} | {_uniq([v['n_regs'] for v in vs])} | "
+                             f"{_uniq([v['n_spills'] for v in vs])} | "
+                             f"{_uniq([v['shared'] for v in vs], lambda s: f'{s / 1024:.0f}')} | {occ} |")
+    waves = []
+    for t in tuning:
+        for v in _matching(compiled, t["tuner"], t["key"].get("G"), t["best"]):
+            ctas = v["occupancy"].get("ctas")
+            for ctx, n in v.get("programs", {}).items():
+                if n and ctx:
+                    w = n / (sms * ctas) if (sms and ctas) else None
+                    waves.append((t["tuner"], ctx, n, w))
+    if waves:
+        lines += ["", "Launch size of the chosen configs per row: programs, and waves = programs / (SMs x CTAs/SM) "
+                  "(a small or fractional last wave leaves SMs idle at the tail):", "",
+                  "| kernel | row | programs | waves |", "|---|---|---|---|"]
+        seen = set()
+        for kern, ctx, n, w in sorted(waves, key=lambda x: (x[1], KERNEL_ORDER.index(x[0])
+                                                            if x[0] in KERNEL_ORDER else 99)):
+            if (kern, ctx) not in seen:
+                seen.add((kern, ctx))
+                lines.append(f"| {kern} | {ctx} | {n} | {fmt(w, 2)} |")
+    splits = [(r, name, m) for r in sorted_rows(results) for name, m in r["masks"].items()
+              if m.get("gpu_split_ours")]
+    if splits:
+        lines += ["", "Where the GPU time of one fwd+bwd goes (torch.profiler, kernel ms per call, heaviest first; "
+                  "sum = all kernels incl. memsets/copies):", "",
+                  "| L | heads q/kv | mask | ours kernels (ms) | ours sum | flex kernels (ms) | flex sum |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def top(sp, n):
+            return ", ".join(f"{k['name'][:40]} {k['ms']:.3f}" for k in sp["kernels"][:n]) if sp else "-"
+
+        for r, name, m in splits:
+            fs = m.get("gpu_split_flex")
+            lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {top(m['gpu_split_ours'], 7)} | "
+                         f"{m['gpu_split_ours']['total_ms']:.3f} | {top(fs, 4)} | "
+                         f"{fmt(fs['total_ms'] if fs else None, 3)} |")
+    if report.get("errors"):
+        lines += ["", "Report collection notes: " + "; ".join(report["errors"][:10])]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ bars
+BARS = [
+    ("1", "fwd+bwd >= 1.3x faster than FlexAttention on identical masks (32K and 128K)", 1.3, "ge"),
+    ("2", "fwd+bwd within 1.2x of ideal (dense SDPA flash fwd+bwd x density)", 1.2, "le"),
+    ("3", "selection included, still >= 1.15x faster than FlexAttention given the mask", 1.15, "ge"),
+    ("4", "dense budget (full causal list) within 1.15x of SDPA flash fwd+bwd", 1.15, "le"),
+    ("5", "bf16 max rel err <= 1e-2 (o, lse, dq, dk, dv vs fp32 reference)", 1e-2, "le"),
+]
+
+
+def judge(value, target, op, ours_ms=None):
+    """met?, and how far: for a miss the factor our time must shrink by (and to what); for a pass the headroom."""
+    if value is None:
+        return None, "not measured"
+    met = value >= target if op == "ge" else value <= target
+    # factor > 1: ours must get that many times faster; < 1: ours could get that much slower and still pass
+    need = target / value if op == "ge" else value / target
+    if ours_ms is None:
+        gap = (f"off by {100 * (need - 1):.0f}%" if not met else f"margin {100 * (1 - need):.0f}%")
+    elif not met:
+        gap = (f"ours must get {need:.2f}x faster: {ours_ms:.3f} -> {ours_ms / need:.3f} ms "
+               f"(-{100 * (1 - 1 / need):.0f}%)")
+    else:
+        gap = f"headroom {100 * (1 / need - 1):.0f}% ({ours_ms:.3f} ms; the bar allows {ours_ms / need:.3f} ms)"
+    return met, gap
+
+
+def bars(results):
+    """Every bar against every measured row (computed from the numbers in `results`, nothing typed in)."""
+    out = []
+    for bid, text, target, op in BARS:
+        rows = []
+        for r in sorted_rows(results):
+            for name, m in r["masks"].items():
+                lab = row_label(r, name)
+                if bid == "1" and name != "dense" and r["L"] in (32768, 131072):
+                    rows.append((lab + " (do_bench)", m.get("speedup_vs_flex_fwdbwd"), mn(m.get("ours_fwdbwd_ms")),
+                                 True))
+                    if m.get("speedup_vs_flex_fwdbwd_both_graph") is not None:
+                        rows.append((lab + " (GPU-only: both CUDA-graphed)", m["speedup_vs_flex_fwdbwd_both_graph"],
+                                     mn(m.get("ours_fwdbwd_graph_ms")), False))
+                elif bid == "2" and name != "dense":
+                    rows.append((lab + " (do_bench)", m.get("ours_vs_ideal_fwdbwd"), mn(m.get("ours_fwdbwd_ms")), True))
+                    if m.get("ours_vs_ideal_fwdbwd_graph") is not None:
+                        rows.append((lab + " (ours CUDA-graphed)", m["ours_vs_ideal_fwdbwd_graph"],
+                                     mn(m.get("ours_fwdbwd_graph_ms")), False))
+                    rows.append((lab + " (fwd only)", m.get("ours_vs_ideal_fwd"), mn(m.get("ours_fwd_ms")), False))
+                elif bid == "4" and name == "dense":
+                    rows.append((lab + " fwd+bwd", m.get("ours_vs_sdpa_fwdbwd"), mn(m.get("ours_fwdbwd_ms")), True))
+                    rows.append((lab + " fwd only", m.get("ours_vs_sdpa_fwd"), mn(m.get("ours_fwd_ms")), False))
+                elif bid == "5" and m.get("check"):
+                    rows.append((lab, max_err(m["check"]), None, True))
+                    for mode, x in (m.get("bwd_modes") or {}).items():
+                        rows.append((f"{lab} bwd={mode}", max_err(x.get("check")), None, True))
+            s = r.get("selection") or {}
+            if bid == "3" and s.get("available") and "error" not in s:
+                rows.append((row_label(r, "selection"), s.get("speedup_vs_flex_with_selection"),
+                             mn(s.get("select_plus_ours_fwdbwd_ms")), True))
+        for lab, value, ours, primary in rows:
+            met, gap = judge(value, target, op, ours)
+            out.append({"bar": bid, "text": text, "row": lab, "value": value, "target": target, "op": op,
+                        "met": met, "gap": gap, "primary": primary})
+        if not rows:
+            out.append({"bar": bid, "text": text, "row": "-", "value": None, "target": target, "op": op,
+                        "met": None, "gap": "not measured in this run", "primary": True})
+    return out
+
+
+def bars_lines(bar_rows):
+    lines = ["", "## Bars (computed from the numbers above)", "",
+             "Primary rows use `do_bench` times (as every table above); secondary rows (GPU-only / fwd only) show "
+             "how much of a gap is launch overhead or the backward.", ""]
+    for bid, text, target, op in BARS:
+        rows = [b for b in bar_rows if b["bar"] == bid]
+        prim = [b for b in rows if b["primary"] and b["met"] is not None]
+        if prim:
+            worst = (min if op == "ge" else max)(prim, key=lambda b: b["value"])
+            head = (f"met in {sum(b['met'] for b in prim)}/{len(prim)} primary rows; worst {worst['row']}: "
+                    f"{_val(worst['value'], bid)} vs {'>=' if op == 'ge' else '<='} {_val(target, bid)}")
+        else:
+            head = "not measured in this run"
+        lines += [f"**Bar {bid}: {text}** ({head})", "", "| row | measured | target | status | how far |",
+                  "|---|---|---|---|---|"]
+        for b in rows:
+            status = "-" if b["met"] is None else ("met" if b["met"] else "MISSED")
+            lines.append(f"| {b['row']} | {_val(b['value'], bid)} | {'>=' if op == 'ge' else '<='} "
+                         f"{_val(target, bid)} | {status} | {b['gap']} |")
+        lines.append("")
+    return lines
+
+
+def _val(v, bid):
+    if v is None:
+        return "-"
+    return f"{v:.1e}" if bid == "5" else (f"{v:.2f}x" if bid in ("1", "3") else f"{v:.2f}")
+
+
+def markdown(results, meta, report=None, failures=()):
+    lines = [f"# Block-sparse attention: our Triton kernel vs FlexAttention vs SDPA flash ({meta['device']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D=128, causal, block 128; "
+             f"`do_bench` medians in ms (each timed twice, the lower shown; once above {SLOW_MS:.0f} ms); graph = "
+             f"CUDA-graph replays (GPU-only, no host launch cost, no L2 flush); TFLOP/s on kept work "
+             f"(fwd 4*kept*D, fwd+bwd 3.5x); ideal = SDPA time x density. Command: `{meta['command']}`", ""]
+    lines += main_tables(results)
+    lines += variants_lines(results)
     sc = meta.get("small_checks", [])
     if sc:
         lines += ["", f"Odd-shape GPU checks vs the reference (tails, Lq < Lk, GQA, duplicates, empty lists, "
                   f"dlse): {sum(c['pass'] for c in sc)}/{len(sc)} pass, max rel err "
                   f"{max(max(c['errors'].values()) for c in sc):.1e}."]
-    sel = [r for r in results if r.get("selection", {}).get("available") and "error" not in r["selection"]]
-    lines += [""]
-    if sel:
-        lines += ["Selection (`select_blocks`, top-p) + our fwd+bwd vs FlexAttention fwd+bwd on the selected mask:",
-                  "", "| L | heads q/kv | blocks/row | select ms | select + ours ms | ours ms | flex ms | "
-                  "overhead | speedup vs flex |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in sel:
-            s = r["selection"]
-            lines.append(f"| {r['L'] // 1024}K | {r['Hq']}/{r['Hkv']} | {s['mean_blocks']:.1f} | "
-                         f"{min(s['select_ms']):.3f} | {min(s['select_plus_ours_fwdbwd_ms']):.3f} | "
-                         f"{min(s['ours_fwdbwd_ms']):.3f} | {min(s['flex_fwdbwd_ms']):.3f} | "
-                         f"{100 * s['selection_overhead']:.1f}% | {s['speedup_vs_flex_with_selection']:.2f}x |")
-    else:
-        lines.append("Selection: `memsparse.kernels.block_select.select_blocks` not available in this run.")
+    lines += [""] + selection_lines(results)
+    lines += report_lines(report, results)
+    lines += bars_lines(bars(results))
+    run = meta.get("run") or {}
+    if run or failures:
+        lines += ["## Run", ""]
+        if run:
+            lines.append(f"{run.get('done', 0)} work items done, {len(run.get('skipped', []))} skipped past the "
+                         f"deadline, elapsed {fmt(run.get('elapsed_s'), 0)} s (deadline "
+                         f"{fmt(run.get('deadline_s'), 0)} s){'; INTERRUPTED' if run.get('interrupted') else ''}.")
+            if run.get("skipped"):
+                lines.append("Skipped: " + ", ".join(run["skipped"]) + ".")
+        for f in failures:
+            if not str(f.get("error", "")).startswith("skipped"):
+                last = (str(f.get("error", "")).strip().splitlines() or [""])[-1]
+                lines.append(f"Failed: {f.get('item')}: `{last[-300:]}` (traceback in the JSON / log)")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
+
+
+def process_start_time() -> float:
+    """Epoch seconds when this process started (Linux /proc), else now: the deadline counts imports too."""
+    try:
+        start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        return time.time()
+
+
 def main():
+    t_proc = process_start_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--lengths", default="8192,32768,131072")
-    ap.add_argument("--heads", default="16/16,16/4", help="q/kv head pairs")
+    ap.add_argument("--heads", default="16/16,16/4", help="q/kv head pairs (the first is the headline one)")
     ap.add_argument("--flex-dense", action="store_true", help="also time FlexAttention on the dense list")
     ap.add_argument("--no-select", action="store_true")
     ap.add_argument("--no-small-checks", action="store_true")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
+    ap.add_argument("--report", action="store_true",
+                    help="compiler/occupancy report of our Triton kernels + per-kernel GPU time split")
     ap.add_argument("--breakdown", action="store_true", help="only time the pieces of our fwd+bwd")
     ap.add_argument("--name", default="sparse_attention")
     ap.add_argument("--masks", default="window+random,dense", help="which block masks to run")
     ap.add_argument("--bwd-modes", default="", help="e.g. fused,split: check and time each backward variant")
     ap.add_argument("--deadline-s", type=float, default=0.0,
-                    help="skip (L, heads) runs that would start after this many seconds (0: no limit)")
+                    help="start a work item only if its estimated end is within this many seconds of the process "
+                         "start (0: no limit)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
+    from memsparse.kernels import sparse_attention_triton as tri
     from torch.nn.attention.flex_attention import flex_attention
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -599,35 +1345,115 @@ def main():
             setattr(torch._dynamo.config, name, 64)
     flex_compiled = torch.compile(flex_attention, dynamic=False)
     if args.breakdown:
-        rows = [breakdown(int(L), *(int(x) for x in hp.split("/")), log)
-                for L in args.lengths.split(",") for hp in args.heads.split(",")]
+        rows = [breakdown(L, Hq, Hkv, log) for L in (int(x) for x in args.lengths.split(","))
+                for Hq, Hkv in parse_heads(args.heads)]
         (out / f"{args.name}_breakdown.json").write_text(json.dumps({"meta": meta, "breakdown": rows}, indent=1))
         return
-    t0 = time.time()
-    t_start = time.time()
-    modes = tuple(args.bwd_modes.split(",")) if args.bwd_modes else (None,)
-    meta["small_checks"] = small_checks(log, modes) if not args.no_small_checks else []
-    log(f"small checks done in {time.time() - t0:.1f}s")
+
+    recorder = KernelRecorder(tri) if args.report else None
     results, failures = [], []
-    for L in (int(x) for x in args.lengths.split(",")):
-        for hp in args.heads.split(","):
-            Hq, Hkv = (int(x) for x in hp.split("/"))
-            t0 = time.time()
-            if args.deadline_s and t0 - t_start > args.deadline_s:
-                failures.append({"L": L, "heads": hp, "error": "skipped: past --deadline-s"})
-                log(f"L={L} {hp}: skipped (past --deadline-s)")
-                continue
+    lengths = [int(x) for x in args.lengths.split(",")]
+    heads = parse_heads(args.heads)
+    masks = [m for m in args.masks.split(",") if m]
+    items = work_items(lengths, heads, masks, select=select_blocks is not None and not args.no_select)
+    run = {"deadline_s": args.deadline_s or None, "planned": [_item_str(it) for it in items], "done": 0,
+           "skipped": [], "items": [], "interrupted": False}
+    meta["run"] = run
+
+    def write():
+        run["elapsed_s"] = time.time() - t_proc
+        report = None
+        if recorder is not None:
             try:
-                results.append(run_length(L, Hq, Hkv, args, flex_compiled, log))
+                recorder.snapshot_tuning()
+                report = recorder.report()
+            except Exception as e:
+                report = {"errors": [f"report failed: {e!r}"[:300]]}
+        doc = {"meta": meta, "results": sorted_rows(results), "failures": failures, "report": report,
+               "bars": bars(results)}
+        (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1, default=str))
+        md = markdown(results, meta, report, failures)
+        (out / f"{args.name}.md").write_text(md)
+        return md
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    md = ""
+    try:
+        modes = tuple(args.bwd_modes.split(",")) if args.bwd_modes else (None,)
+        t0 = time.time()
+        if recorder is not None:
+            recorder.context = "small checks"
+        meta["small_checks"] = small_checks(log, modes) if not args.no_small_checks else []
+        if not args.no_small_checks:
+            log(f"small checks done in {time.time() - t0:.1f}s")
+        state = {"tuned_groups": set(), "flex_shapes": set(), "sdpa_rows": set(), "est_sum": 0.0, "act_sum": 0.0}
+        for it in items:
+            kind, L, Hq, Hkv = it
+            est = estimate_s(it, state, args.flex_dense)
+            scale = min(max(state["act_sum"] / state["est_sum"], 0.5), 2.0) if state["est_sum"] > 0 else 1.0
+            now = time.time() - t_proc
+            if args.deadline_s and now + est * scale > args.deadline_s:
+                run["skipped"].append(_item_str(it))
+                failures.append({"item": _item_str(it), "error": f"skipped: at {now:.0f}s, estimated "
+                                 f"{est * scale:.0f}s would pass --deadline-s {args.deadline_s:.0f}"})
+                log(f"{_item_str(it)}: skipped at {now:.0f}s (estimated {est * scale:.0f}s, deadline "
+                    f"{args.deadline_s:.0f}s)")
+                continue
+            res = next((r for r in results if (r["L"], r["Hq"], r["Hkv"]) == (L, Hq, Hkv)), None)
+            if res is None:
+                res = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": 128, "block_size": BS, "masks": {}}
+                results.append(res)
+            if recorder is not None:
+                recorder.context = _item_str(it)
+            t_item = time.time()
+            x = None
+            try:
+                x = make_inputs(L, Hq, Hkv)
+                if kind == "select":
+                    try:
+                        res["selection"] = bench_selection(x, flex_compiled, log)
+                    except Exception as e:
+                        res["selection"] = {"available": True, "error": repr(e)[:500]}
+                        raise
+                else:
+                    run_mask(res, x, kind, args, flex_compiled, log)
             except Exception:
-                failures.append({"L": L, "heads": hp, "error": traceback.format_exc()[-2000:]})
+                if kind in res["masks"] and "ours_fwdbwd_ms" not in res["masks"][kind]:
+                    res["masks"].pop(kind)  # a partial row would read as a result
+                failures.append({"item": _item_str(it), "error": traceback.format_exc()[-2000:]})
                 log(failures[-1]["error"])
-            log(f"L={L} {Hq}/{Hkv} done in {time.time() - t0:.1f}s")
+            dt = time.time() - t_item
+            state["tuned_groups"].add(Hq // Hkv)
+            if "sdpa" in res:
+                state["sdpa_rows"].add((L, Hq, Hkv))
+            if kind != "dense" or args.flex_dense:
+                state["flex_shapes"].add((L, Hq, Hkv))
+            state["est_sum"] += est
+            state["act_sum"] += dt
+            run["done"] += 1
+            run["items"].append({"item": _item_str(it), "estimated_s": est, "took_s": dt})
+            log(f"{_item_str(it)} done in {dt:.1f}s (estimated {est:.0f}s); elapsed {time.time() - t_proc:.0f}s")
+            del x
             torch.cuda.empty_cache()
-            (out / f"{args.name}.json").write_text(
-                json.dumps({"meta": meta, "results": results, "failures": failures}, indent=1))
-            (out / f"{args.name}.md").write_text(markdown(results, meta))
-    print(markdown(results, meta))
+            md = write()
+    except (SystemExit, KeyboardInterrupt):
+        run["interrupted"] = True
+        log("interrupted: writing what finished")
+    finally:
+        if recorder is not None:
+            recorder.context = ""
+        md = write()
+        if recorder is not None:
+            recorder.restore()
+    print(md)
+
+
+def _item_str(it):
+    kind, L, Hq, Hkv = it
+    return f"{kl(L)} {Hq}/{Hkv} {'selection' if kind == 'select' else kind}"
 
 
 if __name__ == "__main__":

@@ -405,7 +405,9 @@ class MemSparseLM(nn.Module):
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk, ls in zip(self.blocks, state.layers):
             if ckpt:  # keep only each block's input; recompute the block (memory loop included) in backward
-                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, use_reentrant=False)
+                # nothing random inside; not stashing RNG state also keeps it CUDA-graph capturable
+                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, use_reentrant=False,
+                                   preserve_rng_state=False)
             else:
                 x, ls = blk(x, ls, state.pos, state.total_length, stats)
             new_layers.append(ls)
@@ -540,7 +542,7 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int 
     for i in range(0, hf.shape[0], chunk):
         hc, lc = hf[i:i + chunk], lf[i:i + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(piece, hc, lc, use_reentrant=False)
+            total = total + checkpoint(piece, hc, lc, use_reentrant=False, preserve_rng_state=False)
         else:
             total = total + piece(hc, lc)
     return total / count

@@ -357,6 +357,45 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
         _trainer(tmp_path, 1).fit(module, datamodule=_datamodule())
 
 
+def _fit_params(tmp_path: Path, module: MemSparseLightningModule) -> list[torch.Tensor]:
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accumulate_grad_batches=2, gradient_clip_val=0.05, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=_datamodule())
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch):
+    """The graphed step (its static-buffer path, graph=False: CPU) under Lightning with gradient accumulation
+    and clipping ends at the eager run's weights."""
+    import lightning.pytorch as pl
+
+    from memsparse.cuda_graph import GraphedLoss
+
+    pl.seed_everything(0)
+    init = [p.detach().clone() for p in _tiny_module().parameters()]
+    pl.seed_everything(0)
+    eager = _fit_params(tmp_path / "eager", _tiny_module())
+    pl.seed_everything(0)
+    module = _tiny_module(cuda_graph=True)
+    monkeypatch.setattr(MemSparseLightningModule, "_check_cuda_graph", lambda self: None)
+    module._graphed = GraphedLoss(module.model, graph=False)
+    graphed = _fit_params(tmp_path / "graphed", module)
+    assert module._graphed.replays == 6 and module._graphed.captures == 1
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert sum(not torch.equal(a, b) for a, b in zip(eager, init)) > 10  # it trained
+
+
+def test_cuda_graph_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="exclusive"):
+        _tiny_module(compile=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        _trainer(tmp_path, 1).fit(_tiny_module(cuda_graph=True), datamodule=_datamodule())
+
+
 def test_lr_schedule():
     from memsparse.train.module import WarmupCosine
 

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memsparse.config import ConfigError, ModelConfig, from_dict
+from memsparse.cuda_graph import GraphedLoss
 from memsparse.model import MemSparseLM
 from memsparse.tokenizer import load_tokenizer
 
@@ -115,6 +116,8 @@ class MemSparseLightningModule(pl.LightningModule):
         total_steps: length of the cosine schedule; None: `trainer.estimated_stepping_batches` (max_steps).
         min_lr: the learning rate at the end of the cosine.
         compile: `torch.compile` the model (in place: checkpoint keys are unchanged).
+        cuda_graph: replay each training step's forward + backward as one CUDA graph
+            (`memsparse.cuda_graph.GraphedLoss`; CUDA only, not with FSDP or `compile`; validation stays eager).
         max_consecutive_nonfinite: stop the run after this many skipped (non-finite) steps in a row.
     """
 
@@ -129,6 +132,7 @@ class MemSparseLightningModule(pl.LightningModule):
         total_steps: int | None = None,
         min_lr: float = 3e-5,
         compile: bool = False,
+        cuda_graph: bool = False,
         max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
@@ -137,6 +141,9 @@ class MemSparseLightningModule(pl.LightningModule):
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
         if warmup_steps < 0 or (total_steps is not None and total_steps < 1):
             raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+        if compile and cuda_graph:
+            raise ValueError("compile and cuda_graph are exclusive: cuda_graph replays the eager step "
+                             "(set model.config.memory.compile for the compiled memory step inside the graph)")
         if max_consecutive_nonfinite < 1:
             raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
         self.save_hyperparameters(ignore=["config"])
@@ -145,6 +152,8 @@ class MemSparseLightningModule(pl.LightningModule):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
         self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
+        self.cuda_graph = cuda_graph
+        self._graphed: GraphedLoss | None = None
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self._loss_finite = True
@@ -163,9 +172,20 @@ class MemSparseLightningModule(pl.LightningModule):
         """Check the model's vocabulary against the datamodule's tokenizer; guard checkpoint loading."""
         self._check_vocab()
         self._guard_checkpoint_loading()
+        if self.cuda_graph and stage == "fit":
+            self._check_cuda_graph()
         if self.compile_model and not self._compiled:
             self.model.compile()
             self._compiled = True
+
+    def _check_cuda_graph(self) -> None:
+        dev = self.trainer.strategy.root_device
+        if dev.type != "cuda":
+            raise ValueError(f"model.cuda_graph=true needs a CUDA device, but this run trains on {dev}: "
+                             "set model.cuda_graph=false (or trainer.accelerator=gpu)")
+        if self._sharded():
+            raise ValueError("model.cuda_graph=true does not work with FSDP (parameters are gathered per step); "
+                             "use trainer.strategy=ddp or set model.cuda_graph=false")
 
     def _tokenizer(self) -> Any:
         trainer = self._trainer
@@ -225,7 +245,12 @@ class MemSparseLightningModule(pl.LightningModule):
         self._tokens_last = int(batch["input_ids"].numel())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["labels"])
+        if self.cuda_graph:
+            if self._graphed is None:
+                self._graphed = GraphedLoss(self.model)
+            out = self._graphed(batch["input_ids"], batch["labels"])
+        else:
+            out = self(batch["input_ids"], batch["labels"])
         loss = out.loss
         finite = bool(torch.isfinite(loss.detach()))
         self._loss_finite = self._loss_finite and finite  # over the micro-batches of this optimizer step

@@ -1,0 +1,112 @@
+"""GraphedLoss: the static-buffer step (graph=False on CPU; the CUDA capture itself is checked on the GPU by
+benchmarks/bench_model.py --cuda-graph) gives the eager model's loss, stats and gradients, composes with
+optimizers and gradient accumulation, and refuses what it cannot do."""
+
+import pytest
+import torch
+
+from memsparse.config import ConsolidationConfig, MemoryConfig, ModelConfig
+from memsparse.cuda_graph import GraphedLoss
+from memsparse.model import MemSparseLM
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
+                      segment=16, window=32, persistent_tokens=8, budget="fixed:3", memory_layers=[1],
+                      memory=MemoryConfig(heads=2, head_dim=8, chunk_size=16),
+                      consolidation=ConsolidationConfig(mode="fixed", passes=1))
+    return MemSparseLM(cfg).double().train()
+
+
+def batch(seed, B=2, L=80):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (B, L), generator=g)
+    labels = torch.randint(0, 50, (B, L), generator=g)
+    labels[:, :3] = -100
+    return ids, labels
+
+
+def grads_of(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def test_loss_stats_and_grads_equal_eager():
+    model = make_model()
+    ids, labels = batch(1)
+    ref = model(ids, labels, return_logits=False)
+    ref.loss.backward()
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+
+    step = GraphedLoss(model, graph=False)
+    out = step(ids, labels)
+    assert out.logits is None and out.loss.requires_grad
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-12, atol=1e-12)
+    assert out.stats.keys() == ref.stats.keys()
+    for k in ref.stats:
+        torch.testing.assert_close(out.stats[k], ref.stats[k], rtol=1e-12, atol=1e-12)
+    (3.0 * out.loss).backward()  # the incoming gradient scales the graph's gradients
+    for w, p in zip(want, model.parameters()):
+        if w is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, 3.0 * w, rtol=1e-10, atol=1e-12)
+    assert sum(p.grad is not None for p in model.parameters()) > 10
+
+
+def test_accumulation_and_optimizer_steps_equal_eager():
+    eager, graphed = make_model(), make_model()
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
+    opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-2)
+    step = GraphedLoss(graphed, graph=False)
+    for it in range(3):
+        for micro in range(2):  # two micro-batches per optimizer step, loss / 2 as Lightning does
+            ids, labels = batch(10 * it + micro)
+            (eager(ids, labels, return_logits=False).loss / 2).backward()
+            (step(ids, labels).loss / 2).backward()
+        opt_e.step()
+        opt_g.step()
+        opt_e.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
+    for pe, pg in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(pg, pe, rtol=1e-9, atol=1e-11)
+    assert step.captures == 1 and step.replays == 6
+
+
+def test_new_shape_recaptures_with_a_warning():
+    model = make_model()
+    step = GraphedLoss(model, graph=False)
+    step(*batch(1)).loss.backward()
+    ids, labels = batch(2, L=48)
+    with pytest.warns(UserWarning, match="recapturing"):
+        out = step(ids, labels)
+    torch.testing.assert_close(out.loss, model(ids, labels, return_logits=False).loss.detach(), rtol=1e-12, atol=0)
+    assert step.captures == 2
+
+
+def test_stale_backward_is_an_error():
+    model = make_model()
+    step = GraphedLoss(model, graph=False)
+    first = step(*batch(1))
+    step(*batch(2))
+    with pytest.raises(RuntimeError, match="overwritten"):
+        first.loss.backward()
+
+
+def test_bad_use_is_a_clear_error():
+    model = make_model()
+    ids, labels = batch(1)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedLoss(model)(ids, labels)  # graph=True needs CUDA
+    with pytest.raises(ValueError, match="labels"):
+        GraphedLoss(model, graph=False)(ids, labels[:, :-1])
+    with pytest.raises(ValueError, match="vocabulary"):
+        GraphedLoss(model, graph=False)(ids + 100, labels)
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedLoss(model, warmup=0)
+    with pytest.raises(TypeError, match="MemSparseLM"):
+        GraphedLoss(torch.nn.Linear(2, 2))
+    model.eval()
+    with pytest.raises(RuntimeError, match="train"):
+        GraphedLoss(model, graph=False)(ids, labels)
