@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -58,10 +59,10 @@ class DenseGPT(nn.Module):
 
 
 def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False,
-                  memory_compile: bool = False) -> MemSparseLM:
+                  memory_compile: bool = False, variant: str = "mac") -> MemSparseLM:
     cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
                       block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
-                      variant="mac", memory_layers=[1, 3, 5],
+                      variant=variant, memory_layers=[1, 3, 5],
                       memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment,
                                           compile=memory_compile),
                       activation_checkpointing=checkpointing)
@@ -86,7 +87,8 @@ def step_fns(name: str, L: int, args):
         def loss_fn(ids):
             return model(ids, return_loss=True)
     else:
-        model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile)
+        model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
+                          args.variant)
         run = GraphedLoss(model.cuda()) if name.startswith("memsparse-graph") else model
 
         def loss_fn(ids):
@@ -98,7 +100,8 @@ def step_fns(name: str, L: int, args):
 def check_graph(L: int, args) -> dict:
     """GraphedLoss vs the eager step on the GPU: loss and gradients on two batches (bf16 autocast)."""
     torch.manual_seed(0)
-    model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile).cuda()
+    model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
+                          args.variant).cuda()
     step = GraphedLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     res = {"L": L, "batches": []}
@@ -143,7 +146,8 @@ def write_table(out: dict, path: Path) -> None:
         if r["status"].startswith("error") and "out of memory" in r["status"].lower():
             r["status"] = "OOM"
     lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
-             f"memsparse budget {out['budget']}", "", "| system | L | params (M) | tokens/s | peak GiB |",
+             f"memsparse budget {out['budget']}, float32 matmuls {out.get('float32_matmul_precision', 'highest')}",
+             "", "| system | L | params (M) | tokens/s | peak GiB |",
              "|---|---|---|---|---|"]
     for r in out["rows"]:
         if r["status"] == "ok":
@@ -203,10 +207,12 @@ def main(argv=None):
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=256")
+    ap.add_argument("--variant", default="mac", choices=["mac", "mag", "mal"], help="memsparse memory variant")
     ap.add_argument("--checkpointing", action="store_true", help="memsparse: activation checkpointing per block")
     ap.add_argument("--memory-compile", action="store_true", help="memsparse: memory chunk step under torch.compile")
     ap.add_argument("--check-length", type=int, default=4096, help="length of the graphed-vs-eager check (0: skip)")
     ap.add_argument("--name", default="model_throughput", help="results file stem")
+    ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -216,9 +222,13 @@ def main(argv=None):
         p = Path(args.retable)
         write_table(json.loads(p.read_text()), p.with_suffix(".md"))
         return
-    ckpt = (", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
-    names = {"memsparse": f"memsparse MAC (segment {args.segment}, window {args.window}{ckpt})",
-             "memsparse-graph": f"memsparse-graph MAC, CUDA graph (segment {args.segment}, window {args.window}{ckpt})",
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    ckpt = ((", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
+            + (", TF32" if args.tf32 else ""))
+    V = args.variant.upper()
+    names = {"memsparse": f"memsparse {V} (segment {args.segment}, window {args.window}{ckpt})",
+             "memsparse-graph": f"memsparse-graph {V}, CUDA graph (segment {args.segment}, window {args.window}{ckpt})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
     systems = args.systems.split(",")
     unknown = [s for s in systems if s not in names]
@@ -227,7 +237,9 @@ def main(argv=None):
     check = check_graph(args.check_length, args) if "memsparse-graph" in systems and args.check_length else None
     rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in systems]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
-           "batch": 1, "precision": "bf16 autocast, AdamW", "graph_check": check, "rows": rows}
+           "batch": 1, "precision": "bf16 autocast, AdamW",
+           "float32_matmul_precision": torch.get_float32_matmul_precision(), "command": " ".join(sys.argv),
+           "graph_check": check, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(out, indent=2))
     write_table(out, Path(args.out) / f"{args.name}.md")

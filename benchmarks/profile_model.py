@@ -23,10 +23,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--memory-compile", action="store_true")
+    ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
+    ap.add_argument("--name", default="", help="results file stem (default profile_model[_compiled])")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     model = memsparse_mac(args.length, 512, 2048, "length_scaled:c=12,min_tokens=256",
                           memory_compile=args.memory_compile).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -51,7 +55,8 @@ def main(argv=None):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_busy = sum(e.time_range.elapsed_us() for e in kernels)  # microseconds of kernel execution
     head = (f"memsparse MAC (dim 512, depth 8, memory in 3 layers, segment 512, window 2048"
-            f"{', memory compiled' if args.memory_compile else ''}), one training step at L={args.length}, "
+            f"{', memory compiled' if args.memory_compile else ''}{', TF32' if args.tf32 else ''}), "
+            f"one training step at L={args.length}, "
             f"B=1, bf16 autocast, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n"
             f"step wall time {wall * 1e3:.1f} ms; {len(kernels)} GPU kernels launched; ")
     lines = [head + f"GPU kernel time summed {gpu_busy / 1e3:.1f} ms (busy fraction ~{gpu_busy / 1e6 / wall:.0%})",
@@ -60,7 +65,7 @@ def main(argv=None):
              "Top by CPU time (self):", "", "```",
              ev.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60), "```"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    name = "profile_model_compiled.md" if args.memory_compile else "profile_model.md"
+    name = (args.name or ("profile_model_compiled" if args.memory_compile else "profile_model")) + ".md"
     (Path(args.out) / name).write_text("\n".join(lines) + "\n")
     print(lines[0])
 

@@ -141,7 +141,14 @@ class GraphedLoss:
         torch.cuda.current_stream(input_ids.device).wait_stream(side)
         torch.cuda.synchronize(input_ids.device)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self._fill(*self._run())
+        try:
+            with torch.cuda.graph(g):
+                self._fill(*self._run())
+        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
+            self._key = None
+            raise RuntimeError(
+                f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}). Something in the step "
+                "synchronises with the host or runs on another stream (e.g. an autograd graph of this model built "
+                "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false") from e
         self._cuda_graph = g
 

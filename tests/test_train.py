@@ -392,6 +392,8 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch):
 def test_cuda_graph_config_errors(tmp_path):
     with pytest.raises(ValueError, match="exclusive"):
         _tiny_module(compile=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="float32_matmul_precision"):
+        _tiny_module(float32_matmul_precision="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         _trainer(tmp_path, 1).fit(_tiny_module(cuda_graph=True), datamodule=_datamodule())
 

@@ -116,6 +116,8 @@ class MemSparseLightningModule(pl.LightningModule):
         total_steps: length of the cosine schedule; None: `trainer.estimated_stepping_batches` (max_steps).
         min_lr: the learning rate at the end of the cosine.
         compile: `torch.compile` the model (in place: checkpoint keys are unchanged).
+        float32_matmul_precision: `torch.set_float32_matmul_precision` at setup ("highest", "high" = TF32
+            tensor cores for float32 matmuls such as the memory's fast-weight MLPs, "medium"); None leaves it.
         cuda_graph: replay each training step's forward + backward as one CUDA graph
             (`memsparse.cuda_graph.GraphedLoss`; CUDA only, not with FSDP or `compile`; validation stays eager).
         max_consecutive_nonfinite: stop the run after this many skipped (non-finite) steps in a row.
@@ -133,6 +135,7 @@ class MemSparseLightningModule(pl.LightningModule):
         min_lr: float = 3e-5,
         compile: bool = False,
         cuda_graph: bool = False,
+        float32_matmul_precision: str | None = None,
         max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
@@ -144,6 +147,9 @@ class MemSparseLightningModule(pl.LightningModule):
         if compile and cuda_graph:
             raise ValueError("compile and cuda_graph are exclusive: cuda_graph replays the eager step "
                              "(set model.config.memory.compile for the compiled memory step inside the graph)")
+        if float32_matmul_precision not in (None, "highest", "high", "medium"):
+            raise ValueError(f"float32_matmul_precision must be highest, high or medium, got "
+                             f"{float32_matmul_precision!r}")
         if max_consecutive_nonfinite < 1:
             raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
         self.save_hyperparameters(ignore=["config"])
@@ -152,7 +158,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
         self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.float32_matmul_precision = cuda_graph, float32_matmul_precision
         self._graphed: GraphedLoss | None = None
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
@@ -172,6 +178,8 @@ class MemSparseLightningModule(pl.LightningModule):
         """Check the model's vocabulary against the datamodule's tokenizer; guard checkpoint loading."""
         self._check_vocab()
         self._guard_checkpoint_loading()
+        if self.float32_matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.float32_matmul_precision)
         if self.cuda_graph and stage == "fit":
             self._check_cuda_graph()
         if self.compile_model and not self._compiled:
