@@ -330,6 +330,14 @@ class MemoryInputs:
         return MemoryInputs(self.q[:, :, sl], self.k[:, :, sl], self.v[:, :, sl], self.eta[:, :, sl],
                             self.theta[:, :, sl], self.alpha[:, :, sl])
 
+    def split_writes(self, size: int) -> list[MemoryInputs]:
+        """k, v and rates in consecutive pieces of `size` tokens (q left empty). One split, not a slice per
+        piece: autograd then assembles each input's gradient in one concatenation instead of a full-size
+        zero tensor plus an add per slice."""
+        ks, vs, es, ts, als = (t.split(size, dim=2) for t in (self.k, self.v, self.eta, self.theta, self.alpha))
+        q0 = self.q[:, :, :0]
+        return [MemoryInputs(q0, *parts) for parts in zip(ks, vs, es, ts, als)]
+
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
@@ -381,9 +389,10 @@ class NeuralMemory(nn.Module):
         if self.config.qk_norm:
             q, k = F.normalize(_up(q), dim=-1), F.normalize(_up(k), dim=-1)
         r = _up(self.to_rates(x)).view(B, N, 3, H).permute(2, 0, 3, 1)
-        eta = torch.sigmoid(r[0])
-        theta = self.config.lr_max * torch.sigmoid(r[1])
-        alpha = torch.sigmoid(r[2])
+        r_eta, r_theta, r_alpha = r.unbind(0)
+        eta = torch.sigmoid(r_eta)
+        theta = self.config.lr_max * torch.sigmoid(r_theta)
+        alpha = torch.sigmoid(r_alpha)
         return MemoryInputs(_up(q), _up(k), _up(v), eta, theta, alpha)
 
     # -- read / write -----------------------------------------------------------------------------------

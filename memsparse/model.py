@@ -34,14 +34,19 @@ from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------------------
-def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
-    """Rotary embedding (rotate-half form). x `(B, H, N, D)`, pos `(N,)` absolute positions."""
-    D = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D))
+def rope_tables(pos: Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin `(N, dim)` of the rotary embedding at absolute positions pos `(N,)` (angles in float64)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim))
     ang = pos.to(torch.float64)[:, None] * inv[None, :]
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, pos: Tensor | tuple[Tensor, Tensor], theta: float = 10000.0) -> Tensor:
+    """Rotary embedding (rotate-half form). x `(B, H, N, D)`; pos `(N,)` absolute positions, or the
+    (cos, sin) tables of `rope_tables` (computed once for the queries and keys of a span)."""
+    cos, sin = rope_tables(pos, x.shape[-1], theta, x.dtype) if isinstance(pos, Tensor) else pos
+    x1, x2 = x.unflatten(-1, (2, -1)).unbind(-2)  # one unbind: its backward is one stack, not two slices
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -191,19 +196,20 @@ class Block(nn.Module):
         if self.memory is not None:
             new_in = self.memory.project(h)
             all_in = _cat_inputs(st.mem_inputs, new_in)
-            c0 = pos - st.k.shape[2]  # absolute position of the first cached token
+            c0 = pos - st.k.shape[2]  # absolute position of the first cached token (a multiple of S)
+            bounds = [pos, *range((pos // S + 1) * S, pos + n, S), pos + n]
+            q_parts = new_in.q.split([b - a for a, b in zip(bounds, bounds[1:])], dim=2)
+            segments = all_in.split_writes(S) if c0 % S == 0 else None
             reads = []
-            s0 = pos
-            while s0 < pos + n:
-                s1 = min((s0 // S + 1) * S, pos + n)
-                reads.append(self.memory.read(mem_state, new_in.q[:, :, s0 - pos:s1 - pos]))
+            for s1, q_seg in zip(bounds[1:], q_parts):
+                reads.append(self.memory.read(mem_state, q_seg))
                 if s1 % S == 0:  # segment s1//S - 1 complete: evict segment (s1//S - 1) - w_seg
                     ev = s1 // S - 1 - w_seg
                     if ev >= 0:
                         e0 = ev * S - c0
+                        seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
                         seq_len = total_len if total_len is not None else s1
-                        mem_state = self._evict(mem_state, all_in.slice(slice(e0, e0 + S)), seq_len, stats)
-                s0 = s1
+                        mem_state = self._evict(mem_state, seg, seq_len, stats)
             mem_out = self.memory.merge_heads(torch.cat(reads, dim=2)).to(x.dtype)
 
         # 2. attention over persistent + window + span
@@ -255,11 +261,13 @@ class Block(nn.Module):
         H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
         G = H // Hkv
         positions = torch.arange(pos, pos + n, device=h.device)
-        q = apply_rope(self.wq(h).view(B, n, H, D).transpose(1, 2), positions, cfg.rope_theta)
-        kv = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
-        k_new = apply_rope(kv[0], positions, cfg.rope_theta)
+        q = self.wq(h).view(B, n, H, D).transpose(1, 2)
+        rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
+        q = apply_rope(q, rope)
+        k_raw, v_raw = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
+        k_new = apply_rope(k_raw, rope)
         k_all = torch.cat([st.k.to(k_new.dtype), k_new], 2)
-        v_all = torch.cat([st.v.to(kv.dtype), kv[1]], 2)
+        v_all = torch.cat([st.v.to(v_raw.dtype), v_raw], 2)
         c0 = pos - st.k.shape[2]
         if P:
             pk = self.persistent_k.to(k_all.dtype).unsqueeze(0).expand(B, -1, -1, -1)
@@ -303,7 +311,7 @@ class Block(nn.Module):
             lse = lse[:, :, r:]
             # MAC: each token's memory read-out is one more key/value, for that token alone
             rk, rv = self.wkv(mem_out).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
-            rk = apply_rope(rk, positions, cfg.rope_theta).repeat_interleave(G, 1)
+            rk = apply_rope(rk, rope).repeat_interleave(G, 1)
             rv = rv.repeat_interleave(G, 1)
             s_r = (q.float() * rk.float()).sum(-1) * D ** -0.5  # (B, H, n)
             m = torch.maximum(lse, s_r)

@@ -246,3 +246,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_rope_matches_the_rotation_formula_and_is_relative():
+    from memsparse.model import apply_rope, rope_tables
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, generator=g)
+    pos = torch.tensor([0, 1, 7, 100, 4096])
+    got = apply_rope(x, pos, 10000.0)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    ang = pos.double()[:, None] * inv[None]                      # (N, D/2)
+    a, b = x[..., :4], x[..., 4:]
+    want = torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(apply_rope(x, rope_tables(pos, 8, 10000.0, x.dtype)), got, rtol=0, atol=0)
+    q, k = torch.randn(8, dtype=torch.float64, generator=g), torch.randn(8, dtype=torch.float64, generator=g)
+
+    def score(pq, pk):
+        return (apply_rope(q.view(1, 1, 1, 8), torch.tensor([pq]), 10000.0)
+                * apply_rope(k.view(1, 1, 1, 8), torch.tensor([pk]), 10000.0)).sum()
+
+    torch.testing.assert_close(score(10, 3), score(1010, 1003), rtol=1e-9, atol=1e-12)
