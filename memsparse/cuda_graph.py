@@ -21,7 +21,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from .model import LMOutput, MemSparseLM
+from .consolidation import consolidation_passes
+from .memory import MemoryInputs, MemoryState
+from .model import LayerState, LMOutput, MemSparseLM, StreamState
 
 
 class _AttachGrads(torch.autograd.Function):
@@ -152,3 +154,198 @@ class GraphedLoss:
                 "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false") from e
         self._cuda_graph = g
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------------------------------------
+def _flatten_layer(ls: LayerState) -> tuple[list[Tensor], tuple]:
+    """A LayerState as a flat tensor list and the structure to rebuild it."""
+    out = [ls.k, ls.v, ls.q_pool_prev, ls.q_sum_cur]
+    mi, mem = ls.mem_inputs, ls.memory
+    if mi is not None:
+        out += [mi.q, mi.k, mi.v, mi.eta, mi.theta, mi.alpha]
+    n_w = 0
+    if mem is not None:
+        n_w = len(mem.weights)
+        out += [*mem.weights, *mem.momentum, mem.step]
+    return out, (mi is not None, mem is not None, n_w)
+
+
+def _unflatten_layer(ts: list[Tensor], spec: tuple) -> LayerState:
+    has_mi, has_mem, n_w = spec
+    k, v, qp, qs = ts[:4]
+    i = 4
+    mi = None
+    if has_mi:
+        mi = MemoryInputs(*ts[i:i + 6])
+        i += 6
+    mem = None
+    if has_mem:
+        mem = MemoryState(list(ts[i:i + n_w]), list(ts[i + n_w:i + 2 * n_w]), ts[i + 2 * n_w])
+    return LayerState(k, v, mi, mem, qp, qs)
+
+
+class _SegmentStep:
+    """One full, segment-aligned streaming step of fixed state shapes, on static buffers (replayed as a graph)."""
+
+    def __init__(self, model: MemSparseLM, ids: Tensor, state: StreamState, graph: bool, warmup: int):
+        self.model, self.graph = model, graph
+        self.total_length = state.total_length
+        flat = [_flatten_layer(ls) for ls in state.layers]
+        self.specs = [spec for _, spec in flat]
+        self.sizes = [len(ts) for ts, _ in flat]
+        self.static_in = [t.clone() for ts, _ in flat for t in ts]
+        self.ids = ids.clone()
+        self.pos_t = torch.tensor(state.pos, device=ids.device)
+        self.capture_pos = state.pos  # python-side logic is the same at every steady-state pos (shapes key it)
+        self._cuda_graph = None
+        amp_on, amp_dtype = torch.is_autocast_enabled(ids.device.type), torch.get_autocast_dtype(ids.device.type)
+        # capture needs autocast's weight cache off (a cached cast made outside the graph is not recorded)
+        self._amp = (lambda: torch.autocast(ids.device.type, dtype=amp_dtype, cache_enabled=False)) if amp_on \
+            else contextlib.nullcontext
+        if graph:
+            side = torch.cuda.Stream(device=ids.device)
+            side.wait_stream(torch.cuda.current_stream(ids.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._body()
+            torch.cuda.current_stream(ids.device).wait_stream(side)
+            torch.cuda.synchronize(ids.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._outputs = self._body()
+                self._copy_back(self._outputs[1])
+            self._cuda_graph = g
+
+    def layers(self, tensors: list[Tensor]) -> list[LayerState]:
+        out, i = [], 0
+        for spec, n in zip(self.specs, self.sizes):
+            out.append(_unflatten_layer(tensors[i:i + n], spec))
+            i += n
+        return out
+
+    def _body(self):
+        st = StreamState(self.layers(self.static_in), self.capture_pos, self.total_length)
+        stats: dict = {}
+        with self._amp():
+            h, new = self.model._run(self.ids, st, stats, pos_t=self.pos_t)
+        return h, [t for ls in new.layers for t in _flatten_layer(ls)[0]], stats
+
+    def _copy_back(self, outs: list[Tensor]) -> None:
+        for a, b in zip(self.static_in, outs):
+            if a.data_ptr() != b.data_ptr():
+                a.copy_(b)
+
+    def load(self, state: StreamState) -> None:
+        """Copy a state into the static inputs (unless it already lives there)."""
+        ts = [t for ls in state.layers for t in _flatten_layer(ls)[0]]
+        for a, b in zip(self.static_in, ts):
+            if a.data_ptr() != b.data_ptr():
+                a.copy_(b)
+
+    def run(self, ids: Tensor, pos: int) -> tuple[Tensor, dict]:
+        """One segment at `pos` from the loaded state; afterwards the static inputs hold the new state."""
+        self.ids.copy_(ids)
+        self.pos_t.fill_(pos)
+        if self._cuda_graph is not None:
+            self._cuda_graph.replay()
+            h, _, stats = self._outputs
+        else:
+            h, outs, stats = self._body()
+            self._copy_back(outs)
+        return h, stats
+
+
+class GraphedStream:
+    """`MemSparseLM.stream` with every full, segment-aligned step at steady-state shapes replayed as a CUDA graph.
+
+    Once the window is full, a streaming step (one segment: read, attend, evict into the memory, consolidate)
+    has the same shapes at every position, and nothing in it reads a device value back; positions enter
+    through a device tensor. Steps are captured per (state shapes, consolidation passes) and the state stays
+    in the graph's buffers between segments; other steps (the first windows, partial segments) run eagerly.
+
+    `GraphedStream(model)(input_ids, state=None, return_logits="all")` -> (logits, state): the same contract
+    and results as `model.stream`. The returned state is a copy, safe to keep. `graph=False` runs the same
+    static-buffer steps eagerly (CPU tests, debugging).
+    """
+
+    def __init__(self, model: MemSparseLM, *, graph: bool = True, warmup: int = 2, max_graphs: int = 8):
+        if not isinstance(model, MemSparseLM):
+            raise TypeError(f"GraphedStream needs a MemSparseLM, got {type(model).__name__}")
+        if warmup < 1 or max_graphs < 1:
+            raise ValueError(f"warmup and max_graphs must be >= 1, got {warmup}, {max_graphs}")
+        self.model, self.graph, self.warmup, self.max_graphs = model, graph, warmup, max_graphs
+        self.steps: dict = {}
+        self.replays = 0
+
+    def _key(self, ids: Tensor, state: StreamState):
+        cfg = self.model.config
+        S, W = cfg.segment, cfg.window
+        if ids.shape[1] != S or state.pos % S or state.pos < W:
+            return None
+        if any(ls.k.shape[2] != W for ls in state.layers):
+            return None
+        seq_len = state.total_length if state.total_length is not None else state.pos + S
+        passes = consolidation_passes(cfg.consolidation, seq_len, W, False)
+        shapes = tuple(tuple(t.shape) + (t.dtype,) for ls in state.layers for t in _flatten_layer(ls)[0])
+        amp = (torch.is_autocast_enabled(ids.device.type), torch.get_autocast_dtype(ids.device.type))
+        # the declared total length matters only through the pass count (python-side, keyed here)
+        return (tuple(ids.shape), ids.device, passes, shapes, amp,
+                cfg.budget, cfg.hard_keep_fraction, repr(cfg.consolidation))
+
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor, state: StreamState | None = None, return_logits: str = "all"):
+        model = self.model
+        model._check_ids(input_ids)
+        if return_logits not in ("all", "last", "none"):
+            raise ValueError(f"return_logits must be all, last or none, got {return_logits!r}")
+        if self.graph and not input_ids.is_cuda:
+            raise ValueError(f"CUDA graphs need a CUDA device (got {input_ids.device}); use graph=False")
+        if model.training:
+            raise RuntimeError("GraphedStream is for inference: call model.eval() first")
+        state = model.init_state(input_ids.shape[0], device=input_ids.device) if state is None else state
+        S = model.config.segment
+        outs = []
+        i, n = 0, input_ids.shape[1]
+        stats = state.stats
+        live: _SegmentStep | None = None  # the step whose static buffers hold the current state
+        used: set[int] = set()
+        while i < n:
+            take = min(S - state.pos % S, n - i)
+            ids = input_ids[:, i:i + take]
+            key = self._key(ids, state)
+            step = None
+            if key is not None:
+                step = self.steps.get(key)
+                if step is None and len(self.steps) < self.max_graphs:
+                    step = self.steps[key] = _SegmentStep(model, ids, state, self.graph, self.warmup)
+                    live = step  # its static inputs are copies of `state`
+            if step is not None:
+                if live is not step:
+                    step.load(state)
+                h, seg_stats = step.run(ids, state.pos)
+                self.replays += 1
+                used.add(id(step))
+                for k, (tot, cnt) in seg_stats.items():
+                    t0, c0 = stats.get(k, (0.0, 0))
+                    stats[k] = (t0 + tot, c0 + cnt)
+                state = StreamState(step.layers(step.static_in), state.pos + take, state.total_length, stats)
+                live = step
+            else:
+                h, state = model._run(ids, state, stats)
+                live = None
+            if return_logits == "all":
+                outs.append(h @ model.output_weight.t())
+            elif return_logits == "last" and i + take == n:
+                outs.append(h[:, -1:] @ model.output_weight.t())
+            i += take
+        if used:  # hand back copies of whatever lives in static buffers (the next replay overwrites them)
+            ptrs = {t.data_ptr() for step in self.steps.values() if id(step) in used for t in step.static_in
+                    if t.numel()}
+            layers = []
+            for ls in state.layers:
+                ts, spec = _flatten_layer(ls)
+                layers.append(_unflatten_layer([t.clone() if t.data_ptr() in ptrs else t for t in ts], spec))
+            state = StreamState(layers, state.pos, state.total_length, stats)
+        return (torch.cat(outs, 1) if outs else None), state

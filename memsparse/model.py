@@ -183,8 +183,10 @@ class Block(nn.Module):
         return LayerState(z, z.clone(), mi, mem, qz, qz.clone())
 
     # -- forward over a span ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict):
-        """x `(B, n, dim)` = tokens [pos, pos+n) -> (x_out, new LayerState)."""
+    def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict,
+                pos_t: Tensor | None = None):
+        """x `(B, n, dim)` = tokens [pos, pos+n) -> (x_out, new LayerState). `pos_t` (optional, 0-dim device
+        tensor equal to pos) feeds the rotary positions, so a captured CUDA graph can be replayed at any pos."""
         cfg = self.cfg
         B, n, _ = x.shape
         S, W = cfg.segment, cfg.window
@@ -214,7 +216,7 @@ class Block(nn.Module):
 
         # 2. attention over persistent + window + span
         att_in = h + mem_out if (mem_out is not None and cfg.variant == "mal") else h
-        o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats)
+        o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats, pos_t)
         if mem_out is not None and cfg.variant == "mag":
             x = x + self.wo(o) + torch.sigmoid(self.mag_gate(h)) * mem_out
         else:
@@ -255,12 +257,13 @@ class Block(nn.Module):
                 mem, _ = self.memory.write(mem, replay, gate_fn=lambda s: self.gate(s, keep))
         return mem
 
-    def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict):
+    def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict,
+                pos_t: Tensor | None = None):
         cfg = self.cfg
         B, n, _ = h.shape
         H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
         G = H // Hkv
-        positions = torch.arange(pos, pos + n, device=h.device)
+        positions = torch.arange(n, device=h.device) + (pos if pos_t is None else pos_t)
         q = self.wq(h).view(B, n, H, D).transpose(1, 2)
         rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
         q = apply_rope(q, rope)
@@ -407,17 +410,18 @@ class MemSparseLM(nn.Module):
         if lo < 0 or hi >= V:
             raise ValueError(f"input_ids out of vocabulary: values in [{lo}, {hi}], vocab_size={V}")
 
-    def _run(self, input_ids: Tensor, state: StreamState, stats: dict) -> tuple[Tensor, StreamState]:
+    def _run(self, input_ids: Tensor, state: StreamState, stats: dict,
+             pos_t: Tensor | None = None) -> tuple[Tensor, StreamState]:
         x = self.embed(input_ids)
         new_layers = []
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk, ls in zip(self.blocks, state.layers):
             if ckpt:  # keep only each block's input; recompute the block (memory loop included) in backward
                 # nothing random inside; not stashing RNG state also keeps it CUDA-graph capturable
-                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, use_reentrant=False,
+                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, pos_t, use_reentrant=False,
                                    preserve_rng_state=False)
             else:
-                x, ls = blk(x, ls, state.pos, state.total_length, stats)
+                x, ls = blk(x, ls, state.pos, state.total_length, stats, pos_t)
             new_layers.append(ls)
         return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length, stats)
 

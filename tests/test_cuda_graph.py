@@ -110,3 +110,76 @@ def test_bad_use_is_a_clear_error():
     model.eval()
     with pytest.raises(RuntimeError, match="train"):
         GraphedLoss(model, graph=False)(ids, labels)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def stream_model(consolidation):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
+                      segment=16, window=32, persistent_tokens=8, budget="top_p:p=0.8,min=1", memory_layers=[1],
+                      memory=MemoryConfig(heads=2, head_dim=8, chunk_size=16), consolidation=consolidation,
+                      hard_keep_fraction=0.5)
+    return MemSparseLM(cfg).double().eval()
+
+
+def flat_state(state):
+    return torch.cat([t.flatten().double() for ls in state.layers for t in ls.tensors()])
+
+
+@pytest.mark.parametrize("total_length", [None, 400])
+def test_graphed_stream_equals_stream(total_length):
+    from memsparse.cuda_graph import GraphedStream
+
+    # the log schedule's pass count grows with the position when total_length is None: several steps keyed
+    model = stream_model(ConsolidationConfig(mode="schedule", a=1.0, n_max=3, replay="surprising", replay_tokens=8))
+    ids = torch.randint(0, 50, (2, 300), generator=torch.Generator().manual_seed(4))
+    gs = GraphedStream(model, graph=False)
+    st, st_want = model.init_state(2, total_length=total_length), model.init_state(2, total_length=total_length)
+    got, want, i = [], [], 0
+    for n in (5, 40, 16, 16, 100, 7, 116):  # mid-segment starts (eager) and aligned runs (static steps)
+        lg, st = gs(ids[:, i:i + n], st)
+        lw, st_want = model.stream(ids[:, i:i + n], st_want)  # same calls: the stats' spans match
+        got.append(lg)
+        want.append(lw)
+        i += n
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=1e-10, atol=1e-10)
+    one_shot, _ = model.stream(ids, model.init_state(2, total_length=total_length))
+    torch.testing.assert_close(torch.cat(got, 1), one_shot, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flat_state(st), flat_state(st_want), rtol=1e-10, atol=1e-10)
+    assert st.pos == st_want.pos == 300
+    means, want_means = st.stat_means(), st_want.stat_means()
+    assert means.keys() == want_means.keys()
+    for k in means:
+        # float32 running sums, grouped per segment in the static steps
+        torch.testing.assert_close(means[k].double(), want_means[k].double(), rtol=1e-6, atol=1e-9)
+    assert gs.replays >= 8 and len(gs.steps) >= (2 if total_length is None else 1)
+
+
+def test_graphed_stream_state_is_a_copy():
+    from memsparse.cuda_graph import GraphedStream
+
+    model = stream_model(ConsolidationConfig(mode="off"))
+    ids = torch.randint(0, 50, (1, 160), generator=torch.Generator().manual_seed(5))
+    gs = GraphedStream(model, graph=False)
+    # 100 tokens: static steps, then a 4-token eager tail that passes the memory state through unchanged
+    _, st = gs(ids[:, :100])
+    kept = flat_state(st).clone()
+    gs(ids[:, 100:], st)  # continuing moves the graph's buffers, not the state we hold
+    torch.testing.assert_close(flat_state(st), kept, rtol=0, atol=0)
+    last, _ = gs(ids[:, 100:], st, return_logits="last")
+    full, _ = model.stream(ids, return_logits="all")
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_graphed_stream_errors():
+    from memsparse.cuda_graph import GraphedStream
+
+    model = stream_model(ConsolidationConfig(mode="off"))
+    ids = torch.randint(0, 50, (1, 20))
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedStream(model)(ids)
+    with pytest.raises(ValueError, match="return_logits"):
+        GraphedStream(model, graph=False)(ids, return_logits="first")
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        GraphedStream(model, graph=False)(ids)
