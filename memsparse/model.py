@@ -551,8 +551,7 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int 
     def piece(hc, lc):
         return F.cross_entropy((hc @ weight.t()).float(), lc, ignore_index=-100, reduction="sum")
 
-    for i in range(0, hf.shape[0], chunk):
-        hc, lc = hf[i:i + chunk], lf[i:i + chunk]
+    for hc, lc in zip(hf.split(chunk), lf.split(chunk)):  # one split: its backward is one concatenation
         if torch.is_grad_enabled() and hc.requires_grad:
             total = total + checkpoint(piece, hc, lc, use_reentrant=False, preserve_rng_state=False)
         else:
