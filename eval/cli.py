@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None,
                    help="budget=SPEC1;SPEC2;... or consolidation=off;fixed:1;... : one combined table + line plot")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream prompts through CUDA graphs (memsparse.cuda_graph.GraphedStream; same results, "
+                        "~10x faster prefill). Default: on when the device is CUDA")
     p.add_argument("--seed", type=int, default=0, help="base seed of the generated samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
@@ -95,6 +98,8 @@ def prepare(args: argparse.Namespace):
     tokenizer = load_checked_tokenizer(ckpt)
     check_plan(tasks, lengths, tokenizer)
     device = resolve_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise EvalInputError(f"--cuda-graph needs a CUDA device, but the device is {device}")
     plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs)
     return plan, ckpt, tokenizer, device
 
@@ -169,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows = run_eval(model, tokenizer, plan, device, progress=args.progress)
+    cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
+    rows = run_eval(model, tokenizer, plan, device, progress=args.progress, cuda_graph=cuda_graph)
     meta = {
         "checkpoint": str(ckpt.path.resolve()), "tokenizer": ckpt.tokenizer_source, "device": str(device),
+        "cuda_graph": cuda_graph,
         "tasks": plan.tasks, "lengths": plan.lengths, "depths": plan.depths, "samples": plan.samples,
         "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,
         "model_budget": model.config.budget, "sweep_kind": plan.sweep_kind, "sweep_specs": plan.sweep_specs,

@@ -374,17 +374,19 @@ class AttentionStats:
 
 
 def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-                    chunk_tokens: int = 8192):
+                    chunk_tokens: int = 8192, streamer=None):
     """`model.generate(ids, ...)` from `init_state(1, total_length=len)`, with the prompt streamed in calls of
     `chunk_tokens` (a multiple of the segment) first: the same segment-by-segment computation, but host/device
-    memory stays flat at any length)."""
+    memory stays flat at any length). `streamer` (e.g. a `memsparse.cuda_graph.GraphedStream`) replaces
+    `model.stream` for the prompt."""
+    stream = model.stream if streamer is None else streamer
     length = ids.shape[1]
     seg = model.config.segment
     chunk = max(seg, chunk_tokens // seg * seg)
     state = model.init_state(ids.shape[0], total_length=length)
     head = (length - 1) // chunk * chunk  # at least one prompt token is left for generate
     for i in range(0, head, chunk):
-        _, state = model.stream(ids[:, i:i + chunk], state, return_logits="none")
+        _, state = stream(ids[:, i:i + chunk], state, return_logits="none")
     return model.generate(ids[:, head:], max_new_tokens, eos_id=eos_id, state=state)
 
 
@@ -422,7 +424,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, seed: int,
              device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
-             on_sample=None, chunk_tokens: int = 8192) -> dict:
+             on_sample=None, chunk_tokens: int = 8192, streamer=None) -> dict:
     """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell."""
     max_new = task.max_answer_tokens(tokenizer)
     eos = getattr(tokenizer, "eos_id", None)
@@ -440,7 +442,7 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        new_ids, state = stream_generate(model, ids, max_new, eos, chunk_tokens)
+        new_ids, state = stream_generate(model, ids, max_new, eos, chunk_tokens, streamer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
@@ -471,20 +473,26 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
     return row
 
 
-def warm_up(model, device: torch.device) -> None:
+def warm_up(model, device: torch.device, streamer=None) -> None:
     """Stream a short random prompt (window + 2 segments) and decode 2 tokens, untimed: compiles the Triton
-    kernels and fills the allocator pools so that the first cell's time and memory are not skewed."""
+    kernels, captures the streaming graphs and fills the allocator pools so that the first cell's time and
+    memory are not skewed."""
     cfg = model.config
     ids = torch.randint(0, min(256, cfg.vocab_size), (1, cfg.window + 2 * cfg.segment + 1), device=device)
-    stream_generate(model, ids, 2)
+    stream_generate(model, ids, 2, streamer=streamer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: bool = True,
-             warmup: bool = True) -> list[dict]:
+             warmup: bool = True, cuda_graph: bool = False) -> list[dict]:
     """Run every setting x task x length x depth cell of `plan`; one row per cell (the combined table).
-    `warmup` runs `warm_up` once per setting first."""
+    `warmup` runs `warm_up` once per setting first. `cuda_graph` streams prompts through
+    `memsparse.cuda_graph.GraphedStream` (CUDA only; same results, ~10x faster prefill)."""
+    from memsparse.cuda_graph import GraphedStream
+
+    if cuda_graph and device.type != "cuda":
+        raise EvalInputError(f"cuda_graph needs a CUDA device, got {device}")
     from memsparse.eval.tasks import get_task
     from tqdm.auto import tqdm
 
@@ -499,9 +507,10 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
             for sweep_value, budget, cons in plan.settings():
                 with overrides(model, budget=budget, consolidation=cons):
                     cfg = model.config
+                    streamer = GraphedStream(model) if cuda_graph else None  # graphs of this setting only
                     if warmup:
                         bar.set_postfix_str("warm-up", refresh=True)
-                        warm_up(model, device)
+                        warm_up(model, device, streamer)
                     attn.reset()
                     for name in plan.tasks:
                         task = get_task(name)
@@ -513,7 +522,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
                                     label += f" [{plan.sweep_kind}={sweep_value}]"
                                 bar.set_postfix_str(label, refresh=False)
                                 row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
-                                               device, memory, attn, on_sample=lambda: bar.update(1))
+                                               device, memory, attn, on_sample=lambda: bar.update(1),
+                                               streamer=streamer)
                                 row.update({"budget": cfg.budget,
                                             "consolidation": describe_consolidation(cfg.consolidation),
                                             "consolidation_passes": passes,

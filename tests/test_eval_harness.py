@@ -151,7 +151,7 @@ def test_oracle_scores_one(tmp_path, ckpt, monkeypatch):
     """A model that reads the pass key from the prompt scores 1 everywhere; text after <eos> is cut."""
     tok = ByteTokenizer()
 
-    def oracle(model, ids, max_new_tokens, eos_id=None, chunk_tokens=8192):
+    def oracle(model, ids, max_new_tokens, eos_id=None, chunk_tokens=8192, streamer=None):
         import re
 
         m = re.search(r"The pass key is (\d+)", tok.decode(ids[0].tolist()))
@@ -257,6 +257,25 @@ def test_stream_generate_equals_generate():
         assert torch.equal(out, ref) and state.pos == ref_state.pos
         for a, b in zip(state.layers[0].tensors(), ref_state.layers[0].tensors()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_stream_generate_through_graphed_stream():
+    from memsparse.cuda_graph import GraphedStream
+
+    model = MemSparseLM(tiny_config()).eval()
+    ids = torch.randint(0, 256, (1, 1000))
+    ref, ref_state = harness.stream_generate(model, ids, 6, chunk_tokens=256)
+    streamer = GraphedStream(model, graph=False)  # the static-buffer path the CUDA graphs replay
+    out, state = harness.stream_generate(model, ids, 6, chunk_tokens=256, streamer=streamer)
+    assert torch.equal(out, ref) and streamer.replays > 0
+    for a, b in zip(state.layers[1].tensors(), ref_state.layers[1].tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graph_on_cpu_is_a_clear_error(tmp_path, ckpt, capsys, no_model_load):
+    with pytest.raises(SystemExit):
+        cli.main(_args(ckpt, tmp_path / "out", "--lengths", "1k", "--device", "cpu", "--cuda-graph"))
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
 
 
 def _peak_growth(model, length: int, memory: PeakMemory) -> tuple[int, int]:
