@@ -36,7 +36,7 @@ class MemoryConfig:
     forget_init: float = 1e-3           # alpha_t at init
     max_grad_norm: float = 1.0          # per-token surprise is clipped to this norm (bounds the update)
     qk_norm: bool = True                # L2-normalise memory keys and queries
-    compile: bool = False               # CUDA: run the closed-form chunk step under torch.compile (~2x, H100)
+    compile: bool = False               # CUDA, training: chunk step and read under torch.compile (~2x, H100)
 
     def validate(self) -> MemoryConfig:
         _check(self.heads >= 1, "memory.heads", f"must be >= 1, got {self.heads}")

@@ -186,11 +186,20 @@ def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Ten
 _COMPILED: dict[str, object] = {}
 
 
+def _read_fn(compiled: bool):
+    """memory_forward, optionally under torch.compile (its elementwise tail and LayerNorm fuse)."""
+    if not compiled:
+        return memory_forward
+    if "read" not in _COMPILED:
+        _COMPILED["read"] = torch.compile(memory_forward, dynamic=False)
+    return _COMPILED["read"]
+
+
 def _chunk_fns(compiled: bool):
     """(token_gradients, _apply_chunk), optionally under torch.compile (the surprise gate stays eager between)."""
     if not compiled:
         return token_gradients, _apply_chunk
-    if not _COMPILED:
+    if "grads" not in _COMPILED:
         _COMPILED["grads"] = torch.compile(token_gradients, dynamic=False)
         _COMPILED["apply"] = torch.compile(_apply_chunk, dynamic=False)
     return _COMPILED["grads"], _COMPILED["apply"]
@@ -399,7 +408,12 @@ class NeuralMemory(nn.Module):
     def read(self, state: MemoryState, q: Tensor) -> Tensor:
         """q `(B, H, N, D)` -> M(q) `(B, H, N, D)` in fp32 (read with the state as it stands)."""
         with torch.autocast(q.device.type, enabled=False):
-            return memory_forward(state.weights, _up(q), _up(self.gain), self.config.activation)
+            return _read_fn(self._compiled(q))(state.weights, _up(q), _up(self.gain), self.config.activation)
+
+    def _compiled(self, x: Tensor) -> bool:
+        # compiled for training only: inference-mode tensors (Lightning's validation) don't mix with compiled graphs
+        return (self.config.compile and x.is_cuda and torch.is_grad_enabled()
+                and not torch.is_inference_mode_enabled())
 
     def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
               chunk_size: int | None = None, impl: str = "chunked",
@@ -414,11 +428,8 @@ class NeuralMemory(nn.Module):
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
                   max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn)
         if impl == "chunked":
-            # compiled for training only: inference-mode tensors (Lightning's validation) don't mix with compiled graphs
-            compiled = (self.config.compile and inputs.k.is_cuda and torch.is_grad_enabled()
-                        and not torch.is_inference_mode_enabled())
-            return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha, compiled=compiled,
-                                 **kw)
+            return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
+                                 compiled=self._compiled(inputs.k), **kw)
         if impl == "sequential":
             return write_sequential_reference(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
                                               **kw), None
