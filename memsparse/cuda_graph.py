@@ -30,20 +30,79 @@ class _AttachGrads(torch.autograd.Function):
     """loss -> loss, with d loss / d params = the graph's gradients (scaled by the incoming gradient)."""
 
     @staticmethod
-    def forward(ctx, loss: Tensor, step: GraphedLoss, *params: Tensor) -> Tensor:
-        ctx.step, ctx.replay = step, step.replays
+    def forward(ctx, loss: Tensor, cap: _CapturedLoss, *params: Tensor) -> Tensor:
+        ctx.cap, ctx.replay = cap, cap.replays
         return loss.detach().clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        step: GraphedLoss = ctx.step
-        if step.replays != ctx.replay:
+        cap: _CapturedLoss = ctx.cap
+        if cap.replays != ctx.replay:
             raise RuntimeError("backward of a GraphedLoss output after a later step was run: its gradients were "
                                "overwritten. Call backward on each step's loss before running the next step.")
-        grads = step.static_grads
+        grads = cap.grads
         have = [gr for gr in grads if gr is not None]
         scaled = iter(torch._foreach_mul(have, g.to(have[0].dtype))) if have else iter(())
         return (None, None, *[None if gr is None else next(scaled) for gr in grads])
+
+
+class _CapturedLoss:
+    """Static inputs, outputs and (on CUDA) the graph of one input shape."""
+
+    def __init__(self, model: MemSparseLM, input_ids: Tensor, labels: Tensor, amp: tuple, graph: bool,
+                 warmup: int):
+        self.model, self.amp = model, amp
+        self.params = tuple(p for p in model.parameters() if p.requires_grad)
+        self.ids, self.labels = input_ids.clone(), labels.clone()
+        self.replays = 0
+        self.cuda_graph = None
+        if not graph:
+            return
+        dev = input_ids.device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                self.fill(*self.run())
+        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
+            raise RuntimeError(
+                f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}). Something in the step "
+                "synchronises with the host or runs on another stream (e.g. an autograd graph of this model built "
+                "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false") from e
+        self.cuda_graph = g
+
+    def _autocast(self):
+        enabled, dtype = self.amp
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ids.device.type, dtype=dtype, cache_enabled=False)
+
+    def run(self):
+        """One forward + backward on the static inputs -> (loss, stats, grads): what the graph records."""
+        with self._autocast():
+            out = self.model(self.ids, self.labels, return_logits=False)
+        grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
+        return out.loss.detach(), {k: v.detach() for k, v in out.stats.items()}, grads
+
+    def fill(self, loss, stats, grads):
+        self.loss, self.stats, self.grads = loss, stats, tuple(grads)
+
+    def step(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
+        self.ids.copy_(input_ids)
+        self.labels.copy_(labels)
+        if self.cuda_graph is not None:
+            self.cuda_graph.replay()
+        else:
+            self.fill(*self.run())
+        self.replays += 1
+        loss = _AttachGrads.apply(self.loss, self, *self.params)
+        return LMOutput(loss, None, {k: v.clone() for k, v in self.stats.items()})
 
 
 class GraphedLoss:
@@ -54,28 +113,30 @@ class GraphedLoss:
         warmup: eager iterations on a side stream before capture (autotuning, compilation, allocator warm-up).
         graph: False runs the same static-buffer step eagerly instead of replaying a graph (CPU tests,
             debugging a capture); the results are the same.
+        max_graphs: captured shapes kept (each holds its own memory pool); a new shape beyond it releases the
+            oldest.
 
-    Call with input_ids, labels `(B, L)` (as `MemSparseLM.forward`) -> `LMOutput(loss, None, stats)`. The
-    captured step uses the autocast state (enabled, dtype) of its first call, with autocast's weight cache
-    off as capture requires. A new shape recaptures (with a warning); so does a parameter that was
-    reallocated (e.g. `model.to(...)`). The model's parameters must stay where they are between steps
-    (in-place optimizer updates are fine).
+    Call with input_ids, labels `(B, L)` (as `MemSparseLM.forward`) -> `LMOutput(loss, None, stats)`. A step
+    uses the autocast state (enabled, dtype) of the call that captured it, with autocast's weight cache off as
+    capture requires. Each new shape is captured (with a warning after the first); so is a step after a
+    parameter was reallocated (e.g. `model.to(...)`). The model's parameters must stay where they are between
+    steps (in-place optimizer updates are fine). Capture happens on the first call of a shape: no autograd
+    graph of the model built outside GraphedLoss (on another stream) may be alive then.
     """
 
-    def __init__(self, model: MemSparseLM, *, warmup: int = 3, graph: bool = True):
+    def __init__(self, model: MemSparseLM, *, warmup: int = 3, graph: bool = True, max_graphs: int = 2):
         if not isinstance(model, MemSparseLM):
             raise TypeError(f"GraphedLoss needs a MemSparseLM, got {type(model).__name__}")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (autotuning and lazy initialisation must not be captured), "
                              f"got {warmup}")
-        self.model, self.warmup, self.graph = model, warmup, graph
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.model, self.warmup, self.graph, self.max_graphs = model, warmup, graph, max_graphs
         self.replays = 0
         self.captures = 0
-        self.static_grads: tuple[Tensor | None, ...] = ()
-        self._key = None
-        self._cuda_graph = None
+        self._steps: dict = {}
 
-    # ----------------------------------------------------------------------------------------------------
     def __call__(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
         model = self.model
         if not model.training or not torch.is_grad_enabled():
@@ -88,72 +149,22 @@ class GraphedLoss:
         if labels is None or labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {None if labels is None else tuple(labels.shape)}")
-        key = self._make_key(input_ids)
-        if key != self._key:
-            if self._key is not None:
-                warnings.warn(f"GraphedLoss: input shape or parameters changed ({self._key[0]} -> {key[0]}): "
-                              "recapturing the step", stacklevel=2)
-            self._capture(input_ids, labels, key)
-        self._ids.copy_(input_ids)
-        self._labels.copy_(labels)
-        if self.graph:
-            self._cuda_graph.replay()
-        else:
-            self._fill(*self._run())
+        dev = input_ids.device.type
+        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        params = tuple(p.data_ptr() for p in model.parameters() if p.requires_grad)
+        key = (tuple(input_ids.shape), input_ids.device, amp, params)
+        cap = self._steps.get(key)
+        if cap is None:
+            if self._steps:
+                warnings.warn(f"GraphedLoss: capturing the step for a new input shape or new parameters "
+                              f"({tuple(input_ids.shape)}); keep batch size and length fixed to avoid this",
+                              stacklevel=2)
+            while len(self._steps) >= self.max_graphs:  # release the oldest graph's memory pool first
+                self._steps.pop(next(iter(self._steps)))
+            cap = self._steps[key] = _CapturedLoss(model, input_ids, labels, amp, self.graph, self.warmup)
+            self.captures += 1
         self.replays += 1
-        loss = _AttachGrads.apply(self._loss, self, *self._params)
-        return LMOutput(loss, None, {k: v.clone() for k, v in self._stats.items()})
-
-    # ----------------------------------------------------------------------------------------------------
-    def _make_key(self, input_ids: Tensor):
-        params = tuple(p for p in self.model.parameters() if p.requires_grad)
-        amp = (torch.is_autocast_enabled(input_ids.device.type), torch.get_autocast_dtype(input_ids.device.type))
-        return (tuple(input_ids.shape), input_ids.device, amp, tuple(p.data_ptr() for p in params))
-
-    def _autocast(self):
-        dev = self._ids.device.type
-        enabled, dtype = self._key[2]
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(dev, dtype=dtype, cache_enabled=False)
-
-    def _run(self):
-        """One forward + backward on the static inputs -> (loss, stats, grads): what the graph records."""
-        with self._autocast():
-            out = self.model(self._ids, self._labels, return_logits=False)
-        grads = torch.autograd.grad(out.loss, self._params, allow_unused=True)
-        return out.loss.detach(), {k: v.detach() for k, v in out.stats.items()}, grads
-
-    def _fill(self, loss, stats, grads):
-        self._loss, self._stats, self.static_grads = loss, stats, tuple(grads)
-
-    def _capture(self, input_ids: Tensor, labels: Tensor, key) -> None:
-        self._cuda_graph = None  # release the previous graph's memory pool first
-        self._key = key
-        self._params = tuple(p for p in self.model.parameters() if p.requires_grad)
-        self._ids, self._labels = input_ids.clone(), labels.clone()
-        self.captures += 1
-        if not self.graph:
-            return
-        side = torch.cuda.Stream(device=input_ids.device)
-        side.wait_stream(torch.cuda.current_stream(input_ids.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._run()
-        torch.cuda.current_stream(input_ids.device).wait_stream(side)
-        torch.cuda.synchronize(input_ids.device)
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                self._fill(*self._run())
-        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
-            self._key = None
-            raise RuntimeError(
-                f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}). Something in the step "
-                "synchronises with the host or runs on another stream (e.g. an autograd graph of this model built "
-                "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false") from e
-        self._cuda_graph = g
-
+        return cap.step(input_ids, labels)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -74,15 +74,38 @@ def test_accumulation_and_optimizer_steps_equal_eager():
     assert step.captures == 1 and step.replays == 6
 
 
-def test_new_shape_recaptures_with_a_warning():
+def test_new_shape_is_captured_once_and_kept():
     model = make_model()
-    step = GraphedLoss(model, graph=False)
+    step = GraphedLoss(model, graph=False, max_graphs=2)
     step(*batch(1)).loss.backward()
     ids, labels = batch(2, L=48)
-    with pytest.warns(UserWarning, match="recapturing"):
+    with pytest.warns(UserWarning, match="new input shape"):
         out = step(ids, labels)
     torch.testing.assert_close(out.loss, model(ids, labels, return_logits=False).loss.detach(), rtol=1e-12, atol=0)
-    assert step.captures == 2
+    out.loss.backward()
+    for seed in (3, 4):  # alternating shapes replay their own captures: no new capture, no warning
+        step(*batch(seed)).loss.backward()
+        step(*batch(seed, L=48)).loss.backward()
+    assert step.captures == 2 and step.replays == 6
+    with pytest.warns(UserWarning, match="new input shape"):
+        step(*batch(5, L=32))  # a third shape releases the oldest capture
+    assert len(step._steps) == 2 and step.captures == 3
+
+
+def test_backward_of_another_shape_is_fine():
+    model = make_model()
+    step = GraphedLoss(model, graph=False)
+    first = step(*batch(1))
+    with pytest.warns(UserWarning):
+        step(*batch(2, L=48))  # another shape, other buffers: the first loss's gradients are intact
+    first.loss.backward()
+    got = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    model(*batch(1), return_logits=False).loss.backward()
+    for g, w in zip(got, grads_of(model)):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_stale_backward_is_an_error():
