@@ -26,6 +26,46 @@ from .memory import MemoryInputs, MemoryState
 from .model import LayerState, LMOutput, MemSparseLM, StreamState
 
 
+def _amp_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """(autocast enabled, its dtype) for `device_type`: part of every capture's key."""
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast_uncached(device_type: str, amp: tuple[bool, torch.dtype]):
+    """The captured autocast state with the weight cache off (a cast cached outside a capture is not recorded)."""
+    enabled, dtype = amp
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _capture(warm, record, device: torch.device, warmup: int, on_error=None) -> torch.cuda.CUDAGraph:
+    """`warmup` calls of `warm()` on a side stream (autotuning, compilation, lazy initialisation stay out of the
+    graph), then `record()` captured as a CUDA graph. `on_error(e)` -> the exception to raise if the capture
+    itself fails."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            warm()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            record()
+    except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
+        if on_error is None:
+            raise
+        raise on_error(e) from e
+    return g
+
+
+def _training_capture_error(e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}). Something in the step "
+        "synchronises with the host or runs on another stream (e.g. an autograd graph of this model built "
+        "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false")
+
+
 class _AttachGrads(torch.autograd.Function):
     """loss -> loss, with d loss / d params = the graph's gradients (scaled by the incoming gradient)."""
 
@@ -58,34 +98,12 @@ class _CapturedLoss:
         self.cuda_graph = None
         if not graph:
             return
-        dev = input_ids.device
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self.run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        torch.cuda.synchronize(dev)
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                self.fill(*self.run())
-        except RuntimeError as e:  # torch.AcceleratorError is a RuntimeError
-            raise RuntimeError(
-                f"CUDA-graph capture of the training step failed ({type(e).__name__}: {e}). Something in the step "
-                "synchronises with the host or runs on another stream (e.g. an autograd graph of this model built "
-                "outside GraphedLoss is still alive). Train without it: model.cuda_graph=false") from e
-        self.cuda_graph = g
-
-    def _autocast(self):
-        enabled, dtype = self.amp
-        if not enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.ids.device.type, dtype=dtype, cache_enabled=False)
+        self.cuda_graph = _capture(self.run, lambda: self.fill(*self.run()), input_ids.device, warmup,
+                                   _training_capture_error)
 
     def run(self):
         """One forward + backward on the static inputs -> (loss, stats, grads): what the graph records."""
-        with self._autocast():
+        with _autocast_uncached(self.ids.device.type, self.amp):
             out = self.model(self.ids, self.labels, return_logits=False)
         grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
         return out.loss.detach(), {k: v.detach() for k, v in out.stats.items()}, grads
@@ -150,7 +168,7 @@ class GraphedLoss:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {None if labels is None else tuple(labels.shape)}")
         dev = input_ids.device.type
-        amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        amp = _amp_state(dev)
         params = tuple(p.data_ptr() for p in model.parameters() if p.requires_grad)
         key = (tuple(input_ids.shape), input_ids.device, amp, params)
         cap = self._steps.get(key)
@@ -211,23 +229,13 @@ class _SegmentStep:
         self.pos_t = torch.tensor(state.pos, device=ids.device)
         self.capture_pos = state.pos  # python-side logic is the same at every steady-state pos (shapes key it)
         self._cuda_graph = None
-        amp_on, amp_dtype = torch.is_autocast_enabled(ids.device.type), torch.get_autocast_dtype(ids.device.type)
-        # capture needs autocast's weight cache off (a cached cast made outside the graph is not recorded)
-        self._amp = (lambda: torch.autocast(ids.device.type, dtype=amp_dtype, cache_enabled=False)) if amp_on \
-            else contextlib.nullcontext
+        self.amp = _amp_state(ids.device.type)
         if graph:
-            side = torch.cuda.Stream(device=ids.device)
-            side.wait_stream(torch.cuda.current_stream(ids.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._body()
-            torch.cuda.current_stream(ids.device).wait_stream(side)
-            torch.cuda.synchronize(ids.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            def record():
                 self._outputs = self._body()
                 self._copy_back(self._outputs[1])
-            self._cuda_graph = g
+
+            self._cuda_graph = _capture(self._body, record, ids.device, warmup)
 
     def layers(self, tensors: list[Tensor]) -> list[LayerState]:
         out, i = [], 0
@@ -239,7 +247,7 @@ class _SegmentStep:
     def _body(self):
         st = StreamState(self.layers(self.static_in), self.capture_pos, self.total_length)
         stats: dict = {}
-        with self._amp():
+        with _autocast_uncached(self.ids.device.type, self.amp):
             h, new = self.model._run(self.ids, st, stats, pos_t=self.pos_t)
         return h, [t for ls in new.layers for t in _flatten_layer(ls)[0]], stats
 
@@ -300,7 +308,7 @@ class GraphedStream:
         seq_len = state.total_length if state.total_length is not None else state.pos + S
         passes = consolidation_passes(cfg.consolidation, seq_len, W, False)
         shapes = tuple(tuple(t.shape) + (t.dtype,) for ls in state.layers for t in _flatten_layer(ls)[0])
-        amp = (torch.is_autocast_enabled(ids.device.type), torch.get_autocast_dtype(ids.device.type))
+        amp = _amp_state(ids.device.type)
         # the declared total length matters only through the pass count (python-side, keyed here)
         return (tuple(ids.shape), ids.device, passes, shapes, amp,
                 cfg.budget, cfg.hard_keep_fraction, repr(cfg.consolidation))
