@@ -251,17 +251,15 @@ class _SegmentStep:
             h, new = self.model._run(self.ids, st, stats, pos_t=self.pos_t)
         return h, [t for ls in new.layers for t in _flatten_layer(ls)[0]], stats
 
-    def _copy_back(self, outs: list[Tensor]) -> None:
-        for a, b in zip(self.static_in, outs):
+    def _copy_back(self, tensors: list[Tensor]) -> None:
+        """Copy flat state tensors into the static inputs (those already living there are skipped)."""
+        for a, b in zip(self.static_in, tensors):
             if a.data_ptr() != b.data_ptr():
                 a.copy_(b)
 
     def load(self, state: StreamState) -> None:
         """Copy a state into the static inputs (unless it already lives there)."""
-        ts = [t for ls in state.layers for t in _flatten_layer(ls)[0]]
-        for a, b in zip(self.static_in, ts):
-            if a.data_ptr() != b.data_ptr():
-                a.copy_(b)
+        self._copy_back([t for ls in state.layers for t in _flatten_layer(ls)[0]])
 
     def run(self, ids: Tensor, pos: int) -> tuple[Tensor, dict]:
         """One segment at `pos` from the loaded state; afterwards the static inputs hold the new state."""
