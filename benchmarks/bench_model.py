@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import memsparse.memory as memory_module
 from memsparse.config import MemoryConfig, ModelConfig
 from memsparse.cuda_graph import GraphedLoss
 from memsparse.model import MemSparseLM
@@ -56,6 +57,20 @@ class DenseGPT(nn.Module):
             g, u = ly["w12"](ly["n2"](x)).chunk(2, -1)
             x = x + ly["w3"](F.silu(g) * u)
         return self.norm(x) @ self.embed.weight.t()
+
+
+def parse_inductor(spec: str) -> dict:
+    """'combo_kernels=1,max_autotune_gemm=0' -> {'combo_kernels': True, ...}; keys must be inductor config names."""
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, val = item.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor: {item!r} is not KEY=VALUE with KEY an inductor config option")
+        cur = getattr(inductor_config, key)
+        out[key] = val not in ("0", "false", "False") if isinstance(cur, bool) else type(cur)(val)
+    return out
 
 
 def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False,
@@ -213,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--check-length", type=int, default=4096, help="length of the graphed-vs-eager check (0: skip)")
     ap.add_argument("--name", default="model_throughput", help="results file stem")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
+    ap.add_argument("--inductor", default="", help="inductor options of the compiled memory functions, "
+                    "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -224,6 +241,7 @@ def main(argv=None):
         return
     if args.tf32:
         torch.set_float32_matmul_precision("high")
+    memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
     ckpt = ((", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
             + (", TF32" if args.tf32 else ""))
     V = args.variant.upper()
@@ -239,6 +257,7 @@ def main(argv=None):
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
            "batch": 1, "precision": "bf16 autocast, AdamW",
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "command": " ".join(sys.argv),
+           "inductor_options": dict(memory_module.INDUCTOR_OPTIONS),
            "graph_check": check, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(out, indent=2))

@@ -16,7 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import VOCAB, memsparse_mac  # noqa: E402
+from bench_model import VOCAB, memsparse_mac, parse_inductor  # noqa: E402
+
+import memsparse.memory as memory_module  # noqa: E402
 
 
 def main(argv=None):
@@ -24,6 +26,8 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--memory-compile", action="store_true")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
+    ap.add_argument("--inductor", default="", help="inductor options of the compiled memory functions, "
+                    "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--name", default="", help="results file stem (default profile_model[_compiled])")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -31,6 +35,7 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.tf32:
         torch.set_float32_matmul_precision("high")
+    memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
     model = memsparse_mac(args.length, 512, 2048, "length_scaled:c=12,min_tokens=256",
                           memory_compile=args.memory_compile).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -86,10 +86,12 @@ class MemoryState:
 
 @dataclass
 class WriteStats:
-    """Per-token surprise of a write, measured at the chunk-start weights: `(B, H, N)` each."""
+    """Per-token surprise of a write, measured at the chunk-start weights, and the surprise gate applied to
+    each token (None when the write had no surprise gate): `(B, H, N)` each."""
 
     loss: Tensor
     grad_norm: Tensor
+    gate: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,16 +176,43 @@ def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Ten
     gamma = (w * torch.exp(log_p)).sum(-1)[..., None, None]
     beta_c = torch.exp(log_b[..., -1])[..., None, None]
     p_c = torch.exp(log_p[..., -1])[..., None, None]
+    cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)
     new_w, new_s = [], []
     for w0, s0, a, dz in zip(weights, momentum, a_list, dz_list):
-        gc = torch.einsum("bhni,bhn,bhno->bhio", a, c, dz)
-        gd = torch.einsum("bhni,bhn,bhno->bhio", a, d, dz)
+        # sum_t a_t (x) (c_t dz_t) and sum_t a_t (x) (d_t dz_t) as one matmul: a^T [c dz | d dz]
+        rhs = (dz.unsqueeze(-2) * cd.unsqueeze(-1)).flatten(-2)               # (B, H, C, 2 * d_out)
+        gc, gd = torch.matmul(a.transpose(-1, -2), rhs).chunk(2, -1)
         new_w.append(beta_c * w0 + gamma * s0 - gc)
         new_s.append(p_c * s0 - gd)
     return new_w, new_s
 
 
+def soft_gate(grad_norm: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """The learned surprise gate g = sigmoid(scale_h * log(grad_norm) + bias_h): grad_norm `(B, H, N)`,
+    scale/bias `(H,)` -> `(B, H, N)` in [0, 1]."""
+    return torch.sigmoid(scale[:, None] * torch.log(grad_norm + 1e-6) + bias[:, None])
+
+
+def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
+                alpha: Tensor, gates: Tensor | None, gain: Tensor, gate_scale: Tensor, gate_bias: Tensor,
+                activation: str, max_grad_norm: float):
+    """One chunk with the learned soft surprise gate, as one function (compiled whole, so its elementwise work
+    fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate)."""
+    a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation)
+    g = soft_gate(gnorm, gate_scale.to(gnorm.dtype), gate_bias.to(gnorm.dtype))
+    all_gates = g if gates is None else gates * g
+    new_w, new_s = _apply_chunk(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, all_gates,
+                                max_grad_norm)
+    return new_w, new_s, loss, gnorm, g
+
+
 _COMPILED: dict[str, object] = {}
+# inductor options of the compiled memory functions (torch.compile(options=...)); read when first compiled
+INDUCTOR_OPTIONS: dict[str, object] = {}
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS) or None)
 
 
 def _read_fn(compiled: bool):
@@ -191,36 +220,54 @@ def _read_fn(compiled: bool):
     if not compiled:
         return memory_forward
     if "read" not in _COMPILED:
-        _COMPILED["read"] = torch.compile(memory_forward, dynamic=False)
+        _COMPILED["read"] = _compile(memory_forward)
     return _COMPILED["read"]
 
 
 def _chunk_fns(compiled: bool):
-    """(token_gradients, _apply_chunk), optionally under torch.compile (the surprise gate stays eager between)."""
+    """(token_gradients, _apply_chunk, _write_step), optionally under torch.compile (with a `gate_fn` the
+    gate runs eagerly between the first two; the soft gate of `gate_params` is inside `_write_step`)."""
     if not compiled:
-        return token_gradients, _apply_chunk
+        return token_gradients, _apply_chunk, _write_step
     if "grads" not in _COMPILED:
-        _COMPILED["grads"] = torch.compile(token_gradients, dynamic=False)
-        _COMPILED["apply"] = torch.compile(_apply_chunk, dynamic=False)
-    return _COMPILED["grads"], _COMPILED["apply"]
+        _COMPILED["grads"] = _compile(token_gradients)
+        _COMPILED["apply"] = _compile(_apply_chunk)
+        _COMPILED["step"] = _compile(_write_step)
+    return _COMPILED["grads"], _COMPILED["apply"], _COMPILED["step"]
 
 
 def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
                 gates: Tensor | None, gain: Tensor, activation: str, max_grad_norm: float, gate_fn=None,
-                compiled: bool = False):
+                compiled: bool = False, gate_params: tuple[Tensor, Tensor] | None = None):
     """One chunk-parallel write of C tokens (k, v `(B, H, C, D)`; rates/gates `(B, H, C)`), closed form.
 
-    `gate_fn(WriteStats) -> (B, H, C)` optionally gates tokens by their surprise (multiplied into `gates`);
-    `compiled` runs the two closed-form pieces under torch.compile. Returns (new_state, WriteStats).
+    Tokens are optionally gated by their surprise (multiplied into `gates`): `gate_fn(WriteStats) -> (B, H, C)`
+    any function, or `gate_params` = (scale, bias) `(H,)` of `soft_gate`, which runs inside the fused step.
+    `compiled` runs the closed-form pieces under torch.compile. Returns (new_state, WriteStats).
     """
-    grads_fn, apply_fn = _chunk_fns(compiled)
+    new_w, new_s, stats = _chunk_update(state, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm,
+                                        gate_fn, compiled, gate_params)
+    return MemoryState(new_w, new_s, state.step + k.shape[2]), stats
+
+
+def _chunk_update(state, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn, compiled,
+                  gate_params):
+    """write_chunk without the step count: (new weights, new momentum, WriteStats)."""
+    if gate_fn is not None and gate_params is not None:
+        raise ValueError("give gate_fn or gate_params, not both")
+    grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
+    if gate_params is not None:
+        new_w, new_s, loss, gnorm, g = step_fn(state.weights, state.momentum, k, v, eta, theta, alpha, gates, gain,
+                                               *gate_params, activation, max_grad_norm)
+        return new_w, new_s, WriteStats(loss, gnorm, g)
     a_list, dz_list, loss, gnorm = grads_fn(state.weights, k, v, gain, activation)
+    g = None
     if gate_fn is not None:
         g = gate_fn(WriteStats(loss, gnorm))
         gates = g if gates is None else gates * g
     new_w, new_s = apply_fn(state.weights, state.momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates,
                             max_grad_norm)
-    return MemoryState(new_w, new_s, state.step + k.shape[2]), WriteStats(loss, gnorm)
+    return new_w, new_s, WriteStats(loss, gnorm, g)
 
 
 def _check_write_inputs(state: MemoryState, k: Tensor, v: Tensor, rates: dict[str, Tensor],
@@ -256,35 +303,49 @@ def _fp32(*ts):
 
 def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, *,
                   gain: Tensor, chunk_size: int, gates: Tensor | None = None, activation: str = "silu",
-                  max_grad_norm: float = 1.0, gate_fn=None, compiled: bool = False) -> tuple[MemoryState, WriteStats]:
+                  max_grad_norm: float = 1.0, gate_fn=None, compiled: bool = False,
+                  gate_params: tuple[Tensor, Tensor] | None = None) -> tuple[MemoryState, WriteStats]:
     """Write N tokens chunk by chunk (chunk-parallel inside each chunk; a partial last chunk is written).
 
-    k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`. Returns (state, stats with `(B, H, N)` tensors).
+    k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`; the surprise gate is `gate_fn` or `gate_params`
+    (see `write_chunk`). Returns (state, stats with `(B, H, N)` tensors).
     """
     _check_write_inputs(state, k, v, {"eta": eta, "theta": theta, "alpha": alpha}, gates, chunk_size)
     with torch.autocast(k.device.type, enabled=False):
         k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
-        losses, norms = [], []
+        stats = []
+        weights, momentum = state.weights, state.momentum
         for c0 in range(0, k.shape[2], chunk_size):
             sl = slice(c0, c0 + chunk_size)
-            state, st = write_chunk(state, k[:, :, sl], v[:, :, sl], eta[:, :, sl], theta[:, :, sl],
-                                    alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain,
-                                    activation, max_grad_norm, gate_fn, compiled)
-            losses.append(st.loss)
-            norms.append(st.grad_norm)
-    if not losses:
+            weights, momentum, st = _chunk_update(
+                MemoryState(weights, momentum, state.step), k[:, :, sl], v[:, :, sl], eta[:, :, sl],
+                theta[:, :, sl], alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain, activation,
+                max_grad_norm, gate_fn, compiled, gate_params)
+            stats.append(st)
+        state = MemoryState(weights, momentum, state.step + k.shape[2])
+    if not stats:
         empty = k.new_zeros(k.shape[:3])
-        return state, WriteStats(empty, empty)
-    return state, WriteStats(torch.cat(losses, -1), torch.cat(norms, -1))
+        return state, WriteStats(empty, empty, None if gate_fn is None and gate_params is None else empty)
+    if len(stats) == 1:
+        return state, stats[0]
+    gate = None if stats[0].gate is None else torch.cat([st.gate for st in stats], -1)
+    return state, WriteStats(torch.cat([st.loss for st in stats], -1), torch.cat([st.grad_norm for st in stats], -1),
+                             gate)
 
 
 def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                                alpha: Tensor, *, gain: Tensor, chunk_size: int, gates: Tensor | None = None,
-                               activation: str = "silu", max_grad_norm: float = 1.0, gate_fn=None) -> MemoryState:
+                               activation: str = "silu", max_grad_norm: float = 1.0, gate_fn=None,
+                               gate_params: tuple[Tensor, Tensor] | None = None) -> MemoryState:
     """The same write, token by token with autograd gradients taken at each chunk's start weights.
 
     With chunk_size=1 this is the exact Titans recurrence (gradient at the current weights).
     """
+    if gate_fn is not None and gate_params is not None:
+        raise ValueError("give gate_fn or gate_params, not both")
+    if gate_params is not None:
+        def gate_fn(st: WriteStats, _p=gate_params) -> Tensor:
+            return soft_gate(st.grad_norm, _p[0].to(st.grad_norm.dtype), _p[1].to(st.grad_norm.dtype))
     _check_write_inputs(state, k, v, {"eta": eta, "theta": theta, "alpha": alpha}, gates, chunk_size)
     k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
     W = list(state.weights)
@@ -394,21 +455,61 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"x must be (B, N, dim={self.dim}), got {tuple(x.shape)}")
         B, N, _ = x.shape
         H, D = self.heads, self.head_dim
-        q, k, v = self.to_qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        # head-major and contiguous once per span: every per-chunk slice is then a plain strided view (no
+        # transposing copies inside the per-chunk steps; inductor also failed to generate a kernel for the
+        # transposed rate layout fused with the soft gate, torch 2.11)
+        q, k, v = _up(self.to_qkv(x)).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).contiguous()
         if self.config.qk_norm:
-            q, k = F.normalize(_up(q), dim=-1), F.normalize(_up(k), dim=-1)
-        r = _up(self.to_rates(x)).view(B, N, 3, H).permute(2, 0, 3, 1)
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        r = _up(self.to_rates(x)).view(B, N, 3, H).permute(2, 0, 3, 1).contiguous()
         r_eta, r_theta, r_alpha = r.unbind(0)
         eta = torch.sigmoid(r_eta)
         theta = self.config.lr_max * torch.sigmoid(r_theta)
         alpha = torch.sigmoid(r_alpha)
-        return MemoryInputs(_up(q), _up(k), _up(v), eta, theta, alpha)
+        return MemoryInputs(q, k, v, eta, theta, alpha)
 
     # -- read / write -----------------------------------------------------------------------------------
     def read(self, state: MemoryState, q: Tensor) -> Tensor:
         """q `(B, H, N, D)` -> M(q) `(B, H, N, D)` in fp32 (read with the state as it stands)."""
+        return self._read_weights(state.weights, q)
+
+    def _read_weights(self, weights: list[Tensor], q: Tensor) -> Tensor:
         with torch.autocast(q.device.type, enabled=False):
-            return _read_fn(self._compiled(q))(state.weights, _up(q), _up(self.gain), self.config.activation)
+            return _read_fn(self._compiled(q))(weights, _up(q), _up(self.gain), self.config.activation)
+
+    def read_segments(self, states: list[MemoryState], queries: list[Tensor]) -> Tensor:
+        """Read piece i of the queries with states[i]: queries[i] `(B, H, n_i, D)` -> `(B, H, sum n_i, D)` fp32.
+
+        Equal to concatenating `read(states[i], queries[i])`, but pieces of equal length are read in one
+        batched call (their fast weights stacked), so a span of many segments costs a few launches, not one
+        set per segment.
+        """
+        if len(states) != len(queries):
+            raise ValueError(f"{len(states)} states for {len(queries)} query pieces")
+        if not queries:
+            raise ValueError("read_segments needs at least one query piece")
+        if len(queries) == 1:
+            return self.read(states[0], queries[0])
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(q.shape[2], []).append(i)
+        out: list[Tensor | None] = [None] * len(queries)
+        for idx in groups.values():
+            if len(idx) == 1:
+                out[idx[0]] = self.read(states[idx[0]], queries[idx[0]])
+                continue
+            B, H = queries[idx[0]].shape[:2]
+            n = len(idx)
+            weights = [torch.stack([states[i].weights[j] for i in idx], 1).flatten(0, 1)
+                       for j in range(len(states[idx[0]].weights))]
+            q = torch.stack([queries[i] for i in idx], 1).flatten(0, 1)              # (B * n, H, n_i, D)
+            y = self._read_weights(weights, q).unflatten(0, (B, n))               # (B, n, H, n_i, D)
+            if n == len(queries):  # one group, in order: one copy back to (B, H, N, D)
+                return y.transpose(1, 2).flatten(2, 3)
+            # unbind, not y[:, j]: its backward is one stack, not a zero tensor of y's size per piece
+            for i, piece in zip(idx, y.unbind(1)):
+                out[i] = piece
+        return torch.cat(out, dim=2)
 
     def _compiled(self, x: Tensor) -> bool:
         # compiled for training only: inference-mode tensors (Lightning's validation) don't mix with compiled graphs
@@ -417,16 +518,18 @@ class NeuralMemory(nn.Module):
 
     def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
               chunk_size: int | None = None, impl: str = "chunked",
-              gate_fn=None) -> tuple[MemoryState, WriteStats | None]:
+              gate_fn=None, gate_params: tuple[Tensor, Tensor] | None = None
+              ) -> tuple[MemoryState, WriteStats | None]:
         """Write the tokens of `inputs` (keys/values/rates) into `state`; gates `(B, N)` or `(B, H, N)` in [0, 1].
 
         impl "chunked" (training path) or "sequential" (reference; returns stats None). `gate_fn(WriteStats)`
-        gates tokens by their surprise at the chunk-start weights (the model's surprise gate).
+        gates tokens by their surprise at the chunk-start weights (the model's surprise gate); `gate_params`
+        (scale, bias) `(H,)` is the learned `soft_gate`, fused into the chunk step.
         """
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         gates = self._expand_gates(gates, inputs.k)
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
-                  max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn)
+                  max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn, gate_params=gate_params)
         if impl == "chunked":
             return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
                                  compiled=self._compiled(inputs.k), **kw)

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ConfigError, ConsolidationConfig, ModelConfig, from_dict
 from .consolidation import consolidation_passes
 from .kernels import parse_policy, select_blocks, sparse_attention
-from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats
+from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats, soft_gate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class SurpriseGate(nn.Module):
     def forward(self, stats: WriteStats, keep_fraction: float = 1.0) -> Tensor:
         gn = stats.grad_norm
         if self.learned:
-            g = torch.sigmoid(self.scale[:, None] * torch.log(gn + 1e-6) + self.bias[:, None])
+            g = soft_gate(gn, self.scale, self.bias)
         else:
             g = torch.ones_like(gn)
         if keep_fraction < 1.0:
@@ -202,17 +202,24 @@ class Block(nn.Module):
             bounds = [pos, *range((pos // S + 1) * S, pos + n, S), pos + n]
             q_parts = new_in.q.split([b - a for a, b in zip(bounds, bounds[1:])], dim=2)
             segments = all_in.split_writes(S) if c0 % S == 0 else None
-            reads = []
-            for s1, q_seg in zip(bounds[1:], q_parts):
-                reads.append(self.memory.read(mem_state, q_seg))
+            # the writes depend only on the evicted tokens, so run them first and read every piece afterwards
+            # with the state it would have seen (pieces of equal length are read in one batched call)
+            read_states, written = [], []
+            for s1 in bounds[1:]:
+                read_states.append(mem_state)
                 if s1 % S == 0:  # segment s1//S - 1 complete: evict segment (s1//S - 1) - w_seg
                     ev = s1 // S - 1 - w_seg
                     if ev >= 0:
                         e0 = ev * S - c0
                         seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
                         seq_len = total_len if total_len is not None else s1
-                        mem_state = self._evict(mem_state, seg, seq_len, stats)
-            mem_out = self.memory.merge_heads(torch.cat(reads, dim=2)).to(x.dtype)
+                        mem_state, ws = self._evict(mem_state, seg, seq_len)
+                        written.append(ws)
+            if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
+                _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
+                _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
+            reads = self.memory.read_segments(read_states, list(q_parts))
+            mem_out = self.memory.merge_heads(reads).to(x.dtype)
 
         # 2. attention over persistent + window + span
         att_in = h + mem_out if (mem_out is not None and cfg.variant == "mal") else h
@@ -234,19 +241,13 @@ class Block(nn.Module):
         new_state = LayerState(new_k[:, :, cut:], new_v[:, :, cut:], mem_inputs, mem_state, q_pool_prev, q_sum_cur)
         return x, new_state
 
-    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int, stats: dict) -> MemoryState:
+    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int) -> tuple[MemoryState, WriteStats]:
+        """Write one evicted segment (surprise-gated), then its consolidation passes. Returns (memory, the
+        first write's stats)."""
         cfg = self.cfg
         keep = 1.0 if self.training else cfg.hard_keep_fraction
-        gate_vals = []
-
-        def gate_fn(s: WriteStats) -> Tensor:
-            g = self.gate(s, keep)
-            gate_vals.append(g.detach())
-            return g
-
-        mem, ws = self.memory.write(mem, ev, gate_fn=gate_fn)
-        _acc(stats, "memory_surprise", ws.grad_norm.mean())
-        _acc(stats, "memory_gate", gate_vals[0].mean())
+        gate = self._gate_kwargs(keep)
+        mem, ws = self.memory.write(mem, ev, **gate)
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
             replay = ev
@@ -254,8 +255,15 @@ class Block(nn.Module):
                 top = torch.topk(ws.grad_norm, cfg.consolidation.replay_tokens, dim=-1).indices.sort(-1).values
                 replay = _gather_inputs(ev, top)
             for _ in range(passes):
-                mem, _ = self.memory.write(mem, replay, gate_fn=lambda s: self.gate(s, keep))
-        return mem
+                mem, _ = self.memory.write(mem, replay, **gate)
+        return mem, ws
+
+    def _gate_kwargs(self, keep: float) -> dict:
+        """The surprise gate as `NeuralMemory.write` takes it: the learned soft gate as parameters (fused into
+        the chunk step), a function otherwise (hard top-k keep at inference, or no learned gate)."""
+        if self.gate.learned and keep >= 1.0:
+            return {"gate_params": (self.gate.scale, self.gate.bias)}
+        return {"gate_fn": lambda s: self.gate(s, keep)}
 
     def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict,
                 pos_t: Tensor | None = None):
@@ -269,8 +277,11 @@ class Block(nn.Module):
         q = apply_rope(q, rope)
         k_raw, v_raw = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
         k_new = apply_rope(k_raw, rope)
-        k_all = torch.cat([st.k.to(k_new.dtype), k_new], 2)
-        v_all = torch.cat([st.v.to(v_raw.dtype), v_raw], 2)
+        if st.k.shape[2]:
+            k_all = torch.cat([st.k.to(k_new.dtype), k_new], 2)
+            v_all = torch.cat([st.v.to(v_raw.dtype), v_raw], 2)
+        else:  # empty cache (a one-shot forward): no full-length copy
+            k_all, v_all = k_new, v_raw
         c0 = pos - st.k.shape[2]
         if P:
             pk = self.persistent_k.to(k_all.dtype).unsqueeze(0).expand(B, -1, -1, -1)

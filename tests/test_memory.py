@@ -214,3 +214,84 @@ def test_compiled_chunk_step_equals_eager():
     b, sb = M.write_chunked(mem.init_state(2), inp.k, inp.v, inp.eta, inp.theta, inp.alpha, gain=mem.gain,
                             chunk_size=8, gate_fn=lambda s: torch.sigmoid(s.grad_norm), compiled=True)
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-5, atol=1e-6)
+    scale, bias = (p.float().detach() for p in _gate_params(2))
+    c, sc = M.write_chunked(mem.init_state(2), inp.k, inp.v, inp.eta, inp.theta, inp.alpha, gain=mem.gain,
+                            chunk_size=8, gate_params=(scale, bias))
+    d, sd = M.write_chunked(mem.init_state(2), inp.k, inp.v, inp.eta, inp.theta, inp.alpha, gain=mem.gain,
+                            chunk_size=8, gate_params=(scale, bias), compiled=True)
+    torch.testing.assert_close(_flat(c), _flat(d), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sc.gate, sd.gate, rtol=1e-5, atol=1e-6)
+
+
+def _gate_params(heads, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    scale = torch.rand(heads, generator=g, dtype=dtype) + 0.5
+    bias = torch.randn(heads, generator=g, dtype=dtype)
+    return scale.requires_grad_(True), bias.requires_grad_(True)
+
+
+def test_fused_soft_gate_step_equals_gate_fn_and_sequential():
+    """gate_params (the soft gate fused into one chunk step) == the same gate as gate_fn == the token loop,
+    in state, stats and gradients (to the inputs and to the gate's own parameters)."""
+    mem = _mem(chunk=4)
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    gates = torch.rand(2, 10, dtype=torch.float64)
+    scale, bias = _gate_params(2)
+
+    def run(**kw):
+        mem.zero_grad()
+        scale.grad = bias.grad = None
+        impl = kw.pop("impl", "chunked")
+        st, ws = mem.write(mem.init_state(2), mem.project(x), gates, impl=impl, **kw)
+        _flat(st).sin().sum().backward()
+        return _flat(st).detach(), ws, mem.to_qkv.weight.grad.clone(), scale.grad.clone(), bias.grad.clone()
+
+    fused = run(gate_params=(scale, bias))
+    by_fn = run(gate_fn=lambda s: M.soft_gate(s.grad_norm, scale, bias))
+    seq = run(gate_params=(scale, bias), impl="sequential")
+    for other in (by_fn, seq):
+        for a, b in zip((fused[0], *fused[2:]), (other[0], *other[2:])):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    ws, ws_fn = fused[1], by_fn[1]
+    assert ws.gate.shape == (2, 2, 10) and ws.gate.min() > 0 and ws.gate.max() < 1
+    torch.testing.assert_close(ws.gate, ws_fn.gate)
+    torch.testing.assert_close(ws.gate, M.soft_gate(ws.grad_norm, scale, bias))
+    # the gate changes the write
+    plain, _ = mem.write(mem.init_state(2), mem.project(x), gates)
+    assert (_flat(plain) - fused[0]).abs().max() > 1e-6
+
+
+def test_gate_fn_and_gate_params_together_is_an_error():
+    mem = _mem()
+    inp = mem.project(torch.randn(1, 4, 24, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gate_fn or gate_params"):
+        mem.write(mem.init_state(1), inp, gate_fn=lambda s: s.grad_norm, gate_params=_gate_params(2))
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
+def test_read_segments_equals_reads_one_by_one(lengths):
+    """Pieces of equal length are read in one batched call; values and gradients equal one read per piece."""
+    mem = _mem(chunk=4)
+    x = torch.randn(2, sum(lengths), 24, dtype=torch.float64)
+    inp = mem.project(x)
+    states, st = [], mem.init_state(2)
+    for c0 in range(0, sum(lengths), 4):  # a different state per piece
+        states.append(st)
+        st, _ = mem.write(st, inp.slice(slice(c0, c0 + 4)))
+    states = (states * 4)[:len(lengths)]
+    qs = list(inp.q.split(lengths, dim=2))
+
+    def run(batched):
+        mem.zero_grad()
+        y = mem.read_segments(states, qs) if batched else torch.cat([mem.read(s, q) for s, q in zip(states, qs)], 2)
+        y.pow(2).sum().backward(retain_graph=True)
+        return y.detach(), {k: p.grad.clone() for k, p in mem.named_parameters() if p.grad is not None}
+
+    y_b, g_b = run(True)
+    y_1, g_1 = run(False)
+    torch.testing.assert_close(y_b, y_1, rtol=1e-12, atol=1e-12)
+    assert g_b.keys() == g_1.keys() and g_b
+    for k in g_b:
+        torch.testing.assert_close(g_b[k], g_1[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=f"{len(states)} states for {len(qs) + 1} query pieces"):
+        mem.read_segments(states, qs + qs[:1])
