@@ -315,12 +315,16 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
         k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
         stats = []
         weights, momentum = state.weights, state.momentum
-        for c0 in range(0, k.shape[2], chunk_size):
-            sl = slice(c0, c0 + chunk_size)
-            weights, momentum, st = _chunk_update(
-                MemoryState(weights, momentum, state.step), k[:, :, sl], v[:, :, sl], eta[:, :, sl],
-                theta[:, :, sl], alpha[:, :, sl], None if gates is None else gates[:, :, sl], gain, activation,
-                max_grad_norm, gate_fn, compiled, gate_params)
+        # one split per input, not a slice per chunk: a slice's backward writes its piece into a zero tensor of
+        # the whole input (a fill and a copy per chunk and input, even when one chunk covers everything)
+        # (and nothing at all when one chunk covers the input: even a one-piece split costs a copy in backward)
+        one = k.shape[2] <= chunk_size
+        pieces = [(t,) if one else t.split(chunk_size, dim=2) for t in (k, v, eta, theta, alpha)]
+        gate_pieces = ([None] * len(pieces[0]) if gates is None
+                       else (gates,) if one else gates.split(chunk_size, dim=2))
+        for kc, vc, ec, tc, ac, gc in zip(*pieces, gate_pieces):
+            weights, momentum, st = _chunk_update(MemoryState(weights, momentum, state.step), kc, vc, ec, tc, ac, gc,
+                                                  gain, activation, max_grad_norm, gate_fn, compiled, gate_params)
             stats.append(st)
         state = MemoryState(weights, momentum, state.step + k.shape[2])
     if not stats:
