@@ -30,6 +30,8 @@ def main(argv=None):
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--name", default="", help="results file stem (default profile_model[_compiled])")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--stacks", default="", help="ops (e.g. aten::copy_,aten::mul) whose calling Python stacks "
+                    "to list, with their CUDA time")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -51,7 +53,7 @@ def main(argv=None):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks)) as prof:
         t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
@@ -69,6 +71,16 @@ def main(argv=None):
              ev.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60), "```", "",
              "Top by CPU time (self):", "", "```",
              ev.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60), "```"]
+    for op in filter(None, args.stacks.split(",")):
+        rows = [e for e in prof.key_averages(group_by_stack_n=8) if e.key == op]
+        rows.sort(key=lambda e: -e.device_time_total)
+        lines += ["", f"Where {op} comes from (top stacks by CUDA time):", "", "```"]
+        for e in rows[:8]:
+            stack = [f for f in e.stack if "memsparse" in f or "benchmarks" in f] or e.stack[:3]
+            where = " <- ".join(stack) or "(no Python stack: run by the autograd engine in backward, or inside a " \
+                                           "compiled graph)"
+            lines.append(f"{e.count:6d} calls {e.device_time_total / 1e3:8.2f} ms  {where}")
+        lines.append("```")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = (args.name or ("profile_model_compiled" if args.memory_compile else "profile_model")) + ".md"
     (Path(args.out) / name).write_text("\n".join(lines) + "\n")

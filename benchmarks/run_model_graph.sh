@@ -10,9 +10,9 @@ B="python3 benchmarks/bench_model.py --out $OUT --memory-compile"
 # 8K against titans-pytorch. titans-pytorch goes first: started after our compiled, graphed model in the same
 # process it did not get through its first steps within 200-310 s (twice, not investigated).
 timeout 300 $B --warmup 1 --steps 4 --systems titans,memsparse-graph,dense --lengths 8192 --check-length 0 \
-  --name model_graph_8k
+  --name model_graph_8k_s3
 # 8K and 32K beside the dense GPT, TF32 (the GPU recipes' setting); checks the graphed step against eager first
-timeout 240 $B --tf32 --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_readcompiled
+timeout 240 $B --tf32 --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_s3
 # 128K with activation checkpointing
 timeout 200 $B --tf32 --checkpointing --systems memsparse-graph,dense --lengths 131072 --check-length 0 \
-  --name model_final_128k
+  --name model_128k_s3
