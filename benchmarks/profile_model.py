@@ -53,7 +53,8 @@ def main(argv=None):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks),
+                 record_shapes=bool(args.stacks)) as prof:
         t0 = time.perf_counter()
         step()
         torch.cuda.synchronize()
@@ -80,6 +81,11 @@ def main(argv=None):
             where = " <- ".join(stack) or "(no Python stack: run by the autograd engine in backward, or inside a " \
                                            "compiled graph)"
             lines.append(f"{e.count:6d} calls {e.device_time_total / 1e3:8.2f} ms  {where}")
+        lines.append("```")
+        shaped = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == op]
+        shaped.sort(key=lambda e: -e.device_time_total)
+        lines += ["", f"{op} by input shapes:", "", "```"]
+        lines += [f"{e.count:6d} calls {e.device_time_total / 1e3:8.2f} ms  {e.input_shapes}" for e in shaped[:8]]
         lines.append("```")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = (args.name or ("profile_model_compiled" if args.memory_compile else "profile_model")) + ".md"

@@ -197,13 +197,15 @@ def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Ten
                 alpha: Tensor, gates: Tensor | None, gain: Tensor, gate_scale: Tensor, gate_bias: Tensor,
                 activation: str, max_grad_norm: float):
     """One chunk with the learned soft surprise gate, as one function (compiled whole, so its elementwise work
-    fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate)."""
+    fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate); the last
+    three are statistics, detached (gradients reach the gate's parameters through the update)."""
     a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation)
     g = soft_gate(gnorm, gate_scale.to(gnorm.dtype), gate_bias.to(gnorm.dtype))
     all_gates = g if gates is None else gates * g
     new_w, new_s = _apply_chunk(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, all_gates,
                                 max_grad_norm)
-    return new_w, new_s, loss, gnorm, g
+    # the statistics leave detached: the compiled backward then takes no (zero-filled) gradient for them
+    return new_w, new_s, loss.detach(), gnorm.detach(), g.detach()
 
 
 _COMPILED: dict[str, object] = {}
