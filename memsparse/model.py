@@ -191,7 +191,7 @@ class Block(nn.Module):
         B, n, _ = x.shape
         S, W = cfg.segment, cfg.window
         w_seg = W // S
-        h = self.norm1(x)
+        h = _autocast_input(self.norm1(x))
 
         # 1. memory: per segment, read with the state as it stands, then evict what leaves the window
         mem_out, mem_state, mem_inputs = None, st.memory, st.mem_inputs
@@ -228,7 +228,7 @@ class Block(nn.Module):
             x = x + self.wo(o) + torch.sigmoid(self.mag_gate(h)) * mem_out
         else:
             x = x + self.wo(o)
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.mlp(_autocast_input(self.norm2(x)))
 
         # 3. trim the cache to the window of the next token's segment
         end = pos + n
@@ -334,6 +334,15 @@ class Block(nn.Module):
             o = o.to(h.dtype)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return o, k_all, v_all, q_pool_prev, q_sum_cur
+
+
+def _autocast_input(h: Tensor) -> Tensor:
+    """h in the autocast dtype when autocast is on: cast once here, not once per linear layer that reads it (each
+    cast of a full-length activation is a copy forward and another backward)."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return h.to(torch.get_autocast_dtype(dev))
+    return h
 
 
 def _acc(stats: dict, key: str, value: Tensor, weight: int = 1) -> None:

@@ -268,3 +268,27 @@ def test_rope_matches_the_rotation_formula_and_is_relative():
                 * apply_rope(k.view(1, 1, 1, 8), torch.tensor([pk]), 10000.0)).sum()
 
     torch.testing.assert_close(score(10, 3), score(1010, 1003), rtol=1e-9, atol=1e-12)
+
+
+def test_block_inputs_cast_once_under_autocast():
+    """Under autocast the normed block input is cast once to the autocast dtype (not once per linear layer):
+    a bf16 CPU forward stays close to the fp32 one and streaming still equals the one-shot forward."""
+    from memsparse.model import _autocast_input
+
+    x = torch.randn(2, 3)
+    assert _autocast_input(x).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _autocast_input(x).dtype == torch.bfloat16
+    model = tiny_model(variant="mal").float()
+    ids = torch.randint(0, 50, (1, 96), generator=torch.Generator().manual_seed(2))
+    ref = model(ids).logits
+    with torch.autocast("cpu", torch.bfloat16):
+        full = model(ids).logits.float()
+        state = model.init_state(1, total_length=96)
+        parts = []
+        for i in range(0, 96, 32):
+            lg, state = model.stream(ids[:, i:i + 32], state)
+            parts.append(lg.float())
+    assert torch.isfinite(full).all()
+    assert (full - ref).norm() / ref.norm() < 5e-2
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=2e-2, atol=2e-2)
