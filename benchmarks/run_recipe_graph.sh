@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The mac_small recipe trained with the CUDA-graph step, on the GPU machine (about 4 minutes):
 #   bash benchmarks/run_recipe_graph.sh            (results under $OUT, default benchmarks/results)
+#   SECS=140 NAME=mac_small_graph_s3 bash benchmarks/run_recipe_graph.sh   (training time, results file stem)
 # Same settings as the committed mac_small_compiled_h100 run (memory step compiled, accumulation 1,
 # validation every 100 steps on 4 batches), plus model.cuda_graph=true.
 set -u
 OUT=${OUT:-benchmarks/results}
 SECS=${SECS:-105}
+NAME=${NAME:-mac_small_graph_h100}   # results file stem
 R=$(mktemp -d)
 DUR=$(printf '00:00:%02d:%02d' $((SECS / 60)) $((SECS % 60)))
 CMD="memsparse-train fit --config recipes/mac_small.yaml --model.cuda_graph true --trainer.max_time $DUR \
@@ -14,5 +16,5 @@ timeout $((SECS + 150)) python3 -m memsparse.train.cli fit --config recipes/mac_
   --trainer.max_time "$DUR" --trainer.accumulate_grad_batches 1 --trainer.val_check_interval 100 \
   --trainer.limit_val_batches 4 --trainer.default_root_dir "$R" \
   --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "$R" 2>&1 | tail -25
-python3 benchmarks/plot_train_run.py "$(find "$R" -name metrics.csv | head -1)" --name mac_small_graph_h100 \
+python3 benchmarks/plot_train_run.py "$(find "$R" -name metrics.csv | head -1)" --name "$NAME" \
   --out "$OUT" --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --command "$CMD"
