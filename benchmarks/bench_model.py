@@ -74,13 +74,13 @@ def parse_inductor(spec: str) -> dict:
 
 
 def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False,
-                  memory_compile: bool = False, variant: str = "mac") -> MemSparseLM:
+                  memory_compile: bool = False, variant: str = "mac", pointwise_compile: bool = False) -> MemSparseLM:
     cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
                       block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
                       variant=variant, memory_layers=[1, 3, 5],
                       memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment,
                                           compile=memory_compile),
-                      activation_checkpointing=checkpointing)
+                      activation_checkpointing=checkpointing, compile_pointwise=pointwise_compile)
     return MemSparseLM(cfg)
 
 
@@ -103,7 +103,7 @@ def step_fns(name: str, L: int, args):
             return model(ids, return_loss=True)
     else:
         model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
-                          args.variant)
+                          args.variant, args.pointwise_compile)
         run = GraphedLoss(model.cuda()) if name.startswith("memsparse-graph") else model
 
         def loss_fn(ids):
@@ -116,7 +116,7 @@ def check_graph(L: int, args) -> dict:
     """GraphedLoss vs the eager step on the GPU: loss and gradients on two batches (bf16 autocast)."""
     torch.manual_seed(0)
     model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
-                          args.variant).cuda()
+                          args.variant, args.pointwise_compile).cuda()
     step = GraphedLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     res = {"L": L, "batches": []}
@@ -225,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--variant", default="mac", choices=["mac", "mag", "mal"], help="memsparse memory variant")
     ap.add_argument("--checkpointing", action="store_true", help="memsparse: activation checkpointing per block")
     ap.add_argument("--memory-compile", action="store_true", help="memsparse: memory chunk step under torch.compile")
+    ap.add_argument("--pointwise-compile", action="store_true",
+                    help="memsparse: rotary embeddings and the MAC merge under torch.compile (model.compile_pointwise)")
     ap.add_argument("--check-length", type=int, default=4096, help="length of the graphed-vs-eager check (0: skip)")
     ap.add_argument("--name", default="model_throughput", help="results file stem")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
@@ -243,7 +245,7 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")
     memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
     ckpt = ((", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
-            + (", TF32" if args.tf32 else ""))
+            + (", pointwise compiled" if args.pointwise_compile else "") + (", TF32" if args.tf32 else ""))
     V = args.variant.upper()
     names = {"memsparse": f"memsparse {V} (segment {args.segment}, window {args.window}{ckpt})",
              "memsparse-graph": f"memsparse-graph {V}, CUDA graph (segment {args.segment}, window {args.window}{ckpt})",

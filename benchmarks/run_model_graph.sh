@@ -12,8 +12,12 @@ B="python3 benchmarks/bench_model.py --out $OUT --memory-compile --tf32"
 # are slow even so: this command took 6.4 min on the H100 (a 300 s limit killed it once).
 timeout 480 $B --warmup 1 --steps 6 --systems titans,memsparse-graph,dense --lengths 8192 --check-length 0 \
   --name model_graph_8k_s3
-# 8K and 32K beside the dense GPT; checks the graphed step against eager first
+# 8K and 32K beside the dense GPT; checks the graphed step against eager first (without, then with the
+# rotary embeddings and MAC merge compiled, model.compile_pointwise: the GPU recipes' setting)
 timeout 240 $B --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_s3_final
+timeout 240 $B --pointwise-compile --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_pointwise
 # 128K with activation checkpointing
 timeout 240 $B --checkpointing --systems memsparse-graph,dense --lengths 131072 --check-length 0 \
   --name model_128k_s3_final
+timeout 240 $B --pointwise-compile --checkpointing --systems memsparse-graph,dense --lengths 131072 \
+  --check-length 0 --name model_128k_pointwise

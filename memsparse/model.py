@@ -50,6 +50,27 @@ def apply_rope(x: Tensor, pos: Tensor | tuple[Tensor, Tensor], theta: float = 10
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def mac_merge(o: Tensor, lse: Tensor, q: Tensor, rk: Tensor, rv: Tensor, scale: float) -> Tensor:
+    """MAC: each token's memory read-out as one more key/value for that token alone, merged with its attention
+    output by log-sum-exp. o, q, rk, rv `(B, H, n, D)`; lse `(B, H, n)` of the attention -> merged o in o's dtype."""
+    s_r = (q.float() * rk.float()).sum(-1) * scale
+    m = torch.maximum(lse, s_r)
+    wa, wr = torch.exp(lse - m), torch.exp(s_r - m)
+    return ((wa.unsqueeze(-1) * o.float() + wr.unsqueeze(-1) * rv.float()) / (wa + wr).unsqueeze(-1)).to(o.dtype)
+
+
+_COMPILED_POINTWISE: dict[str, object] = {}
+
+
+def _pointwise(fn, compiled: bool):
+    """fn, or fn under torch.compile (its elementwise chain fuses into one kernel forward, a few backward)."""
+    if not compiled:
+        return fn
+    if fn.__name__ not in _COMPILED_POINTWISE:
+        _COMPILED_POINTWISE[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED_POINTWISE[fn.__name__]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -271,12 +292,15 @@ class Block(nn.Module):
         B, n, _ = h.shape
         H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
         G = H // Hkv
+        compiled = (cfg.compile_pointwise and h.is_cuda and torch.is_grad_enabled()
+                    and not torch.is_inference_mode_enabled())
+        rope_fn = _pointwise(apply_rope, compiled)
         positions = torch.arange(n, device=h.device) + (pos if pos_t is None else pos_t)
         q = self.wq(h).view(B, n, H, D).transpose(1, 2)
         rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
-        q = apply_rope(q, rope)
+        q = rope_fn(q, rope)
         k_raw, v_raw = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
-        k_new = apply_rope(k_raw, rope)
+        k_new = rope_fn(k_raw, rope)
         if st.k.shape[2]:
             k_all = torch.cat([st.k.to(k_new.dtype), k_new], 2)
             v_all = torch.cat([st.v.to(v_raw.dtype), v_raw], 2)
@@ -325,13 +349,9 @@ class Block(nn.Module):
             lse = lse[:, :, r:]
             # MAC: each token's memory read-out is one more key/value, for that token alone
             rk, rv = self.wkv(mem_out).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
-            rk = apply_rope(rk, rope).repeat_interleave(G, 1)
+            rk = rope_fn(rk, rope).repeat_interleave(G, 1)
             rv = rv.repeat_interleave(G, 1)
-            s_r = (q.float() * rk.float()).sum(-1) * D ** -0.5  # (B, H, n)
-            m = torch.maximum(lse, s_r)
-            wa, wr = torch.exp(lse - m), torch.exp(s_r - m)
-            o = (wa.unsqueeze(-1) * o.float() + wr.unsqueeze(-1) * rv.float()) / (wa + wr).unsqueeze(-1)
-            o = o.to(h.dtype)
+            o = _pointwise(mac_merge, compiled)(o, lse, q, rk, rv, D ** -0.5).to(h.dtype)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return o, k_all, v_all, q_pool_prev, q_sum_cur
 
