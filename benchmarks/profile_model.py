@@ -25,6 +25,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--memory-compile", action="store_true")
+    ap.add_argument("--pointwise-compile", action="store_true",
+                    help="model.compile_pointwise (the GPU recipes' setting)")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
     ap.add_argument("--inductor", default="", help="inductor options of the compiled memory functions, "
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
@@ -39,7 +41,7 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")
     memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
     model = memsparse_mac(args.length, 512, 2048, "length_scaled:c=12,min_tokens=256",
-                          memory_compile=args.memory_compile).cuda()
+                          memory_compile=args.memory_compile, pointwise_compile=args.pointwise_compile).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -63,7 +65,8 @@ def main(argv=None):
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_busy = sum(e.time_range.elapsed_us() for e in kernels)  # microseconds of kernel execution
     head = (f"memsparse MAC (dim 512, depth 8, memory in 3 layers, segment 512, window 2048"
-            f"{', memory compiled' if args.memory_compile else ''}{', TF32' if args.tf32 else ''}), "
+            f"{', memory compiled' if args.memory_compile else ''}"
+            f"{', pointwise compiled' if args.pointwise_compile else ''}{', TF32' if args.tf32 else ''}), "
             f"one training step at L={args.length}, "
             f"B=1, bf16 autocast, {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n"
             f"step wall time {wall * 1e3:.1f} ms; {len(kernels)} GPU kernels launched; ")
