@@ -951,43 +951,45 @@ def sorted_rows(results):
     return sorted(results, key=lambda r: (r["L"], -r["Hkv"]))
 
 
+def timed_masks(results):
+    """(row, mask name, mask results) for every mask whose fwd+bwd was timed, in table order."""
+    for r in sorted_rows(results):
+        for name, m in r["masks"].items():
+            if "ours_fwdbwd_ms" in m:
+                yield r, name, m
+
+
 def main_tables(results):
     lines = ["| L | heads q/kv | mask | density | ours fwd | flex fwd | ours fwd+bwd | flex fwd+bwd | "
              "ours fwd+bwd (graph) ms | TFLOP/s ours fwd / fwd+bwd | vs flex fwd / fwd+bwd | "
              "vs flex fwd+bwd, ours graphed (flex do_bench / flex graphed) | vs ideal fwd / fwd+bwd | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted_rows(results):
-        for name, m in r["masks"].items():
-            if "ours_fwdbwd_ms" not in m:
-                continue
-            lines.append(
-                f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {m['density']:.3f} | "
-                f"{fmt(mn(m.get('ours_fwd_ms')), 3)} | {fmt(mn(m.get('flex_fwd_ms')), 3)} | "
-                f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
-                f"{fmt(mn(m.get('ours_fwdbwd_graph_ms')), 3)} | "
-                f"{fmt(m.get('ours_fwd_tflops'), 0)} / {fmt(m.get('ours_fwdbwd_tflops'), 0)} | "
-                f"{fmt(m.get('speedup_vs_flex_fwd'), 2, 'x')} / {fmt(m.get('speedup_vs_flex_fwdbwd'), 2, 'x')} | "
-                f"{fmt(m.get('speedup_vs_flex_fwdbwd_graph'), 2, 'x')} / "
-                f"{fmt(m.get('speedup_vs_flex_fwdbwd_both_graph'), 2, 'x')} | "
-                f"{fmt(m.get('ours_vs_ideal_fwd'))} / {fmt(m.get('ours_vs_ideal_fwdbwd'))} | "
-                f"{_e(max_err(m.get('check')))} |")
+    for r, name, m in timed_masks(results):
+        lines.append(
+            f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {m['density']:.3f} | "
+            f"{fmt(mn(m.get('ours_fwd_ms')), 3)} | {fmt(mn(m.get('flex_fwd_ms')), 3)} | "
+            f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
+            f"{fmt(mn(m.get('ours_fwdbwd_graph_ms')), 3)} | "
+            f"{fmt(m.get('ours_fwd_tflops'), 0)} / {fmt(m.get('ours_fwdbwd_tflops'), 0)} | "
+            f"{fmt(m.get('speedup_vs_flex_fwd'), 2, 'x')} / {fmt(m.get('speedup_vs_flex_fwdbwd'), 2, 'x')} | "
+            f"{fmt(m.get('speedup_vs_flex_fwdbwd_graph'), 2, 'x')} / "
+            f"{fmt(m.get('speedup_vs_flex_fwdbwd_both_graph'), 2, 'x')} | "
+            f"{fmt(m.get('ours_vs_ideal_fwd'))} / {fmt(m.get('ours_vs_ideal_fwdbwd'))} | "
+            f"{_e(max_err(m.get('check')))} |")
     lines += ["", "GPU-only (CUDA graph replays) vs `do_bench`, and the host's launch-side ms per fwd+bwd call "
               "(10 calls, no sync); launch share = 1 - graph / do_bench:", "",
               "| L | heads q/kv | mask | ours fwd graph | ours fwd+bwd do_bench | ours fwd+bwd graph | ours host ms | "
               "launch share | flex fwd+bwd do_bench | flex fwd+bwd graph | flex host ms | ours vs ideal (graph) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted_rows(results):
-        for name, m in r["masks"].items():
-            if "ours_fwdbwd_ms" not in m:
-                continue
-            og = fmt(mn(m.get("ours_fwdbwd_graph_ms")), 3) if "ours_fwdbwd_graph_ms_error" not in m else "fail"
-            fg = fmt(mn(m.get("flex_fwdbwd_graph_ms")), 3) if "flex_fwdbwd_graph_ms_error" not in m else "fail"
-            share = m.get("launch_overhead_share")
-            lines.append(
-                f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {fmt(mn(m.get('ours_fwd_graph_ms')), 3)} | "
-                f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {og} | {fmt(m.get('ours_host_ms_per_fwdbwd'))} | "
-                f"{fmt(None if share is None else 100 * share, 0, '%')} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
-                f"{fg} | {fmt(m.get('flex_host_ms_per_fwdbwd'))} | {fmt(m.get('ours_vs_ideal_fwdbwd_graph'))} |")
+    for r, name, m in timed_masks(results):
+        og = fmt(mn(m.get("ours_fwdbwd_graph_ms")), 3) if "ours_fwdbwd_graph_ms_error" not in m else "fail"
+        fg = fmt(mn(m.get("flex_fwdbwd_graph_ms")), 3) if "flex_fwdbwd_graph_ms_error" not in m else "fail"
+        share = m.get("launch_overhead_share")
+        lines.append(
+            f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {fmt(mn(m.get('ours_fwd_graph_ms')), 3)} | "
+            f"{fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | {og} | {fmt(m.get('ours_host_ms_per_fwdbwd'))} | "
+            f"{fmt(None if share is None else 100 * share, 0, '%')} | {fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | "
+            f"{fg} | {fmt(m.get('flex_host_ms_per_fwdbwd'))} | {fmt(m.get('ours_vs_ideal_fwdbwd_graph'))} |")
     lines += ["", "Dense SDPA flash (same inputs) and our kernel on the dense causal list:", "",
               "| L | heads q/kv | SDPA fwd ms (TFLOP/s) | SDPA fwd+bwd ms (TFLOP/s) | ours dense fwd / fwd+bwd ms | "
               "ours / SDPA fwd, fwd+bwd |", "|---|---|---|---|---|---|"]
