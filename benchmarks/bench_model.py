@@ -230,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--check-length", type=int, default=4096, help="length of the graphed-vs-eager check (0: skip)")
     ap.add_argument("--name", default="model_throughput", help="results file stem")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
-    ap.add_argument("--inductor", default="", help="inductor options of the compiled memory functions, "
+    ap.add_argument("--inductor", default="", help="inductor options of the compiled functions (memory, pointwise), "
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)

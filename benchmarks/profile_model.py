@@ -28,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--pointwise-compile", action="store_true",
                     help="model.compile_pointwise (the GPU recipes' setting)")
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
-    ap.add_argument("--inductor", default="", help="inductor options of the compiled memory functions, "
+    ap.add_argument("--inductor", default="", help="inductor options of the compiled functions (memory, pointwise), "
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--name", default="", help="results file stem (default profile_model[_compiled])")
     ap.add_argument("--rows", type=int, default=25)

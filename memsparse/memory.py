@@ -208,34 +208,34 @@ def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Ten
     return new_w, new_s, loss.detach(), gnorm.detach(), g.detach()
 
 
-_COMPILED: dict[str, object] = {}
-# inductor options of the compiled memory functions (torch.compile(options=...)); read when first compiled
+_COMPILED: dict[object, object] = {}
+# inductor options of memsparse's compiled functions (torch.compile(options=...)); read when each is first compiled
 INDUCTOR_OPTIONS: dict[str, object] = {}
 
 
-def _compile(fn):
-    return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS) or None)
+def use_compiled(flag: bool, x: Tensor) -> bool:
+    """Whether a config's compile flag applies to this call: CUDA training only (inference-mode tensors, as in
+    Lightning's validation, don't mix with compiled graphs)."""
+    return flag and x.is_cuda and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def _read_fn(compiled: bool):
+def compile_cached(fn):
+    """fn under torch.compile (static shapes), compiled once and cached."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS) or None)
+    return _COMPILED[fn]
+
+
+def _read_fn(use: bool):
     """memory_forward, optionally under torch.compile (its elementwise tail and LayerNorm fuse)."""
-    if not compiled:
-        return memory_forward
-    if "read" not in _COMPILED:
-        _COMPILED["read"] = _compile(memory_forward)
-    return _COMPILED["read"]
+    return compile_cached(memory_forward) if use else memory_forward
 
 
-def _chunk_fns(compiled: bool):
+def _chunk_fns(use: bool):
     """(token_gradients, _apply_chunk, _write_step), optionally under torch.compile (with a `gate_fn` the
     gate runs eagerly between the first two; the soft gate of `gate_params` is inside `_write_step`)."""
-    if not compiled:
-        return token_gradients, _apply_chunk, _write_step
-    if "grads" not in _COMPILED:
-        _COMPILED["grads"] = _compile(token_gradients)
-        _COMPILED["apply"] = _compile(_apply_chunk)
-        _COMPILED["step"] = _compile(_write_step)
-    return _COMPILED["grads"], _COMPILED["apply"], _COMPILED["step"]
+    fns = (token_gradients, _apply_chunk, _write_step)
+    return tuple(compile_cached(f) for f in fns) if use else fns
 
 
 def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor,
@@ -247,28 +247,27 @@ def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Te
     any function, or `gate_params` = (scale, bias) `(H,)` of `soft_gate`, which runs inside the fused step.
     `compiled` runs the closed-form pieces under torch.compile. Returns (new_state, WriteStats).
     """
-    new_w, new_s, stats = _chunk_update(state, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm,
-                                        gate_fn, compiled, gate_params)
+    new_w, new_s, stats = _chunk_update(state.weights, state.momentum, k, v, eta, theta, alpha, gates, gain,
+                                        activation, max_grad_norm, gate_fn, compiled, gate_params)
     return MemoryState(new_w, new_s, state.step + k.shape[2]), stats
 
 
-def _chunk_update(state, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn, compiled,
-                  gate_params):
-    """write_chunk without the step count: (new weights, new momentum, WriteStats)."""
+def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn,
+                  compiled, gate_params):
+    """write_chunk on the fast weights and momentum alone: (new weights, new momentum, WriteStats)."""
     if gate_fn is not None and gate_params is not None:
         raise ValueError("give gate_fn or gate_params, not both")
     grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
     if gate_params is not None:
-        new_w, new_s, loss, gnorm, g = step_fn(state.weights, state.momentum, k, v, eta, theta, alpha, gates, gain,
+        new_w, new_s, loss, gnorm, g = step_fn(weights, momentum, k, v, eta, theta, alpha, gates, gain,
                                                *gate_params, activation, max_grad_norm)
         return new_w, new_s, WriteStats(loss, gnorm, g)
-    a_list, dz_list, loss, gnorm = grads_fn(state.weights, k, v, gain, activation)
+    a_list, dz_list, loss, gnorm = grads_fn(weights, k, v, gain, activation)
     g = None
     if gate_fn is not None:
         g = gate_fn(WriteStats(loss, gnorm))
         gates = g if gates is None else gates * g
-    new_w, new_s = apply_fn(state.weights, state.momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates,
-                            max_grad_norm)
+    new_w, new_s = apply_fn(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates, max_grad_norm)
     return new_w, new_s, WriteStats(loss, gnorm, g)
 
 
@@ -317,16 +316,15 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
         k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
         stats = []
         weights, momentum = state.weights, state.momentum
-        # one split per input, not a slice per chunk: a slice's backward writes its piece into a zero tensor of
-        # the whole input (a fill and a copy per chunk and input, even when one chunk covers everything)
-        # (and nothing at all when one chunk covers the input: even a one-piece split costs a copy in backward)
+        # one split per input, not a slice per chunk (a slice's backward fills a zero tensor of the whole input),
+        # and no split at all when one chunk covers the input (even a one-piece split costs a copy in backward)
         one = k.shape[2] <= chunk_size
         pieces = [(t,) if one else t.split(chunk_size, dim=2) for t in (k, v, eta, theta, alpha)]
         gate_pieces = ([None] * len(pieces[0]) if gates is None
                        else (gates,) if one else gates.split(chunk_size, dim=2))
         for kc, vc, ec, tc, ac, gc in zip(*pieces, gate_pieces):
-            weights, momentum, st = _chunk_update(MemoryState(weights, momentum, state.step), kc, vc, ec, tc, ac, gc,
-                                                  gain, activation, max_grad_norm, gate_fn, compiled, gate_params)
+            weights, momentum, st = _chunk_update(weights, momentum, kc, vc, ec, tc, ac, gc, gain, activation,
+                                                  max_grad_norm, gate_fn, compiled, gate_params)
             stats.append(st)
         state = MemoryState(weights, momentum, state.step + k.shape[2])
     if not stats:
@@ -518,9 +516,7 @@ class NeuralMemory(nn.Module):
         return torch.cat(out, dim=2)
 
     def _compiled(self, x: Tensor) -> bool:
-        # compiled for training only: inference-mode tensors (Lightning's validation) don't mix with compiled graphs
-        return (self.config.compile and x.is_cuda and torch.is_grad_enabled()
-                and not torch.is_inference_mode_enabled())
+        return use_compiled(self.config.compile, x)
 
     def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
               chunk_size: int | None = None, impl: str = "chunked",

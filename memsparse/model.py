@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ConfigError, ConsolidationConfig, ModelConfig, from_dict
 from .consolidation import consolidation_passes
 from .kernels import parse_policy, select_blocks, sparse_attention
-from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats, soft_gate
+from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats, compile_cached, soft_gate, use_compiled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,18 +57,6 @@ def mac_merge(o: Tensor, lse: Tensor, q: Tensor, rk: Tensor, rv: Tensor, scale: 
     m = torch.maximum(lse, s_r)
     wa, wr = torch.exp(lse - m), torch.exp(s_r - m)
     return ((wa.unsqueeze(-1) * o.float() + wr.unsqueeze(-1) * rv.float()) / (wa + wr).unsqueeze(-1)).to(o.dtype)
-
-
-_COMPILED_POINTWISE: dict[str, object] = {}
-
-
-def _pointwise(fn, compiled: bool):
-    """fn, or fn under torch.compile (its elementwise chain fuses into one kernel forward, a few backward)."""
-    if not compiled:
-        return fn
-    if fn.__name__ not in _COMPILED_POINTWISE:
-        _COMPILED_POINTWISE[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED_POINTWISE[fn.__name__]
 
 
 class SwiGLU(nn.Module):
@@ -292,9 +280,8 @@ class Block(nn.Module):
         B, n, _ = h.shape
         H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
         G = H // Hkv
-        compiled = (cfg.compile_pointwise and h.is_cuda and torch.is_grad_enabled()
-                    and not torch.is_inference_mode_enabled())
-        rope_fn = _pointwise(apply_rope, compiled)
+        fuse = use_compiled(cfg.compile_pointwise, h)  # one fused kernel forward for each pointwise chain
+        rope_fn, merge_fn = (compile_cached(apply_rope), compile_cached(mac_merge)) if fuse else (apply_rope, mac_merge)
         positions = torch.arange(n, device=h.device) + (pos if pos_t is None else pos_t)
         q = self.wq(h).view(B, n, H, D).transpose(1, 2)
         rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
@@ -351,7 +338,7 @@ class Block(nn.Module):
             rk, rv = self.wkv(mem_out).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4)
             rk = rope_fn(rk, rope).repeat_interleave(G, 1)
             rv = rv.repeat_interleave(G, 1)
-            o = _pointwise(mac_merge, compiled)(o, lse, q, rk, rv, D ** -0.5).to(h.dtype)
+            o = merge_fn(o, lse, q, rk, rv, D ** -0.5).to(h.dtype)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return o, k_all, v_all, q_pool_prev, q_sum_cur
 

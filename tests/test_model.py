@@ -297,7 +297,8 @@ def test_block_inputs_cast_once_under_autocast():
 @pytest.mark.slow
 def test_compiled_pointwise_equals_eager():
     """model.compile_pointwise: the compiled rotary embedding and MAC merge equal the eager ones (values, grads)."""
-    from memsparse.model import _pointwise, apply_rope, mac_merge, rope_tables
+    from memsparse.memory import compile_cached
+    from memsparse.model import apply_rope, mac_merge, rope_tables
 
     g = torch.Generator().manual_seed(4)
     q, rk, rv, o = (torch.randn(1, 2, 24, 16, generator=g, requires_grad=True) for _ in range(4))
@@ -305,7 +306,7 @@ def test_compiled_pointwise_equals_eager():
     rope = rope_tables(torch.arange(24) + 5, 16, 10000.0, torch.float32)
     for fn, args in ((apply_rope, (q, rope)), (mac_merge, (o, lse, q, rk, rv, 0.25))):
         ref = fn(*args)
-        got = _pointwise(fn, True)(*args)
+        got = compile_cached(fn)(*args)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
         w = torch.randn(ref.shape, generator=g)
