@@ -17,7 +17,8 @@ Two implementations of the same rule, both public:
   where P = cumprod(eta'), beta = cumprod(1 - alpha'), d_t = theta'_t P_C / P_t,
   c_t = theta'_t sum_{s>=t} g_s (beta_C / beta_s)(P_s / P_t), gamma = sum_s g_s (beta_C / beta_s) P_s.
   The sums become two weighted matmuls per layer: no per-token weight gradient is ever materialised.
-  Ratios are computed in log space from cumulative sums, so long chunks never under/overflow.
+  Ratios are computed in log space from cumulative sums, so long chunks never under/overflow; the suffix sums
+  in c_t are one reverse log-cumsum-exp (O(C), no C x C decay matrix).
 Every token's gradient is clipped to `max_grad_norm` (a bound on the update, against the NaNs seen in
 titans-pytorch issue 29); fast weights and their updates are kept in fp32 whatever the autocast dtype.
 """
@@ -35,6 +36,7 @@ from .config import MemoryConfig
 
 _LN_EPS = 1e-5
 _LOG_FLOOR = 1e-12
+_GATE_FLOOR = 1e-30
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,14 +168,15 @@ def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Ten
     eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
     log_p = torch.cumsum(torch.log(eta_e.clamp_min(_LOG_FLOOR)), -1)          # log P_s
     log_b = torch.cumsum(torch.log((1 - alpha_e).clamp_min(_LOG_FLOOR)), -1)  # log beta_s
-    C = eta.shape[-1]
-    w = rho * torch.exp(log_b[..., -1:] - log_b)                              # g_s beta_C / beta_s
-    expo = log_p.unsqueeze(-1) - log_p.unsqueeze(-2)                          # [s, t] = log P_s/P_t
-    causal = torch.ones(C, C, dtype=torch.bool, device=eta.device).tril()     # s >= t
-    decay = torch.exp(torch.where(causal, expo, torch.full_like(expo, -math.inf)))
-    c = theta_e * torch.einsum("bhs,bhst->bht", w, decay)
+    # log(w_s P_s) with w_s = g_s beta_C / beta_s; a zero gate is floored so the log stays finite (a floored
+    # token's share of the sums below is ~1e-30 of a kept token's, below fp32 resolution)
+    log_wp = torch.log(rho.clamp_min(_GATE_FLOOR)) + log_b[..., -1:] - log_b + log_p
+    # L_t = log sum_{s>=t} w_s P_s: a reverse log-cumsum-exp, O(C) and stable in log space (no C x C decay
+    # matrix). Then c_t = theta'_t sum_{s>=t} w_s P_s / P_t = theta'_t exp(L_t - log P_t), gamma = exp(L_0).
+    lse = torch.logcumsumexp(log_wp.flip(-1), -1).flip(-1)
+    c = theta_e * torch.exp(lse - log_p)
     d = theta_e * torch.exp(log_p[..., -1:] - log_p)
-    gamma = (w * torch.exp(log_p)).sum(-1)[..., None, None]
+    gamma = torch.exp(lse[..., 0])[..., None, None]
     beta_c = torch.exp(log_b[..., -1])[..., None, None]
     p_c = torch.exp(log_p[..., -1])[..., None, None]
     cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)

@@ -101,6 +101,27 @@ def test_gates_zero_leave_memory_unchanged():
     torch.testing.assert_close(_flat(st), _flat(st0), rtol=0, atol=0)
 
 
+def test_extreme_rates_and_zero_gates_match_sequential():
+    """Long chunk, momentum ~1e-3 and strong forgetting (P_s spans ~e^-200 inside a chunk) with some gates
+    exactly zero: the log-space coefficients stay exact and finite, values and gradients."""
+    mem = _mem(chunk=32, momentum_init=1e-3, forget_init=0.5)
+    x = torch.randn(1, 40, 24, dtype=torch.float64)
+    gates = torch.rand(1, 40, dtype=torch.float64)
+    gates[:, ::3] = 0
+
+    def run(impl):
+        mem.zero_grad()
+        st, _ = mem.write(mem.init_state(1), mem.project(x), gates, impl=impl)
+        (_flat(st).sin().sum()).backward()
+        return _flat(st).detach(), {k: p.grad.clone() for k, p in mem.named_parameters() if p.grad is not None}
+
+    (s_c, g_c), (s_s, g_s) = run("chunked"), run("sequential")
+    torch.testing.assert_close(s_c, s_s, rtol=1e-10, atol=1e-10)
+    for k in g_c:
+        assert torch.isfinite(g_c[k]).all(), k
+        torch.testing.assert_close(g_c[k], g_s[k], rtol=1e-8, atol=1e-10, msg=k)
+
+
 def test_forgetting_one_forgets():
     mem = _mem(chunk=4)
     inp = mem.project(torch.randn(2, 6, 24, dtype=torch.float64))
