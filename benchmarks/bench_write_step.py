@@ -6,8 +6,8 @@ segment and memory layer. This times that function alone at the benchmark model'
 depth-2 MLP, expansion 4, chunk 512), forward + backward:
 - replayed as a CUDA graph (as in training): median microseconds per step;
 - one profiled eager call: every GPU kernel of the step with its time (what to fuse next);
-- compiled against eager on the same inputs (values and gradients), since the GPU compiler can differ from
-  what the CPU tests check.
+- compiled (with the Triton per-token-gradient kernels unless --grads-impl reference) against eager PyTorch on
+  the same inputs, values and gradients: the GPU compiler and kernels can differ from what the CPU tests check.
 
     python benchmarks/bench_write_step.py --tf32 --name write_step_h100     # on a CUDA machine
 """
@@ -56,11 +56,12 @@ def _tensors(leaf: dict) -> list:
     return out
 
 
-def step(fn, leaf: dict, probes: list):
-    """Forward + backward of one write step; returns (outputs, gradients of every leaf)."""
+def step(fn, leaf: dict, probes: list, impl: str | None):
+    """Forward + backward of one write step (per-token gradients on path `impl`; None: a version of the
+    function without the choice); returns (outputs, gradients of every leaf)."""
     new_w, new_s, *_ = fn(leaf["weights"], leaf["momentum"], leaf["k"], leaf["v"], torch.sigmoid(leaf["r_eta"]),
                           0.1 * torch.sigmoid(leaf["r_theta"]), torch.sigmoid(leaf["r_alpha"]), None, leaf["gain"],
-                          leaf["gate_scale"], leaf["gate_bias"], "silu", 1.0)
+                          leaf["gate_scale"], leaf["gate_bias"], "silu", 1.0, *([] if impl is None else [impl]))
     outs = [*new_w, *new_s]
     loss = sum((o * p).sum() for o, p in zip(outs, probes))
     grads = torch.autograd.grad(loss, _tensors(leaf))
@@ -83,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=200, help="graph replays timed")
     ap.add_argument("--memory-module", default="memsparse.memory",
                     help="module providing _write_step and compile_cached (to time another version of it)")
+    ap.add_argument("--grads-impl", default="auto", choices=["auto", "triton", "reference"],
+                    help="per-token gradients: the Triton kernels or the PyTorch code (auto: kernels on CUDA)")
     ap.add_argument("--name", default="write_step")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
@@ -97,25 +100,27 @@ def main(argv=None):
     gen = torch.Generator(device="cpu").manual_seed(1)
     probes = [torch.randn(w.shape, generator=gen).to(dev) for w in leaf["weights"] + leaf["momentum"]]
     compiled = mem.compile_cached(mem._write_step)
+    has_impl = hasattr(mem, "grads_impl")
+    impl = mem.grads_impl(leaf["weights"], leaf["k"], "silu", args.grads_impl) if has_impl else None
 
-    # compiled vs eager, same inputs (the GPU compiler is checked here, not by the CPU tests)
-    out_e, grad_e = step(mem._write_step, leaf, probes)
-    out_c, grad_c = step(compiled, leaf, probes)
+    # compiled (on `impl`) vs eager PyTorch, same inputs: the GPU compiler and the kernels are checked here
+    out_e, grad_e = step(mem._write_step, leaf, probes, "reference" if has_impl else None)
+    out_c, grad_c = step(compiled, leaf, probes, impl)
     check = {"outputs_max_rel_err": max(rel_err(a, b) for a, b in zip(out_c, out_e)),
              "grads_max_rel_err": max(rel_err(a, b) for a, b in zip(grad_c, grad_e))}
     check["ok"] = check["outputs_max_rel_err"] < 1e-2 and check["grads_max_rel_err"] < 1e-2
-    print("compiled vs eager:", check)
+    print("compiled vs eager PyTorch:", check)
 
     # CUDA graph of forward + backward, replayed
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            step(compiled, leaf, probes)
+            step(compiled, leaf, probes, impl)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(compiled, leaf, probes)
+        step(compiled, leaf, probes, impl)
     for _ in range(10):
         graph.replay()
     times = []
@@ -132,7 +137,7 @@ def main(argv=None):
     # every kernel of one (eager-launched, compiled) step
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(compiled, leaf, probes)
+        step(compiled, leaf, probes, impl)
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = defaultdict(list)
     for e in prof.events():
@@ -142,7 +147,8 @@ def main(argv=None):
     n_kernels = sum(r[1] for r in rows)
     kernel_us = sum(r[2] for r in rows)
 
-    desc = (f"_write_step ({args.memory_module}), B={args.batch}, H={H}, head_dim={D}, depth {args.depth}, "
+    desc = (f"_write_step ({args.memory_module}, per-token gradients: {impl or 'pytorch'}), B={args.batch}, "
+            f"H={H}, head_dim={D}, depth {args.depth}, "
             f"expansion {args.expansion}, chunk {C}, fp32{' (TF32 matmuls)' if args.tf32 else ''}, compiled, "
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(desc)
@@ -158,7 +164,7 @@ def main(argv=None):
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     lines = [desc, "", f"CUDA-graph replay of forward + backward: **{graph_us:.1f} us** per step (median of "
-             f"{args.reps}); compiled vs eager: outputs rel err {check['outputs_max_rel_err']:.1e}, gradients "
+             f"{args.reps}); compiled vs eager PyTorch: outputs rel err {check['outputs_max_rel_err']:.1e}, gradients "
              f"{check['grads_max_rel_err']:.1e}", "",
              f"One profiled step: {n_kernels} kernels, {kernel_us:.1f} us of kernel time", "",
              "| kernel | calls | us |", "|---|---|---|"]

@@ -18,7 +18,7 @@ Two implementations of the same rule, both public:
   c_t = theta'_t sum_{s>=t} g_s (beta_C / beta_s)(P_s / P_t), gamma = sum_s g_s (beta_C / beta_s) P_s.
   The sums become two weighted matmuls per layer: no per-token weight gradient is ever materialised.
   Ratios are computed in log space from cumulative sums, so long chunks never under/overflow; the suffix sums
-  in c_t are one reverse log-cumsum-exp (O(C), no C x C decay matrix).
+  in c_t are blocked (`decayed_suffix_sums`: 64 x 64 decay matrices, no C x C one).
 Every token's gradient is clipped to `max_grad_norm` (a bound on the update, against the NaNs seen in
 titans-pytorch issue 29); fast weights and their updates are kept in fp32 whatever the autocast dtype.
 """
@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MemoryConfig
+from .kernels.memory_grads import resolve_impl as resolve_memory_grads_impl
+from .kernels.memory_grads import token_gradients_mlp2
 
 _LN_EPS = 1e-5
 _LOG_FLOOR = 1e-12
-_GATE_FLOOR = 1e-30
+_SUFFIX_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,12 +137,17 @@ def memory_forward(weights: list[Tensor], x: Tensor, gain: Tensor, activation: s
     return y
 
 
-def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, activation: str = "silu"):
+def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, activation: str = "silu",
+                    impl: str = "auto"):
     """Closed-form per-token gradients of l_t = 1/2 ||M(k_t) - v_t||^2 at `weights`, as outer-product factors.
 
     Returns (a, dz, loss, grad_norm): lists a[i] `(B, H, N, d_in_i)`, dz[i] `(B, H, N, d_out_i)` with
     grad_{W_i} l_t = a[i][t]^T dz[i][t]; loss and grad_norm (Frobenius, all layers) `(B, H, N)`.
+    A depth-2 silu memory can run the fused Triton kernels (`memsparse.kernels.memory_grads`; forward and
+    second-order backward; opt-in for now), everything else this PyTorch code; `impl` as in `grads_impl`.
     """
+    if grads_impl(weights, k, activation, impl) == "triton":
+        return token_gradients_mlp2(k, v, weights[0], weights[1], gain, activation, impl="triton")
     y, (acts, zs, n, rstd) = memory_forward(weights, k, gain, activation, return_cache=True)
     dy = y - v
     loss = 0.5 * dy.pow(2).sum(-1)
@@ -155,9 +162,53 @@ def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, a
     return acts, dzs, loss, torch.sqrt(sq + 1e-20)
 
 
+def grads_impl(weights: list[Tensor], k: Tensor, activation: str, impl: str = "auto") -> str:
+    """Which path `token_gradients` takes: "triton" (the fused kernels: depth 2, silu, CUDA; opt-in, see
+    `memsparse.kernels.memory_grads`) or "reference".
+    impl "auto" | "triton" | "reference" (auto also reads MEMSPARSE_MEMORY_GRADS_IMPL). Resolved outside the
+    compiled step functions, which take the answer as a constant."""
+    if impl == "reference":
+        return impl
+    if len(weights) != 2:
+        if impl == "triton":
+            raise ValueError(f"the memory-gradient kernels need a depth-2 memory, got depth {len(weights)}")
+        return "reference"
+    return resolve_memory_grads_impl(k, weights[0].shape[-1], activation, impl)
+
+
 def _effective_rates(eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None, clip: Tensor):
     g = torch.ones_like(eta) if gates is None else gates
     return 1 - g * (1 - eta), g * theta * clip, g * alpha, g
+
+
+def decayed_suffix_sums(w: Tensor, log_p: Tensor, block: int = _SUFFIX_BLOCK) -> Tensor:
+    """R_t = sum_{s>=t} w_s exp(log_p_s - log_p_t) along the last dim, for w >= 0 and log_p non-increasing
+    (log cumulative products of rates in [0, 1]): `(..., C)` -> `(..., C)`.
+
+    Blocked like chunked linear attention: exact within blocks of `block` tokens through a block x block decay
+    matrix, then across blocks through an (n_blocks x n_blocks) one. Every exponent is <= 0, so the sums are
+    stable in linear space however fast the decay, and no C x C matrix is ever built.
+    """
+    C = w.shape[-1]
+    bs = min(block, C)
+    nb = -(-C // bs)
+    if nb * bs != C:  # pad: zero weight, flat decay (keeps log_p non-increasing)
+        pad = nb * bs - C
+        w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
+        log_p = torch.cat([log_p, log_p[..., -1:].expand(*log_p.shape[:-1], pad)], -1)
+    w, lp = w.unflatten(-1, (nb, bs)), log_p.unflatten(-1, (nb, bs))                # (..., nb, bs)
+    upper = torch.ones(bs, bs, dtype=torch.bool, device=w.device).triu()          # [t, s]: s >= t
+    expo = lp.unsqueeze(-2) - lp.unsqueeze(-1)                                     # [t, s] = lp_s - lp_t
+    local = (torch.exp(torch.where(upper, expo, -math.inf)) * w.unsqueeze(-2)).sum(-1)  # within the block
+    if nb == 1:
+        return local.flatten(-2)[..., :C]
+    lp_end = lp[..., -1]                                                           # log P at each block's end
+    lp_prev = torch.cat([lp_end[..., :1], lp_end[..., :-1]], -1)                   # ... at the previous block's
+    v = local[..., 0] * torch.exp(lp[..., 0] - lp_prev)        # block k's sum relative to block k-1's end
+    later = torch.ones(nb, nb, dtype=torch.bool, device=w.device).triu(1)         # [j, k]: k > j
+    cross = torch.exp(torch.where(later, lp_prev.unsqueeze(-2) - lp_end.unsqueeze(-1), -math.inf))
+    tail = (cross * v.unsqueeze(-2)).sum(-1)                   # sum over later blocks, relative to block j's end
+    return (local + torch.exp(lp_end.unsqueeze(-1) - lp) * tail.unsqueeze(-1)).flatten(-2)[..., :C]
 
 
 def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Tensor], dz_list: list[Tensor],
@@ -168,15 +219,11 @@ def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Ten
     eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
     log_p = torch.cumsum(torch.log(eta_e.clamp_min(_LOG_FLOOR)), -1)          # log P_s
     log_b = torch.cumsum(torch.log((1 - alpha_e).clamp_min(_LOG_FLOOR)), -1)  # log beta_s
-    # log(w_s P_s) with w_s = g_s beta_C / beta_s; a zero gate is floored so the log stays finite (a floored
-    # token's share of the sums below is ~1e-30 of a kept token's, below fp32 resolution)
-    log_wp = torch.log(rho.clamp_min(_GATE_FLOOR)) + log_b[..., -1:] - log_b + log_p
-    # L_t = log sum_{s>=t} w_s P_s: a reverse log-cumsum-exp, O(C) and stable in log space (no C x C decay
-    # matrix). Then c_t = theta'_t sum_{s>=t} w_s P_s / P_t = theta'_t exp(L_t - log P_t), gamma = exp(L_0).
-    lse = torch.logcumsumexp(log_wp.flip(-1), -1).flip(-1)
-    c = theta_e * torch.exp(lse - log_p)
+    w = rho * torch.exp(log_b[..., -1:] - log_b)                              # g_s beta_C / beta_s
+    r = decayed_suffix_sums(w, log_p)                                         # sum_{s>=t} w_s P_s / P_t
+    c = theta_e * r
     d = theta_e * torch.exp(log_p[..., -1:] - log_p)
-    gamma = torch.exp(lse[..., 0])[..., None, None]
+    gamma = (r[..., 0] * torch.exp(log_p[..., 0]))[..., None, None]          # sum_s w_s P_s
     beta_c = torch.exp(log_b[..., -1])[..., None, None]
     p_c = torch.exp(log_p[..., -1])[..., None, None]
     cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)
@@ -198,11 +245,12 @@ def soft_gate(grad_norm: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
 
 def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                 alpha: Tensor, gates: Tensor | None, gain: Tensor, gate_scale: Tensor, gate_bias: Tensor,
-                activation: str, max_grad_norm: float):
+                activation: str, max_grad_norm: float, impl: str = "reference"):
     """One chunk with the learned soft surprise gate, as one function (compiled whole, so its elementwise work
     fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate); the last
-    three are statistics, detached (gradients reach the gate's parameters through the update)."""
-    a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation)
+    three are statistics, detached (gradients reach the gate's parameters through the update). impl: the
+    resolved `grads_impl`."""
+    a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation, impl)
     g = soft_gate(gnorm, gate_scale.to(gnorm.dtype), gate_bias.to(gnorm.dtype))
     all_gates = g if gates is None else gates * g
     new_w, new_s = _apply_chunk(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, all_gates,
@@ -261,11 +309,12 @@ def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activ
     if gate_fn is not None and gate_params is not None:
         raise ValueError("give gate_fn or gate_params, not both")
     grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
+    impl = grads_impl(weights, k, activation)  # here, not inside the compiled functions (it reads the environment)
     if gate_params is not None:
         new_w, new_s, loss, gnorm, g = step_fn(weights, momentum, k, v, eta, theta, alpha, gates, gain,
-                                               *gate_params, activation, max_grad_norm)
+                                               *gate_params, activation, max_grad_norm, impl)
         return new_w, new_s, WriteStats(loss, gnorm, g)
-    a_list, dz_list, loss, gnorm = grads_fn(weights, k, v, gain, activation)
+    a_list, dz_list, loss, gnorm = grads_fn(weights, k, v, gain, activation, impl)
     g = None
     if gate_fn is not None:
         g = gate_fn(WriteStats(loss, gnorm))
