@@ -59,8 +59,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_kernel(K, V, W0, W1, GAIN, A1, DZ0, DZ1, NRM, RSTD, LOSS, GN, A1SQ, DZ0SQ,
-                    C, H, F, eps,
-                    D: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
+                    C, H, F,
+                    EPS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr):
         bh = tl.program_id(0)
         t0 = tl.program_id(1) * BT
         rt = t0 + tl.arange(0, BT)
@@ -82,7 +82,7 @@ if HAS_TRITON:
             a1, _, _ = _silu_parts(z0)
             z1 += tl.dot(a1, w1, input_precision=PREC)
         zc = z1 - tl.sum(z1, 1)[:, None] / D
-        rstd = 1 / tl.sqrt(tl.sum(zc * zc, 1) / D + eps)
+        rstd = 1 / tl.sqrt(tl.sum(zc * zc, 1) / D + EPS)
         n = zc * rstd[:, None]
         dy = k + n * gain[None, :] - v
         dn = dy * gain[None, :]
@@ -197,8 +197,9 @@ if HAS_TRITON:
         tl.store(G_K + off_d, g_k, mask=tm[:, None])
 
 
-def _prec() -> str:
-    return "tf32" if (torch.backends.cuda.matmul.allow_tf32 and not interpreting()) else "ieee"
+def _prec(x: Tensor) -> str:
+    """tl.dot precision: TF32 where torch's float32 matmuls use it (CUDA only; the interpreter does ieee)."""
+    return "tf32" if (x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
 
 
 def _empty(ref: Tensor, *shape: int) -> Tensor:
@@ -219,7 +220,7 @@ def _fwd_impl(k: Tensor, v: Tensor, w0: Tensor, w1: Tensor, gain: Tensor):
     rstd, loss, gn, a1sq, dz0sq = (_empty(k, B, H, C) for _ in range(5))
     if C > 0:
         _fwd_kernel[_grid(B * H, C)](k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, loss, gn, a1sq, dz0sq,
-                                     C, H, F, LN_EPS, D=D, BT=BLOCK_T, BF=BLOCK_F, PREC=_prec(), **LAUNCH)
+                                     C, H, F, EPS=LN_EPS, D=D, BT=BLOCK_T, BF=BLOCK_F, PREC=_prec(k), **LAUNCH)
     return a1, dz0, dz1, loss, gn, nrm, rstd, a1sq, dz0sq
 
 
@@ -228,14 +229,17 @@ def _bwd_impl(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1
     F = w0.shape[-1]
     NT = triton.cdiv(C, BLOCK_T)
     # the saved inputs are the caller's tensors (chunk views, batch-expanded weights): the kernel wants rows
-    k, v, w0, w1, gain = (t.contiguous() for t in (k, v, w0, w1, gain))
+    # (a no-op for what is already contiguous)
+    k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1, g_dz0, g_dz1, g_loss, g_gn = (
+        t.contiguous() for t in (k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1, g_dz0, g_dz1,
+                                 g_loss, g_gn))
     g_k, g_v, g_z1 = (_empty(k, B, H, C, D) for _ in range(3))
     g_z0, g_da1 = _empty(k, B, H, C, F), _empty(k, B, H, C, F)
     g_gain_part = _empty(k, B * H * NT, D)
     if C > 0:
         _bwd_kernel[_grid(B * H, C)](k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq,
                                      g_a1, g_dz0, g_dz1, g_loss, g_gn, g_k, g_v, g_z0, g_da1, g_z1, g_gain_part,
-                                     C, H, F, NT, D=D, BT=BLOCK_T, BF=BLOCK_F, PREC=_prec(), **LAUNCH)
+                                     C, H, F, NT, D=D, BT=BLOCK_T, BF=BLOCK_F, PREC=_prec(k), **LAUNCH)
     # the weight gradients sum over tokens: grad W0 = k^T g_z0; grad W1 = g_da1^T dz1 + a1^T g_z1 (one matmul)
     g_w0 = torch.matmul(k.transpose(-1, -2), g_z0)
     g_w1 = torch.matmul(torch.cat([g_da1, a1], 2).transpose(-1, -2), torch.cat([dz1, g_z1], 2))
@@ -243,57 +247,30 @@ def _bwd_impl(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1
     return g_k, g_v, g_w0, g_w1, g_gain
 
 
-# torch.compile sees these ops as opaque nodes (fake implementations give it the shapes)
-@torch.library.custom_op("memsparse::memory_grads_fwd", mutates_args=())
-def memory_grads_fwd(k: Tensor, v: Tensor, w0: Tensor, w1: Tensor, gain: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(a1, dz0, dz1, loss, gnorm) and what the backward needs (n, rstd, |a1|^2, |dz0|^2)."""
-    return _fwd_impl(k, v, w0, w1, gain)
+class _TokenGradients(torch.autograd.Function):
+    """The kernels with their backward. A plain autograd.Function (not a torch.library custom op): under
+    torch.compile, dynamo traces the Triton launches into the graph, so inductor knows which buffers each
+    kernel reads and writes. (As an opaque custom op inside the compiled memory step, the CUDA-graphed training
+    step hit an illegal memory access, torch 2.11 / triton 3.6.)"""
 
+    @staticmethod
+    def forward(ctx, k, v, w0, w1, gain):
+        a1, dz0, dz1, loss, gn, nrm, rstd, a1sq, dz0sq = _fwd_impl(k, v, w0, w1, gain)
+        ctx.save_for_backward(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq)
+        return a1, dz0, dz1, loss, gn
 
-@memory_grads_fwd.register_fake
-def _(k, v, w0, w1, gain):
-    B, H, C, D = k.shape
-    F = w0.shape[-1]
-    a1 = k.new_empty(B, H, C, F)
-    return (a1, torch.empty_like(a1), torch.empty_like(k), k.new_empty(B, H, C), k.new_empty(B, H, C),
-            torch.empty_like(k), k.new_empty(B, H, C), k.new_empty(B, H, C), k.new_empty(B, H, C))
+    @staticmethod
+    def backward(ctx, g_a1, g_dz0, g_dz1, g_loss, g_gn):
+        k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq = ctx.saved_tensors
 
+        def z(g, like):
+            return torch.zeros_like(like) if g is None else g
 
-@torch.library.custom_op("memsparse::memory_grads_bwd", mutates_args=())
-def memory_grads_bwd(k: Tensor, v: Tensor, w0: Tensor, w1: Tensor, gain: Tensor, a1: Tensor, dz0: Tensor,
-                     dz1: Tensor, nrm: Tensor, rstd: Tensor, gn: Tensor, a1sq: Tensor, dz0sq: Tensor, g_a1: Tensor,
-                     g_dz0: Tensor, g_dz1: Tensor, g_loss: Tensor, g_gn: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (k, v, w0, w1, gain) of the forward's (a1, dz0, dz1, loss, gnorm)."""
-    return _bwd_impl(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1, g_dz0, g_dz1, g_loss,
-                     g_gn)
-
-
-@memory_grads_bwd.register_fake
-def _(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, g_a1, g_dz0, g_dz1, g_loss, g_gn):
-    return (torch.empty_like(k), torch.empty_like(v), torch.empty_like(w0), torch.empty_like(w1),
-            torch.empty_like(gain))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output[:3], output[4], *output[5:])
-
-
-def _backward(ctx, g_a1, g_dz0, g_dz1, g_loss, g_gn, *_unused):
-    k, v, w0, w1, gain, a1, dz0, dz1, gn, nrm, rstd, a1sq, dz0sq = ctx.saved_tensors
-
-    def z(g, like):
-        return torch.zeros_like(like) if g is None else g.contiguous()
-
-    return memory_grads_bwd(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, z(g_a1, a1),
-                            z(g_dz0, dz0), z(g_dz1, dz1), z(g_loss, gn), z(g_gn, gn))
-
-
-memory_grads_fwd.register_autograd(_backward, setup_context=_setup_context)
+        return _bwd_impl(k, v, w0, w1, gain, a1, dz0, dz1, nrm, rstd, gn, a1sq, dz0sq, z(g_a1, a1),
+                         z(g_dz0, dz0), z(g_dz1, dz1), z(g_loss, gn), z(g_gn, gn))
 
 
 def token_gradients_mlp2_triton(k: Tensor, v: Tensor, w0: Tensor, w1: Tensor, gain: Tensor):
     """The Triton path of `token_gradients_mlp2` (inputs checked by the caller)."""
-    a1, dz0, dz1, loss, gn, *_ = memory_grads_fwd(k, v, w0, w1, gain)
+    a1, dz0, dz1, loss, gn = _TokenGradients.apply(k, v, w0, w1, gain)
     return [k, a1], [dz0, dz1], loss, gn

@@ -144,7 +144,7 @@ def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, a
     Returns (a, dz, loss, grad_norm): lists a[i] `(B, H, N, d_in_i)`, dz[i] `(B, H, N, d_out_i)` with
     grad_{W_i} l_t = a[i][t]^T dz[i][t]; loss and grad_norm (Frobenius, all layers) `(B, H, N)`.
     A depth-2 silu memory can run the fused Triton kernels (`memsparse.kernels.memory_grads`; forward and
-    second-order backward; opt-in for now), everything else this PyTorch code; `impl` as in `grads_impl`.
+    second-order backward), everything else this PyTorch code; `impl` as in `grads_impl`.
     """
     if grads_impl(weights, k, activation, impl) == "triton":
         return token_gradients_mlp2(k, v, weights[0], weights[1], gain, activation, impl="triton")
@@ -163,7 +163,7 @@ def token_gradients(weights: list[Tensor], k: Tensor, v: Tensor, gain: Tensor, a
 
 
 def grads_impl(weights: list[Tensor], k: Tensor, activation: str, impl: str = "auto") -> str:
-    """Which path `token_gradients` takes: "triton" (the fused kernels: depth 2, silu, CUDA; opt-in, see
+    """Which path `token_gradients` takes: "triton" (the fused kernels: depth 2, silu, CUDA; see
     `memsparse.kernels.memory_grads`) or "reference".
     impl "auto" | "triton" | "reference" (auto also reads MEMSPARSE_MEMORY_GRADS_IMPL). Resolved outside the
     compiled step functions, which take the answer as a constant."""
