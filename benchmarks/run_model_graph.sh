@@ -12,12 +12,12 @@ B="python3 benchmarks/bench_model.py --out $OUT --memory-compile --tf32"
 # are slow even so: this command took 6.4 min on the H100 (a 300 s limit killed it once).
 timeout 480 $B --warmup 1 --steps 6 --systems titans,memsparse-graph,dense --lengths 8192 --check-length 0 \
   --name model_graph_8k_s3
-# 8K and 32K beside the dense GPT; checks the graphed step against eager first (without, then with the
-# rotary embeddings and MAC merge compiled, model.compile_pointwise: the GPU recipes' setting)
-timeout 240 $B --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_s3_final
-timeout 240 $B --pointwise-compile --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_pointwise
+# 8K and 32K beside the dense GPT, current settings (rotary embeddings and MAC merge compiled, the GPU recipes'
+# model.compile_pointwise; memory-gradient kernels, the default on CUDA); checks the graphed step against eager first
+timeout 240 $B --pointwise-compile --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_kernels
 # 128K with activation checkpointing
-timeout 240 $B --checkpointing --systems memsparse-graph,dense --lengths 131072 --check-length 0 \
-  --name model_128k_s3_final
 timeout 240 $B --pointwise-compile --checkpointing --systems memsparse-graph,dense --lengths 131072 \
-  --check-length 0 --name model_128k_pointwise
+  --check-length 0 --name model_128k_kernels
+# one memory write step alone: graph-replay time and its kernels, on the kernels and on the PyTorch path
+python3 benchmarks/bench_write_step.py --tf32 --out $OUT --name write_step_kernels_fn
+python3 benchmarks/bench_write_step.py --tf32 --grads-impl reference --out $OUT --name write_step_blocked_torch
