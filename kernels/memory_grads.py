@@ -9,25 +9,18 @@ and takes 297 instead of 307 us (benchmarks/results/write_step_kernels_fn.md, wr
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
 from . import memory_grads_triton as _tri
+from .dispatch import requested_impl
 from .memory_grads_reference import token_gradients_mlp2_reference
 
-IMPLS = ("auto", "triton", "reference")
 ENV_VAR = "MEMSPARSE_MEMORY_GRADS_IMPL"
 
 
 def resolve_impl(k: Tensor, hidden: int, activation: str, impl: str = "auto") -> str:
     """Which path `token_gradients_mlp2` takes for these inputs: "triton" or "reference"."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    impl = requested_impl(impl, ENV_VAR)
     if impl == "reference" or (impl == "auto" and not k.is_cuda):
         return "reference"
     reason = _tri.unsupported_reason(k, hidden, activation)

@@ -9,15 +9,14 @@ anything else falls back to the reference with a one-time warning.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from torch import Tensor
 
 from . import sparse_attention_triton as _tri
+from .dispatch import requested_impl
 from .sparse_attention_reference import check_sparse_attention_inputs, sparse_attention_reference
 
-IMPLS = ("auto", "triton", "reference")
 ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_IMPL"
 _warned: set[str] = set()
 
@@ -30,12 +29,7 @@ def _warn_once(msg: str) -> None:
 
 def resolve_impl(q: Tensor, block_size: int, impl: str = "auto") -> str:
     """Which path `sparse_attention` takes for these inputs: "triton" or "reference"."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    impl = requested_impl(impl, ENV_VAR)
     if impl == "reference":
         return "reference"
     if impl == "auto" and not q.is_cuda:
