@@ -398,6 +398,33 @@ def test_cuda_graph_config_errors(tmp_path):
         _trainer(tmp_path, 1).fit(_tiny_module(cuda_graph=True), datamodule=_datamodule())
 
 
+def test_gradient_clipping_under_fsdp_uses_the_wrapped_models_norm_clip(monkeypatch):
+    """Lightning's FSDP precision plugin refuses norm clipping; the module clips through FSDP's clip_grad_norm_
+    instead (Lightning runs FSDP only on GPUs, so the sharded state is stood in for here)."""
+    module = _tiny_module()
+    calls = []
+
+    class Wrapped:
+        def clip_grad_norm_(self, max_norm):
+            calls.append(max_norm)
+
+    class Trainer:
+        model = Wrapped()
+
+    sharded = [True]
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: Trainer()))
+    monkeypatch.setattr(module, "_sharded", lambda: sharded[0])
+    monkeypatch.setattr(module, "clip_gradients",
+                        lambda opt, **kw: calls.append(("lightning", kw["gradient_clip_val"])))
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert calls == [0.5]
+    with pytest.raises(ValueError, match="only norm clipping"):
+        module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    sharded[0] = False  # DDP / one device: Lightning's own clipping
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert calls == [0.5, ("lightning", 0.5)]
+
+
 def test_lr_schedule():
     from memsparse.train.module import WarmupCosine
 
