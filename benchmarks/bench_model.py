@@ -187,11 +187,13 @@ def bench(name, L, args):
     torch.cuda.reset_peak_memory_stats()
     row = {"system": name, "L": L}
     try:
+        t_build = time.perf_counter()
         model, loss_fn = step_fns(name, L, args)
         model = model.cuda()
         row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        times = []
+        times, warm = [], []
+        t_start = time.perf_counter()
         for i in range(args.warmup + args.steps):
             ids = torch.randint(0, VOCAB, (1, L + 1), device="cuda")
             torch.cuda.synchronize()
@@ -202,11 +204,12 @@ def bench(name, L, args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
+            (times if i >= args.warmup else warm).append(time.perf_counter() - t0)
         t = sorted(times)[len(times) // 2]
+        # start-up: model build + the warm-up steps (compilation, graph capture, autotuning), seconds
         row.update(status="ok", step_s=t, tokens_per_s=L / t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   loss=float(loss))
+                   loss=float(loss), warmup_steps_s=[round(w, 3) for w in warm],
+                   startup_s=round(t_start - t_build + sum(warm), 3))
     except torch.OutOfMemoryError:
         row.update(status="OOM")
     except Exception as e:  # record and keep going (e.g. a missing optional package)
