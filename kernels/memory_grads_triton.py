@@ -10,7 +10,7 @@ walks the hidden width in tiles: the MLP forward, the LayerNorm and its backward
 backward stay on chip (torch runs this as ~10 kernels and 3 batched matmuls, each latency-bound at the
 model's sizes). The backward kernel is the hand-derived gradient of those outputs (a second-order pass:
 the chunk update is differentiated through them), token-local again; the two weight gradients, sums over
-tokens, are left to two batched matmuls. Reference: `memory_grads_reference.token_gradients_mlp2`.
+tokens, are left to two batched matmuls. Reference: `memory_grads_reference.token_gradients_mlp2_reference`.
 """
 
 from __future__ import annotations
