@@ -298,18 +298,25 @@ def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Te
     any function, or `gate_params` = (scale, bias) `(H,)` of `soft_gate`, which runs inside the fused step.
     `compiled` runs the closed-form pieces under torch.compile. Returns (new_state, WriteStats).
     """
+    impl = _write_impl(state.weights, k, activation, gate_fn, gate_params)
     new_w, new_s, stats = _chunk_update(state.weights, state.momentum, k, v, eta, theta, alpha, gates, gain,
-                                        activation, max_grad_norm, gate_fn, compiled, gate_params)
+                                        activation, max_grad_norm, gate_fn, compiled, gate_params, impl)
     return MemoryState(new_w, new_s, state.step + k.shape[2]), stats
 
 
-def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn,
-                  compiled, gate_params):
-    """write_chunk on the fast weights and momentum alone: (new weights, new momentum, WriteStats)."""
+def _write_impl(weights, k, activation, gate_fn, gate_params) -> str:
+    """Once per write: the gate arguments checked and the per-token-gradient path resolved (here, not inside
+    the compiled functions: it reads the environment)."""
     if gate_fn is not None and gate_params is not None:
         raise ValueError("give gate_fn or gate_params, not both")
+    return grads_impl(weights, k, activation)
+
+
+def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn,
+                  compiled, gate_params, impl):
+    """write_chunk on the fast weights and momentum alone, `impl` from `_write_impl`: (new weights, new
+    momentum, WriteStats)."""
     grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
-    impl = grads_impl(weights, k, activation)  # here, not inside the compiled functions (it reads the environment)
     if gate_params is not None:
         new_w, new_s, loss, gnorm, g = step_fn(weights, momentum, k, v, eta, theta, alpha, gates, gain,
                                                *gate_params, activation, max_grad_norm, impl)
@@ -368,6 +375,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
         k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
         stats = []
         weights, momentum = state.weights, state.momentum
+        impl = _write_impl(weights, k, activation, gate_fn, gate_params)
         # one split per input, not a slice per chunk (a slice's backward fills a zero tensor of the whole input),
         # and no split at all when one chunk covers the input (even a one-piece split costs a copy in backward)
         one = k.shape[2] <= chunk_size
@@ -376,7 +384,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
                        else (gates,) if one else gates.split(chunk_size, dim=2))
         for kc, vc, ec, tc, ac, gc in zip(*pieces, gate_pieces):
             weights, momentum, st = _chunk_update(weights, momentum, kc, vc, ec, tc, ac, gc, gain, activation,
-                                                  max_grad_norm, gate_fn, compiled, gate_params)
+                                                  max_grad_norm, gate_fn, compiled, gate_params, impl)
             stats.append(st)
         state = MemoryState(weights, momentum, state.step + k.shape[2])
     if not stats:
