@@ -197,7 +197,8 @@ def decayed_suffix_sums(w: Tensor, log_p: Tensor, block: int = _SUFFIX_BLOCK) ->
         w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
         log_p = torch.cat([log_p, log_p[..., -1:].expand(*log_p.shape[:-1], pad)], -1)
     w, lp = w.unflatten(-1, (nb, bs)), log_p.unflatten(-1, (nb, bs))                # (..., nb, bs)
-    upper = torch.ones(bs, bs, dtype=torch.bool, device=w.device).triu()          # [t, s]: s >= t
+    i = torch.arange(bs, device=w.device)  # masks from index comparisons: compiled, they fuse into their users
+    upper = i[:, None] <= i[None, :]                                               # [t, s]: s >= t
     expo = lp.unsqueeze(-2) - lp.unsqueeze(-1)                                     # [t, s] = lp_s - lp_t
     local = (torch.exp(torch.where(upper, expo, -math.inf)) * w.unsqueeze(-2)).sum(-1)  # within the block
     if nb == 1:
@@ -205,7 +206,8 @@ def decayed_suffix_sums(w: Tensor, log_p: Tensor, block: int = _SUFFIX_BLOCK) ->
     lp_end = lp[..., -1]                                                           # log P at each block's end
     lp_prev = torch.cat([lp_end[..., :1], lp_end[..., :-1]], -1)                   # ... at the previous block's
     v = local[..., 0] * torch.exp(lp[..., 0] - lp_prev)        # block k's sum relative to block k-1's end
-    later = torch.ones(nb, nb, dtype=torch.bool, device=w.device).triu(1)         # [j, k]: k > j
+    j = torch.arange(nb, device=w.device)
+    later = j[:, None] < j[None, :]                                                # [j, k]: k > j
     cross = torch.exp(torch.where(later, lp_prev.unsqueeze(-2) - lp_end.unsqueeze(-1), -math.inf))
     tail = (cross * v.unsqueeze(-2)).sum(-1)                   # sum over later blocks, relative to block j's end
     return (local + torch.exp(lp_end.unsqueeze(-1) - lp) * tail.unsqueeze(-1)).flatten(-2)[..., :C]
