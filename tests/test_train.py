@@ -455,3 +455,21 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert digests[0]["world_size"] == 2 and digests[0]["step"] == digests[1]["step"] == 3
     assert digests[0]["sha256"] == digests[1]["sha256"]
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("synchronise", [True, False])
+def test_cli_closes_the_process_group_before_exit(tmp_path, synchronise):
+    """memsparse-train destroys the process group itself (after a barrier when the command succeeded) rather than
+    leaving it to interpreter shutdown, where a rank once aborted after a successful DDP run."""
+    import torch.distributed as dist
+    from memsparse.train.cli import _close_process_group
+
+    _close_process_group(synchronise)  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        _close_process_group(synchronise)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -125,13 +125,34 @@ def cli(args: ArgsType = None, run: bool = True) -> MemSparseCLI:
 
 def main(args: ArgsType = None) -> None:
     """Console entry point `memsparse-train`."""
+    ok = False
     try:
         cli(args)
+        ok = True
     except NonFiniteTrainingError as e:
         print(f"memsparse-train: {e}", file=sys.stderr)
         raise SystemExit(3) from None
     finally:
+        _close_process_group(synchronise=ok)
         _finish_wandb()
+
+
+def _close_process_group(synchronise: bool) -> None:
+    """Destroy the distributed process group (if any) before interpreter shutdown.
+
+    Left to Lightning's atexit hook, the ranks tore their connections down in no particular order while
+    C++ threads were still running, and a rank occasionally aborted at exit ("terminate called without an
+    active exception", exit code -6) after a successful run. After a successful command the ranks first meet
+    at a barrier, so they close together; after a failure they do not wait for each other."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronise:
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+    dist.destroy_process_group()
 
 
 def _finish_wandb() -> None:

@@ -432,11 +432,16 @@ class MemSparseLightningModule(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------- export
 
     def on_fit_end(self) -> None:
-        """Export the final model + tokenizer to `<default_root_dir>/export` (loadable by `from_pretrained`)."""
+        """Export the final model + tokenizer to `<default_root_dir>/export` (loadable by `from_pretrained`).
+
+        Every rank waits for rank 0's export, so no rank leaves `fit` (and starts tearing down its connections)
+        while the export is still being written."""
         if self.trainer.is_global_zero:
             out = Path(self.trainer.default_root_dir) / "export"
             self.export(out)
             rank_zero_info(f"exported the model and tokenizer to {out}")
+        if self.trainer.world_size > 1:
+            self.trainer.strategy.barrier("memsparse_export")
 
     def export(self, directory: str | Path) -> Path:
         """`save_pretrained` + the tokenizer into `directory`."""
