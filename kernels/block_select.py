@@ -15,12 +15,15 @@ from .budget import BudgetPolicy, parse_policy
 
 
 def block_pool(x: Tensor, block_size: int) -> Tensor:
-    """Mean over each block of `block_size` rows: `(B, H, L, D)` -> `(B, H, ceil(L/bs), D)` (tail averaged)."""
+    """Mean over each block of `block_size` rows: `(B, H, L, D)` -> `(B, H, ceil(L/bs), D)` fp32 (tail averaged)."""
     B, H, L, D = x.shape
-    n = math.ceil(L / block_size)
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - L)).view(B, H, n, block_size, D)
-    cnt = torch.clamp(L - torch.arange(n, device=x.device) * block_size, max=block_size).to(xp.dtype)
-    return xp.sum(3) / cnt[:, None]
+    full, tail = divmod(L, block_size)
+    # block sums accumulated in fp32 straight from x: no fp32 copy or padded copy of the whole of x
+    sums = x[:, :, :full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if not tail:
+        return sums / block_size
+    last = x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32) / tail
+    return torch.cat([sums / block_size, last], 2)
 
 
 def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> Tensor:

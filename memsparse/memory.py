@@ -354,6 +354,21 @@ def _check_write_inputs(state: MemoryState, k: Tensor, v: Tensor, rates: dict[st
         raise ValueError(f"gates must be (B, H, N) = {(B, H, N)}, got {tuple(gates.shape)}")
 
 
+def project_heads(qkv: Tensor, r: Tensor, heads: int, qk_norm: bool, lr_max: float):
+    """The memory's projections per head: qkv `(B, N, 3 * heads * D)` and rate logits r `(B, N, 3 * heads)` ->
+    (q, k, v) `(B, heads, N, D)` and (eta, theta, alpha) `(B, heads, N)`, fp32 (float64 stays), head-major and
+    contiguous: every per-chunk slice of them is then a plain strided view (no transposing copies inside the
+    per-chunk steps; inductor also failed to generate a kernel for the transposed rate layout fused with the
+    soft gate, torch 2.11). Keys and queries L2-normalised when qk_norm. Compiled (`memory.compile`), the casts,
+    transposes, normalisations and sigmoids are one kernel forward and one backward."""
+    B, N, _ = qkv.shape
+    q, k, v = _up(qkv).view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).contiguous()
+    if qk_norm:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    r_eta, r_theta, r_alpha = _up(r).view(B, N, 3, heads).permute(2, 0, 3, 1).contiguous()
+    return q, k, v, torch.sigmoid(r_eta), lr_max * torch.sigmoid(r_theta), torch.sigmoid(r_alpha)
+
+
 def _up(t: Tensor) -> Tensor:
     """At least fp32 (float64 stays float64, for tests)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -519,20 +534,9 @@ class NeuralMemory(nn.Module):
         """x `(B, N, dim)` -> MemoryInputs (keys/queries L2-normalised per head when qk_norm)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, dim={self.dim}), got {tuple(x.shape)}")
-        B, N, _ = x.shape
-        H, D = self.heads, self.head_dim
-        # head-major and contiguous once per span: every per-chunk slice is then a plain strided view (no
-        # transposing copies inside the per-chunk steps; inductor also failed to generate a kernel for the
-        # transposed rate layout fused with the soft gate, torch 2.11)
-        q, k, v = _up(self.to_qkv(x)).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).contiguous()
-        if self.config.qk_norm:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        r = _up(self.to_rates(x)).view(B, N, 3, H).permute(2, 0, 3, 1).contiguous()
-        r_eta, r_theta, r_alpha = r.unbind(0)
-        eta = torch.sigmoid(r_eta)
-        theta = self.config.lr_max * torch.sigmoid(r_theta)
-        alpha = torch.sigmoid(r_alpha)
-        return MemoryInputs(q, k, v, eta, theta, alpha)
+        tail = compile_cached(project_heads) if self._compiled(x) else project_heads
+        return MemoryInputs(*tail(self.to_qkv(x), self.to_rates(x), self.heads, self.config.qk_norm,
+                                  self.config.lr_max))
 
     # -- read / write -----------------------------------------------------------------------------------
     def read(self, state: MemoryState, q: Tensor) -> Tensor:
@@ -550,6 +554,29 @@ class NeuralMemory(nn.Module):
         batched call (their fast weights stacked), so a span of many segments costs a few launches, not one
         set per segment.
         """
+        y = self._read_pieces(states, queries)
+        return y if y.dim() == 4 else y.transpose(1, 2).flatten(2, 3)
+
+    def read_out(self, states: list[MemoryState], queries: list[Tensor]) -> Tensor:
+        """`merge_heads(read_segments(states, queries))` `(B, sum n_i, dim)`, with one copy (layout and cast to
+        the projection's input dtype together) between the reads and the output projection."""
+        y = self._read_pieces(states, queries)
+        if y.dim() == 5:  # (B, n, H, m, D): the batched read of n equal pieces of m tokens
+            B, n, H, m, D = y.shape
+            return self.out(self._to_proj_input(y.permute(0, 1, 3, 2, 4)).view(B, n * m, H * D))
+        B, H, N, D = y.shape
+        return self.out(self._to_proj_input(y.transpose(1, 2)).view(B, N, H * D))
+
+    def _to_proj_input(self, y: Tensor) -> Tensor:
+        """y contiguous in the dtype the output projection computes in (autocast's, else its weight's)."""
+        dev = y.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.out.weight.dtype
+        # one copy either way (`.to` ignores memory_format when the dtype already matches)
+        return y.contiguous() if y.dtype == dtype else y.to(dtype, memory_format=torch.contiguous_format)
+
+    def _read_pieces(self, states: list[MemoryState], queries: list[Tensor]) -> Tensor:
+        """read_segments' reads: `(B, H, N, D)`, or `(B, n, H, m, D)` when the pieces are n reads of m tokens,
+        in order, read in one batched call (left in that layout for the caller's one copy)."""
         if len(states) != len(queries):
             raise ValueError(f"{len(states)} states for {len(queries)} query pieces")
         if not queries:
@@ -570,8 +597,8 @@ class NeuralMemory(nn.Module):
                        for j in range(len(states[idx[0]].weights))]
             q = torch.stack([queries[i] for i in idx], 1).flatten(0, 1)              # (B * n, H, n_i, D)
             y = self._read_weights(weights, q).unflatten(0, (B, n))               # (B, n, H, n_i, D)
-            if n == len(queries):  # one group, in order: one copy back to (B, H, N, D)
-                return y.transpose(1, 2).flatten(2, 3)
+            if n == len(queries):  # one group, in order
+                return y
             # unbind, not y[:, j]: its backward is one stack, not a zero tensor of y's size per piece
             for i, piece in zip(idx, y.unbind(1)):
                 out[i] = piece
@@ -622,7 +649,7 @@ class NeuralMemory(nn.Module):
     def merge_heads(self, y: Tensor) -> Tensor:
         """(B, H, N, D) -> output projection `(B, N, dim)`."""
         B, H, N, D = y.shape
-        return self.out(y.transpose(1, 2).reshape(B, N, H * D).to(self.out.weight.dtype))
+        return self.out(self._to_proj_input(y.transpose(1, 2)).view(B, N, H * D))
 
     # -- the memory layer on its own ----------------------------------------------------------------------
     def forward(self, x: Tensor, state: MemoryState | None = None, gates: Tensor | None = None,

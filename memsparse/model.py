@@ -59,15 +59,37 @@ def mac_merge(o: Tensor, lse: Tensor, q: Tensor, rk: Tensor, rv: Tensor, scale: 
     return ((wa.unsqueeze(-1) * o.float() + wr.unsqueeze(-1) * rv.float()) / (wa + wr).unsqueeze(-1)).to(o.dtype)
 
 
+def swiglu(u: Tensor) -> Tensor:
+    """silu(a) * b for u = [a | b] along the last dim: `(..., 2h)` -> `(..., h)`."""
+    a, b = u.chunk(2, -1)
+    return F.silu(a) * b
+
+
+def rms_norm_cast(x: Tensor, weight: Tensor, eps: float | None, dtype: torch.dtype) -> Tensor:
+    """RMSNorm of x `(..., dim)` (as `nn.RMSNorm`) cast to `dtype`, the input of the linear layers after it."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps).to(dtype)
+
+
+def add_rms_norm_cast(x: Tensor, y: Tensor, weight: Tensor, eps: float | None, dtype: torch.dtype):
+    """The residual add and the next pre-norm: (x + y, RMSNorm(x + y) cast to `dtype`)."""
+    s = x + y
+    return s, rms_norm_cast(s, weight, eps, dtype)
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """w3(silu(x w1) * (x w2)), w1 and w2 as one matmul. `fused`: on CUDA in training the gate runs compiled:
+    one kernel forward, and one backward that writes the gradient of [x w1 | x w2] whole (eager, the gradient
+    of the split is a concatenation of two full-length halves)."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, -1)
-        return self.w3(F.silu(a) * b)
+        u = self.w12(x)
+        return self.w3((compile_cached(swiglu) if use_compiled(self.fused, u) else swiglu)(u))
 
 
 class SurpriseGate(nn.Module):
@@ -171,7 +193,7 @@ class Block(nn.Module):
         self.persistent_k = nn.Parameter(torch.randn(Hkv, P, D) * D ** -0.5) if P else None
         self.persistent_v = nn.Parameter(torch.randn(Hkv, P, D) * D ** -0.5) if P else None
         self.norm2 = nn.RMSNorm(cfg.dim)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden, fused=cfg.compile_pointwise)
         self.memory = NeuralMemory(cfg.dim, cfg.memory) if has_memory else None
         self.gate = SurpriseGate(cfg.memory.heads, cfg.surprise_gate) if has_memory else None
         self.mag_gate = nn.Linear(cfg.dim, cfg.dim) if has_memory and cfg.variant == "mag" else None
@@ -200,7 +222,9 @@ class Block(nn.Module):
         B, n, _ = x.shape
         S, W = cfg.segment, cfg.window
         w_seg = W // S
-        h = _autocast_input(self.norm1(x))
+        norm_dtype = self._fuse_norms(x)
+        h = compile_cached(rms_norm_cast)(x, self.norm1.weight, self.norm1.eps, norm_dtype) if norm_dtype else \
+            _autocast_input(self.norm1(x))
 
         # 1. memory: per segment, read with the state as it stands, then evict what leaves the window
         mem_out, mem_state, mem_inputs = None, st.memory, st.mem_inputs
@@ -227,17 +251,22 @@ class Block(nn.Module):
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
                 _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
-            reads = self.memory.read_segments(read_states, list(q_parts))
-            mem_out = self.memory.merge_heads(reads).to(x.dtype)
+            mem_out = self.memory.read_out(read_states, list(q_parts))
+            if cfg.variant != "mac":  # MAC feeds it to a linear layer only: no cast to fp32 and back
+                mem_out = mem_out.to(x.dtype)
 
         # 2. attention over persistent + window + span
         att_in = h + mem_out if (mem_out is not None and cfg.variant == "mal") else h
         o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats, pos_t)
         if mem_out is not None and cfg.variant == "mag":
             x = x + self.wo(o) + torch.sigmoid(self.mag_gate(h)) * mem_out
+            h2 = _autocast_input(self.norm2(x))
+        elif norm_dtype:
+            x, h2 = compile_cached(add_rms_norm_cast)(x, self.wo(o), self.norm2.weight, self.norm2.eps, norm_dtype)
         else:
             x = x + self.wo(o)
-        x = x + self.mlp(_autocast_input(self.norm2(x)))
+            h2 = _autocast_input(self.norm2(x))
+        x = x + self.mlp(h2)
 
         # 3. trim the cache to the window of the next token's segment
         end = pos + n
@@ -249,6 +278,14 @@ class Block(nn.Module):
             mem_inputs.q = mem_inputs.q[:, :, :0]
         new_state = LayerState(new_k[:, :, cut:], new_v[:, :, cut:], mem_inputs, mem_state, q_pool_prev, q_sum_cur)
         return x, new_state
+
+    def _fuse_norms(self, x: Tensor) -> torch.dtype | None:
+        """The autocast dtype when the pre-norms run compiled with their cast (and the residual add before the
+        second): `compile_pointwise`, CUDA training under autocast. None: eager."""
+        dev = x.device.type
+        if use_compiled(self.cfg.compile_pointwise, x) and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return None
 
     def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int) -> tuple[MemoryState, WriteStats]:
         """Write one evicted segment (surprise-gated), then its consolidation passes. Returns (memory, the
@@ -306,8 +343,7 @@ class Block(nn.Module):
         qp = F.pad(q, (0, 0, r, 0)) if r else q
         nq = math.ceil((r + n) / bs)
         # causal selection queries: block m is chosen with the mean query of block m-1 (carried across spans)
-        qg = F.pad(q.detach().float().view(B, Hkv, G, n, D).mean(2), (0, 0, r, nq * bs - r - n))
-        sums = qg.view(B, Hkv, nq, bs, D).sum(3)
+        sums = block_query_sums(q.detach(), Hkv, bs, r)
         sums[:, :, 0] += st.q_sum_cur
         pools = sums / bs
         q_sel = torch.cat([st.q_pool_prev.unsqueeze(2), pools[:, :, :-1]], 2)
@@ -341,6 +377,18 @@ class Block(nn.Module):
             o = merge_fn(o, lse, q, rk, rv, D ** -0.5).to(h.dtype)
         o = o.transpose(1, 2).reshape(B, n, H * D)
         return o, k_all, v_all, q_pool_prev, q_sum_cur
+
+
+def block_query_sums(q: Tensor, num_kv_heads: int, block_size: int, offset: int) -> Tensor:
+    """Per query block, the sum over its tokens of the GQA group's mean query, fp32: q `(B, Hq, n, D)`, whose
+    first token sits `offset` tokens into its block -> `(B, Hkv, ceil((offset + n) / block_size), D)`."""
+    B, Hq, n, D = q.shape
+    G, bs = Hq // num_kv_heads, block_size
+    nq = -(-(offset + n) // bs)
+    if offset == 0 and n % bs == 0:  # whole blocks: summed straight from q in fp32, no copy of q
+        return q.unflatten(1, (num_kv_heads, G)).unflatten(3, (nq, bs)).sum((2, 4), dtype=torch.float32) / G
+    qg = F.pad(q.float().view(B, num_kv_heads, G, n, D).mean(2), (0, 0, offset, nq * bs - offset - n))
+    return qg.view(B, num_kv_heads, nq, bs, D).sum(3)
 
 
 def _autocast_input(h: Tensor) -> Tensor:

@@ -352,3 +352,30 @@ def test_read_segments_equals_reads_one_by_one(lengths):
         torch.testing.assert_close(g_b[k], g_1[k], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=f"{len(states)} states for {len(qs) + 1} query pieces"):
         mem.read_segments(states, qs + qs[:1])
+    y = mem.read_segments(states, qs)
+    torch.testing.assert_close(mem.read_out(states, qs), mem.merge_heads(y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
+def test_read_out_is_the_merged_projection_of_the_reads(lengths):
+    """read_out (one copy between the reads and the output projection) = merge_heads(read_segments): values and
+    gradients, in fp32 and under bf16 autocast."""
+    mem = _mem(chunk=4).float()
+    x = torch.randn(2, sum(lengths), 24)
+    inp = mem.project(x)
+    states, st = [], mem.init_state(2)
+    for c0 in range(0, sum(lengths), 4):
+        states.append(st)
+        st, _ = mem.write(st, inp.slice(slice(c0, c0 + 4)))
+    states = (states * 4)[:len(lengths)]
+    qs = [q.detach().requires_grad_() for q in inp.q.split(lengths, dim=2)]
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            got, ref = mem.read_out(states, qs), mem.merge_heads(mem.read_segments(states, qs))
+        assert got.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        w = torch.randn(got.shape)
+        g_got = torch.autograd.grad((got.float() * w).sum(), qs)
+        g_ref = torch.autograd.grad((ref.float() * w).sum(), qs)
+        for a, b in zip(g_got, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -296,21 +296,90 @@ def test_block_inputs_cast_once_under_autocast():
 
 @pytest.mark.slow
 def test_compiled_pointwise_equals_eager():
-    """model.compile_pointwise: the compiled rotary embedding and MAC merge equal the eager ones (values, grads)."""
-    from memsparse.memory import compile_cached
-    from memsparse.model import apply_rope, mac_merge, rope_tables
+    """model.compile_pointwise / memory.compile: the compiled pointwise functions (rotary embedding, MAC merge,
+    SwiGLU gate, pre-norms with their cast and residual add, the memory's projection tail) equal the eager ones
+    (values, grads)."""
+    from memsparse.memory import compile_cached, project_heads
+    from memsparse.model import add_rms_norm_cast, apply_rope, mac_merge, rms_norm_cast, rope_tables, swiglu
 
     g = torch.Generator().manual_seed(4)
-    q, rk, rv, o = (torch.randn(1, 2, 24, 16, generator=g, requires_grad=True) for _ in range(4))
-    lse = torch.randn(1, 2, 24, generator=g, requires_grad=True)
+
+    def leaf(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    q, rk, rv, o = (leaf(1, 2, 24, 16) for _ in range(4))
+    lse = leaf(1, 2, 24)
     rope = rope_tables(torch.arange(24) + 5, 16, 10000.0, torch.float32)
-    for fn, args in ((apply_rope, (q, rope)), (mac_merge, (o, lse, q, rk, rv, 0.25))):
+    x, y, w = leaf(1, 24, 32), leaf(1, 24, 32, dtype=torch.bfloat16), leaf(32)
+    cases = [(apply_rope, (q, rope)), (mac_merge, (o, lse, q, rk, rv, 0.25)), (swiglu, (leaf(1, 24, 40),)),
+             (rms_norm_cast, (x, w, None, torch.bfloat16)), (add_rms_norm_cast, (x, y, w, None, torch.bfloat16)),
+             (project_heads, (leaf(1, 24, 48, dtype=torch.bfloat16), leaf(1, 24, 6, dtype=torch.bfloat16), 2,
+                              True, 0.1))]
+    for fn, args in cases:
         ref = fn(*args)
         got = compile_cached(fn)(*args)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        ref, got = (list(r) if isinstance(r, tuple) else [r] for r in (ref, got))
+        tol = dict(rtol=2e-2, atol=2e-2) if any(r.dtype == torch.bfloat16 for r in ref) else dict(rtol=1e-5,
+                                                                                                  atol=1e-6)
+        for a, b in zip(got, ref):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), fn.__name__
+            torch.testing.assert_close(a, b, **tol)
         leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        w = torch.randn(ref.shape, generator=g)
-        gr = torch.autograd.grad((ref * w).sum(), leaves)
-        gg = torch.autograd.grad((got * w).sum(), leaves)
+        ws = [torch.randn(r.shape, generator=g) for r in ref]
+        gr = torch.autograd.grad(sum((r.float() * v).sum() for r, v in zip(ref, ws)), leaves)
+        gg = torch.autograd.grad(sum((r.float() * v).sum() for r, v in zip(got, ws)), leaves)
         for a, b in zip(gg, gr):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.float(), b.float(), **tol, msg=fn.__name__)
+
+
+@pytest.mark.parametrize("offset,n", [(0, 32), (0, 20), (3, 29), (5, 3)])
+def test_block_query_sums(offset, n):
+    """Selection-query block sums: the GQA group's mean query summed over each block (a span starting `offset`
+    tokens into its block counts from there), fp32, from a non-contiguous bf16 or fp32 q."""
+    from memsparse.model import block_query_sums
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, n, 4, 8, generator=g).to(dtype).transpose(1, 2)  # (B, Hq, n, D) in (B, n, Hq, D) layout
+        got = block_query_sums(q, 2, 8, offset)
+        qd = torch.nn.functional.pad(q.double().view(2, 2, 2, n, 8).mean(2), (0, 0, offset, 0))
+        want = torch.stack([qd[:, :, i:i + 8].sum(2) for i in range(0, offset + n, 8)], 2)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal", "mag"])
+def test_gpu_code_paths_equal_the_eager_ones(monkeypatch, variant):
+    """The paths a CUDA training step takes with `compile_pointwise` and `memory.compile` (fused pre-norms with
+    their casts and the residual add, the SwiGLU gate, the memory's projection tail), run eagerly here, give
+    the default path's loss and gradients exactly (bf16 autocast)."""
+    import memsparse.memory as memory_module
+    import memsparse.model as model_module
+
+    ids = torch.randint(0, 50, (2, 97), generator=torch.Generator().manual_seed(6))
+
+    def run(gpu_paths):
+        kw = dict(variant=variant, compile_pointwise=gpu_paths,
+                  memory=MemoryConfig(heads=2, head_dim=8, chunk_size=16, compile=gpu_paths))
+        model = tiny_model(torch.float32, **kw).train()
+        used = []
+        with monkeypatch.context() as m:
+            for mod in (memory_module, model_module):
+                m.setattr(mod, "use_compiled", lambda flag, x: flag and torch.is_grad_enabled())
+                m.setattr(mod, "compile_cached", lambda fn: used.append(fn.__name__) or fn)
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+            loss.backward()
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, set(used)
+
+    loss_e, grads_e, used_e = run(False)
+    loss_g, grads_g, used_g = run(True)
+    assert not used_e
+    want = {"swiglu", "rms_norm_cast", "project_heads", "_write_step", "memory_forward", "apply_rope"}
+    want |= {"mac_merge", "add_rms_norm_cast"} if variant == "mac" else {"add_rms_norm_cast"} if variant == "mal" \
+        else set()
+    assert want <= used_g, want - used_g
+    torch.testing.assert_close(loss_g, loss_e, rtol=0, atol=0)
+    assert grads_g.keys() == grads_e.keys()
+    for k in grads_e:
+        torch.testing.assert_close(grads_g[k], grads_e[k], rtol=0, atol=0, msg=k)

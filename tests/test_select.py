@@ -164,3 +164,19 @@ def test_host_width_hint_gives_the_same_selection():
         assert torch.equal(a_cnt, b_cnt) and b_idx.shape[-1] <= 6
         w = b_idx.shape[-1]
         assert torch.equal(a_idx[..., :w].masked_fill(a_idx[..., :w] < 0, -1), b_idx)
+
+
+@pytest.mark.parametrize("L", [64, 100, 16, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_pool_is_the_mean_of_each_block(L, dtype):
+    """Block means in fp32 (the last, partial block averaged over its own rows), from any layout of keys."""
+    from memsparse.kernels.block_select import block_pool
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, L, generator=g).to(dtype).transpose(1, 3)  # (2, L, 3, 5) -> (2, 3, L, 5)-ish view
+    x = x.transpose(1, 2)                                                  # (2, 3, L, 5), not contiguous
+    got = block_pool(x, 16)
+    xd = x.double()
+    want = torch.stack([xd[:, :, i:i + 16].mean(2) for i in range(0, L, 16)], 2)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, math.ceil(L / 16), 5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
