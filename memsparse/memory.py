@@ -231,9 +231,14 @@ def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Ten
     cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)
     new_w, new_s = [], []
     for w0, s0, a, dz in zip(weights, momentum, a_list, dz_list):
-        # sum_t a_t (x) (c_t dz_t) and sum_t a_t (x) (d_t dz_t) as one matmul: a^T [c dz | d dz]
-        rhs = (dz.unsqueeze(-2) * cd.unsqueeze(-1)).flatten(-2)               # (B, H, C, 2 * d_out)
-        gc, gd = torch.matmul(a.transpose(-1, -2), rhs).chunk(2, -1)
+        # sum_t a_t (x) (c_t dz_t) and sum_t a_t (x) (d_t dz_t) as one matmul, the coefficients on the narrower
+        # factor (fewer bytes to scale, and to differentiate in backward): a^T [c dz | d dz] or [c a | d a]^T dz
+        if a.shape[-1] < dz.shape[-1]:
+            lhs = (a.unsqueeze(-2) * cd.unsqueeze(-1)).flatten(-2)            # (B, H, C, 2 * d_in)
+            gc, gd = torch.matmul(lhs.transpose(-1, -2), dz).chunk(2, -2)
+        else:
+            rhs = (dz.unsqueeze(-2) * cd.unsqueeze(-1)).flatten(-2)           # (B, H, C, 2 * d_out)
+            gc, gd = torch.matmul(a.transpose(-1, -2), rhs).chunk(2, -1)
         new_w.append(beta_c * w0 + gamma * s0 - gc)
         new_s.append(p_c * s0 - gd)
     return new_w, new_s
