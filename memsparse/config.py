@@ -117,7 +117,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     loss_chunk: int = 4096               # tokens per chunk of the chunked cross-entropy
     activation_checkpointing: bool = False  # training: recompute each block in backward (long sequences)
-    compile_pointwise: bool = False      # CUDA, training: rotary embeddings and the MAC read-out merge compiled
+    compile_pointwise: bool = False      # CUDA, training: rotary, MAC merge, pre-norms + casts, SwiGLU gate compiled
 
     def validate(self) -> ModelConfig:
         from memsparse.kernels.budget import parse_policy
