@@ -18,3 +18,5 @@ timeout $((SECS + 150)) python3 -m memsparse.train.cli fit --config recipes/mac_
   --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "$R" 2>&1 | tail -25
 python3 benchmarks/plot_train_run.py "$(find "$R" -name metrics.csv | head -1)" --name "$NAME" \
   --out "$OUT" --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" --command "$CMD"
+# where the run's wall time went (start-up, first steps, validation; train.callbacks.PhaseTimes)
+cp "$R/phase_times.json" "$OUT/${NAME}_phase_times.json" 2>/dev/null || echo "no phase_times.json in $R"

@@ -164,12 +164,19 @@ def test_quickstart_end_to_end(tmp_path):
     ckpt = load_checkpoint(root / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
     assert ckpt["memsparse"]["model_config"]["dim"] == 64 and ckpt["memsparse"]["tokenizer"]["kind"] == "byte"
+    # where the wall time went (validation at steps 2 and 4, a sanity check before)
+    times = json.loads((root / "phase_times.json").read_text())
+    assert times["validations"] == 2 and times["global_step"] == 4 and len(times["first_batches_s"]) == 4
+    assert times["validation_s"] > 0 and times["sanity_check_s"] > 0 and times["setup_s"] > 0
+    assert times["first_batches_s"] == sorted(times["first_batches_s"])
+    parts = times["to_first_batch_s"] + times["validation_s"] + times["training_s"]
+    assert abs(parts - times["fit_s"]) < 0.05 and times["to_first_batch_s"] >= times["sanity_check_s"]
     # W&B offline run with the metrics, the resolved config and the tokenizer
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     for key in (b"train/loss", b"val/loss", b"train/memory_surprise", b"train/attn_kept_fraction",
-                b"train/tokens_per_s", b"train/grad_norm", b"train/lr"):
+                b"train/tokens_per_s", b"train/grad_norm", b"train/lr", b"time/validation_s", b"time/fit_s"):
         assert key in records, key
     assert (runs[0] / "files" / "config.yaml").is_file()
     assert (runs[0] / "files" / "tokenizer" / "memsparse_tokenizer.json").is_file()
@@ -347,6 +354,22 @@ def test_consecutive_nonfinite_stops_with_last_good_checkpoint(tmp_path):
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4  # 2 good steps + 2 skipped ones were checkpointed; the 3rd skip stopped
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_phase_times_written_when_fit_stops_on_an_error(tmp_path):
+    from memsparse.train.callbacks import PhaseTimes
+
+    module = _tiny_module(max_consecutive_nonfinite=2)
+    _inject_nan(module, {2, 3, 4, 5})
+    trainer = _trainer(tmp_path, 6)
+    trainer.callbacks.append(PhaseTimes(first_batches=2))
+    with pytest.raises(NonFiniteTrainingError):
+        trainer.fit(module, datamodule=_datamodule())
+    times = json.loads((tmp_path / "phase_times.json").read_text())
+    assert times["ended_by"].startswith("NonFiniteTrainingError: 2 consecutive")
+    assert len(times["first_batches_s"]) == 2 and times["validations"] == 0 and times["training_s"] > 0
+    with pytest.raises(ValueError, match="first_batches"):
+        PhaseTimes(first_batches=0)
 
 
 def test_vocab_mismatch_is_a_clear_error(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from .callbacks import LastCheckpoint, RunConfigCallback, SafeLearningRateMonitor
+from .callbacks import LastCheckpoint, PhaseTimes, RunConfigCallback, SafeLearningRateMonitor
 from .data import MemSparseDataModule, resolve_files
 from .module import MemSparseLightningModule, NonFiniteTrainingError
 
@@ -113,7 +113,7 @@ def cli(args: ArgsType = None, run: bool = True) -> MemSparseCLI:
             # offline passed explicitly: W&B caches settings per process, so the environment alone is not enough
             "logger": {"class_path": _WANDB, "init_args": {"project": "memsparse", "log_model": False,
                                                            "offline": mode == "offline"}},
-            "callbacks": [SafeLearningRateMonitor(logging_interval="step")],
+            "callbacks": [SafeLearningRateMonitor(logging_interval="step"), PhaseTimes()],
         },
         seed_everything_default=0,
         args=args,
