@@ -56,12 +56,13 @@ def _tensors(leaf: dict) -> list:
     return out
 
 
-def step(fn, leaf: dict, probes: list, impl: str | None):
-    """Forward + backward of one write step (per-token gradients on path `impl`; None: a version of the
-    function without the choice); returns (outputs, gradients of every leaf)."""
+def step(fn, leaf: dict, probes: list, impl: tuple | None):
+    """Forward + backward of one write step (its path arguments `impl`: per-token gradients [and update
+    coefficients]; None: a version of the function without the choice); returns (outputs, gradients of every
+    leaf)."""
     new_w, new_s, *_ = fn(leaf["weights"], leaf["momentum"], leaf["k"], leaf["v"], torch.sigmoid(leaf["r_eta"]),
                           0.1 * torch.sigmoid(leaf["r_theta"]), torch.sigmoid(leaf["r_alpha"]), None, leaf["gain"],
-                          leaf["gate_scale"], leaf["gate_bias"], "silu", 1.0, *([] if impl is None else [impl]))
+                          leaf["gate_scale"], leaf["gate_bias"], "silu", 1.0, *(impl or ()))
     outs = [*new_w, *new_s]
     loss = sum((o * p).sum() for o, p in zip(outs, probes))
     grads = torch.autograd.grad(loss, _tensors(leaf))
@@ -86,6 +87,8 @@ def main(argv=None):
                     help="module providing _write_step and compile_cached (to time another version of it)")
     ap.add_argument("--grads-impl", default="auto", choices=["auto", "triton", "reference"],
                     help="per-token gradients: the Triton kernels or the PyTorch code (auto: kernels on CUDA)")
+    ap.add_argument("--coef-impl", default="auto", choices=["auto", "triton", "reference"],
+                    help="update coefficients: the Triton kernels or the PyTorch code (auto: the PyTorch code)")
     ap.add_argument("--name", default="write_step")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
@@ -101,10 +104,13 @@ def main(argv=None):
     probes = [torch.randn(w.shape, generator=gen).to(dev) for w in leaf["weights"] + leaf["momentum"]]
     compiled = mem.compile_cached(mem._write_step)
     has_impl = hasattr(mem, "grads_impl")
-    impl = mem.grads_impl(leaf["weights"], leaf["k"], "silu", args.grads_impl) if has_impl else None
+    impl = (mem.grads_impl(leaf["weights"], leaf["k"], "silu", args.grads_impl),) if has_impl else None
+    if hasattr(mem, "resolve_coefficients_impl"):
+        impl = (*impl, mem.resolve_coefficients_impl(leaf["k"], args.coef_impl))
+    eager = None if impl is None else ("reference",) * len(impl)
 
     # compiled (on `impl`) vs eager PyTorch, same inputs: the GPU compiler and the kernels are checked here
-    out_e, grad_e = step(mem._write_step, leaf, probes, "reference" if has_impl else None)
+    out_e, grad_e = step(mem._write_step, leaf, probes, eager)
     out_c, grad_c = step(compiled, leaf, probes, impl)
     check = {"outputs_max_rel_err": max(rel_err(a, b) for a, b in zip(out_c, out_e)),
              "grads_max_rel_err": max(rel_err(a, b) for a, b in zip(grad_c, grad_e))}
@@ -147,7 +153,9 @@ def main(argv=None):
     n_kernels = sum(r[1] for r in rows)
     kernel_us = sum(r[2] for r in rows)
 
-    desc = (f"_write_step ({args.memory_module}, per-token gradients: {impl or 'pytorch'}), B={args.batch}, "
+    paths = "pytorch" if impl is None else ", ".join(f"{n}: {i}" for n, i in zip(("per-token gradients",
+                                                                                 "update coefficients"), impl))
+    desc = (f"_write_step ({args.memory_module}, {paths}), B={args.batch}, "
             f"H={H}, head_dim={D}, depth {args.depth}, "
             f"expansion {args.expansion}, chunk {C}, fp32{' (TF32 matmuls)' if args.tf32 else ''}, compiled, "
             f"{torch.cuda.get_device_name()}, torch {torch.__version__}")

@@ -18,7 +18,8 @@ Two implementations of the same rule, both public:
   c_t = theta'_t sum_{s>=t} g_s (beta_C / beta_s)(P_s / P_t), gamma = sum_s g_s (beta_C / beta_s) P_s.
   The sums become two weighted matmuls per layer: no per-token weight gradient is ever materialised.
   Ratios are computed in log space from cumulative sums, so long chunks never under/overflow; the suffix sums
-  in c_t are blocked (`decayed_suffix_sums`: 64 x 64 decay matrices, no C x C one).
+  in c_t are blocked (`decayed_suffix_sums`: 64 x 64 decay matrices, no C x C one). The coefficients come
+  from `memsparse.kernels.update_coefficients` (PyTorch reference; Triton kernels opt-in).
 Every token's gradient is clipped to `max_grad_norm` (a bound on the update, against the NaNs seen in
 titans-pytorch issue 29); fast weights and their updates are kept in fp32 whatever the autocast dtype.
 """
@@ -35,10 +36,12 @@ from torch import Tensor, nn
 from .config import MemoryConfig
 from .kernels.memory_grads import resolve_impl as resolve_memory_grads_impl
 from .kernels.memory_grads import token_gradients_mlp2
+from .kernels.update_coefficients import resolve_impl as resolve_coefficients_impl
+from .kernels.update_coefficients import update_coefficients
+from .kernels.update_coefficients_reference import decayed_suffix_sums  # noqa: F401  (public here too)
+from .kernels.update_coefficients_reference import effective_rates as _effective_rates
 
 _LN_EPS = 1e-5
-_LOG_FLOOR = 1e-12
-_SUFFIX_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,58 +179,13 @@ def grads_impl(weights: list[Tensor], k: Tensor, activation: str, impl: str = "a
     return resolve_memory_grads_impl(k, weights[0].shape[-1], activation, impl)
 
 
-def _effective_rates(eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None, clip: Tensor):
-    g = torch.ones_like(eta) if gates is None else gates
-    return 1 - g * (1 - eta), g * theta * clip, g * alpha, g
-
-
-def decayed_suffix_sums(w: Tensor, log_p: Tensor, block: int = _SUFFIX_BLOCK) -> Tensor:
-    """R_t = sum_{s>=t} w_s exp(log_p_s - log_p_t) along the last dim, for w >= 0 and log_p non-increasing
-    (log cumulative products of rates in [0, 1]): `(..., C)` -> `(..., C)`.
-
-    Blocked like chunked linear attention: exact within blocks of `block` tokens through a block x block decay
-    matrix, then across blocks through an (n_blocks x n_blocks) one. Every exponent is <= 0, so the sums are
-    stable in linear space however fast the decay, and no C x C matrix is ever built.
-    """
-    C = w.shape[-1]
-    bs = min(block, C)
-    nb = -(-C // bs)
-    if nb * bs != C:  # pad: zero weight, flat decay (keeps log_p non-increasing)
-        pad = nb * bs - C
-        w = torch.cat([w, w.new_zeros(*w.shape[:-1], pad)], -1)
-        log_p = torch.cat([log_p, log_p[..., -1:].expand(*log_p.shape[:-1], pad)], -1)
-    w, lp = w.unflatten(-1, (nb, bs)), log_p.unflatten(-1, (nb, bs))                # (..., nb, bs)
-    i = torch.arange(bs, device=w.device)  # masks from index comparisons: compiled, they fuse into their users
-    upper = i[:, None] <= i[None, :]                                               # [t, s]: s >= t
-    expo = lp.unsqueeze(-2) - lp.unsqueeze(-1)                                     # [t, s] = lp_s - lp_t
-    local = (torch.exp(torch.where(upper, expo, -math.inf)) * w.unsqueeze(-2)).sum(-1)  # within the block
-    if nb == 1:
-        return local.flatten(-2)[..., :C]
-    lp_end = lp[..., -1]                                                           # log P at each block's end
-    lp_prev = torch.cat([lp_end[..., :1], lp_end[..., :-1]], -1)                   # ... at the previous block's
-    v = local[..., 0] * torch.exp(lp[..., 0] - lp_prev)        # block k's sum relative to block k-1's end
-    j = torch.arange(nb, device=w.device)
-    later = j[:, None] < j[None, :]                                                # [j, k]: k > j
-    cross = torch.exp(torch.where(later, lp_prev.unsqueeze(-2) - lp_end.unsqueeze(-1), -math.inf))
-    tail = (cross * v.unsqueeze(-2)).sum(-1)                   # sum over later blocks, relative to block j's end
-    return (local + torch.exp(lp_end.unsqueeze(-1) - lp) * tail.unsqueeze(-1)).flatten(-2)[..., :C]
-
-
 def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Tensor], dz_list: list[Tensor],
                  gnorm: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None,
-                 max_grad_norm: float) -> tuple[list[Tensor], list[Tensor]]:
-    """Fold momentum and forgetting into per-token coefficients and apply the chunk's update (module docstring)."""
-    clip = torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
-    eta_e, theta_e, alpha_e, rho = _effective_rates(eta, theta, alpha, gates, clip)
-    log_p = torch.cumsum(torch.log(eta_e.clamp_min(_LOG_FLOOR)), -1)          # log P_s
-    log_b = torch.cumsum(torch.log((1 - alpha_e).clamp_min(_LOG_FLOOR)), -1)  # log beta_s
-    w = rho * torch.exp(log_b[..., -1:] - log_b)                              # g_s beta_C / beta_s
-    r = decayed_suffix_sums(w, log_p)                                         # sum_{s>=t} w_s P_s / P_t
-    c = theta_e * r
-    d = theta_e * torch.exp(log_p[..., -1:] - log_p)
-    gamma = (r[..., 0] * torch.exp(log_p[..., 0]))[..., None, None]          # sum_s w_s P_s
-    beta_c = torch.exp(log_b[..., -1])[..., None, None]
-    p_c = torch.exp(log_p[..., -1])[..., None, None]
+                 max_grad_norm: float, coef_impl: str = "reference") -> tuple[list[Tensor], list[Tensor]]:
+    """Fold momentum and forgetting into per-token coefficients and apply the chunk's update (module docstring).
+    coef_impl: the resolved path of `update_coefficients` ("reference" or "triton")."""
+    c, d, gamma, beta_c, p_c = update_coefficients(gnorm, eta, theta, alpha, gates, max_grad_norm, impl=coef_impl)
+    gamma, beta_c, p_c = (x[..., None, None] for x in (gamma, beta_c, p_c))
     cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)
     new_w, new_s = [], []
     for w0, s0, a, dz in zip(weights, momentum, a_list, dz_list):
@@ -252,16 +210,16 @@ def soft_gate(grad_norm: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
 
 def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                 alpha: Tensor, gates: Tensor | None, gain: Tensor, gate_scale: Tensor, gate_bias: Tensor,
-                activation: str, max_grad_norm: float, impl: str = "reference"):
+                activation: str, max_grad_norm: float, impl: str = "reference", coef_impl: str = "reference"):
     """One chunk with the learned soft surprise gate, as one function (compiled whole, so its elementwise work
     fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate); the last
-    three are statistics, detached (gradients reach the gate's parameters through the update). impl: the
-    resolved `grads_impl`."""
+    three are statistics, detached (gradients reach the gate's parameters through the update). impl, coef_impl:
+    the resolved paths of the per-token gradients and of the update coefficients (`_write_impl`)."""
     a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation, impl)
     g = soft_gate(gnorm, gate_scale.to(gnorm.dtype), gate_bias.to(gnorm.dtype))
     all_gates = g if gates is None else gates * g
     new_w, new_s = _apply_chunk(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, all_gates,
-                                max_grad_norm)
+                                max_grad_norm, coef_impl)
     # the statistics leave detached: the compiled backward then takes no (zero-filled) gradient for them
     return new_w, new_s, loss.detach(), gnorm.detach(), g.detach()
 
@@ -305,35 +263,36 @@ def write_chunk(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Te
     any function, or `gate_params` = (scale, bias) `(H,)` of `soft_gate`, which runs inside the fused step.
     `compiled` runs the closed-form pieces under torch.compile. Returns (new_state, WriteStats).
     """
-    impl = _write_impl(state.weights, k, activation, gate_fn, gate_params)
+    impls = _write_impl(state.weights, k, activation, gate_fn, gate_params)
     new_w, new_s, stats = _chunk_update(state.weights, state.momentum, k, v, eta, theta, alpha, gates, gain,
-                                        activation, max_grad_norm, gate_fn, compiled, gate_params, impl)
+                                        activation, max_grad_norm, gate_fn, compiled, gate_params, *impls)
     return MemoryState(new_w, new_s, state.step + k.shape[2]), stats
 
 
-def _write_impl(weights, k, activation, gate_fn, gate_params) -> str:
-    """Once per write: the gate arguments checked and the per-token-gradient path resolved (here, not inside
-    the compiled functions: it reads the environment)."""
+def _write_impl(weights, k, activation, gate_fn, gate_params) -> tuple[str, str]:
+    """Once per write: the gate arguments checked and the paths of the per-token gradients and of the update
+    coefficients resolved (here, not inside the compiled functions: they read the environment)."""
     if gate_fn is not None and gate_params is not None:
         raise ValueError("give gate_fn or gate_params, not both")
-    return grads_impl(weights, k, activation)
+    return grads_impl(weights, k, activation), resolve_coefficients_impl(k)
 
 
 def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn,
-                  compiled, gate_params, impl):
-    """write_chunk on the fast weights and momentum alone, `impl` from `_write_impl`: (new weights, new
-    momentum, WriteStats)."""
+                  compiled, gate_params, impl, coef_impl="reference"):
+    """write_chunk on the fast weights and momentum alone, `impl` and `coef_impl` from `_write_impl`: (new
+    weights, new momentum, WriteStats)."""
     grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
     if gate_params is not None:
         new_w, new_s, loss, gnorm, g = step_fn(weights, momentum, k, v, eta, theta, alpha, gates, gain,
-                                               *gate_params, activation, max_grad_norm, impl)
+                                               *gate_params, activation, max_grad_norm, impl, coef_impl)
         return new_w, new_s, WriteStats(loss, gnorm, g)
     a_list, dz_list, loss, gnorm = grads_fn(weights, k, v, gain, activation, impl)
     g = None
     if gate_fn is not None:
         g = gate_fn(WriteStats(loss, gnorm))
         gates = g if gates is None else gates * g
-    new_w, new_s = apply_fn(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates, max_grad_norm)
+    new_w, new_s = apply_fn(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates, max_grad_norm,
+                            coef_impl)
     return new_w, new_s, WriteStats(loss, gnorm, g)
 
 
@@ -397,7 +356,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
         k, v, eta, theta, alpha, gates, gain = _fp32(k, v, eta, theta, alpha, gates, gain)
         stats = []
         weights, momentum = state.weights, state.momentum
-        impl = _write_impl(weights, k, activation, gate_fn, gate_params)
+        impls = _write_impl(weights, k, activation, gate_fn, gate_params)
         # one split per input, not a slice per chunk (a slice's backward fills a zero tensor of the whole input),
         # and no split at all when one chunk covers the input (even a one-piece split costs a copy in backward)
         one = k.shape[2] <= chunk_size
@@ -406,7 +365,7 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
                        else (gates,) if one else gates.split(chunk_size, dim=2))
         for kc, vc, ec, tc, ac, gc in zip(*pieces, gate_pieces):
             weights, momentum, st = _chunk_update(weights, momentum, kc, vc, ec, tc, ac, gc, gain, activation,
-                                                  max_grad_norm, gate_fn, compiled, gate_params, impl)
+                                                  max_grad_norm, gate_fn, compiled, gate_params, *impls)
             stats.append(st)
         state = MemoryState(weights, momentum, state.step + k.shape[2])
     if not stats:
