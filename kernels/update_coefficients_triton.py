@@ -69,13 +69,19 @@ if HAS_TRITON:
         return gn, eta, th, al, g, ratio, clip, ee, om, u, v
 
     @triton.jit
+    def _row_offsets(H, sgn_b, sgn_h, se_b, se_h, st_b, st_h, sa_b, sa_h, sg_b, sg_h):
+        """This program's row (batch * H + head) and the row's offset in each of the five inputs."""
+        row = tl.program_id(0)
+        b, h = row // H, row % H
+        return row, b * sgn_b + h * sgn_h, b * se_b + h * se_h, b * st_b + h * st_h, b * sa_b + h * sa_h, \
+            b * sg_b + h * sg_h
+
+    @triton.jit
     def _fwd_kernel(GN, ETA, THETA, ALPHA, GATES, C_OUT, D_OUT, R_OUT, GAMMA, BETA, PC, C, H, sgn_b, sgn_h, se_b, se_h,
                     st_b, st_h, sa_b, sa_h, sg_b, sg_h, max_norm: tl.constexpr, HAS_GATES: tl.constexpr,
                     BLOCK: tl.constexpr, FLOOR: tl.constexpr):
-        row = tl.program_id(0)
-        b, h = row // H, row % H
-        o_gn, o_eta, o_th = b * sgn_b + h * sgn_h, b * se_b + h * se_h, b * st_b + h * st_h
-        o_al, o_g = b * sa_b + h * sa_h, b * sg_b + h * sg_h
+        row, o_gn, o_eta, o_th, o_al, o_g = _row_offsets(H, sgn_b, sgn_h, se_b, se_h, st_b, st_h, sa_b, sa_h,
+                                                         sg_b, sg_h)
         off_out = row * C
         offs = tl.arange(0, BLOCK)
         upper = offs[None, :] >= offs[:, None]               # [t, s]: s >= t
@@ -111,10 +117,8 @@ if HAS_TRITON:
                     DGATES, C, H,
                     sgn_b, sgn_h, se_b, se_h, st_b, st_h, sa_b, sa_h, sg_b, sg_h, max_norm: tl.constexpr,
                     HAS_GATES: tl.constexpr, BLOCK: tl.constexpr, FLOOR: tl.constexpr):
-        row = tl.program_id(0)
-        b, h = row // H, row % H
-        o_gn, o_eta, o_th = b * sgn_b + h * sgn_h, b * se_b + h * se_h, b * st_b + h * st_h
-        o_al, o_g = b * sa_b + h * sa_h, b * sg_b + h * sg_h
+        row, o_gn, o_eta, o_th, o_al, o_g = _row_offsets(H, sgn_b, sgn_h, se_b, se_h, st_b, st_h, sa_b, sa_h,
+                                                         sg_b, sg_h)
         off_out = row * C
         offs = tl.arange(0, BLOCK)
         lower = offs[None, :] <= offs[:, None]               # [s, t]: t <= s
