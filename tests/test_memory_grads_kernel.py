@@ -65,22 +65,13 @@ def test_kernels_take_views():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_memory_write_through_kernels_equals_sequential(monkeypatch):
+def test_memory_write_through_kernels_equals_sequential(monkeypatch, kernel_checks):
     """The memory's chunked write (surprise-gated) on the kernels equals the token-by-token reference."""
     monkeypatch.setenv(ENV_VAR, "triton")
     torch.manual_seed(3)
     mem = M.NeuralMemory(32, MemoryConfig(heads=2, head_dim=16, depth=2, expansion=2, chunk_size=8))
     x = torch.randn(1, 19, 32)
-
-    def run(impl):
-        mem.zero_grad()
-        st, _ = mem.write(mem.init_state(1), mem.project(x), impl=impl,
-                          gate_params=(torch.ones(2), torch.zeros(2)))
-        flat = torch.cat([t.flatten() for t in st.weights + st.momentum])
-        flat.sin().sum().backward()
-        return flat.detach(), {n: p.grad.clone() for n, p in mem.named_parameters() if p.grad is not None}
-
-    (s_k, g_k), (s_s, g_s) = run("chunked"), run("sequential")
+    (s_k, g_k), (s_s, g_s) = (kernel_checks.memory_write(mem, x, impl) for impl in ("chunked", "sequential"))
     torch.testing.assert_close(s_k, s_s, rtol=1e-4, atol=1e-5)
     for n in g_s:
         torch.testing.assert_close(g_k[n], g_s[n], rtol=1e-3, atol=1e-5, msg=n)
@@ -104,18 +95,6 @@ def test_resolve_impl_and_errors(monkeypatch):
         token_gradients_mlp2(k, k, torch.randn(1, 2, 16, 32), torch.randn(1, 2, 16, 16), torch.ones(2, 16))
 
 
-def _kernel_model(**kw):
-    from memsparse.config import ConsolidationConfig, ModelConfig
-    from memsparse.model import MemSparseLM
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, dim=32, depth=2, heads=2, kv_heads=2, head_dim=16, mlp_hidden=64, block_size=16,
-                      segment=32, window=64, persistent_tokens=16, budget="fixed:3", memory_layers=[1],
-                      memory=MemoryConfig(heads=2, head_dim=16, depth=2, expansion=2, chunk_size=32),
-                      consolidation=ConsolidationConfig(mode="fixed", passes=1, train_passes=1), **kw)
-    return MemSparseLM(cfg)
-
-
 def _count_kernel_calls(monkeypatch) -> list:
     calls = []
     fwd, bwd = tri._fwd_impl, tri._bwd_impl
@@ -124,23 +103,17 @@ def _count_kernel_calls(monkeypatch) -> list:
     return calls
 
 
-def test_model_training_step_on_kernels_equals_reference(monkeypatch):
+def test_model_training_step_on_kernels_equals_reference(monkeypatch, kernel_checks):
     """A training step of the whole model (evictions, surprise gate, a consolidation pass): loss and every
     parameter gradient are the same on the kernels and on the PyTorch path."""
     calls = _count_kernel_calls(monkeypatch)
-    model = _kernel_model().train()
+    model = kernel_checks.tiny_model().train()
     ids = torch.randint(0, 50, (2, 160), generator=torch.Generator().manual_seed(2))
-
-    def run(impl):
-        monkeypatch.setenv(ENV_VAR, impl)
-        model.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (l_r, g_r) = run("reference")
+    monkeypatch.setenv(ENV_VAR, "reference")
+    (l_r, g_r) = kernel_checks.model_step(model, ids)
     assert not calls
-    (l_t, g_t) = run("triton")
+    monkeypatch.setenv(ENV_VAR, "triton")
+    (l_t, g_t) = kernel_checks.model_step(model, ids)
     assert "fwd" in calls and "bwd" in calls
     torch.testing.assert_close(l_t, l_r, rtol=1e-5, atol=1e-6)
     assert set(g_t) == set(g_r) and any("memory" in n for n in g_r)
@@ -148,12 +121,12 @@ def test_model_training_step_on_kernels_equals_reference(monkeypatch):
         torch.testing.assert_close(g_t[n], g_r[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
-def test_stream_on_kernels_equals_one_shot(monkeypatch):
+def test_stream_on_kernels_equals_one_shot(monkeypatch, kernel_checks):
     """Inference (no autograd: the hard surprise keep, consolidation) on the kernels: streaming in uneven
     pieces equals the one-shot forward, and both equal the PyTorch path."""
     monkeypatch.setenv(ENV_VAR, "triton")
     calls = _count_kernel_calls(monkeypatch)
-    model = _kernel_model(hard_keep_fraction=0.5).eval()
+    model = kernel_checks.tiny_model(hard_keep_fraction=0.5).eval()
     ids = torch.randint(0, 50, (1, 150), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits

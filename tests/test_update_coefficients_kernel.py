@@ -88,7 +88,7 @@ def test_kernels_take_views():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_memory_write_on_coefficient_kernels_equals_sequential(monkeypatch):
+def test_memory_write_on_coefficient_kernels_equals_sequential(monkeypatch, kernel_checks):
     """The memory's chunked write (surprise-gated, three chunks, the last partial) with the coefficients from
     the kernels equals the token-by-token reference: state and parameter gradients."""
     monkeypatch.setenv(ENV_VAR, "triton")
@@ -98,16 +98,7 @@ def test_memory_write_on_coefficient_kernels_equals_sequential(monkeypatch):
     torch.manual_seed(3)
     mem = M.NeuralMemory(32, MemoryConfig(heads=2, head_dim=16, depth=2, expansion=2, chunk_size=8))
     x = torch.randn(1, 19, 32)
-
-    def run(impl):
-        mem.zero_grad()
-        st, _ = mem.write(mem.init_state(1), mem.project(x), impl=impl,
-                          gate_params=(torch.ones(2), torch.zeros(2)))
-        flat = torch.cat([t.flatten() for t in st.weights + st.momentum])
-        flat.sin().sum().backward()
-        return flat.detach(), {n: p.grad.clone() for n, p in mem.named_parameters() if p.grad is not None}
-
-    (s_k, g_k), (s_s, g_s) = run("chunked"), run("sequential")
+    (s_k, g_k), (s_s, g_s) = (kernel_checks.memory_write(mem, x, impl) for impl in ("chunked", "sequential"))
     assert calls.count("fwd") == 3
     torch.testing.assert_close(s_k, s_s, rtol=1e-4, atol=1e-5)
     for n in g_s:
@@ -133,28 +124,15 @@ def test_resolve_impl_and_errors(monkeypatch):
         update_coefficients(gn, gn, gn, gn[..., :4], None, 1.0)
 
 
-def test_model_training_step_on_coefficient_kernels_equals_reference(monkeypatch):
+def test_model_training_step_on_coefficient_kernels_equals_reference(monkeypatch, kernel_checks):
     """A whole-model training step (evictions, learned surprise gate, a consolidation pass) with the update
     coefficients from the kernels: the same loss and parameter gradients as on the PyTorch path."""
-    from memsparse.config import ConsolidationConfig, ModelConfig
-    from memsparse.model import MemSparseLM
-
-    torch.manual_seed(0)
-    model = MemSparseLM(ModelConfig(
-        vocab_size=50, dim=32, depth=2, heads=2, kv_heads=2, head_dim=16, mlp_hidden=64, block_size=16, segment=32,
-        window=64, persistent_tokens=16, budget="fixed:3", memory_layers=[1],
-        memory=MemoryConfig(heads=2, head_dim=16, depth=2, expansion=2, chunk_size=32),
-        consolidation=ConsolidationConfig(mode="fixed", passes=1, train_passes=1))).train()
+    model = kernel_checks.tiny_model().train()
     ids = torch.randint(0, 50, (2, 160), generator=torch.Generator().manual_seed(2))
-
-    def run(impl):
-        monkeypatch.setenv(ENV_VAR, impl)
-        model.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    (l_r, g_r), (l_t, g_t) = run("reference"), run("triton")
+    monkeypatch.setenv(ENV_VAR, "reference")
+    (l_r, g_r) = kernel_checks.model_step(model, ids)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    (l_t, g_t) = kernel_checks.model_step(model, ids)
     torch.testing.assert_close(l_t, l_r, rtol=1e-5, atol=1e-6)
     assert set(g_t) == set(g_r) and any("memory" in n for n in g_r)
     for n in g_r:
