@@ -49,7 +49,10 @@ def decayed_suffix_sums(w: Tensor, log_p: Tensor, block: int = SUFFIX_BLOCK) -> 
     if nb == 1:
         return local.flatten(-2)[..., :C]
     lp_end = lp[..., -1]                                                           # log P at each block's end
-    lp_prev = torch.cat([lp_end[..., :1], lp_end[..., :-1]], -1)                   # ... at the previous block's
+    # ... at the previous block's end; block 0 has none and its v is never used, but its exponent must still be
+    # <= 0: relative to its own end it reached e^+88 (fp32 inf, then 0 * inf = NaN in every c) once the decays
+    # within the first block multiplied below e^-88, e.g. momentum retention ~0.2 over 64 tokens.
+    lp_prev = torch.cat([lp[..., :1, 0], lp_end[..., :-1]], -1)
     v = local[..., 0] * torch.exp(lp[..., 0] - lp_prev)        # block k's sum relative to block k-1's end
     j = torch.arange(nb, device=w.device)
     later = j[:, None] < j[None, :]                                                # [j, k]: k > j
