@@ -162,6 +162,8 @@ def write_table(out: dict, path: Path) -> None:
             r["status"] = "OOM"
     lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
              f"memsparse budget {out['budget']}, float32 matmuls {out.get('float32_matmul_precision', 'highest')}",
+             *([f"Kernel-path overrides: {', '.join(f'{k}={v}' for k, v in out['environment'].items())}"]
+               if out.get("environment") else []),
              "", "| system | L | params (M) | tokens/s | peak GiB |",
              "|---|---|---|---|---|"]
     for r in out["rows"]:
@@ -263,6 +265,8 @@ def main(argv=None):
            "batch": 1, "precision": "bf16 autocast, AdamW",
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "command": " ".join(sys.argv),
            "inductor_options": dict(memory_module.INDUCTOR_OPTIONS),
+           # kernel-path overrides in force (MEMSPARSE_*_IMPL and friends), so a table says which path it timed
+           "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MEMSPARSE_")},
            "graph_check": check, "rows": rows}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(out, indent=2))
