@@ -2,22 +2,28 @@
 # The whole-model tables of docs/performance.md ("Whole model with the CUDA-graph step"), on the GPU machine:
 #   bash benchmarks/run_model_graph.sh            (results under $OUT, default benchmarks/results)
 # Needs titans-pytorch and its dependencies importable (the `bench` extra, or wheels carried in .whl/).
-# Each command is one run (systems side by side); each results JSON records its command line.
+# Each command is one run (systems side by side); each results JSON records its command line. Together they take
+# more than one 10-minute device call: session 6 split them over several (the titans-pytorch run alone ~6 min).
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 B="python3 benchmarks/bench_model.py --out $OUT --memory-compile --tf32"
+# one memory write step alone: graph-replay time and its kernels, update coefficients by PyTorch and by the kernels
+python3 benchmarks/bench_write_step.py --tf32 --out $OUT --name write_step_s5
+python3 benchmarks/bench_write_step.py --tf32 --coef-impl triton --out $OUT --name write_step_coef_kernels
+# 8K and 32K beside the dense GPT, current settings (the GPU recipes' model.compile_pointwise; memory-gradient
+# kernels, the default on CUDA); checks the graphed step against eager first
+timeout 260 $B --pointwise-compile --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_s5
 # 8K against titans-pytorch. titans-pytorch goes first: started after our compiled, graphed model in the same
-# process it did not get through its first steps within 200-310 s (twice, not investigated). Its first steps
-# are slow even so: this command took 6.4 min on the H100 (a 300 s limit killed it once).
-timeout 480 $B --warmup 1 --steps 6 --systems titans,memsparse-graph,dense --lengths 8192 --check-length 0 \
-  --name model_graph_8k_s3
-# 8K and 32K beside the dense GPT, current settings (rotary embeddings and MAC merge compiled, the GPU recipes'
-# model.compile_pointwise; memory-gradient kernels, the default on CUDA); checks the graphed step against eager first
-timeout 240 $B --pointwise-compile --systems memsparse-graph,dense --lengths 8192,32768 --name model_graph_kernels
+# process it did not get through its first steps within 200-310 s (twice, not investigated).
+timeout 500 $B --pointwise-compile --warmup 1 --steps 6 --systems titans,memsparse-graph,dense --lengths 8192 \
+  --check-length 0 --name model_graph_8k_titans_s5
+# 32K twice more, alternating with the dense GPT
+timeout 300 $B --pointwise-compile --systems dense,memsparse-graph --lengths 32768,32768 --steps 10 --check-length 0 \
+  --name model_graph_32k_repeat_s5
 # 128K with activation checkpointing
-timeout 240 $B --pointwise-compile --checkpointing --systems memsparse-graph,dense --lengths 131072 \
-  --check-length 0 --name model_128k_kernels
-# one memory write step alone: graph-replay time and its kernels, on the kernels and on the PyTorch path
-python3 benchmarks/bench_write_step.py --tf32 --out $OUT --name write_step_kernels_fn
-python3 benchmarks/bench_write_step.py --tf32 --grads-impl reference --out $OUT --name write_step_blocked_torch
+timeout 280 $B --pointwise-compile --checkpointing --systems memsparse-graph,dense --lengths 131072 \
+  --check-length 0 --name model_128k_s5
+# the opt-in update-coefficient kernels in the whole model
+MEMSPARSE_UPDATE_COEFFICIENTS_IMPL=triton timeout 200 $B --pointwise-compile --systems memsparse-graph,dense \
+  --lengths 8192,32768 --name model_graph_s5_coef

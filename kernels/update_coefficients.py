@@ -2,8 +2,9 @@
 
 `impl` chooses the path: "triton" (the kernels of `update_coefficients_triton`: one forward and one backward
 launch per chunk step instead of ~20 small ones; on CPU they need TRITON_INTERPRET=1) or "reference". "auto"
-takes the reference for now: the kernels match it under the interpreter but have not yet run on a GPU, so
-they are opt-in (impl="triton", or MEMSPARSE_UPDATE_COEFFICIENTS_IMPL=triton) until measured there.
+takes the reference: on the H100 the kernels were correct but slower than the compiled reference (one program per
+row is latency-bound; docs/kernels.md), so they are opt-in (impl="triton", or
+MEMSPARSE_UPDATE_COEFFICIENTS_IMPL=triton).
 """
 
 from __future__ import annotations
