@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import statistics
 from pathlib import Path
+
+from compare_runs import load_run, summarise  # benchmarks/ is on sys.path when run as a script
 
 
 def main(argv=None):
@@ -20,21 +20,9 @@ def main(argv=None):
     ap.add_argument("--device", default="")
     ap.add_argument("--command", default="")
     args = ap.parse_args(argv)
-    rows = list(csv.DictReader(open(args.metrics_csv)))
-
-    def series(key):
-        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-
-    loss, val = series("train/loss"), series("val/loss")
-    tps, mem = series("train/tokens_per_s"), series("train/peak_mem_gib")
-    steady = [v for _, v in tps[len(tps) // 5:]] or [v for _, v in tps]
-    summary = {
-        "name": args.name, "device": args.device, "command": args.command, "steps_logged": len(loss),
-        "first_loss": loss[0][1] if loss else None, "last_loss": loss[-1][1] if loss else None,
-        "val_loss": val, "tokens_per_s_median": statistics.median(steady) if steady else None,
-        "peak_mem_gib": max((v for _, v in mem), default=None),
-        "kept_fraction_last": series("train/attn_kept_fraction")[-1][1] if series("train/attn_kept_fraction") else None,
-    }
+    series = load_run(args.metrics_csv)
+    loss, val = series.get("train/loss", []), series.get("val/loss", [])
+    summary = {"name": args.name, "device": args.device, "command": args.command, **summarise(series)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
