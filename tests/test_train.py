@@ -89,6 +89,18 @@ def test_recipe_parses(recipe, capsys):
     from memsparse.config import ModelConfig, from_dict
 
     from_dict(ModelConfig, cfg["model"]["config"]).validate()  # the model part is a valid ModelConfig
+    if isinstance(cfg["trainer"]["val_check_interval"], int):  # else Lightning refuses an interval > one epoch
+        assert cfg["trainer"]["check_val_every_n_epoch"] is None
+
+
+def test_validation_interval_may_exceed_an_epoch(tmp_path):
+    """mac_small validates every 1000 batches; on a corpus of fewer batches per epoch (211 on the H100 machine's
+    stdlib) Lightning refused to start unless the interval counts batches across epochs."""
+    main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "5000", "--trainer.limit_val_batches", "1",
+          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
 def _resolved(recipe: Path, capsys) -> dict:
