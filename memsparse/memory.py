@@ -18,8 +18,9 @@ Two implementations of the same rule, both public:
   c_t = theta'_t sum_{s>=t} g_s (beta_C / beta_s)(P_s / P_t), gamma = sum_s g_s (beta_C / beta_s) P_s.
   The sums become two weighted matmuls per layer: no per-token weight gradient is ever materialised.
   Ratios are computed in log space from cumulative sums, so long chunks never under/overflow; the suffix sums
-  in c_t are blocked (`decayed_suffix_sums`: 64 x 64 decay matrices, no C x C one). The coefficients come
-  from `memsparse.kernels.update_coefficients` (PyTorch reference; Triton kernels opt-in).
+  in c_t are blocked (`decayed_suffix_sums` in kernels/update_coefficients_reference.py: 64 x 64 decay
+  matrices, no C x C one). The coefficients come from `memsparse.kernels.update_coefficients` (PyTorch
+  reference; Triton kernels opt-in).
 Every token's gradient is clipped to `max_grad_norm` (a bound on the update, against the NaNs seen in
 titans-pytorch issue 29); fast weights and their updates are kept in fp32 whatever the autocast dtype.
 """
@@ -38,7 +39,6 @@ from .kernels.memory_grads import resolve_impl as resolve_memory_grads_impl
 from .kernels.memory_grads import token_gradients_mlp2
 from .kernels.update_coefficients import resolve_impl as resolve_coefficients_impl
 from .kernels.update_coefficients import update_coefficients
-from .kernels.update_coefficients_reference import decayed_suffix_sums  # noqa: F401  (public here too)
 from .kernels.update_coefficients_reference import effective_rates as _effective_rates
 
 _LN_EPS = 1e-5

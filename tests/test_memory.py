@@ -1,6 +1,6 @@
 """Neural memory: chunk-parallel write == sequential reference, exact recurrence, memorise/gate/forget, state."""
 
-import functools
+import importlib
 
 import pytest
 import torch
@@ -8,6 +8,9 @@ import torch
 import memsparse.memory as M
 from memsparse.config import MemoryConfig
 from memsparse.memory import MemoryState, NeuralMemory
+
+# the module itself: `memsparse.kernels.update_coefficients_reference` as an attribute is the function of that name
+UCR = importlib.import_module("memsparse.kernels.update_coefficients_reference")
 
 
 def _mem(depth=2, heads=2, head_dim=8, chunk=4, dim=24, dtype=torch.float64, **kw):
@@ -137,7 +140,7 @@ def test_decayed_suffix_sums_equal_the_naive_sum(C, block):
     diff = log_p.unsqueeze(-2) - log_p.unsqueeze(-1)                    # [t, s] = log_p_s - log_p_t
     causal = torch.ones(C, C, dtype=torch.bool).triu()
     naive = (torch.exp(torch.where(causal, diff, -torch.inf)) * w.unsqueeze(-2)).sum(-1)
-    got = M.decayed_suffix_sums(w, log_p, block=block)
+    got = UCR.decayed_suffix_sums(w, log_p, block=block)
     torch.testing.assert_close(got, naive, rtol=1e-12, atol=1e-300)
     probe = torch.randn(got.shape, generator=g, dtype=torch.float64)
     g_got = torch.autograd.grad((got * probe).sum(), (w, log_p))
@@ -159,7 +162,7 @@ def test_decayed_suffix_sums_stay_finite_in_float32_under_fast_decay():
     causal = torch.ones(C, C, dtype=torch.bool).triu()
     naive = (torch.exp(torch.where(causal, diff, -torch.inf)) * w.unsqueeze(-2)).sum(-1)
     w32, lp32 = w.float().requires_grad_(), log_p.float().requires_grad_()
-    got = M.decayed_suffix_sums(w32, lp32)
+    got = UCR.decayed_suffix_sums(w32, lp32)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), naive, rtol=2e-4, atol=1e-6)  # fp32 cumulative logs
     for grad in torch.autograd.grad(got.sum(), (w32, lp32)):
@@ -183,11 +186,19 @@ def test_float32_write_with_low_momentum_retention_stays_finite():
 
 def test_chunked_equals_sequential_across_suffix_blocks(monkeypatch):
     """Chunks longer than the suffix-sum block (the cross-block path) still equal the sequential reference."""
-    monkeypatch.setattr(M, "decayed_suffix_sums", functools.partial(M.decayed_suffix_sums, block=4))
+    calls = []
+
+    def blocked(w, log_p):  # the module the coefficients call it from (patching memsparse.memory reached nothing)
+        calls.append(w.shape[-1])
+        return decayed(w, log_p, block=4)
+
+    decayed = UCR.decayed_suffix_sums
+    monkeypatch.setattr(UCR, "decayed_suffix_sums", blocked)
     mem = _mem(chunk=16, momentum_init=0.05)
     x = torch.randn(2, 37, 24, dtype=torch.float64)
     gates = torch.rand(2, 37, dtype=torch.float64)
     a, _ = mem.write(mem.init_state(2), mem.project(x), gates)
+    assert max(calls) == 16  # chunks of 16 through blocks of 4: the cross-block path ran
     b, _ = mem.write(mem.init_state(2), mem.project(x), gates, impl="sequential")
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-10, atol=1e-10)
 
