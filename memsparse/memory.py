@@ -528,8 +528,7 @@ class NeuralMemory(nn.Module):
         if y.dim() == 5:  # (B, n, H, m, D): the batched read of n equal pieces of m tokens
             B, n, H, m, D = y.shape
             return self.out(self._to_proj_input(y.permute(0, 1, 3, 2, 4)).view(B, n * m, H * D))
-        B, H, N, D = y.shape
-        return self.out(self._to_proj_input(y.transpose(1, 2)).view(B, N, H * D))
+        return self.merge_heads(y)
 
     def _to_proj_input(self, y: Tensor) -> Tensor:
         """y contiguous in the dtype the output projection computes in (autocast's, else its weight's)."""
