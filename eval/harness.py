@@ -2,8 +2,12 @@
 
 Every cell generates its samples from the task registry (seeded, no downloads), streams each prompt through
 `MemSparseLM.generate` from a fresh `init_state(1, total_length=len(prompt))`, decodes the answer greedily and
-scores it. Per cell it records accuracy, wall time, tokens/s, peak memory and, when the model exposes them, the
-attention kept fraction and attention FLOPs per token. Budget policy and consolidation can be overridden for
+scores it. Beside the decoded score, each sample gets one teacher-forced pass over its answer tokens from the same
+streamed prompt state (the training path: what `forward(prompt + answer)` predicts at the answer positions), so a
+model that did not learn (low teacher-forced accuracy) and an eval path that differs from training (high
+teacher-forced, low decoded) can be told apart. Per cell it records accuracy, teacher-forced token accuracy and
+exact match, wall time, tokens/s, peak memory and, when the model exposes them, the attention kept fraction and
+attention FLOPs per token. Budget policy and consolidation can be overridden for
 a run (no retraining), or swept over a list of settings into one combined table.
 
 Input checks (`parse_*`, `resolve_checkpoint`, `check_plan`) are cheap and run before any model work.
@@ -373,12 +377,28 @@ class AttentionStats:
                 "attn_flops_per_token": kept * self.per_query_flops}
 
 
-def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-                    chunk_tokens: int = 8192, streamer=None):
-    """`model.generate(ids, ...)` from `init_state(1, total_length=len)`, with the prompt streamed in calls of
-    `chunk_tokens` (a multiple of the segment) first: the same segment-by-segment computation, but host/device
-    memory stays flat at any length). `streamer` (e.g. a `memsparse.cuda_graph.GraphedStream`) replaces
-    `model.stream` for the prompt."""
+@dataclass
+class Decoded:
+    """What `stream_decode` returns: the greedy continuation `new_ids` (B, m), the stream state after it, and, when
+    answer ids were given, the teacher-forced argmax at each answer position `tf_pred` (n,) and its time `tf_s`."""
+
+    new_ids: torch.Tensor
+    state: object
+    tf_pred: list[int] | None = None
+    tf_s: float = 0.0
+
+
+def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                  chunk_tokens: int = 8192, streamer=None, teacher_ids: Sequence[int] | None = None) -> Decoded:
+    """Stream the prompt `ids` (1, L) from `init_state(1, total_length=L)` in calls of `chunk_tokens` (a multiple of
+    the segment; `streamer`, e.g. a `memsparse.cuda_graph.GraphedStream`, replaces `model.stream` for them), then
+    decode greedily: the same segment-by-segment computation as `model.generate(ids)`, with flat memory at any L.
+
+    With `teacher_ids` (the answer's n token ids), a branch from the state at the prompt's last segment boundary
+    streams the rest of the prompt and then the answer tokens but the last, teacher-forced: `tf_pred[j]` is the
+    argmax after prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to
+    float rounding; the declared total length stays L). It costs under one segment plus n tokens per sample, and the
+    decoding is unchanged (the branch works on a copy of the state's statistics)."""
     stream = model.stream if streamer is None else streamer
     length = ids.shape[1]
     seg = model.config.segment
@@ -387,7 +407,57 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int |
     head = (length - 1) // chunk * chunk  # at least one prompt token is left for generate
     for i in range(0, head, chunk):
         _, state = stream(ids[:, i:i + chunk], state, return_logits="none")
-    return model.generate(ids[:, head:], max_new_tokens, eos_id=eos_id, state=state)
+    cut = (length - 1) // seg * seg  # the last segment boundary before the prompt's end: where the branch starts
+    if cut > head:  # whole segments: the same spans generate would stream
+        _, state = model.stream(ids[:, head:cut], state, return_logits="none")
+    tf_pred, tf_s = None, 0.0
+    if teacher_ids is not None and len(teacher_ids):
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        t0 = time.perf_counter()
+        branch = dataclasses.replace(state, stats=dict(state.stats)) if dataclasses.is_dataclass(state) else state
+        tail = ids[:, cut:]
+        if tail.shape[1] > 1:
+            _, branch = model.stream(tail[:, :-1], branch, return_logits="none")
+        answer = torch.as_tensor(list(teacher_ids), dtype=ids.dtype, device=ids.device)[None, :-1]
+        feed = torch.cat([tail[:, -1:], answer.expand(ids.shape[0], -1)], 1)
+        logits, _ = model.stream(feed, branch, return_logits="all")  # (B, n, V): position j predicts answer[j]
+        tf_pred = logits[0].float().argmax(-1).tolist()
+        del logits, branch
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        tf_s = time.perf_counter() - t0
+    new_ids, state = model.generate(ids[:, cut:], max_new_tokens, eos_id=eos_id, state=state)
+    return Decoded(new_ids, state, tf_pred, tf_s)
+
+
+def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
+                    chunk_tokens: int = 8192, streamer=None):
+    """`model.generate(ids, ...)` from `init_state(1, total_length=len)`, streamed as `stream_decode` does (flat
+    memory at any length). Returns (new ids (B, m), state)."""
+    out = stream_decode(model, ids, max_new_tokens, eos_id, chunk_tokens, streamer)
+    return out.new_ids, out.state
+
+
+def teacher_forced_scores(tf_pred: Sequence[int], answer_ids: Sequence[int]) -> tuple[int, bool]:
+    """(answer tokens whose teacher-forced argmax is right, whether all are)."""
+    if len(tf_pred) != len(answer_ids):
+        raise ValueError(f"{len(tf_pred)} teacher-forced predictions for {len(answer_ids)} answer tokens")
+    correct = sum(int(p) == int(a) for p, a in zip(tf_pred, answer_ids))
+    return correct, correct == len(answer_ids)
+
+
+class NoMemory:
+    """A `PeakMemory` stand-in that measures nothing (peak and growth None): for evaluations inside a training
+    run, where resetting CUDA's peak statistics would skew the run's own peak-memory metric."""
+
+    kind = "none"
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> tuple[None, None]:
+        return None, None
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -424,12 +494,16 @@ def sample_seed(seed: int, index: int) -> int:
 
 def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, seed: int,
              device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
-             on_sample=None, chunk_tokens: int = 8192, streamer=None) -> dict:
-    """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell."""
-    max_new = task.max_answer_tokens(tokenizer)
+             on_sample=None, chunk_tokens: int = 8192, streamer=None, teacher_forced: bool = True,
+             max_new_tokens: int | None = None) -> dict:
+    """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell; with
+    `teacher_forced`, also the teacher-forced accuracy at the answer positions (`stream_decode`). Decoding runs for
+    `max_new_tokens` (default: the task's `max_answer_tokens`) or to `<eos>`. Returns the cell's row (one dict)."""
+    max_new = task.max_answer_tokens(tokenizer) if max_new_tokens is None else int(max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     details, scores = [], []
-    wall = 0.0
+    tf_correct = tf_tokens = tf_exact = 0
+    wall = tf_wall = 0.0
     if attn is not None:
         attn.reset()
     memory.start()
@@ -442,28 +516,40 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        new_ids, state = stream_generate(model, ids, max_new, eos, chunk_tokens, streamer)
+        res = stream_decode(model, ids, max_new, eos, chunk_tokens, streamer,
+                            teacher_ids=sample.answer_ids if teacher_forced else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
+        tf_wall += res.tf_s
         if attn is not None:
-            attn.add(state)
-        del state, ids
-        out = new_ids[0].tolist()
+            attn.add(res.state)
+        out = res.new_ids[0].tolist()
+        res.state = None
+        del ids
         if eos is not None and eos in out:
             out = out[: out.index(eos)]
         pred = tokenizer.decode(out)
         score = float(task.score(pred, sample))
         scores.append(score)
-        details.append({"seed": s, "prediction": pred, "answer": sample.answer, "score": score,
-                        "new_tokens": len(out)})
+        detail = {"seed": s, "prediction": pred, "answer": sample.answer, "score": score, "new_tokens": len(out)}
+        if res.tf_pred is not None:
+            correct, exact = teacher_forced_scores(res.tf_pred, sample.answer_ids)
+            tf_correct, tf_tokens, tf_exact = tf_correct + correct, tf_tokens + len(sample.answer_ids), tf_exact + exact
+            detail.update({"tf_prediction": tokenizer.decode(res.tf_pred),
+                           "tf_token_acc": correct / len(sample.answer_ids), "tf_exact": float(exact)})
+        details.append(detail)
         if on_sample is not None:
             on_sample()
     peak, growth = memory.stop()
+    tf_on = teacher_forced and tf_tokens > 0
     row = {
         "task": task.name, "length": length, "depth": depth, "n": samples,
         "accuracy": sum(scores) / len(scores),
+        "tf_token_acc": tf_correct / tf_tokens if tf_on else None,
+        "tf_exact": tf_exact / samples if tf_on else None,
         "wall_s": wall,
+        "tf_wall_s": tf_wall if tf_on else None,
         "tokens_per_s": samples * length / wall if wall > 0 else None,
         "peak_mem_bytes": peak, "peak_mem_growth_bytes": growth, "mem_measure": memory.kind,
     }
@@ -485,10 +571,15 @@ def warm_up(model, device: torch.device, streamer=None) -> None:
 
 
 def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: bool = True,
-             warmup: bool = True, cuda_graph: bool = False) -> list[dict]:
+             warmup: bool = True, cuda_graph: bool = False, teacher_forced: bool = True,
+             max_new_tokens: int | None = None, inference_mode: bool = True,
+             measure_memory: bool = True) -> list[dict]:
     """Run every setting x task x length x depth cell of `plan`; one row per cell (the combined table).
     `warmup` runs `warm_up` once per setting first. `cuda_graph` streams prompts through
-    `memsparse.cuda_graph.GraphedStream` (CUDA only; same results, ~10x faster prefill)."""
+    `memsparse.cuda_graph.GraphedStream` (CUDA only; same results, ~10x faster prefill). `teacher_forced` and
+    `max_new_tokens` go to `run_cell`. Inside a training run: `inference_mode=False` runs under `torch.no_grad`
+    instead (no inference tensors reach the training step), `measure_memory=False` leaves CUDA's peak statistics
+    alone. Leaves the model in eval mode."""
     from memsparse.cuda_graph import GraphedStream
 
     if cuda_graph and device.type != "cuda":
@@ -497,12 +588,12 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
     from tqdm.auto import tqdm
 
     model.eval()
-    memory = PeakMemory(device)
+    memory = PeakMemory(device) if measure_memory else NoMemory()
     rows: list[dict] = []
     bar = tqdm(total=plan.num_generations(), desc="memsparse-eval", unit="sample", disable=not progress,
                dynamic_ncols=True)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode() if inference_mode else torch.no_grad():
             attn = AttentionStats(model)
             for sweep_value, budget, cons in plan.settings():
                 with overrides(model, budget=budget, consolidation=cons):
@@ -523,7 +614,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
                                 bar.set_postfix_str(label, refresh=False)
                                 row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
                                                device, memory, attn, on_sample=lambda: bar.update(1),
-                                               streamer=streamer)
+                                               streamer=streamer, teacher_forced=teacher_forced,
+                                               max_new_tokens=max_new_tokens)
                                 row.update({"budget": cfg.budget,
                                             "consolidation": describe_consolidation(cfg.consolidation),
                                             "consolidation_passes": passes,
@@ -536,25 +628,33 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
 
 # ----------------------------------------------------------------------------------------------- outputs
 CSV_COLUMNS = [
-    "task", "length", "depth", "n", "accuracy", "sweep_kind", "sweep_value", "budget", "consolidation",
-    "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token", "wall_s",
-    "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes", "mem_measure",
+    "task", "length", "depth", "n", "accuracy", "tf_token_acc", "tf_exact", "sweep_kind", "sweep_value", "budget",
+    "consolidation", "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token",
+    "wall_s", "tf_wall_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes", "mem_measure",
 ]
 
 
+def _mean(values: Sequence) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean accuracy (and attention FLOPs per token) per (setting, task, length), averaged over depths."""
+    """Mean accuracy, teacher-forced token accuracy and exact match (and attention FLOPs per token) per
+    (setting, task, length), averaged over depths."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["sweep_value"], r["task"], r["length"]), []).append(r)
+        groups.setdefault((r.get("sweep_value"), r["task"], r["length"]), []).append(r)
     out = []
     for (sv, task, length), rs in groups.items():
-        flops = [r["attn_flops_per_token"] for r in rs if r["attn_flops_per_token"] is not None]
         out.append({"sweep_value": sv, "task": task, "length": length,
                     "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
-                    "attn_flops_per_token": sum(flops) / len(flops) if flops else None,
-                    "consolidation_passes": rs[0]["consolidation_passes"], "budget": rs[0]["budget"],
-                    "consolidation": rs[0]["consolidation"]})
+                    "tf_token_acc": _mean([r.get("tf_token_acc") for r in rs]),
+                    "tf_exact": _mean([r.get("tf_exact") for r in rs]),
+                    "attn_flops_per_token": _mean([r.get("attn_flops_per_token") for r in rs]),
+                    "consolidation_passes": rs[0].get("consolidation_passes"), "budget": rs[0].get("budget"),
+                    "consolidation": rs[0].get("consolidation")})
     return out
 
 

@@ -1,4 +1,5 @@
-"""Plots of eval results (matplotlib, Agg backend): length x depth heatmaps and sweep line plots."""
+"""Plots of eval results (matplotlib, Agg backend): length x depth heatmaps (decoded accuracy beside teacher-forced
+exact match) and sweep line plots."""
 
 from __future__ import annotations
 
@@ -27,30 +28,42 @@ def slug(text: str) -> str:
     return s or "default"
 
 
-def heatmap(rows: Sequence[dict], task: str, path: str | Path, title: str | None = None) -> Path:
-    """Accuracy of one task as a lengths (rows) x depths (columns) grid, colour-coded 0..1, values in cells."""
+METRIC_LABELS = {"accuracy": "decoded accuracy", "tf_exact": "teacher-forced exact", "tf_token_acc":
+                 "teacher-forced token acc."}
+
+
+def heatmap(rows: Sequence[dict], task: str, path: str | Path, title: str | None = None,
+            metrics: Sequence[str] = ("accuracy",)) -> Path:
+    """One task's cells as lengths (rows) x depths (columns) grids, one panel per metric in `metrics` that any cell
+    has (e.g. decoded accuracy beside teacher-forced exact match), colour-coded 0..1, values in the cells."""
     rows = [r for r in rows if r["task"] == task]
     if not rows:
         raise ValueError(f"no cells for task {task!r}")
+    metrics = [m for m in metrics if any(r.get(m) is not None for r in rows)] or ["accuracy"]
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    grid = np.full((len(lengths), len(depths)), np.nan)
-    for r in rows:
-        grid[lengths.index(r["length"]), depths.index(r["depth"])] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(depths)), max(3.2, 1.8 + 0.5 * len(lengths))), dpi=110)
+    width = max(5.0, 2.0 + 0.9 * len(depths))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), max(3.2, 1.8 + 0.5 * len(lengths))),
+                             dpi=110, squeeze=False)
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
-    for i in range(len(lengths)):
-        for j in range(len(depths)):
-            v = grid[i, j]
-            ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9,
-                    color="black" if np.isnan(v) or 0.25 < v < 0.85 else "white")
-    ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_yticks(range(len(lengths)), [_fmt_len(n) for n in lengths])
-    ax.set_xlabel("needle depth (fraction of the haystack)")
-    ax.set_ylabel("context length (tokens)")
-    ax.set_title(title or task, fontsize=8)
-    fig.colorbar(im, ax=ax, label="accuracy", fraction=0.046, pad=0.04)
+    for ax, metric in zip(axes[0], metrics):
+        grid = np.full((len(lengths), len(depths)), np.nan)
+        for r in rows:
+            if r.get(metric) is not None:
+                grid[lengths.index(r["length"]), depths.index(r["depth"])] = r[metric]
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                v = grid[i, j]
+                ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9,
+                        color="black" if np.isnan(v) or 0.25 < v < 0.85 else "white")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [_fmt_len(n) for n in lengths])
+        ax.set_xlabel("needle depth (fraction of the haystack)")
+        ax.set_ylabel("context length (tokens)")
+        label = METRIC_LABELS.get(metric, metric)
+        ax.set_title(f"{title or task}\n{label}" if len(metrics) > 1 else (title or task), fontsize=8)
+        fig.colorbar(im, ax=ax, label=label, fraction=0.046, pad=0.04)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -117,7 +130,7 @@ def write_plots(rows: Sequence[dict], summary: Sequence[dict], out_dir: str | Pa
                 title = f"{task}\nbudget {sub[0]['budget']}\nconsolidation {sub[0]['consolidation']}"
             else:
                 name, title = f"heatmap_{slug(task)}__{sweep_kind}_{slug(sv)}.png", f"{task}\n{sweep_kind} {sv}"
-            paths.append(heatmap(sub, task, out_dir / name, title=title))
+            paths.append(heatmap(sub, task, out_dir / name, title=title, metrics=("accuracy", "tf_exact")))
     if sweep_kind:
         paths.append(sweep_plot(summary, sweep_kind, out_dir / f"sweep_{sweep_kind}.png"))
     return paths

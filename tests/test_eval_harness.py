@@ -151,14 +151,14 @@ def test_oracle_scores_one(tmp_path, ckpt, monkeypatch):
     """A model that reads the pass key from the prompt scores 1 everywhere; text after <eos> is cut."""
     tok = ByteTokenizer()
 
-    def oracle(model, ids, max_new_tokens, eos_id=None, chunk_tokens=8192, streamer=None):
+    def oracle(model, ids, max_new_tokens, eos_id=None, chunk_tokens=8192, streamer=None, teacher_ids=None):
         import re
 
         m = re.search(r"The pass key is (\d+)", tok.decode(ids[0].tolist()))
         answer = tok.encode(" " + m.group(1) + ".") if m else []
-        return torch.tensor([answer + [tok.eos_id] + tok.encode("99999")]), None
+        return harness.Decoded(torch.tensor([answer + [tok.eos_id] + tok.encode("99999")]), None)
 
-    monkeypatch.setattr(harness, "stream_generate", oracle)
+    monkeypatch.setattr(harness, "stream_decode", oracle)
     out = tmp_path / "out"
     assert cli.main(_args(ckpt, out, "--tasks", "passkey", "--lengths", "512,1k", "--depths", "0,0.5,1",
                           "--samples", "2", "--no-wandb")) == 0
