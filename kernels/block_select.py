@@ -76,10 +76,21 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     allowed = visible & (in_window | sink)
     local = (j[None, :] >= diag_lo - (local_blocks - 1)) & (j[None, :] <= (diag_hi if causal else nk))
     forced = allowed & (sink | local)
-    # tokens visible to the block's last query inside the allowed blocks
-    blk_tokens = torch.clamp(torch.minimum(last[:, None] + 1 if causal else torch.full_like(last[:, None], Lk),
-                                           torch.full_like(last[:, None], Lk)) - j[None, :] * bs, 0, bs)
-    visible_tokens = (blk_tokens * allowed).sum(-1)
+    if causal:
+        # budgets read only what every query of the block sees: scores of blocks wholly at or before the block's
+        # first query, and the visible tokens at the block's end as if it were complete (not where the input
+        # happens to end), so a partial block keeps what the same block keeps once complete
+        scored = allowed & ((j[None, :] + 1) * bs - 1 <= first[:, None])
+        last_full = off + (m + 1) * bs - 1
+        jf = torch.arange(max(nk, (off + nq * bs + bs - 1) // bs), device=dev)
+        win_f = torch.ones_like(jf[None, :], dtype=torch.bool) if min_key_block is None else \
+            jf[None, :] >= min_key_block.to(dev)[:, None]
+        allowed_f = (jf[None, :] <= (last_full // bs)[:, None]) & (win_f | (jf[None, :] < sink_blocks))
+        blk_tokens = torch.clamp(last_full[:, None] + 1 - jf[None, :] * bs, 0, bs)
+        visible_tokens = (blk_tokens * allowed_f).sum(-1)
+    else:
+        scored = allowed
+        visible_tokens = (torch.clamp(Lk - j[None, :] * bs, 0, bs) * allowed).sum(-1)
 
     k_pool = block_pool(k, bs)
     q_sel = causal_selection_queries(q, Hkv, bs) if q_select is None else q_select.float()
@@ -87,11 +98,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
 
     allowed_b = allowed.expand(B, Hkv, nq, nk)
     forced_b = forced.expand(B, Hkv, nq, nk)
-    counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs)
-    # list width from host-side bounds: no device sync on the hot path
+    counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs,
+                               scored.expand(B, Hkv, nq, nk))
+    # list width from host-side bounds: no device sync on the hot path (visible tokens are counted over
+    # complete blocks, one more than the keys present when the queries are not block-aligned)
     vis_bound = nk if max_visible_blocks is None else min(nk, max_visible_blocks)
     forced_bound = min(nk, sink_blocks + local_blocks + 1)
-    kmax = max(1, min(nk, policy.max_count(vis_bound, min(Lk, vis_bound * bs), forced_bound, bs)))
+    kmax = max(1, min(nk, policy.max_count(vis_bound, (vis_bound + 1) * bs, forced_bound, bs)))
     rank = scores.masked_fill(forced_b, math.inf).masked_fill(~allowed_b, -math.inf)
     counts = torch.clamp(counts, max=kmax)  # a too-small hint would cut lists: callers pass an upper bound
     idx = torch.topk(rank, kmax, dim=-1).indices
@@ -102,7 +115,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     if not return_info:
         return out
     info = {"visible_blocks": allowed.sum(-1), "forced_blocks": forced.sum(-1), "scores": scores,
-            "visible_tokens": visible_tokens}
+            "visible_tokens": visible_tokens, "scored_blocks": scored.sum(-1)}
     return (*out, info)
 
 

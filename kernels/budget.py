@@ -1,9 +1,15 @@
 """Budget policies for block-sparse attention: how many key blocks each query block keeps.
 
-All policies share one interface, `num_blocks(scores, valid, forced, visible_tokens, block_size)`, returning
-the total kept count per query block (forced blocks included), and are parsed from a string spec so configs
+All policies share one interface, `num_blocks(scores, valid, forced, visible_tokens, block_size, scored)`,
+returning the total kept count per query block (forced blocks included), and are parsed from a string spec so configs
 and command lines can name them: `dense`, `fixed:16`, `length_scaled:c=12,min_tokens=256`,
 `top_p:p=0.9,min=2,max=64` (or `min_c=4,max_c=24` for length-scaled bounds).
+
+Causality: a policy may read only what every query of its block may see. `scored` marks the blocks whose
+pooled score reads no key after the block's first query (complete past blocks and the persistent sinks; the
+diagonal block is forced and carries no score), and `visible_tokens` is counted at the end of the block as if it
+were complete, so a block's budget never depends on where the input ends (streaming token by token, any split,
+and the one-shot forward keep the same blocks).
 
 Length scaling follows The Sparse Frontier (arXiv 2504.17768): at ~0.2 relative error the kept tokens were
 about 1.6K at 16K, 2.2K at 32K, 3.3K at 64K, i.e. roughly c * sqrt(L) with c ~ 12. So the kept fraction
@@ -25,8 +31,9 @@ class BudgetPolicy:
     name = "base"
 
     def num_blocks(self, scores: Tensor, valid: Tensor, forced: Tensor, visible_tokens: Tensor,
-                   block_size: int) -> Tensor:
-        """scores/valid/forced `(B, H, NQ, NK)`, visible_tokens `(B, H, NQ)` -> kept count `(B, H, NQ)` int64.
+                   block_size: int, scored: Tensor | None = None) -> Tensor:
+        """scores/valid/forced/scored `(B, H, NQ, NK)`, visible_tokens `(B, H, NQ)` -> kept count `(B, H, NQ)`
+        int64. `scored` (default: all valid) marks the blocks whose scores a policy may read.
 
         The count includes the forced blocks and never exceeds the number of valid blocks.
         """
@@ -50,7 +57,7 @@ class Dense(BudgetPolicy):
 
     name = "dense"
 
-    def num_blocks(self, scores, valid, forced, visible_tokens, block_size):
+    def num_blocks(self, scores, valid, forced, visible_tokens, block_size, scored=None):
         return valid.sum(-1)
 
     def spec(self) -> str:
@@ -68,7 +75,7 @@ class Fixed(BudgetPolicy):
         if self.k < 1:
             raise ValueError(f"fixed budget k must be >= 1, got {self.k}")
 
-    def num_blocks(self, scores, valid, forced, visible_tokens, block_size):
+    def num_blocks(self, scores, valid, forced, visible_tokens, block_size, scored=None):
         return _clamp_count(torch.full_like(visible_tokens, self.k, dtype=torch.long), forced, valid)
 
     def spec(self) -> str:
@@ -96,7 +103,7 @@ class LengthScaled(BudgetPolicy):
         if self.c <= 0 or self.min_tokens < 0 or not 0 < self.exponent <= 1:
             raise ValueError(f"length_scaled needs c > 0, min_tokens >= 0, 0 < exponent <= 1; got {self}")
 
-    def num_blocks(self, scores, valid, forced, visible_tokens, block_size):
+    def num_blocks(self, scores, valid, forced, visible_tokens, block_size, scored=None):
         tokens = length_scaled_tokens(visible_tokens, self.c, self.min_tokens, self.exponent)
         count = torch.ceil(tokens / block_size).long()
         return _clamp_count(count, forced, valid)
@@ -113,7 +120,8 @@ class LengthScaled(BudgetPolicy):
 class TopP(BudgetPolicy):
     """Smallest set of blocks (forced first, then by score) holding mass >= p of the estimated attention.
 
-    Mass is the softmax of the pooled scores over the visible blocks. Bounds: `min`/`max` blocks, or
+    Mass is the softmax of the pooled scores over the scored blocks (the visible blocks whose keys all precede
+    the block's first query); the unscored diagonal block is forced and takes no share. Bounds: `min`/`max` blocks, or
     length-scaled bounds `min_c`/`max_c` (tokens c * sqrt(n)) when given.
     """
 
@@ -130,11 +138,12 @@ class TopP(BudgetPolicy):
         if self.min < 0 or (self.max is not None and self.max < self.min):
             raise ValueError(f"top_p needs 0 <= min <= max, got min={self.min} max={self.max}")
 
-    def num_blocks(self, scores, valid, forced, visible_tokens, block_size):
-        s = scores.double().masked_fill(~valid, -math.inf)
+    def num_blocks(self, scores, valid, forced, visible_tokens, block_size, scored=None):
+        scorable = valid if scored is None else valid & scored
+        s = scores.double().masked_fill(~scorable, -math.inf)
         mass = torch.softmax(s, -1).nan_to_num(0.0)
         forced_mass = (mass * forced).sum(-1)
-        # forced blocks are kept first; the others greedily by score until the mass reaches p
+        # forced blocks are kept first; the others (all scored) greedily by score until the mass reaches p
         rest = mass.masked_fill(forced, 0.0)
         order = torch.sort(s.masked_fill(forced, -math.inf), -1, descending=True).indices
         cum = torch.cumsum(rest.gather(-1, order), -1)

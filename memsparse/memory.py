@@ -396,6 +396,11 @@ def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Te
     W = list(state.weights)
     S = list(state.momentum)
     N = k.shape[2]
+    outer_grad = torch.is_grad_enabled()
+    if not outer_grad:  # no graph wanted: views of parameters made under no_grad may still say requires_grad
+        W, S = [w.detach() for w in W], [m.detach() for m in S]
+        k, v, eta, theta, alpha, gain = (t.detach() for t in (k, v, eta, theta, alpha, gain))
+        gates = None if gates is None else gates.detach()
     with torch.enable_grad():
         for c0 in range(0, N, chunk_size):
             W0 = [w if w.requires_grad else w.detach().requires_grad_(True) for w in W]
@@ -424,6 +429,8 @@ def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Te
                 e, th, al, rho = (x[..., None, None] for x in (e, th, al, rho))
                 S = [e * s - th * g for s, g in zip(S, grads)]
                 W = [(1 - al) * w + rho * s for w, s in zip(W, S)]
+    if not outer_grad:
+        W, S = [w.detach() for w in W], [m.detach() for m in S]
     return MemoryState(W, S, state.step + N)
 
 

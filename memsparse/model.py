@@ -106,7 +106,9 @@ class SurpriseGate(nn.Module):
         self.scale = nn.Parameter(torch.ones(heads))
         self.bias = nn.Parameter(torch.full((heads,), 4.0))
 
-    def forward(self, stats: WriteStats, keep_fraction: float = 1.0) -> Tensor:
+    def forward(self, stats: WriteStats, keep_fraction: float = 1.0, keep: int | None = None) -> Tensor:
+        """Gate `(B, H, C)` of a chunk's tokens. With keep_fraction < 1, exactly `keep` tokens (default
+        ceil(keep_fraction * C)) pass the hard rule: the most surprising, ties broken by position."""
         gn = stats.grad_norm
         if self.learned:
             g = soft_gate(gn, self.scale, self.bias)
@@ -114,10 +116,40 @@ class SurpriseGate(nn.Module):
             g = torch.ones_like(gn)
         if keep_fraction < 1.0:
             n = gn.shape[-1]
-            keep = max(1, math.ceil(keep_fraction * n))
-            thresh = torch.topk(gn, keep, dim=-1).values[..., -1:]
-            g = g * (gn >= thresh).to(g.dtype)
+            keep = math.ceil(keep_fraction * n) if keep is None else keep
+            g = g * top_count_mask(gn, keep).to(g.dtype)
         return g
+
+    def segment_gate_fn(self, keep_fraction: float, n_tokens: int):
+        """The gate as a `gate_fn` for one write of `n_tokens` (an evicted segment) in chunks: the hard rule keeps
+        ceil(keep_fraction * n_tokens) tokens of the whole write, spread over its chunks by cumulative counts
+        (chunk [a, b) keeps ceil(f*b) - ceil(f*a)), since a chunk's surprise exists only once the chunks before
+        it are written."""
+        done = [0]
+
+        def gate_fn(stats: WriteStats) -> Tensor:
+            a = done[0]
+            b = a + stats.grad_norm.shape[-1]
+            done[0] = b
+            if b > n_tokens:
+                raise ValueError(f"segment gate: {b} tokens written, the segment has {n_tokens}")
+            return self(stats, keep_fraction,
+                        math.ceil(keep_fraction * b) - math.ceil(keep_fraction * a) if keep_fraction < 1 else None)
+        return gate_fn
+
+
+def top_count_indices(x: Tensor, count: int) -> Tensor:
+    """Positions `(..., count)`, ascending, of the `count` largest entries of x `(..., C)` per row, ties broken by
+    position (earlier first). Values within ~1e-6 of the row's largest count as tied, so rounding noise
+    (streaming against a one-shot forward) does not reorder the equal surprises of identical tokens."""
+    ref = x.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    key = torch.round(x.detach() / ref * 2.0 ** 20)
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :max(count, 0)].sort(-1).values
+
+
+def top_count_mask(x: Tensor, count: int) -> Tensor:
+    """Bool mask `(..., C)` of exactly `count` largest entries of x per row (`top_count_indices`)."""
+    return torch.zeros_like(x, dtype=torch.bool).scatter(-1, top_count_indices(x, count), True)
 
 
 @dataclass
@@ -292,24 +324,24 @@ class Block(nn.Module):
         first write's stats)."""
         cfg = self.cfg
         keep = 1.0 if self.training else cfg.hard_keep_fraction
-        gate = self._gate_kwargs(keep)
-        mem, ws = self.memory.write(mem, ev, **gate)
+        mem, ws = self.memory.write(mem, ev, **self._gate_kwargs(keep, ev.k.shape[2]))
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
             replay = ev
             if cfg.consolidation.replay == "surprising" and cfg.consolidation.replay_tokens < ev.k.shape[2]:
-                top = torch.topk(ws.grad_norm, cfg.consolidation.replay_tokens, dim=-1).indices.sort(-1).values
+                top = top_count_indices(ws.grad_norm, cfg.consolidation.replay_tokens)
                 replay = _gather_inputs(ev, top)
             for _ in range(passes):
-                mem, _ = self.memory.write(mem, replay, **gate)
+                mem, _ = self.memory.write(mem, replay, **self._gate_kwargs(keep, replay.k.shape[2]))
         return mem, ws
 
-    def _gate_kwargs(self, keep: float) -> dict:
-        """The surprise gate as `NeuralMemory.write` takes it: the learned soft gate as parameters (fused into
-        the chunk step), a function otherwise (hard top-k keep at inference, or no learned gate)."""
+    def _gate_kwargs(self, keep: float, n_tokens: int) -> dict:
+        """The surprise gate as `NeuralMemory.write` takes it for a write of `n_tokens`: the learned soft gate as
+        parameters (fused into the chunk step), a function otherwise (hard keep of the write's top tokens at
+        inference, or no learned gate)."""
         if self.gate.learned and keep >= 1.0:
             return {"gate_params": (self.gate.scale, self.gate.bias)}
-        return {"gate_fn": lambda s: self.gate(s, keep)}
+        return {"gate_fn": self.gate.segment_gate_fn(keep, n_tokens)}
 
     def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict,
                 pos_t: Tensor | None = None):
