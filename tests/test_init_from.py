@@ -1,0 +1,60 @@
+"""InitFromWeights: a fit that starts from another run's weights (a curriculum stage)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from memsparse.train.cli import main  # noqa: E402
+from memsparse.train.init_from import InitFromWeights  # noqa: E402
+
+from memsparse.model import MemSparseLM  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+
+
+def test_second_stage_starts_from_the_first_stages_weights(tmp_path):
+    a = tmp_path / "a"
+    main(["fit", "--config", str(tiny_config(a, **{"trainer.max_steps": 3}))])
+    first = MemSparseLM.from_pretrained(a / "export")
+    b = tmp_path / "b"
+    # stage 2: other sequence length and a zero learning rate, so its final weights are its starting weights
+    cfg = tiny_config(b, **{"trainer.max_steps": 2, "data.seq_len": 64, "data.tokenizer": str(a / "export"),
+                            "model.lr": 1e-12, "model.min_lr": 1e-12,
+                            "trainer.callbacks": [{"class_path": "memsparse.train.init_from.InitFromWeights",
+                                                   "init_args": {"path": str(a / "export")}}]})
+    main(["fit", "--config", str(cfg)])
+    second = MemSparseLM.from_pretrained(b / "export")
+    fresh = tmp_path / "c"
+    main(["fit", "--config", str(tiny_config(fresh, **{"trainer.max_steps": 2, "model.lr": 1e-12,
+                                                        "model.min_lr": 1e-12, "seed_everything": 5}))])
+    other = MemSparseLM.from_pretrained(fresh / "export")
+    sd1, sd2, sd3 = first.state_dict(), second.state_dict(), other.state_dict()
+    for k in sd1:
+        torch.testing.assert_close(sd2[k], sd1[k], rtol=0, atol=1e-6)
+    assert any((sd3[k] - sd1[k]).abs().max() > 1e-3 for k in sd1)  # without the callback: other weights
+
+
+def test_init_from_a_ckpt_and_architecture_mismatch(tmp_path):
+    a = tmp_path / "a"
+    main(["fit", "--config", str(tiny_config(a, **{"trainer.max_steps": 2}))])
+    ckpt = a / "checkpoints" / "last.ckpt"
+    b = tmp_path / "b"
+    cfg = tiny_config(b, **{"trainer.max_steps": 1, "model.config.dim": 48,
+                            "trainer.callbacks": [{"class_path": "memsparse.train.init_from.InitFromWeights",
+                                                   "init_args": {"path": str(ckpt)}}]})
+    with pytest.raises(ValueError, match="different architecture.*dim"):
+        main(["fit", "--config", str(cfg)])
+    with pytest.raises(FileNotFoundError, match="no export directory"):
+        InitFromWeights(str(tmp_path / "missing"))
