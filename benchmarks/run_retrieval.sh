@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The retrieval curriculum on one GPU, trained and evaluated in one call (checkpoints stay on the machine):
+#   bash benchmarks/run_retrieval.sh                 memory model: recipes/retrieval_small_copy.yaml, then
+#                                                    recipes/retrieval_small.yaml, then the eval grid
+#   MEM=0 bash benchmarks/run_retrieval.sh           the no-memory ablation (recipes/ablation_retrieval_no_memory*)
+#   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run
+# Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
+# $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
+set -u
+OUT=${OUT:-benchmarks/results}
+MEM=${MEM:-1}
+STAGES=${STAGES:-"1 2"}
+EVALS=${EVALS:-"passkey niah long"}
+SAMPLES=${SAMPLES:-5}
+if [ "$MEM" = 1 ]; then C1=retrieval_small_copy; C2=retrieval_small; else
+  C1=ablation_retrieval_no_memory_copy; C2=ablation_retrieval_no_memory; fi
+NAME=${NAME:-$C2}
+D="$OUT/$NAME"
+mkdir -p "$D"
+DEV="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+pack() { tar -czf "$OUT/$NAME.tgz" -C "$OUT" "$NAME"; }
+log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
+
+for s in $STAGES; do
+  C=$([ "$s" = 1 ] && echo $C1 || echo $C2)
+  log "stage $s: memsparse-train fit --config recipes/$C.yaml"
+  t0=$(date +%s)
+  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --trainer.enable_progress_bar false \
+    --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$C/csv" \
+    > "$D/train_$C.log" 2>&1
+  log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"
+  tail -4 "$D/train_$C.log"
+  m=$(ls -t $(find "outputs/$C/csv" -name metrics.csv) 2>/dev/null | head -1)
+  [ -n "$m" ] && cp "$m" "$D/metrics_$C.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$C" --out "$D" \
+    --device "$DEV" --command "memsparse-train fit --config recipes/$C.yaml" > /dev/null 2>&1
+  cp "outputs/$C/phase_times.json" "$D/phase_times_$C.json" 2>/dev/null
+  [ -d "outputs/$C/retrieval" ] && cp -r "outputs/$C/retrieval" "$D/retrieval_while_training_$C"
+  pack
+done
+
+CK="outputs/$C2/export"
+ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
+  local n=$1; shift
+  log "eval $n: memsparse-eval --checkpoint $CK $*"
+  t0=$(date +%s)
+  memsparse-eval --checkpoint "$CK" --no-progress --out "$D/eval_$n" "$@" > "$D/eval_$n.log" 2>&1
+  log "eval $n: exit $? after $(( $(date +%s) - t0 )) s"
+  tail -12 "$D/eval_$n.log"
+  pack
+}
+for e in $EVALS; do
+  case $e in
+    passkey) ev passkey --tasks passkey --lengths 1k,2k,4k,8k,32k,128k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
+    niah) ev niah --tasks niah_single,niah_multikey --lengths 8k,32k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
+    long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
+  esac
+done
+log "done"
+pack
