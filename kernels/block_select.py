@@ -79,17 +79,18 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     if causal:
         # budgets read only what every query of the block sees: scores of blocks wholly at or before the block's
         # first query, and the visible tokens at the block's end as if it were complete (not where the input
-        # happens to end), so a partial block keeps what the same block keeps once complete
-        scored = allowed & ((j[None, :] + 1) * bs - 1 <= first[:, None])
+        # happens to end), so a partial block keeps what the same block keeps once complete. Counted in closed
+        # form over (NQ,) vectors: blocks lo..d_last of the window plus the sinks below it, the last one partial
+        # when the queries are not block-aligned.
+        scored = allowed & ((j[None, :] + 1) * bs - 1 <= first[:, None]) if policy.reads_scores else None
         last_full = off + (m + 1) * bs - 1
-        jf = torch.arange(max(nk, (off + nq * bs + bs - 1) // bs), device=dev)
-        win_f = torch.ones_like(jf[None, :], dtype=torch.bool) if min_key_block is None else \
-            jf[None, :] >= min_key_block.to(dev)[:, None]
-        allowed_f = (jf[None, :] <= (last_full // bs)[:, None]) & (win_f | (jf[None, :] < sink_blocks))
-        blk_tokens = torch.clamp(last_full[:, None] + 1 - jf[None, :] * bs, 0, bs)
-        visible_tokens = (blk_tokens * allowed_f).sum(-1)
+        d_last = last_full // bs
+        lo = torch.zeros_like(m) if min_key_block is None else min_key_block.to(dev).long().clamp_min(0)
+        n_win = (d_last - lo + 1).clamp_min(0)
+        n_sink = torch.minimum(lo.clamp(max=sink_blocks), d_last + 1).clamp_min(0)
+        visible_tokens = (n_win + n_sink) * bs - (bs - 1 - last_full % bs) * ((n_win > 0) | (d_last < n_sink))
     else:
-        scored = allowed
+        scored = allowed if policy.reads_scores else None
         visible_tokens = (torch.clamp(Lk - j[None, :] * bs, 0, bs) * allowed).sum(-1)
 
     k_pool = block_pool(k, bs)
@@ -99,7 +100,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     allowed_b = allowed.expand(B, Hkv, nq, nk)
     forced_b = forced.expand(B, Hkv, nq, nk)
     counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs,
-                               scored.expand(B, Hkv, nq, nk))
+                               None if scored is None else scored.expand(B, Hkv, nq, nk))
     # list width from host-side bounds: no device sync on the hot path (visible tokens are counted over
     # complete blocks, one more than the keys present when the queries are not block-aligned)
     vis_bound = nk if max_visible_blocks is None else min(nk, max_visible_blocks)
@@ -115,7 +116,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     if not return_info:
         return out
     info = {"visible_blocks": allowed.sum(-1), "forced_blocks": forced.sum(-1), "scores": scores,
-            "visible_tokens": visible_tokens, "scored_blocks": scored.sum(-1)}
+            "visible_tokens": visible_tokens}
     return (*out, info)
 
 

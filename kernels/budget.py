@@ -29,6 +29,7 @@ class BudgetPolicy:
     """Decides the number of kept key blocks per query block."""
 
     name = "base"
+    reads_scores = False  # whether num_blocks reads `scores` (then select_blocks passes `scored`)
 
     def num_blocks(self, scores: Tensor, valid: Tensor, forced: Tensor, visible_tokens: Tensor,
                    block_size: int, scored: Tensor | None = None) -> Tensor:
@@ -131,6 +132,7 @@ class TopP(BudgetPolicy):
     min_c: float | None = None
     max_c: float | None = None
     name = "top_p"
+    reads_scores = True
 
     def __post_init__(self):
         if not 0 < self.p <= 1:

@@ -176,3 +176,26 @@ def test_sequential_write_runs_under_no_grad():
     assert not st.weights[0].requires_grad
     for a, b in zip(st.weights, with_grad.weights):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_visible_tokens_count_the_complete_blocks_allowed_positions(seed):
+    # brute force over positions: key p is visible to query block m (as if complete) when p <= its last query
+    # and p's block is in the window (>= min_key_block) or a sink
+    g = torch.Generator().manual_seed(seed)
+    bs = int(torch.randint(2, 6, (1,), generator=g))
+    Lk = int(torch.randint(3 * bs, 12 * bs, (1,), generator=g))
+    Lq = int(torch.randint(1, Lk + 1, (1,), generator=g))
+    sink = int(torch.randint(0, 3, (1,), generator=g))
+    q, k = torch.randn(1, 1, Lq, 4, generator=g), torch.randn(1, 1, Lk, 4, generator=g)
+    nq = -(-Lq // bs)
+    off = Lk - Lq
+    mkb = torch.randint(0, 4, (nq,), generator=g)
+    for window in (None, mkb):
+        *_, info = select_blocks(q, k, block_size=bs, policy="length_scaled:c=1,min_tokens=0", sink_blocks=sink,
+                                 min_key_block=window, return_info=True)
+        for m in range(nq):
+            last = off + (m + 1) * bs - 1
+            lo = 0 if window is None else int(window[m])
+            want = sum(1 for p in range(last + 1) if p // bs >= lo or p // bs < sink)
+            assert int(info["visible_tokens"][m]) == want, (bs, Lk, Lq, sink, m)
