@@ -1,8 +1,10 @@
 """Callbacks of `memsparse-train`: the resolved config + tokenizer logged to the run, a logger-safe LR monitor,
-a breakdown of the run's wall time, and a cross-rank weight-agreement check for multi-process runs."""
+a breakdown of the run's wall time, a cross-rank weight-agreement check for multi-process runs, and retrieval
+evaluation while training (the `memsparse-eval` harness on a small grid every N steps)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import time
@@ -14,7 +16,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from memsparse.eval.harness import (
+    EvalInputError,
+    EvalPlan,
+    check_plan,
+    parse_depths,
+    parse_lengths,
+    parse_tasks,
+    run_eval,
+    summarize,
+)
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -209,3 +221,187 @@ class PhaseTimes(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._fit_start is not None:
             self._write(trainer, ended_by=f"{type(exception).__name__}: {str(exception)[:200]}")
+
+
+class RetrievalEval(Callback):
+    """Every `every_n_steps` optimizer steps, a small retrieval grid (tasks x lengths x depths x samples) through
+    the harness `memsparse-eval` uses (`memsparse.eval.harness.run_eval`) on the module's model: eager (no CUDA
+    graphs: a CUDA-graph training step stays as captured), in float32 with autocast off as `memsparse-eval` runs an
+    export, under `torch.no_grad`, in eval mode, then back to train mode. Decoded accuracy and the teacher-forced
+    accuracy at the answer positions are logged per (task, length) and overall to the run's loggers
+    (`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc`, `retrieval/acc|tf_exact|tf_token_acc`,
+    `retrieval/wall_s`); every cell is appended to `<output_dir>/cells.csv` and `cells.jsonl` (with the per-sample
+    predictions), and a heatmap per task is written as `<output_dir>/heatmap_<task>_step<N>.png` (also logged as an
+    image to W&B). `output_dir` defaults to `<default_root_dir>/retrieval`.
+
+    Only global rank 0 evaluates; the other ranks wait at a barrier (each rank takes the same decision from the
+    global step, so no collective is left unmatched). Off under FSDP (parameters are sharded), with a warning. A
+    failing evaluation warns and training continues.
+
+    Args:
+        every_n_steps: optimizer steps between evaluations (the first at step `every_n_steps`).
+        tasks: registered task names (comma-separated or a list).
+        lengths: prompt lengths in tokens (`1k` = 1024; comma-separated or a list); pick some inside and some beyond
+            the model's attention window (`model.config.window`).
+        depths: needle depths in [0, 1].
+        samples: samples per cell (sample i has the same seed in every cell).
+        max_new_tokens: decoding budget; None: each task's `max_answer_tokens`.
+        seed: base seed of the samples (fixed across evaluations, so the curves compare like with like).
+        output_dir: where the CSV/JSONL and heatmaps go; None: `<trainer.default_root_dir>/retrieval`.
+        chunk_tokens: prompt tokens per streaming call (`stream_decode`).
+    """
+
+    CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
+                  "wall_s", "tf_wall_s", "tokens_per_s"]
+
+    def __init__(self, every_n_steps: int = 500, tasks: str | list[str] = "passkey",
+                 lengths: str | list[int | str] = "1k,4k", depths: str | list[float] = "0,0.5,1", samples: int = 2,
+                 max_new_tokens: int | None = None, seed: int = 0, output_dir: str | None = None,
+                 chunk_tokens: int = 8192) -> None:
+        try:
+            self.tasks, self.lengths, self.depths = parse_tasks(tasks), parse_lengths(lengths), parse_depths(depths)
+        except EvalInputError as e:
+            raise ValueError(f"RetrievalEval: {e}") from None
+        for name, value, low in (("every_n_steps", every_n_steps, 1), ("samples", samples, 1),
+                                 ("chunk_tokens", chunk_tokens, 1), ("max_new_tokens", max_new_tokens, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
+        self.every_n_steps, self.samples, self.seed = every_n_steps, samples, int(seed)
+        self.max_new_tokens, self.output_dir, self.chunk_tokens = max_new_tokens, output_dir, chunk_tokens
+        self.last_step: int | None = None
+        self._off: str | None = None
+        self._tokenizer: Any = None
+
+    @property
+    def plan(self) -> EvalPlan:
+        return EvalPlan(self.tasks, self.lengths, self.depths, self.samples, self.seed)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the grid against the data's tokenizer (each length above its task's prompt overhead)."""
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            self._off = "FSDP shards the parameters, and only rank 0 would evaluate"
+            rank_zero_warn(f"RetrievalEval is off: {self._off}")
+            return
+        dm = getattr(trainer, "datamodule", None)
+        self._tokenizer = getattr(dm, "tokenizer", None)
+        if self._tokenizer is None:
+            raise ValueError("RetrievalEval needs the datamodule's tokenizer (trainer.datamodule.tokenizer)")
+        try:
+            check_plan(self.tasks, self.lengths, self._tokenizer)
+        except EvalInputError as e:
+            raise ValueError(f"RetrievalEval: {e}") from None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict.get("last_step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._off or step == 0 or step % self.every_n_steps or step == self.last_step:
+            return
+        self.last_step = step  # micro-batches of the next optimizer step see the same global step
+        self.evaluate(trainer, pl_module)
+
+    def output_path(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "retrieval"
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict] | None:
+        """Run the grid now (rank 0; the other ranks wait); returns the cells on rank 0, else None."""
+        rows = None
+        if trainer.is_global_zero:
+            rows = self._evaluate(trainer, pl_module)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("memsparse_retrieval_eval")
+        return rows
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict] | None:
+        model = pl_module.model
+        device = pl_module.device
+        step = trainer.global_step
+        was_training = model.training
+        t0 = time.perf_counter()
+        try:
+            with torch.autocast(device.type, enabled=False):
+                rows = run_eval(model, self._tokenizer, self.plan, device, progress=False, warmup=False,
+                                cuda_graph=False, teacher_forced=True, max_new_tokens=self.max_new_tokens,
+                                inference_mode=False, measure_memory=False)
+        except Exception as e:  # a monitor: never stop the run over it
+            rank_zero_warn(f"RetrievalEval at step {step} failed ({type(e).__name__}: {e}); training continues")
+            return None
+        finally:
+            model.train(was_training)
+        wall = time.perf_counter() - t0
+        window = model.config.window
+        for r in rows:
+            r["step"], r["in_window"] = step, r["length"] <= window
+        metrics = self.metrics(rows)
+        metrics["retrieval/wall_s"] = wall
+        try:
+            images = self._write(trainer, rows)
+        except OSError as e:
+            rank_zero_warn(f"RetrievalEval: cannot write its files ({e})")
+            images = {}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+            if isinstance(lg, WandbLogger):
+                for task, path in images.items():
+                    lg.log_image(key=f"retrieval/heatmap_{task}", images=[str(path)], step=step)
+        parts = [f"{k.removeprefix('retrieval/')} {v:.2f}" for k, v in metrics.items() if k.endswith("/acc")]
+        rank_zero_info(f"retrieval at step {step} ({wall:.1f}s): " + ", ".join(parts) +
+                       f"; tf_exact {metrics.get('retrieval/tf_exact', float('nan')):.2f}")
+        return rows
+
+    @staticmethod
+    def metrics(rows: list[dict]) -> dict[str, float]:
+        """`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc` (mean over depths) and the means over all cells."""
+        out: dict[str, float] = {}
+        for s in summarize(rows):
+            key = f"retrieval/{s['task']}/{_length_key(s['length'])}"
+            out[f"{key}/acc"] = s["accuracy"]
+            for m in ("tf_exact", "tf_token_acc"):
+                if s.get(m) is not None:
+                    out[f"{key}/{m}"] = s[m]
+        for name, m in (("acc", "accuracy"), ("tf_exact", "tf_exact"), ("tf_token_acc", "tf_token_acc")):
+            vals = [r[m] for r in rows if r.get(m) is not None]
+            if vals:
+                out[f"retrieval/{name}"] = sum(vals) / len(vals)
+        return out
+
+    def _write(self, trainer: pl.Trainer, rows: list[dict]) -> dict[str, Path]:
+        """Append the cells to cells.csv / cells.jsonl, write one heatmap per task; returns {task: png}."""
+        from memsparse.eval.plots import heatmap, slug
+
+        out = self.output_path(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        step = rows[0]["step"] if rows else trainer.global_step
+        csv_path = out / "cells.csv"
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in self.CSV_FIELDS})
+        with (out / "cells.jsonl").open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=str) + "\n")
+        images = {}
+        for task in dict.fromkeys(r["task"] for r in rows):
+            images[task] = heatmap(rows, task, out / f"heatmap_{slug(task)}_step{step}.png",
+                                   title=f"{task}, step {step}", metrics=("accuracy", "tf_exact"))
+        return images
+
+
+def _length_key(n: int) -> str:
+    """4096 -> '4k', 1048576 -> '1m', 1536 -> '1536' (metric names)."""
+    for unit, size in (("m", 1024**2), ("k", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -37,6 +37,32 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
+def answer_accuracy_counts(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
+                           eos_id: int, num_sources: int) -> torch.Tensor:
+    """Teacher-forced argmax accuracy at the answer positions of synthetic rows, per source.
+
+    h (B, L, dim): the final (normed) hidden states; weight (V, dim): the output matrix; labels (B, L): aligned
+    targets (-100 ignored; with `synthetic_loss: answer` a synthetic row keeps only its answer tokens and the eos
+    after them, and the eos is left out here); source (B,): 0 for text (skipped), 1 + k for synthetic task k.
+    Returns (4, num_sources) float64: correct answer tokens, answer tokens, rows with every answer token right,
+    rows with answer tokens. Logits are computed at the answer positions only."""
+    mask = (labels != -100) & (labels != eos_id) & (source[:, None] > 0)
+    counts = torch.zeros(4, num_sources, dtype=torch.float64, device=labels.device)
+    if not bool(mask.any()):
+        return counts
+    sel = h[mask]
+    correct = (sel.to(weight.dtype) @ weight.t()).argmax(-1) == labels[mask]
+    tok_src = source[:, None].expand_as(mask)[mask]
+    counts[0].index_add_(0, tok_src, correct.double())
+    counts[1].index_add_(0, tok_src, torch.ones_like(correct, dtype=torch.float64))
+    wrong = torch.zeros_like(mask)
+    wrong[mask] = ~correct
+    rows = mask.any(1)
+    counts[2].index_add_(0, source, (rows & ~wrong.any(1)).double())
+    counts[3].index_add_(0, source, rows.double())
+    return counts
+
+
 class WarmupCosine:
     """LR multiplier: linear warmup over `warmup` steps, then cosine from 1 to `floor` at `total` steps."""
 
@@ -167,6 +193,11 @@ class MemSparseLightningModule(pl.LightningModule):
         self._tokens_last = 0
         self._compiled = False
         self._eval_sum, self._eval_tokens = 0.0, 0
+        self._answer_hook_handle = None
+        self._answer_pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, source) of this forward
+        self._answer_names: list[str] | None = None  # synthetic task per source 1 + k, when answers are tracked
+        self._answer_counts: torch.Tensor | None = None
+        self._answer_eos: int | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -329,7 +360,12 @@ class MemSparseLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------- evaluation
 
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["labels"])
+        if self._answer_counts is not None and "source" in batch:
+            self._answer_pending = (batch["labels"], batch["source"])  # counted by `_answer_hook` in the forward
+        try:
+            out = self(batch["input_ids"], batch["labels"])
+        finally:
+            self._answer_pending = None
         n_tok = max(1, int((batch["labels"] != -100).sum()))
         if torch.isfinite(out.loss):
             self._eval_sum += float(out.loss) * n_tok
@@ -348,8 +384,52 @@ class MemSparseLightningModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sum, self._eval_tokens = 0.0, 0
+        self._start_answer_tracking()
 
     on_test_epoch_start = on_validation_epoch_start
+
+    def _start_answer_tracking(self) -> None:
+        """Track the answer-token accuracy of the synthetic samples when the datamodule trains on their answers
+        only (`synthetic_loss: answer`, where the labels mark the answer positions); off otherwise."""
+        self._answer_counts = None
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        specs = getattr(dm, "synthetic", None) or []
+        if tok is None or not specs or getattr(dm, "synthetic_loss", None) != "answer":
+            return
+        names = [s.task for s in specs]
+        self._answer_names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
+        self._answer_eos = int(tok.eos_id)
+        self._answer_counts = torch.zeros(4, 1 + len(names), dtype=torch.float64, device=self.device)
+        if self._answer_hook_handle is None:
+            self._answer_hook_handle = self.model.norm.register_forward_hook(self._answer_hook)
+
+    def _answer_hook(self, module: torch.nn.Module, args: Any, h: torch.Tensor) -> None:
+        """Forward hook on the model's final norm (validation only): count the answer positions' argmax from its
+        output, inside the forward (where a sharded model's output weight is gathered), under its autocast."""
+        pending, self._answer_pending = self._answer_pending, None
+        if pending is not None and self._answer_counts is not None:
+            labels, source = pending
+            self._answer_counts += answer_accuracy_counts(h, self.model.output_weight, labels, source,
+                                                          self._answer_eos, self._answer_counts.shape[1])
+
+    def _log_answer_accuracy(self, prefix: str) -> None:
+        """`<prefix>/answer_token_acc` and `<prefix>/answer_exact` over all synthetic sources and per task (all
+        ranks' counts summed first); the forward hook is removed, so training runs without it."""
+        if self._answer_hook_handle is not None:
+            self._answer_hook_handle.remove()
+            self._answer_hook_handle = None
+        counts, self._answer_counts = self._answer_counts, None
+        if counts is None:
+            return
+        c = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        c = c.cpu() if torch.is_tensor(c) else torch.as_tensor(c)
+        groups = [("", slice(1, None))] + [(f"/{n}", slice(1 + k, 2 + k)) for k, n in enumerate(self._answer_names)]
+        for suffix, idx in groups:
+            correct, tokens, exact, rows = (float(c[i, idx].sum()) for i in range(4))
+            if tokens > 0:
+                self.log(f"{prefix}/answer_token_acc{suffix}", correct / tokens, batch_size=1, sync_dist=True)
+                self.log(f"{prefix}/answer_exact{suffix}", exact / rows, batch_size=1, sync_dist=True)
 
     def _log_ppl(self, prefix: str) -> None:
         """Token-weighted perplexity over the whole evaluation (all ranks)."""
@@ -360,9 +440,11 @@ class MemSparseLightningModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_ppl("val")
+        self._log_answer_accuracy("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_ppl("test")
+        self._log_answer_accuracy("test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-sequence mean loss over the labelled positions (a scoring pass)."""
