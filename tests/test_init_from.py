@@ -58,3 +58,47 @@ def test_init_from_a_ckpt_and_architecture_mismatch(tmp_path):
         main(["fit", "--config", str(cfg)])
     with pytest.raises(FileNotFoundError, match="no export directory"):
         InitFromWeights(str(tmp_path / "missing"))
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("main_recipe,ablation", [("retrieval_small_copy", "ablation_retrieval_no_memory_copy"),
+                                                  ("retrieval_small", "ablation_retrieval_no_memory")])
+def test_retrieval_ablation_differs_only_in_the_memory(main_recipe, ablation):
+    import yaml
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    a = _flat(yaml.safe_load((recipes / f"{main_recipe}.yaml").read_text()))
+    b = _flat(yaml.safe_load((recipes / f"{ablation}.yaml").read_text()))
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    allowed = {"model.config.memory_layers", "trainer.default_root_dir", "trainer.callbacks", "data.tokenizer_dir"}
+    assert differ <= allowed, differ
+    assert b["model.config.memory_layers"] == [] and a["model.config.memory_layers"]
+    if "trainer.callbacks" in differ:  # only the stage-1 path of InitFromWeights
+        ca, cb = a["trainer.callbacks"], b["trainer.callbacks"]
+        assert [c["class_path"] for c in ca] == [c["class_path"] for c in cb]
+        assert [c for c in ca if "InitFromWeights" not in c["class_path"]] == \
+            [c for c in cb if "InitFromWeights" not in c["class_path"]]
+
+
+def test_stage_two_starts_from_stage_one():
+    import yaml
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    for stage1, stage2 in (("retrieval_small_copy", "retrieval_small"),
+                           ("ablation_retrieval_no_memory_copy", "ablation_retrieval_no_memory")):
+        s1 = yaml.safe_load((recipes / f"{stage1}.yaml").read_text())
+        s2 = yaml.safe_load((recipes / f"{stage2}.yaml").read_text())
+        root = s1["trainer"]["default_root_dir"]
+        init = [c for c in s2["trainer"]["callbacks"] if c["class_path"].endswith("InitFromWeights")]
+        assert init and init[0]["init_args"]["path"] == f"{root}/export"
+        assert s2["data"]["tokenizer_dir"] == f"{root}/tokenizer"
+        assert s1["model"]["config"] == s2["model"]["config"]  # InitFromWeights needs the same architecture
