@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Quote sweeps in the shell: --sweep 'budget=dense;fixed:8'.",
     )
     p.add_argument("--checkpoint", required=True,
-                   help="directory with config.json + model.safetensors (MemSparseLM.save_pretrained)")
+                   help="directory with config.json + model.safetensors (MemSparseLM.save_pretrained), or a "
+                        "memsparse-train .ckpt file (exported on the fly to a temporary directory)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir or 'byte' (default: the checkpoint dir, else its tokenizer/ subdir, else byte)")
     p.add_argument("--tasks", default="passkey,niah_single", help="comma-separated task names, or 'all'")
@@ -102,6 +103,15 @@ def prepare(args: argparse.Namespace):
         raise EvalInputError(f"--cuda-graph needs a CUDA device, but the device is {device}")
     plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs)
     return plan, ckpt, tokenizer, device
+
+
+def tokenizer_source(ckpt) -> str:
+    """Where the tokenizer came from, as recorded: a `.ckpt`'s own tokenizer is named by the `.ckpt`, not by the
+    temporary export directory."""
+    src = ckpt.tokenizer_source
+    if ckpt.exported_from is not None and src.startswith(str(ckpt.path)):
+        return str(ckpt.exported_from.resolve())
+    return src
 
 
 def wandb_mode() -> str:
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
     rows = run_eval(model, tokenizer, plan, device, progress=args.progress, cuda_graph=cuda_graph)
     meta = {
-        "checkpoint": str(ckpt.path.resolve()), "tokenizer": ckpt.tokenizer_source, "device": str(device),
+        "checkpoint": str((ckpt.exported_from or ckpt.path).resolve()), "tokenizer": tokenizer_source(ckpt),
+        "device": str(device),
         "cuda_graph": cuda_graph,
         "tasks": plan.tasks, "lengths": plan.lengths, "depths": plan.depths, "samples": plan.samples,
         "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,

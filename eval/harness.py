@@ -190,18 +190,47 @@ class Checkpoint:
     path: Path
     config: dict
     tokenizer_source: str
+    exported_from: Path | None = None  # the training `.ckpt` this directory was exported from, if any
 
 
 def _has_tokenizer(d: Path) -> bool:
     return (d / "memsparse_tokenizer.json").exists() or (d / "tokenizer.json").exists()
 
 
-def resolve_checkpoint(path: str | Path, tokenizer: str | None = None) -> Checkpoint:
+def export_training_checkpoint(path: str | Path, directory: str | Path) -> Path:
+    """Export a `memsparse-train` checkpoint file (`.ckpt`) into `directory` (model + tokenizer)."""
+    try:
+        from memsparse.train.module import export_checkpoint  # lazy: eval does not depend on train
+    except ImportError as e:
+        raise EvalInputError(f"checkpoint {path} is a training checkpoint file, and memsparse.train cannot be imported "
+                             f"here ({e}): export it with `memsparse-export {path} DIR` and pass --checkpoint DIR") \
+            from None
+    try:
+        return export_checkpoint(path, directory)
+    except (OSError, ValueError) as e:
+        raise EvalInputError(f"cannot export training checkpoint {path}: {e}") from None
+
+
+def resolve_checkpoint(path: str | Path, tokenizer: str | None = None,
+                       export_dir: str | Path | None = None) -> Checkpoint:
     """Check the checkpoint files exist and read config.json (no weights); find the tokenizer: `tokenizer` if
-    given, else the checkpoint dir, else its `tokenizer/` subdir, else 'byte'."""
+    given, else the checkpoint dir, else its `tokenizer/` subdir, else 'byte'.
+
+    A file (a `memsparse-train` `.ckpt`) is exported first into `export_dir` (default: a temporary directory
+    removed at exit)."""
     p = Path(path)
+    if p.is_file():
+        if export_dir is None:
+            import atexit
+            import shutil
+            import tempfile
+
+            export_dir = tempfile.mkdtemp(prefix="memsparse-export-")
+            atexit.register(shutil.rmtree, export_dir, True)
+        out = export_training_checkpoint(p, export_dir)
+        return dataclasses.replace(resolve_checkpoint(out, tokenizer), exported_from=p)
     if not p.is_dir():
-        raise EvalInputError(f"checkpoint {path} does not exist or is not a directory")
+        raise EvalInputError(f"checkpoint {path} does not exist (expected an export directory or a .ckpt file)")
     for name in ("config.json", "model.safetensors"):
         if not (p / name).is_file():
             raise EvalInputError(f"checkpoint {path}: missing {name} (expected a MemSparseLM.save_pretrained dir)")

@@ -569,7 +569,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch checkpoint "
+                         f"({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CKPT_KEY not in ckpt:
         raise ValueError(f"{path} is not a memsparse training checkpoint (no state_dict / {CKPT_KEY} section)")
     return ckpt
