@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from .callbacks import LastCheckpoint, PhaseTimes, RunConfigCallback, SafeLearningRateMonitor
-from .data import MemSparseDataModule, resolve_files
+from .data import DataConfigError, MemSparseDataModule, resolve_files
 from .module import MemSparseLightningModule, NonFiniteTrainingError
 
 _WANDB = "lightning.pytorch.loggers.WandbLogger"
@@ -132,6 +132,9 @@ def main(args: ArgsType = None) -> None:
     except NonFiniteTrainingError as e:
         print(f"memsparse-train: {e}", file=sys.stderr)
         raise SystemExit(3) from None
+    except DataConfigError as e:
+        print(f"memsparse-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         _close_process_group(synchronise=ok)
         _finish_wandb()

@@ -25,7 +25,9 @@ from typing import Any
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from memsparse.tokenizer import ByteTokenizer, load_tokenizer, train_bpe  # noqa: E402
@@ -141,7 +143,8 @@ def _doc_hash(doc: str, seed: int) -> int:
 
 def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Deterministic split by a seeded hash of each document's content (order-independent; duplicates land
-    together). With val_fraction > 0 and >= 2 documents, both sides get at least one document."""
+    together). With val_fraction > 0 and >= 2 documents, both sides get at least one document; below 2 documents
+    all are training documents (`MemSparseDataModule` then holds out the document's last tokens instead)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0.0 or len(docs) < 2:
@@ -155,6 +158,21 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work with the data given (reported by `memsparse-train` as one line)."""
+
+
+def split_tokens(stream: np.ndarray, val_fraction: float, what: str = "the text") -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) token streams: the last `val_fraction` of `stream` (at least 2 tokens, one label) is validation;
+    DataConfigError when either side would have no label."""
+    n = len(stream)
+    n_val = max(2, round(val_fraction * n))
+    if n - n_val < 2:
+        raise DataConfigError(f"{what} has {n} tokens: too few to hold out val_fraction={val_fraction} of them for "
+                              "validation and train on the rest; give more text, data.val_files or val_fraction: 0")
+    return stream[: n - n_val], stream[n - n_val :]
 
 
 def _fingerprint(docs: Sequence[str]) -> str:
@@ -184,7 +202,8 @@ class MemSparseDataModule(LightningDataModule):
             across resumes, unlike the versioned log dir), or `./outputs/tokenizer` without a trainer.
         seq_len: tokens per sequence (inputs and labels are both seq_len long).
         batch_size: sequences per batch and per rank.
-        val_fraction: share of documents held out (by a seeded content hash).
+        val_fraction: share of documents held out (by a seeded content hash); with fewer than 2 documents (one
+            text file), the last `val_fraction` of the text's tokens instead. 0: no validation.
         seed: seeds the split, the per-epoch shuffle and the synthetic samples.
         synthetic: the synthetic task mixture (proportions of all training sequences, sum <= 1).
         synthetic_loss: "answer" (loss on the answer tokens and the eos after them) or "all".
@@ -265,6 +284,7 @@ class MemSparseDataModule(LightningDataModule):
         self._train_loader: ResumableDataLoader | None = None
         self._pending_loader_state: dict[str, Any] | None = None
         self._docs: tuple[list[str], list[str]] | None = None
+        self.split_by_tokens = False  # set by `documents`: one document, its last val_fraction of tokens held out
 
     # ---- documents and tokenizer
 
@@ -278,10 +298,19 @@ class MemSparseDataModule(LightningDataModule):
                 val = load_documents(self.val_files, self.data_format, self.text_field, self.cache_dir)
             else:
                 train, val = split_documents(docs, self.val_fraction, self.seed)
+                self.split_by_tokens = len(docs) == 1 and self.val_fraction > 0
             if not train:
                 raise ValueError(f"no training documents (files={self.files or 'stdlib'})")
             self._docs = (train, val)
         return self._docs
+
+    def tokenizer_documents(self) -> list[str]:
+        """What a BPE is trained on: the training documents (split by tokens: the document's first
+        1 - val_fraction of characters, so the held-out end is not seen)."""
+        train, _ = self.documents()
+        if self.split_by_tokens:
+            return [train[0][: max(1, round(len(train[0]) * (1.0 - self.val_fraction)))]]
+        return train
 
     def resolve_tokenizer_dir(self) -> Path:
         if self.tokenizer_dir is not None:
@@ -296,7 +325,7 @@ class MemSparseDataModule(LightningDataModule):
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1
         if not (directory / _TOKENIZER_META).exists() and (not distributed or trainer.is_global_zero):
-            train_docs, _ = self.documents()
+            train_docs = self.tokenizer_documents()
             tok = train_bpe(iter(train_docs), self._requested_vocab)
             tok.save(directory)
             (directory / _DATA_META).write_text(json.dumps(
@@ -317,7 +346,7 @@ class MemSparseDataModule(LightningDataModule):
                 f"the BPE saved in {directory} was trained with vocab_size={meta.get('vocab_size', tok.vocab_size)}"
                 f", but vocab_size={self._requested_vocab} is asked for: remove it or set another tokenizer_dir")
         if "train_fingerprint" in meta:
-            train_docs, _ = self.documents()
+            train_docs = self.tokenizer_documents()
             if meta["train_fingerprint"] != _fingerprint(train_docs):
                 import warnings
 
@@ -347,7 +376,15 @@ class MemSparseDataModule(LightningDataModule):
             return PackedTextDataset(stream, self.seq_len, tok.pad_id, tok.eos_id)
 
         train_docs, val_docs = self.documents() if self.text_share > 0 else ([], [])
-        train_text, val_text = text_dataset(train_docs), text_dataset(val_docs)
+        if self.text_share > 0 and self.split_by_tokens:
+            stream = pack_stream(encode_documents(tok, train_docs), tok.eos_id)
+            train_ids, val_ids = split_tokens(stream, self.val_fraction, f"the one document of {self.files}")
+            train_text = PackedTextDataset(train_ids, self.seq_len, tok.pad_id, tok.eos_id)
+            val_text = PackedTextDataset(val_ids, self.seq_len, tok.pad_id, tok.eos_id)
+            rank_zero_info(f"data: one document, so validation is its last {len(val_ids)} of {len(stream)} tokens "
+                           f"(val_fraction={self.val_fraction})")
+        else:
+            train_text, val_text = text_dataset(train_docs), text_dataset(val_docs)
         with_val = bool(self.val_files) or self.val_fraction > 0
         if self.text_share > 0:
             scale_train = len(train_text) / self.text_share
