@@ -2,6 +2,8 @@
 
     memsparse-train fit --config recipes/quickstart.yaml [--trainer.max_steps 50 ...]
     memsparse-train fit --config recipes/quickstart.yaml --print_config
+    memsparse-train test --config X.yaml --data.test_fraction 0.05 --ckpt_path .../last.ckpt   # test/loss, test/ppl
+    memsparse-train predict --config X.yaml --data.predict_file prompts.txt --ckpt_path .../last.ckpt
 
 Defaults: W&B logging, offline unless the user has a key or set WANDB_MODE (runs under
 `<trainer.default_root_dir>/wandb/`); checkpoints in `<trainer.default_root_dir>/checkpoints`: the best by
@@ -26,6 +28,10 @@ from .data import DataConfigError, MemSparseDataModule, resolve_files
 from .module import MemSparseLightningModule, NonFiniteTrainingError
 
 _WANDB = "lightning.pytorch.loggers.WandbLogger"
+
+
+class UsageError(ValueError):
+    """A command line that cannot work (reported as one line, exit 2)."""
 
 
 def configure_wandb_env() -> str:
@@ -98,7 +104,17 @@ class MemSparseCLI(LightningCLI):
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
 
-    before_validate = before_test = before_predict = before_fit
+    before_validate = before_fit
+
+    def before_test(self) -> None:
+        """`test` and `predict` need trained weights: refuse to evaluate a freshly initialised model."""
+        sub = self.subcommand
+        if self.config[sub].get("ckpt_path") is None:
+            raise UsageError(f"memsparse-train {sub} needs trained weights: pass --ckpt_path "
+                             "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt)")
+        self.before_fit()
+
+    before_predict = before_test
 
 
 def cli(args: ArgsType = None, run: bool = True) -> MemSparseCLI:
@@ -132,7 +148,7 @@ def main(args: ArgsType = None) -> None:
     except NonFiniteTrainingError as e:
         print(f"memsparse-train: {e}", file=sys.stderr)
         raise SystemExit(3) from None
-    except DataConfigError as e:
+    except (DataConfigError, UsageError) as e:
         print(f"memsparse-train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

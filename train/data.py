@@ -47,6 +47,7 @@ PARQUET_SUFFIXES = (".parquet",)
 FORMATS = ("auto", "text", "json", "parquet")
 _TOKENIZER_META = "memsparse_tokenizer.json"  # written by Tokenizer.save
 _DATA_META = "memsparse_tokenizer_data.json"  # ours: what the BPE was trained on
+_TEST_SEED_OFFSET = 7919  # the test split's hash seed is `seed + this` (independent of the validation split)
 
 
 @dataclass
@@ -175,6 +176,51 @@ def split_tokens(stream: np.ndarray, val_fraction: float, what: str = "the text"
     return stream[: n - n_val], stream[n - n_val :]
 
 
+def read_prompts(path: str | None) -> list[str]:
+    """The prompts of `predict_file`: .jsonl -> each line's "prompt"; else each non-empty line (`\\n` -> newline)."""
+    if not path:
+        raise DataConfigError("memsparse-train predict needs prompts: set data.predict_file (a text file, one prompt "
+                              'per line, or a .jsonl file with a "prompt" per line)')
+    p = Path(os.path.expanduser(path))
+    if not p.is_file():
+        raise DataConfigError(f"data.predict_file {path} does not exist or is not a file")
+    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    prompts: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if p.name.lower().endswith((".jsonl", ".ndjson")):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataConfigError(f"{path}:{n}: not a JSON line ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise DataConfigError(f'{path}:{n}: expected an object with a "prompt" string')
+            prompts.append(rec["prompt"])
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise DataConfigError(f"data.predict_file {path} holds no prompt")
+    return prompts
+
+
+class PromptDataset:
+    """Prompts for generation: item i is {"index", "prompt", "input_ids"}, the ids led by the end-of-text token
+    (in training a document starts after one)."""
+
+    def __init__(self, prompts: Sequence[str], tokenizer: Any) -> None:
+        self.prompts, self.tokenizer = list(prompts), tokenizer
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        ids = [self.tokenizer.eos_id, *self.tokenizer.encode(self.prompts[i])]
+        return {"index": i, "prompt": self.prompts[i], "input_ids": torch.tensor(ids, dtype=torch.long)}
+
+
 def _fingerprint(docs: Sequence[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for d in docs:
@@ -204,6 +250,14 @@ class MemSparseDataModule(LightningDataModule):
         batch_size: sequences per batch and per rank.
         val_fraction: share of documents held out (by a seeded content hash); with fewer than 2 documents (one
             text file), the last `val_fraction` of the text's tokens instead. 0: no validation.
+        test_fraction: share of documents held out as the test split of `memsparse-train test` (split off before
+            validation, with its own hash seed; one document: its last `test_fraction` of tokens). Set it in the fit
+            run as well, so that training never sees the test split. 0: no test split.
+        predict_file: prompts for `memsparse-train predict`: a text file (one prompt per non-empty line, `\\n` in
+            a line stands for a newline) or a .jsonl file (one object per line with a "prompt" string).
+        predict_output: where predictions go (JSON lines); None: `<trainer.default_root_dir>/predictions.jsonl`.
+        predict_max_new_tokens, predict_temperature, predict_top_k: decoding of each continuation (greedy at
+            temperature 0; it stops early at the end-of-text token).
         seed: seeds the split, the per-epoch shuffle and the synthetic samples.
         synthetic: the synthetic task mixture (proportions of all training sequences, sum <= 1).
         synthetic_loss: "answer" (loss on the answer tokens and the eos after them) or "all".
@@ -225,6 +279,7 @@ class MemSparseDataModule(LightningDataModule):
         seq_len: int = 1024,
         batch_size: int = 8,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.0,
         seed: int = 0,
         synthetic: list[SyntheticSpec] | None = None,
         synthetic_loss: str = "answer",
@@ -233,6 +288,11 @@ class MemSparseDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         cache_dir: str | None = None,
+        predict_file: str | None = None,
+        predict_output: str | None = None,
+        predict_max_new_tokens: int = 64,
+        predict_temperature: float = 0.0,
+        predict_top_k: int | None = None,
     ) -> None:
         super().__init__()
         if data_format not in FORMATS:
@@ -243,6 +303,11 @@ class MemSparseDataModule(LightningDataModule):
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        if predict_max_new_tokens < 1 or predict_temperature < 0:
+            raise ValueError(f"need predict_max_new_tokens >= 1 and predict_temperature >= 0, got "
+                             f"{predict_max_new_tokens}, {predict_temperature}")
         specs = [s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s) for s in (synthetic or [])]
         for s in specs:
             if not s.proportion > 0:
@@ -263,6 +328,9 @@ class MemSparseDataModule(LightningDataModule):
         self.text_share = 0.0 if total >= 1.0 - 1e-9 else 1.0 - total
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers, self.cache_dir = persistent_workers, cache_dir
+        self.test_fraction, self.predict_file, self.predict_output = test_fraction, predict_file, predict_output
+        self.predict_max_new_tokens, self.predict_temperature = predict_max_new_tokens, predict_temperature
+        self.predict_top_k = predict_top_k
 
         # The vocabulary the model must cover is known now (CLI links can read it at instantiation):
         # byte -> 259; a saved tokenizer -> its size; bpe -> the requested size (the trained one is <=).
@@ -281,10 +349,14 @@ class MemSparseDataModule(LightningDataModule):
 
         self.train_dataset: MixtureDataset | None = None
         self.val_dataset: MixtureDataset | None = None
+        self.test_dataset: MixtureDataset | None = None
+        self.predict_dataset: PromptDataset | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._pending_loader_state: dict[str, Any] | None = None
         self._docs: tuple[list[str], list[str]] | None = None
         self.split_by_tokens = False  # set by `documents`: one document, its last val_fraction of tokens held out
+        self.test_by_tokens = False  # likewise for test_fraction
+        self._test_docs: list[str] = []
 
     # ---- documents and tokenizer
 
@@ -293,6 +365,8 @@ class MemSparseDataModule(LightningDataModule):
         if self._docs is None:
             docs = (load_documents(self.files, self.data_format, self.text_field, self.cache_dir)
                     if self.files else default_documents(self.stdlib_limit))
+            self.test_by_tokens = len(docs) == 1 and self.test_fraction > 0
+            docs, self._test_docs = split_documents(docs, self.test_fraction, self.seed + _TEST_SEED_OFFSET)
             if self.val_files:
                 train = docs
                 val = load_documents(self.val_files, self.data_format, self.text_field, self.cache_dir)
@@ -308,8 +382,10 @@ class MemSparseDataModule(LightningDataModule):
         """What a BPE is trained on: the training documents (split by tokens: the document's first
         1 - val_fraction of characters, so the held-out end is not seen)."""
         train, _ = self.documents()
-        if self.split_by_tokens:
-            return [train[0][: max(1, round(len(train[0]) * (1.0 - self.val_fraction)))]]
+        keep = (1.0 - self.val_fraction if self.split_by_tokens else 1.0) * (
+            1.0 - self.test_fraction if self.test_by_tokens else 1.0)
+        if keep < 1.0:
+            return [train[0][: max(1, round(len(train[0]) * keep))]]
         return train
 
     def resolve_tokenizer_dir(self) -> Path:
@@ -364,7 +440,16 @@ class MemSparseDataModule(LightningDataModule):
             resolve_files(self.val_files)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenizer (trained if needed), packed text and synthetic datasets; idempotent."""
+        """Tokenizer (trained if needed), packed text and synthetic datasets (for "predict": the prompts);
+        idempotent."""
+        if stage == "predict":
+            self._build_tokenizer()
+            if self.predict_dataset is None:
+                self.predict_dataset = PromptDataset(read_prompts(self.predict_file), self.tokenizer)
+            return
+        if stage == "test" and self.test_fraction == 0:
+            raise DataConfigError("memsparse-train test evaluates a held-out test split: set data.test_fraction "
+                                  "(e.g. 0.05), the same as in the fit run, so that training never saw it")
         if self.train_dataset is not None:
             return
         self._build_tokenizer()
@@ -376,15 +461,26 @@ class MemSparseDataModule(LightningDataModule):
             return PackedTextDataset(stream, self.seq_len, tok.pad_id, tok.eos_id)
 
         train_docs, val_docs = self.documents() if self.text_share > 0 else ([], [])
-        if self.text_share > 0 and self.split_by_tokens:
+        test_docs = self._test_docs if self.text_share > 0 else []
+        if self.text_share > 0 and (self.split_by_tokens or self.test_by_tokens):
             stream = pack_stream(encode_documents(tok, train_docs), tok.eos_id)
-            train_ids, val_ids = split_tokens(stream, self.val_fraction, f"the one document of {self.files}")
+            what, n = f"the one document of {self.files}", len(stream)
+            test_ids = np.zeros(0, dtype=np.int32)
+            if self.test_by_tokens:
+                stream, test_ids = split_tokens(stream, self.test_fraction, what)
+            if self.split_by_tokens:
+                train_ids, val_ids = split_tokens(stream, self.val_fraction, what)
+            else:
+                train_ids, val_ids = stream, pack_stream(encode_documents(tok, val_docs), tok.eos_id)
             train_text = PackedTextDataset(train_ids, self.seq_len, tok.pad_id, tok.eos_id)
             val_text = PackedTextDataset(val_ids, self.seq_len, tok.pad_id, tok.eos_id)
-            rank_zero_info(f"data: one document, so validation is its last {len(val_ids)} of {len(stream)} tokens "
-                           f"(val_fraction={self.val_fraction})")
+            test_text = PackedTextDataset(test_ids, self.seq_len, tok.pad_id, tok.eos_id)
+            rank_zero_info(f"data: one document of {n} tokens, split by tokens: {len(train_ids)} train, then "
+                           f"{len(val_ids)} validation, then {len(test_ids)} test (val_fraction={self.val_fraction}, "
+                           f"test_fraction={self.test_fraction})")
         else:
             train_text, val_text = text_dataset(train_docs), text_dataset(val_docs)
+            test_text = text_dataset(test_docs)
         with_val = bool(self.val_files) or self.val_fraction > 0
         if self.text_share > 0:
             scale_train = len(train_text) / self.text_share
@@ -404,6 +500,10 @@ class MemSparseDataModule(LightningDataModule):
 
         self.train_dataset = MixtureDataset([train_text, *synthetic_parts(scale_train, 0)])
         self.val_dataset = MixtureDataset([val_text, *synthetic_parts(scale_val, 1)]) if with_val else None
+        if self.test_fraction > 0:
+            scale_test = (len(test_text) / self.text_share if self.text_share > 0
+                          else max(1.0, self.test_fraction * self.synthetic_samples))
+            self.test_dataset = MixtureDataset([test_text, *synthetic_parts(scale_test, 2)])
 
     def _tasks(self) -> list[Any]:
         """The mixture's tasks, by name (SyntheticTaskDataset looks them up; checked here for a clear error)."""
@@ -450,6 +550,21 @@ class MemSparseDataModule(LightningDataModule):
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        if len(self.test_dataset) == 0:
+            raise DataConfigError(f"the test split (test_fraction={self.test_fraction}) is empty: raise "
+                                  "data.test_fraction or give more data")
+        return DataLoader(self.test_dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory)
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch (prompts differ in length): {"index", "prompt", "input_ids" (L,)}."""
+        if self.predict_dataset is None:
+            self.setup("predict")
+        return DataLoader(self.predict_dataset, batch_size=None, shuffle=False)
 
     def _consumed_batches(self) -> int | None:
         """Batches of the current epoch the fit loop has consumed (the fetcher's prefetch excluded)."""

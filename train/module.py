@@ -446,14 +446,41 @@ class MemSparseLightningModule(pl.LightningModule):
         self._log_ppl("test")
         self._log_answer_accuracy("test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sequence mean loss over the labelled positions (a scoring pass)."""
-        labels = batch["labels"]
-        losses = []
-        for i in range(labels.shape[0]):
-            out = self(batch["input_ids"][i:i + 1], labels[i:i + 1])
-            losses.append(out.loss.detach().float())
-        return {"loss": torch.stack(losses)}
+    def on_predict_start(self) -> None:
+        self._predictions: list[dict[str, Any]] = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Generate a continuation of one prompt (the datamodule's `predict_*` settings): a JSON-ready record."""
+        dm = self.trainer.datamodule
+        tok = dm.tokenizer
+        gen = torch.Generator(device=self.device).manual_seed(int(dm.seed) + int(batch["index"]))
+        ids, _ = self.model.generate(batch["input_ids"][None], dm.predict_max_new_tokens,
+                                     temperature=dm.predict_temperature, top_k=dm.predict_top_k, eos_id=tok.eos_id,
+                                     generator=gen)
+        new = ids[0].tolist()
+        ended = tok.eos_id in new
+        if ended:
+            new = new[: new.index(tok.eos_id)]
+        rec = {"index": int(batch["index"]), "prompt": batch["prompt"], "completion": tok.decode(new),
+               "prompt_tokens": int(batch["input_ids"].numel()) - 1, "completion_tokens": len(new),
+               "stopped_at_eos": ended}
+        self._predictions.append(rec)
+        return rec
+
+    def on_predict_end(self) -> None:
+        """Write the records as JSON lines to `data.predict_output` (default `<default_root_dir>/predictions.jsonl`;
+        one file per rank, `.rank<N>` before the suffix, when several processes predict)."""
+        import json
+
+        dm = self.trainer.datamodule
+        out = Path(dm.predict_output or Path(self.trainer.default_root_dir) / "predictions.jsonl")
+        if self.trainer.world_size > 1:
+            out = out.with_name(f"{out.stem}.rank{self.trainer.global_rank}{out.suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for rec in sorted(self._predictions, key=lambda r: r["index"]):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        rank_zero_info(f"wrote {len(self._predictions)} prediction(s) to {out}")
 
     # ------------------------------------------------------------------------------------------- optimizer
 
