@@ -63,6 +63,20 @@ def test_test_split_is_held_out_and_evaluated(run):
     m = c.trainer.callback_metrics
     assert math.isfinite(float(m["test/loss"])) and float(m["test/loss"]) > 0
     assert float(m["test/ppl"]) == pytest.approx(math.exp(float(m["test/loss"])), rel=1e-4)
+    assert float(m["test/loss/text"]) == pytest.approx(float(m["test/loss"]), rel=1e-5)  # text only
+
+
+def test_test_loss_per_source(run):
+    """A text + passkey test split: the per-source losses, weighted by their tokens, give the overall loss."""
+    spec = '[{"task": "passkey", "proportion": 0.5, "lengths": [256]}]'
+    c = cli(["test", "--config", str(run / "run.yaml"), "--ckpt_path", _ckpt(run), "--data.seq_len", "256",
+             "--data.synthetic", spec, "--data.synthetic_loss", "all"])
+    m = {k: float(v) for k, v in c.trainer.callback_metrics.items()}
+    assert {"test/loss/text", "test/loss/passkey", "test/ppl/passkey"} <= set(m)
+    assert m["test/loss/text"] != pytest.approx(m["test/loss/passkey"], rel=1e-3)
+    lo, hi = sorted((m["test/loss/text"], m["test/loss/passkey"]))
+    assert lo < m["test/loss"] < hi
+    assert m["test/ppl/passkey"] == pytest.approx(math.exp(m["test/loss/passkey"]), rel=1e-4)
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -380,13 +380,32 @@ class MemSparseLightningModule(pl.LightningModule):
         return self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "test")
+        """The validation step, plus the loss per source (text, each synthetic task): a batch of one source
+        reuses its loss, a mixed batch takes one more forward per source."""
+        loss = self._eval_step(batch, "test")
+        src = batch.get("source")
+        if src is None:
+            return loss
+        groups = torch.unique(src).tolist()
+        for k in groups:
+            rows = src == k
+            n = int((batch["labels"][rows] != -100).sum())
+            part = loss if len(groups) == 1 else self(batch["input_ids"][rows], batch["labels"][rows]).loss
+            if n and bool(torch.isfinite(part)) and k < self._source_sums.shape[1]:
+                self._source_sums[0, k] += float(part) * n
+                self._source_sums[1, k] += n
+        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._eval_sum, self._eval_tokens = 0.0, 0
         self._start_answer_tracking()
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = [s.task for s in (getattr(dm, "synthetic", None) or [])]
+        self._source_names = ["text"] + [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
+        self._source_sums = torch.zeros(2, len(self._source_names), dtype=torch.float64, device=self.device)
 
     def _start_answer_tracking(self) -> None:
         """Track the answer-token accuracy of the synthetic samples when the datamodule trains on their answers
@@ -445,6 +464,13 @@ class MemSparseLightningModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_ppl("test")
         self._log_answer_accuracy("test")
+        c = self.trainer.strategy.reduce(self._source_sums, reduce_op="sum")
+        c = c.cpu() if torch.is_tensor(c) else torch.as_tensor(c)
+        for k, name in enumerate(self._source_names):
+            if c[1, k] > 0:
+                mean = float(c[0, k] / c[1, k])
+                self.log(f"test/loss/{name}", mean, batch_size=1, sync_dist=True)
+                self.log(f"test/ppl/{name}", math.exp(min(mean, 30.0)), batch_size=1, sync_dist=True)
 
     def on_predict_start(self) -> None:
         self._predictions: list[dict[str, Any]] = []
