@@ -45,18 +45,22 @@ def resolve_impl(q: Tensor, block_size: int, impl: str = "auto") -> str:
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
                      block_size: int, causal: bool = True, scale: float | None = None, return_lse: bool = False,
-                     impl: str = "auto"):
+                     impl: str = "auto", key_start: Tensor | None = None, shared_keys: int = 0):
     """Block-sparse attention (contract in `sparse_attention_reference`): returns (B, Hq, Lq, D) [, lse].
 
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)`, block_indices int `(B, Hkv, ceil(Lq/bs), max_blocks)`
     sorted ascending per row, block_counts `(B, Hkv, ceil(Lq/bs))`. Gradients flow to q, k, v, also
-    through the returned lse.
+    through the returned lse. `key_start` `(B, Lq)` (optional) masks keys of other documents: query i sees key j
+    only when j >= key_start[b, i] or j < shared_keys (the persistent tokens).
     """
-    check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size)
-    if not (k.device == q.device == v.device == block_indices.device == block_counts.device):
-        raise ValueError("q, k, v, block_indices and block_counts must be on one device")
+    check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size, key_start, shared_keys)
+    if not (k.device == q.device == v.device == block_indices.device == block_counts.device) or \
+            (key_start is not None and key_start.device != q.device):
+        raise ValueError("q, k, v, block_indices, block_counts and key_start must be on one device")
     if resolve_impl(q, block_size, impl) == "triton":
         return _tri.sparse_attention_triton(q, k, v, block_indices, block_counts, block_size=block_size,
-                                            causal=causal, scale=scale, return_lse=return_lse)
+                                            causal=causal, scale=scale, return_lse=return_lse,
+                                            key_start=key_start, shared_keys=shared_keys)
     return sparse_attention_reference(q, k, v, block_indices, block_counts, block_size=block_size,
-                                      causal=causal, scale=scale, return_lse=return_lse)
+                                      causal=causal, scale=scale, return_lse=return_lse, key_start=key_start,
+                                      shared_keys=shared_keys)

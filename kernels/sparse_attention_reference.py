@@ -9,6 +9,11 @@ Contract (shared by every implementation of `sparse_attention`):
 - Queries are aligned to the end of the keys: query i sits at key position `Lk - Lq + i`; with
   `causal=True` it sees key j only when `j <= Lk - Lq + i` (masking inside any block that crosses the
   diagonal).
+- Documents (optional `key_start` int `(B, Lq)`, with `shared_keys`): query i of batch row b sees key j only
+  when `j >= key_start[b, i]` or `j < shared_keys`, masked inside any block. For packed documents laid out
+  back to back, `key_start` is the key index of the first token of the query's document, so no query sees a
+  key of another document; the first `shared_keys` keys (persistent tokens) stay visible to every query.
+  None = no document mask (today's kernel, unchanged).
 - A query that sees no key (empty list, or every listed key masked) returns 0 with lse = -inf and gets
   zero gradients, never NaN.
 - Returns `(B, Hq, Lq, D)` in q's dtype, and with `return_lse=True` also the natural-log log-sum-exp of
@@ -24,8 +29,16 @@ from torch import Tensor
 
 
 def check_sparse_attention_inputs(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor,
-                                  block_counts: Tensor, block_size: int) -> None:
+                                  block_counts: Tensor, block_size: int, key_start: Tensor | None = None,
+                                  shared_keys: int = 0) -> None:
     """Raise ValueError naming the argument for any input that breaks the contract above."""
+    if key_start is not None:
+        if key_start.dim() != 2 or tuple(key_start.shape) != (q.shape[0], q.shape[2]) or \
+                key_start.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"key_start must be an integer (B, Lq) = {(q.shape[0], q.shape[2])} tensor, got "
+                             f"{key_start.dtype} {tuple(key_start.shape)}")
+        if shared_keys < 0:
+            raise ValueError(f"shared_keys must be >= 0, got {shared_keys}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, D); got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if k.shape != v.shape:
@@ -66,12 +79,12 @@ def _valid_slots(block_indices: Tensor, block_counts: Tensor, num_key_blocks: in
 
 def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor,
                                *, block_size: int, causal: bool = True, scale: float | None = None,
-                               return_lse: bool = False):
+                               return_lse: bool = False, key_start: Tensor | None = None, shared_keys: int = 0):
     """Block-sparse attention by gathering each query block's listed key blocks (memory ~ kept work).
 
     Shapes as in the module docstring. Computes in fp32 (or float64 for float64 inputs).
     """
-    check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size)
+    check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size, key_start, shared_keys)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -106,6 +119,10 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices: T
     if causal:
         q_pos = (Lk - Lq) + torch.arange(nq * bs, device=q.device).view(nq, bs)
         mask = mask & (key_pos.unsqueeze(-2) <= q_pos[None, None, :, :, None])
+    if key_start is not None:  # documents: keys from the query's document on, and the shared keys
+        ks = torch.nn.functional.pad(key_start.long(), (0, nq * bs - Lq)).view(B, 1, nq, bs, 1)
+        kp_ = key_pos.unsqueeze(-2)
+        mask = mask & ((kp_ >= ks) | (kp_ < shared_keys))
     mask = mask.unsqueeze(2)  # broadcast over G
 
     s = s.masked_fill(~mask, -math.inf)
@@ -124,7 +141,7 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_indices: T
 
 
 def dense_block_mask(block_indices: Tensor, block_counts: Tensor, Lq: int, Lk: int, block_size: int,
-                     causal: bool = True) -> Tensor:
+                     causal: bool = True, key_start: Tensor | None = None, shared_keys: int = 0) -> Tensor:
     """The (B, Hkv, Lq, Lk) boolean mask that a block list means (for oracles and FlexAttention)."""
     bs = block_size
     nk = math.ceil(Lk / bs)
@@ -138,4 +155,7 @@ def dense_block_mask(block_indices: Tensor, block_counts: Tensor, Lq: int, Lk: i
     if causal:
         qpos = (Lk - Lq) + torch.arange(Lq, device=mask.device)
         mask = mask & (torch.arange(Lk, device=mask.device)[None, :] <= qpos[:, None])
+    if key_start is not None:
+        kpos = torch.arange(Lk, device=mask.device)
+        mask = mask & ((kpos >= key_start.long()[:, None, :, None]) | (kpos < shared_keys))
     return mask

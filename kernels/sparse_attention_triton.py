@@ -92,12 +92,12 @@ if HAS_TRITON:
         return tl.dot(a, b, input_precision=DOT_PREC)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER,
+    def _fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS,
                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                    Hkv, Lq, Lk, NQ, NK, MB, qk_scale,
+                    Hkv, Lq, Lk, NQ, NK, MB, qk_scale, NSHARED,
                     G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, DOC: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         NSUB: tl.constexpr = BS // BLOCK_N
         pid = tl.program_id(0)
@@ -116,6 +116,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
         head = hkv * G + g
+        if DOC:  # documents: this row sees keys from its document's first key on, and the shared keys
+            ks = tl.load(KS + b * Lq + qi, mask=row_ok, other=0)
 
         q_ptrs = Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
@@ -140,6 +142,8 @@ if HAS_TRITON:
             kn = tl.minimum(tl.maximum(j, 0), NK - 1) * BS + (it % NSUB) * BLOCK_N + offs_n
             kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None])
             qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale + bias
+            if DOC:
+                qk = tl.where((kn[None, :] >= ks[:, None]) | (kn[None, :] < NSHARED), qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
@@ -162,6 +166,8 @@ if HAS_TRITON:
             msk = k_ok[None, :]
             if CAUSAL:
                 msk = msk & (kn[None, :] <= qpos[:, None])
+            if DOC:
+                msk = msk & ((kn[None, :] >= ks[:, None]) | (kn[None, :] < NSHARED))
             qk = tl.where(msk, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -181,12 +187,12 @@ if HAS_TRITON:
         tl.store(LSE + (b * Hkv * G + head) * Lq + qi, lse, mask=row_ok)
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER,
+    def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER, KS,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-                   Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale,
+                   Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, DOC: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         NSUB: tl.constexpr = BS // BLOCK_N
         pid = tl.program_id(0)
@@ -205,6 +211,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
         head = hkv * G + g
+        if DOC:
+            ks = tl.load(KS + b * Lq + qi, mask=row_ok, other=0)
 
         q = tl.load(Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -232,6 +240,8 @@ if HAS_TRITON:
             kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None])
             vt = tl.load(v_base + kn[None, :] * svn + offs_d[:, None])
             qk = _mma(q, kt, DOT_PREC, UPCAST) * qk_scale + bias
+            if DOC:
+                qk = tl.where((kn[None, :] >= ks[:, None]) | (kn[None, :] < NSHARED), qk, float("-inf"))
             p = tl.math.exp2(qk - lse2[:, None])
             dp = _mma(do, vt, DOT_PREC, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -250,6 +260,8 @@ if HAS_TRITON:
             msk = k_ok[None, :]
             if CAUSAL:
                 msk = msk & (kn[None, :] <= qpos[:, None])
+            if DOC:
+                msk = msk & ((kn[None, :] >= ks[:, None]) | (kn[None, :] < NSHARED))
             qk = tl.where(msk, qk, float("-inf"))
             p = tl.math.exp2(qk - lse2[:, None])
             dp = _mma(do, vt, DOT_PREC, UPCAST)
@@ -260,10 +272,11 @@ if HAS_TRITON:
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _kv_steps(k, v, kn, dk, dv, lo, hi, REV_PERM, q_base, do_base, LSE2, DELTA, DQA, row_base,
-                  sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
+    def _kv_steps(k, v, kn, dk, dv, lo, hi, REV_PERM, q_base, do_base, LSE2, DELTA, DQA, row_base, ks_base,
+                  sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale, NSHARED,
                   G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  MASKED: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  MASKED: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  DOC: tl.constexpr):
         """Row tiles lo..hi of one key tile's reverse list: dK/dV in registers (+ dQ atomics when FUSED)."""
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         ar = tl.arange(0, BLOCK_M)
@@ -285,6 +298,9 @@ if HAS_TRITON:
             qkt = _mma(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
             if MASKED:
                 qkt = tl.where(kn[:, None] <= (Lk - Lq + qi)[None, :], qkt, float("-inf"))
+            if DOC:  # every step: a listing query block may hold rows of a later document
+                ks = tl.load(ks_base + qi, mask=row_ok, other=0)
+                qkt = tl.where((kn[:, None] >= ks[None, :]) | (kn[:, None] < NSHARED), qkt, float("-inf"))
             pt = tl.math.exp2(qkt - lse2[None, :])
             dv += _mma(pt.to(do.dtype), do, DOT_PREC, UPCAST)
             dpt = _mma(v, tl.trans(do), DOT_PREC, UPCAST)
@@ -298,13 +314,13 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER,
+    def _dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER, KS,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                     Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale,
+                     Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
                      G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, DOC: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M  # row tiles per query block
         NSUB: tl.constexpr = BS // BLOCK_N
         pid = tl.program_id(0)
@@ -331,12 +347,13 @@ if HAS_TRITON:
         do_base = DO + b * sdob + hkv * G * sdoh
         row_base = (b * Hkv + hkv) * G * Lq
         # Masked steps (query blocks crossing the diagonal) first, then the unmasked rest.
+        ks_base = KS + b * Lq
         dk, dv = _kv_steps(k, v, kn, dk, dv, e0 * NRT, (e0 + npart) * NRT, REV_PERM, q_base, do_base, LSE2, DELTA,
-                           DQA, row_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
-                           G, BS, D, BLOCK_M, CAUSAL, FUSED, DOT_PREC, UPCAST)
+                           DQA, row_base, ks_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale, NSHARED,
+                           G, BS, D, BLOCK_M, CAUSAL, FUSED, DOT_PREC, UPCAST, DOC)
         dk, dv = _kv_steps(k, v, kn, dk, dv, (e0 + npart) * NRT, e1 * NRT, REV_PERM, q_base, do_base, LSE2, DELTA,
-                           DQA, row_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale,
-                           G, BS, D, BLOCK_M, False, FUSED, DOT_PREC, UPCAST)
+                           DQA, row_base, ks_base, sqh, sqm, sdoh, sdom, Lq, Lk, NQ, MB, qk_scale, scale, NSHARED,
+                           G, BS, D, BLOCK_M, False, FUSED, DOT_PREC, UPCAST, DOC)
 
         dk_ptrs = DK + b * sdkb + hkv * sdkh + kn[:, None] * sdkn + offs_d[None, :]
         dv_ptrs = DV + b * sdvb + hkv * sdvh + kn[:, None] * sdvn + offs_d[None, :]
@@ -405,7 +422,7 @@ if HAS_TRITON:
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bs]
         return kept or [_cfg(64, bs, 4, 2)]
 
-    _KEY = ["D", "BS", "G", "CAUSAL"]  # triton adds the tensor dtypes to the key
+    _KEY = ["D", "BS", "G", "CAUSAL", "DOC"]  # triton adds the tensor dtypes to the key
     _fwd_tuned = triton.autotune(
         [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
@@ -517,12 +534,19 @@ def build_reverse_index(idx: Tensor, cnt: Tensor, Lq: int, Lk: int, bs: int, cau
     return offsets, qblocks, npart[:-1], order
 
 
+def _ks_arg(key_start: Tensor | None, placeholder: Tensor) -> Tensor:
+    """The kernels' KS pointer: key_start int32 contiguous, or any int32 tensor when there are no documents
+    (DOC=False compiles its loads out)."""
+    return placeholder if key_start is None else key_start.to(torch.int32).contiguous()
+
+
 def _last_dim_contig(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt_c: Tensor, nfull: Tensor, order: Tensor,
-              block_size: int, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+              block_size: int, causal: bool, scale: float, key_start: Tensor | None = None,
+              shared_keys: int = 0) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -535,11 +559,12 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt_c: Tensor, nfull
         lse.fill_(float("nan"))
     n_work = B * Hkv * NQ
     _launch("fwd", _fwd_tuned, _fwd_kernel, lambda c: n_work * triton.cdiv(G * block_size, c["BLOCK_M"]),
-            q, k, v, o, lse, idx, cnt_c, nfull, order,
+            q, k, v, o, lse, idx, cnt_c, nfull, order, _ks_arg(key_start, cnt_c),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E,
-            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype))
+            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, shared_keys,
+            G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q.dtype),
+            DOC=key_start is not None)
     return o, lse
 
 
@@ -557,7 +582,8 @@ def _bwd_prep(do: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None):
 
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
               idx: Tensor, cnt_c: Tensor, nfull: Tensor, order_q: Tensor, keys: Tensor, npart: Tensor,
-              block_size: int, causal: bool, scale: float, fused: bool):
+              block_size: int, causal: bool, scale: float, fused: bool, key_start: Tensor | None = None,
+              shared_keys: int = 0):
     q, k, v, do, o = (_last_dim_contig(t) for t in (q, k, v, do, o))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -582,21 +608,24 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     if not fused:
         n_qwork = B * Hkv * NQ
         _launch("dq", _dq_tuned, _dq_kernel, lambda c: n_qwork * triton.cdiv(G * block_size, c["BLOCK_M"]),
-                q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q,
+                q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q, _ks_arg(key_start, cnt_c),
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                 dq.stride(0), dq.stride(1), dq.stride(2),
-                Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
-                G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+                Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale, shared_keys,
+                G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=_upcast(q.dtype),
+                DOC=key_start is not None)
     n_kwork = B * Hkv * NK
     name, tuned = ("fused", _fused_tuned) if fused else ("dkdv", _dkdv_tuned)
     _launch(name, tuned, _dkdv_kernel, lambda c: n_kwork * (block_size // c["BLOCK_N"]),
             q, k, v, do, dk, dv, dq_acc, lse2, delta, rev_off, rev_perm, rev_npart, order_k,
+            _ks_arg(key_start, cnt_c),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale,
-            G=G, BS=block_size, D=D, CAUSAL=causal, FUSED=fused, DOT_PREC=prec, UPCAST=_upcast(q.dtype))
+            Hkv, Lq, Lk, NQ, NK, MB, scale * LOG2E, scale, shared_keys,
+            G=G, BS=block_size, D=D, CAUSAL=causal, FUSED=fused, DOT_PREC=prec, UPCAST=_upcast(q.dtype),
+            DOC=key_start is not None)
     if fused:
         dq = dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)
     return dq, dk, dv
@@ -606,14 +635,17 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
 @torch.library.custom_op("memsparse::sparse_attention_fwd", mutates_args=())
 def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, cnt_c: Tensor, nfull: Tensor,
                          order: Tensor, keys: Tensor, npart: Tensor, block_size: int, causal: bool,
-                         scale: float) -> tuple[Tensor, Tensor]:
+                         scale: float, key_start: Tensor | None = None,
+                         shared_keys: int = 0) -> tuple[Tensor, Tensor]:
     """Forward kernel on a plan from `sparse_attention_plan` (keys/npart ride along for the backward):
-    (o (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) fp32)."""
-    return _fwd_impl(q, k, v, block_indices, cnt_c, nfull, order, block_size, causal, scale)
+    (o (B, Hq, Lq, D) in q.dtype, lse (B, Hq, Lq) fp32). key_start/shared_keys: the document mask."""
+    return _fwd_impl(q, k, v, block_indices, cnt_c, nfull, order, block_size, causal, scale, key_start,
+                     shared_keys)
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, block_indices, cnt_c, nfull, order, keys, npart, block_size, causal, scale):
+def _(q, k, v, block_indices, cnt_c, nfull, order, keys, npart, block_size, causal, scale, key_start=None,
+      shared_keys=0):
     B, Hq, Lq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
@@ -622,35 +654,36 @@ def _(q, k, v, block_indices, cnt_c, nfull, order, keys, npart, block_size, caus
 def sparse_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                          dlse: Tensor | None, block_indices: Tensor, cnt_c: Tensor, nfull: Tensor, order: Tensor,
                          keys: Tensor, npart: Tensor, block_size: int, causal: bool, scale: float,
-                         fused: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         fused: bool, key_start: Tensor | None = None,
+                         shared_keys: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Backward kernels: (dq, dk, dv) shaped like (q, k, v)."""
     return _bwd_impl(do, q, k, v, o, lse, dlse, block_indices, cnt_c, nfull, order, keys, npart, block_size,
-                     causal, scale, fused)
+                     causal, scale, fused, key_start, shared_keys)
 
 
 @sparse_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, dlse, block_indices, cnt_c, nfull, order, keys, npart, block_size, causal, scale,
-      fused):
+      fused, key_start=None, shared_keys=0):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, idx, cnt_c, nfull, order, keys, npart, block_size, causal, scale = inputs
+    q, k, v, idx, cnt_c, nfull, order, keys, npart, block_size, causal, scale, key_start, shared_keys = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart)
-    ctx.meta = (block_size, causal, scale)
+    ctx.save_for_backward(q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart, key_start)
+    ctx.meta = (block_size, causal, scale, shared_keys)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart = ctx.saved_tensors
-    block_size, causal, scale = ctx.meta
+    q, k, v, o, lse, idx, cnt_c, nfull, order, keys, npart, key_start = ctx.saved_tensors
+    block_size, causal, scale, shared_keys = ctx.meta
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = sparse_attention_bwd(do, q, k, v, o, lse, dlse, idx, cnt_c, nfull, order, keys, npart,
-                                      block_size, causal, scale, bwd_mode() == "fused")
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                      block_size, causal, scale, bwd_mode() == "fused", key_start, shared_keys)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -658,8 +691,9 @@ sparse_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
                             block_size: int, causal: bool = True, scale: float | None = None,
-                            return_lse: bool = False):
-    """The Triton path (inputs already checked): (B, Hq, Lq, D) [, lse (B, Hq, Lq) fp32]."""
+                            return_lse: bool = False, key_start: Tensor | None = None, shared_keys: int = 0):
+    """The Triton path (inputs already checked): (B, Hq, Lq, D) [, lse (B, Hq, Lq) fp32]. key_start `(B, Lq)`
+    (optional): the document mask of the contract."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if block_indices.shape[-1] == 0:  # no slots at all: one padding slot keeps pointers valid
         block_indices = block_indices.new_zeros((*block_indices.shape[:3], 1))
@@ -667,5 +701,6 @@ def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, block_indices: Tens
     idx = block_indices.to(torch.int32).contiguous()
     Lq, Lk = q.shape[2], k.shape[2]
     plan = sparse_attention_plan(idx, block_counts, Lq, Lk, block_size, causal)
-    o, lse = sparse_attention_fwd(q, k, v, idx, *plan, block_size, causal, scale)
+    ks = None if key_start is None else key_start.to(torch.int32).contiguous()
+    o, lse = sparse_attention_fwd(q, k, v, idx, *plan, block_size, causal, scale, ks, int(shared_keys))
     return (o, lse) if return_lse else o

@@ -55,11 +55,11 @@ def make_lists(B, Hkv, Lq, Lk, bs, kind, gen, causal=True):
     return idx.int(), cnt.int()
 
 
-def oracle(q, k, v, idx, cnt, bs, causal, scale):
+def oracle(q, k, v, idx, cnt, bs, causal, scale, key_start=None, shared_keys=0):
     """Dense masked attention in float64 from `dense_block_mask`: (o, lse) with -inf lse on empty rows."""
     B, Hq, Lq, D = q.shape
     G = Hq // k.shape[1]
-    mask = dense_block_mask(idx, cnt, Lq, k.shape[2], bs, causal).repeat_interleave(G, dim=1)
+    mask = dense_block_mask(idx, cnt, Lq, k.shape[2], bs, causal, key_start, shared_keys).repeat_interleave(G, dim=1)
     kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     s = (q @ kk.transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, -math.inf)
@@ -88,7 +88,25 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def check_case(B, Hq, Hkv, Lq, Lk, D, bs, kind, dtype=torch.float32, causal=True, seed=0, scale=None):
+def doc_key_starts(B, Lq, Lk, bs, gen, shared):
+    """key_start `(B, Lq)` of packed documents: random boundaries (some at, just before and just after block
+    edges, a document shorter than a block), each query's value the key index of its document's first key."""
+    off = Lk - Lq
+    out = torch.empty(B, Lq, dtype=torch.int32)
+    for b in range(B):
+        cands = {shared + 1, bs - 1, bs, bs + 1, 2 * bs + 3, 2 * bs + 7}
+        cands |= set(torch.randint(shared, Lk, (3,), generator=gen).tolist())
+        starts = sorted(c for c in cands if shared <= c < Lk) if b % 2 == 0 else [shared]  # row 1: one document
+        pos = off + torch.arange(Lq)
+        first = torch.full((Lq,), shared, dtype=torch.int32)
+        for s0 in starts:
+            first = torch.where(pos >= s0, torch.tensor(s0, dtype=torch.int32), first)
+        out[b] = first
+    return out
+
+
+def check_case(B, Hq, Hkv, Lq, Lk, D, bs, kind, dtype=torch.float32, causal=True, seed=0, scale=None, docs=False,
+               shared=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dtype)
@@ -97,17 +115,19 @@ def check_case(B, Hq, Hkv, Lq, Lk, D, bs, kind, dtype=torch.float32, causal=True
     dlse = torch.randn(B, Hq, Lq, generator=gen, dtype=torch.float64)
     idx, cnt = make_lists(B, Hkv, Lq, Lk, bs, kind, gen, causal)
     sc = D ** -0.5 if scale is None else scale
+    ks = doc_key_starts(B, Lq, Lk, bs, gen, shared) if docs else None
+    dk = dict(key_start=ks, shared_keys=shared) if docs else {}
 
     def kern(q_, k_, v_):
         return sparse_attention(q_, k_, v_, idx, cnt, block_size=bs, causal=causal, scale=scale,
-                                return_lse=True, impl="triton")
+                                return_lse=True, impl="triton", **dk)
 
     def ref(q_, k_, v_):
         return sparse_attention_reference(q_, k_, v_, idx, cnt, block_size=bs, causal=causal, scale=scale,
-                                          return_lse=True)
+                                          return_lse=True, **dk)
 
     got = fwd_bwd(kern, q, k, v, do, dlse)
-    want = fwd_bwd(lambda a, b_, c: oracle(a, b_, c, idx, cnt, bs, causal, sc),
+    want = fwd_bwd(lambda a, b_, c: oracle(a, b_, c, idx, cnt, bs, causal, sc, ks, shared),
                    q.double(), k.double(), v.double(), do, dlse)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     for t in got:
@@ -153,6 +173,70 @@ FAST_CASES = [
 @pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_matches_oracle_and_reference(case):
     check_case(*case)
+
+
+# Document masks (key_start, shared keys in front): boundaries inside blocks, at and around block edges, a
+# document shorter than a block; the full lists exercise the unmasked fast loop, random ones the masked one.
+DOC_CASES = [
+    ((2, 4, 2, 70, 90, 32, 16, "random", 16), "fused"),
+    ((2, 4, 1, 61, 93, 16, 16, "window", 16), "split"),
+]
+DOC_SLOW_CASES = [
+    ((2, 2, 2, 64, 64, 16, 16, "full", 0), "split"),
+    ((2, 2, 2, 64, 64, 16, 16, "full", 0), "fused"),
+    ((2, 4, 2, 70, 90, 32, 16, "random", 16), "split"),
+    ((2, 4, 1, 61, 93, 16, 16, "window", 16), "fused"),
+    ((1, 2, 1, 130, 200, 64, 64, "causal", 64), "split"),
+    ((1, 2, 1, 130, 200, 64, 64, "causal", 64), "fused"),
+]
+
+
+def _doc_id(c):
+    return "-".join(map(str, c[0])) + "-" + c[1]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=_doc_id)
+def test_document_masks_match_oracle_and_reference(monkeypatch, case):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, case[1])
+    check_case(*case[0][:-1], docs=True, shared=case[0][-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DOC_SLOW_CASES, ids=_doc_id)
+def test_document_masks_sweep(monkeypatch, case):
+    monkeypatch.setenv(tri.BWD_ENV_VAR, case[1])
+    check_case(*case[0][:-1], docs=True, shared=case[0][-1])
+
+
+@pytest.mark.slow
+def test_document_masks_half_precision():
+    check_case(2, 4, 2, 70, 90, 32, 16, "random", dtype=torch.bfloat16, docs=True, shared=16)
+
+
+def test_document_mask_hides_other_documents_keys():
+    """Changing the keys/values of one document leaves the other documents' outputs unchanged (kernel and
+    reference), and no gradient reaches them."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, L, D, bs = 1, 2, 64, 16, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+    idx, cnt = make_lists(B, H, L, L, bs, "causal", gen)
+    starts = torch.tensor([0] * 23 + [23] * 9 + [32] * 32, dtype=torch.int32)[None]  # docs [0,23) [23,32) [32,64)
+    for impl in ("triton", "reference"):
+        def run(k_, v_, impl=impl):
+            return sparse_attention(q, k_, v_, idx, cnt, block_size=bs, impl=impl, key_start=starts)
+        base = run(k, v)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 23:32] += 5.0
+        v2[:, :, 23:32] -= 3.0
+        other = run(k2, v2)
+        keep = torch.ones(L, dtype=torch.bool)
+        keep[23:32] = False
+        assert torch.equal(base[:, :, keep], other[:, :, keep]), impl
+        assert not torch.allclose(base[:, :, 23:32], other[:, :, 23:32])
+        kk = k.clone().requires_grad_(True)
+        vv = v.clone().requires_grad_(True)
+        run(kk, vv)[:, :, 32:].sum().backward()  # the last document's outputs
+        assert (kk.grad[:, :, :32] == 0).all() and (vv.grad[:, :, :32] == 0).all(), impl
 
 
 # The fused backward (MEMSPARSE_SPARSE_ATTENTION_BWD=fused, dQ by atomics) on the same oracle: GQA 1/2/4, odd
