@@ -4,6 +4,9 @@
 #                                                    recipes/retrieval_small.yaml, then the eval grid
 #   MEM=0 bash benchmarks/run_retrieval.sh           the no-memory ablation (recipes/ablation_retrieval_no_memory*)
 #   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run
+#   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
+#   STEPS1=1500 STEPS2=1200 ...                      fixed step counts (the ablation trained as many steps as the
+#                                                    memory model did; max_time is lifted then)
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
 set -u
@@ -12,6 +15,7 @@ MEM=${MEM:-1}
 STAGES=${STAGES:-"1 2"}
 EVALS=${EVALS:-"passkey niah long"}
 SAMPLES=${SAMPLES:-5}
+PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-1k,2k,4k,8k,32k,128k}
 if [ "$MEM" = 1 ]; then C1=retrieval_small_copy; C2=retrieval_small; else
   C1=ablation_retrieval_no_memory_copy; C2=ablation_retrieval_no_memory; fi
 NAME=${NAME:-$C2}
@@ -25,7 +29,9 @@ for s in $STAGES; do
   C=$([ "$s" = 1 ] && echo $C1 || echo $C2)
   log "stage $s: memsparse-train fit --config recipes/$C.yaml"
   t0=$(date +%s)
-  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --trainer.enable_progress_bar false \
+  N=$([ "$s" = 1 ] && echo "${STEPS1:-}" || echo "${STEPS2:-}")
+  CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
+  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --trainer.enable_progress_bar false "${CAP[@]}" \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$C/csv" \
     > "$D/train_$C.log" 2>&1
   log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"
@@ -50,7 +56,7 @@ ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
 }
 for e in $EVALS; do
   case $e in
-    passkey) ev passkey --tasks passkey --lengths 1k,2k,4k,8k,32k,128k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
+    passkey) ev passkey --tasks passkey --lengths "$PASSKEY_LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     niah) ev niah --tasks niah_single,niah_multikey --lengths 8k,32k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
   esac
