@@ -39,7 +39,7 @@ def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> T
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy | str, causal: bool = True,
                   sink_blocks: int = 1, local_blocks: int = 1, min_key_block: Tensor | None = None,
                   q_select: Tensor | None = None, max_visible_blocks: int | None = None,
-                  return_info: bool = False):
+                  return_info: bool = False, min_key: Tensor | None = None, k_pool: Tensor | None = None):
     """Choose the key blocks of each query block.
 
     q `(B, Hq, Lq, D)`, k `(B, Hkv, Lk, D)`, queries aligned to the end of the keys. Always kept: the first
@@ -48,6 +48,11 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     `(NQ,)` bounds the visible range from below (a sliding window; sinks exempt). `q_select` `(B, Hkv, NQ, D)`
     overrides the selection queries (default `causal_selection_queries`). `max_visible_blocks` (host int, e.g.
     from the window) bounds the list width without a device sync; by default it is the number of key blocks.
+    Packed documents: `min_key` `(B, NQ)` (instead of min_key_block) is the first visible non-sink key of each
+    query block, not necessarily block-aligned (the later of the window start and the start of the document of
+    the block's first query): blocks before its block are never candidates, and the visible tokens are counted
+    from it. `k_pool` `(B, Hkv, NK, D)` overrides the pooled keys (the model pools a block's keys of one
+    document only).
 
     Returns block_indices int32 `(B, Hkv, NQ, max_count)` (ascending, padded with -1) and block_counts int32
     `(B, Hkv, NQ)`; with return_info also a dict (visible blocks, forced blocks, scores).
@@ -71,7 +76,10 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     j = torch.arange(nk, device=dev)
     diag_lo, diag_hi = (first // bs)[:, None], (last // bs)[:, None]
     visible = j[None, :] <= diag_hi if causal else torch.ones(nq, nk, dtype=torch.bool, device=dev)
-    in_window = torch.ones_like(visible) if min_key_block is None else j[None, :] >= min_key_block.to(dev)[:, None]
+    if min_key is not None:  # per row and query block: (B, 1, NQ) so every mask below broadcasts to (B, Hkv, NQ, NK)
+        min_key = min_key.to(dev).long().unsqueeze(1)
+        min_key_block = min_key // bs
+    in_window = torch.ones_like(visible) if min_key_block is None else j >= min_key_block.to(dev)[..., None]
     sink = j[None, :] < sink_blocks
     allowed = visible & (in_window | sink)
     local = (j[None, :] >= diag_lo - (local_blocks - 1)) & (j[None, :] <= (diag_hi if causal else nk))
@@ -89,11 +97,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
         n_win = (d_last - lo + 1).clamp_min(0)
         n_sink = torch.minimum(lo.clamp(max=sink_blocks), d_last + 1).clamp_min(0)
         visible_tokens = (n_win + n_sink) * bs - (bs - 1 - last_full % bs) * ((n_win > 0) | (d_last < n_sink))
+        if min_key is not None:  # the window's first block counted from min_key on
+            visible_tokens = visible_tokens - (min_key - lo * bs) * (n_win > 0)
     else:
         scored = allowed if policy.reads_scores else None
         visible_tokens = (torch.clamp(Lk - j[None, :] * bs, 0, bs) * allowed).sum(-1)
 
-    k_pool = block_pool(k, bs)
+    k_pool = block_pool(k, bs) if k_pool is None else k_pool
     q_sel = causal_selection_queries(q, Hkv, bs) if q_select is None else q_select.float()
     scores = torch.einsum("bhnd,bhkd->bhnk", q_sel, k_pool) * (D ** -0.5)
 

@@ -118,6 +118,7 @@ class ModelConfig:
     loss_chunk: int = 4096               # tokens per chunk of the chunked cross-entropy
     activation_checkpointing: bool = False  # training: recompute each block in backward (long sequences)
     compile_pointwise: bool = False      # CUDA, training: rotary, MAC merge, pre-norms + casts, SwiGLU gate compiled
+    cross_document: bool = False         # ignore doc_ids: packed documents share attention and memory (the old way)
 
     def validate(self) -> ModelConfig:
         from memsparse.kernels.budget import parse_policy

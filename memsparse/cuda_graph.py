@@ -90,10 +90,11 @@ class _CapturedLoss:
     """Static inputs, outputs and (on CUDA) the graph of one input shape."""
 
     def __init__(self, model: MemSparseLM, input_ids: Tensor, labels: Tensor, amp: tuple, graph: bool,
-                 warmup: int):
+                 warmup: int, doc_ids: Tensor | None = None):
         self.model, self.amp = model, amp
         self.params = tuple(p for p in model.parameters() if p.requires_grad)
         self.ids, self.labels = input_ids.clone(), labels.clone()
+        self.doc_ids = None if doc_ids is None else doc_ids.to(input_ids.device).clone()
         self.replays = 0
         self.cuda_graph = None
         if not graph:
@@ -104,16 +105,18 @@ class _CapturedLoss:
     def run(self):
         """One forward + backward on the static inputs -> (loss, stats, grads): what the graph records."""
         with _autocast_uncached(self.ids.device.type, self.amp):
-            out = self.model(self.ids, self.labels, return_logits=False)
+            out = self.model(self.ids, self.labels, return_logits=False, doc_ids=self.doc_ids)
         grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
         return out.loss.detach(), {k: v.detach() for k, v in out.stats.items()}, grads
 
     def fill(self, loss, stats, grads):
         self.loss, self.stats, self.grads = loss, stats, tuple(grads)
 
-    def step(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
+    def step(self, input_ids: Tensor, labels: Tensor, doc_ids: Tensor | None = None) -> LMOutput:
         self.ids.copy_(input_ids)
         self.labels.copy_(labels)
+        if doc_ids is not None:
+            self.doc_ids.copy_(doc_ids)
         if self.cuda_graph is not None:
             self.cuda_graph.replay()
         else:
@@ -134,7 +137,8 @@ class GraphedLoss:
         max_graphs: captured shapes kept (each holds its own memory pool); a new shape beyond it releases the
             oldest.
 
-    Call with input_ids, labels `(B, L)` (as `MemSparseLM.forward`) -> `LMOutput(loss, None, stats)`. A step
+    Call with input_ids, labels `(B, L)` and optionally doc_ids `(B, L)` (as `MemSparseLM.forward`; with and
+    without doc_ids are two captures) -> `LMOutput(loss, None, stats)`. A step
     uses the autocast state (enabled, dtype) of the call that captured it, with autocast's weight cache off as
     capture requires. Each new shape is captured (with a warning after the first); so is a step after a
     parameter was reallocated (e.g. `model.to(...)`). The model's parameters must stay where they are between
@@ -155,7 +159,7 @@ class GraphedLoss:
         self.captures = 0
         self._steps: dict = {}
 
-    def __call__(self, input_ids: Tensor, labels: Tensor) -> LMOutput:
+    def __call__(self, input_ids: Tensor, labels: Tensor, doc_ids: Tensor | None = None) -> LMOutput:
         model = self.model
         if not model.training or not torch.is_grad_enabled():
             raise RuntimeError("GraphedLoss replays a training step: call it with the model in train() mode "
@@ -170,7 +174,10 @@ class GraphedLoss:
         dev = input_ids.device.type
         amp = _amp_state(dev)
         params = tuple(p.data_ptr() for p in model.parameters() if p.requires_grad)
-        key = (tuple(input_ids.shape), input_ids.device, amp, params)
+        if doc_ids is not None and (doc_ids.shape != input_ids.shape or doc_ids.dtype.is_floating_point):
+            raise ValueError(f"doc_ids must be an integer tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {doc_ids.dtype} {tuple(doc_ids.shape)}")
+        key = (tuple(input_ids.shape), input_ids.device, amp, params, doc_ids is not None)
         cap = self._steps.get(key)
         if cap is None:
             if self._steps:
@@ -179,10 +186,10 @@ class GraphedLoss:
                               stacklevel=2)
             while len(self._steps) >= self.max_graphs:  # release the oldest graph's memory pool first
                 self._steps.pop(next(iter(self._steps)))
-            cap = self._steps[key] = _CapturedLoss(model, input_ids, labels, amp, self.graph, self.warmup)
+            cap = self._steps[key] = _CapturedLoss(model, input_ids, labels, amp, self.graph, self.warmup, doc_ids)
             self.captures += 1
         self.replays += 1
-        return cap.step(input_ids, labels)
+        return cap.step(input_ids, labels, doc_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------

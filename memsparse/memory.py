@@ -528,9 +528,16 @@ class NeuralMemory(nn.Module):
         y = self._read_pieces(states, queries)
         return y if y.dim() == 4 else y.transpose(1, 2).flatten(2, 3)
 
-    def read_out(self, states: list[MemoryState], queries: list[Tensor]) -> Tensor:
+    def read_out(self, states: list[MemoryState], queries: list[Tensor], init_mask: Tensor | None = None) -> Tensor:
         """`merge_heads(read_segments(states, queries))` `(B, sum n_i, dim)`, with one copy (layout and cast to
-        the projection's input dtype together) between the reads and the output projection."""
+        the projection's input dtype together) between the reads and the output projection. `init_mask`
+        `(B, sum n_i)` bool (packed documents): those tokens read the initial memory instead (their document has
+        nothing written yet)."""
+        if init_mask is not None:
+            y = self.read_segments(states, queries)
+            q = torch.cat(queries, 2) if len(queries) > 1 else queries[0]
+            y0 = self.read(self.init_state(q.shape[0], q.device), q)
+            return self.merge_heads(torch.where(init_mask[:, None, :, None], y0, y))
         y = self._read_pieces(states, queries)
         if y.dim() == 5:  # (B, n, H, m, D): the batched read of n equal pieces of m tokens
             B, n, H, m, D = y.shape

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ConfigError, ConsolidationConfig, ModelConfig, from_dict
 from .consolidation import consolidation_passes
 from .kernels import parse_policy, select_blocks, sparse_attention
+from .kernels.block_select import block_pool
 from .memory import MemoryInputs, MemoryState, NeuralMemory, WriteStats, compile_cached, soft_gate, use_compiled
 
 
@@ -106,9 +107,11 @@ class SurpriseGate(nn.Module):
         self.scale = nn.Parameter(torch.ones(heads))
         self.bias = nn.Parameter(torch.full((heads,), 4.0))
 
-    def forward(self, stats: WriteStats, keep_fraction: float = 1.0, keep: int | None = None) -> Tensor:
+    def forward(self, stats: WriteStats, keep_fraction: float = 1.0, keep: int | None = None,
+                rank: Tensor | None = None) -> Tensor:
         """Gate `(B, H, C)` of a chunk's tokens. With keep_fraction < 1, exactly `keep` tokens (default
-        ceil(keep_fraction * C)) pass the hard rule: the most surprising, ties broken by position."""
+        ceil(keep_fraction * C)) pass the hard rule: the most surprising, ties broken by position (by `rank`
+        instead of the surprise when given)."""
         gn = stats.grad_norm
         if self.learned:
             g = soft_gate(gn, self.scale, self.bias)
@@ -117,14 +120,14 @@ class SurpriseGate(nn.Module):
         if keep_fraction < 1.0:
             n = gn.shape[-1]
             keep = math.ceil(keep_fraction * n) if keep is None else keep
-            g = g * top_count_mask(gn, keep).to(g.dtype)
+            g = g * top_count_mask(gn if rank is None else rank, keep).to(g.dtype)
         return g
 
-    def segment_gate_fn(self, keep_fraction: float, n_tokens: int):
+    def segment_gate_fn(self, keep_fraction: float, n_tokens: int, valid: Tensor | None = None):
         """The gate as a `gate_fn` for one write of `n_tokens` (an evicted segment) in chunks: the hard rule keeps
         ceil(keep_fraction * n_tokens) tokens of the whole write, spread over its chunks by cumulative counts
         (chunk [a, b) keeps ceil(f*b) - ceil(f*a)), since a chunk's surprise exists only once the chunks before
-        it are written."""
+        it are written. `valid` `(B, n_tokens)` or `(B, H, n_tokens)` bool (documents): other tokens rank last."""
         done = [0]
 
         def gate_fn(stats: WriteStats) -> Tensor:
@@ -133,8 +136,12 @@ class SurpriseGate(nn.Module):
             done[0] = b
             if b > n_tokens:
                 raise ValueError(f"segment gate: {b} tokens written, the segment has {n_tokens}")
+            rank = None
+            if valid is not None and keep_fraction < 1:
+                rank = _rank_valid(stats.grad_norm, valid[..., a:b])
             return self(stats, keep_fraction,
-                        math.ceil(keep_fraction * b) - math.ceil(keep_fraction * a) if keep_fraction < 1 else None)
+                        math.ceil(keep_fraction * b) - math.ceil(keep_fraction * a) if keep_fraction < 1 else None,
+                        rank)
         return gate_fn
 
 
@@ -181,18 +188,68 @@ class LayerState:
         return out
 
 
+# "No document known" for a cached token: it belongs to a document before the current one (its start is never
+# needed: such tokens are only ever masked, gated off or left out of pooling).
+OLD_DOCUMENT = 2 ** 62
+
+
+@dataclass
+class Documents:
+    """Where the documents of a span start (packed sequences; `MemSparseLM.forward(..., doc_ids=...)`).
+
+    start `(B, n)` int64: absolute position of the first token of each span token's document; prev `(B,)`: the
+    same for the token before the span (the span's position when there is none). Every layer derives its masks
+    from these: attention keys before `start` are masked, the selector's candidates, pooled keys and pooled
+    queries stop at the document's start, and the memory restarts from its initial weights at it."""
+
+    start: Tensor
+    prev: Tensor
+
+    def with_cache(self, pos: int, c0: int) -> Tensor:
+        """`(B, pos - c0 + n)`: the document start of every cached token [c0, pos) and span token: the current
+        document's from `prev` on, OLD_DOCUMENT before it."""
+        if pos == c0:
+            return self.start
+        cache_pos = torch.arange(c0, pos, device=self.start.device)
+        cached = torch.where(cache_pos[None, :] >= self.prev[:, None], self.prev[:, None],
+                             torch.full_like(self.prev[:, None], OLD_DOCUMENT))
+        return torch.cat([cached, self.start], 1)
+
+
+def document_starts(doc_ids: Tensor, pos: int = 0, prev_id: Tensor | None = None,
+                    prev_start: Tensor | None = None) -> Documents:
+    """doc_ids `(B, n)` of tokens [pos, pos+n) -> `Documents`. A document starts where the id changes (any
+    integers; -1 padding is one more document); the first token continues the stream's document when its id
+    equals `prev_id` (the last id seen, `(B,)`), else it starts a new one."""
+    B, n = doc_ids.shape
+    dev = doc_ids.device
+    new = torch.ones(B, n, dtype=torch.bool, device=dev)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    if prev_id is not None:
+        new[:, 0] = doc_ids[:, 0] != prev_id
+    ar = torch.arange(pos, pos + n, device=dev)
+    start = torch.where(new, ar, -1).cummax(1).values
+    prev = torch.full((B,), pos, dtype=torch.long, device=dev) if prev_start is None else prev_start.long()
+    start = torch.where(start < 0, prev[:, None], start)
+    return Documents(start, prev)
+
+
 @dataclass
 class StreamState:
     """Everything carried across segments: per-layer caches and memories, the position, the declared total
-    length (for the consolidation schedule; None = tokens seen so far)."""
+    length (for the consolidation schedule; None = tokens seen so far); with documents, the last document id
+    and its start position per sequence (None without)."""
 
     layers: list[LayerState]
     pos: int = 0
     total_length: int | None = None
     stats: dict = field(default_factory=dict)  # running (sum, count) of the model's statistics over the stream
+    doc_id: Tensor | None = None
+    doc_start: Tensor | None = None
 
     def detach(self) -> StreamState:
-        return StreamState([layer.detach() for layer in self.layers], self.pos, self.total_length, self.stats)
+        return StreamState([layer.detach() for layer in self.layers], self.pos, self.total_length, self.stats,
+                           self.doc_id, self.doc_start)
 
     def stat_means(self) -> dict[str, Tensor]:
         """Means over the stream so far: attention kept fraction/blocks, memory surprise and gate."""
@@ -247,13 +304,15 @@ class Block(nn.Module):
 
     # -- forward over a span ------------------------------------------------------------------------------
     def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict,
-                pos_t: Tensor | None = None):
+                pos_t: Tensor | None = None, docs: Documents | None = None):
         """x `(B, n, dim)` = tokens [pos, pos+n) -> (x_out, new LayerState). `pos_t` (optional, 0-dim device
-        tensor equal to pos) feeds the rotary positions, so a captured CUDA graph can be replayed at any pos."""
+        tensor equal to pos) feeds the rotary positions, so a captured CUDA graph can be replayed at any pos.
+        `docs`: packed documents, kept apart (see `Documents`); None = one document."""
         cfg = self.cfg
         B, n, _ = x.shape
         S, W = cfg.segment, cfg.window
         w_seg = W // S
+        dst = None if docs is None else docs.with_cache(pos, pos - st.k.shape[2])  # (B, cached + n)
         norm_dtype = self._fuse_norms(x)
         h = compile_cached(rms_norm_cast)(x, self.norm1.weight, self.norm1.eps, norm_dtype) if norm_dtype else \
             _autocast_input(self.norm1(x))
@@ -278,18 +337,28 @@ class Block(nn.Module):
                         e0 = ev * S - c0
                         seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
                         seq_len = total_len if total_len is not None else s1
-                        mem_state, ws = self._evict(mem_state, seg, seq_len)
+                        valid = None
+                        if dst is not None:  # write only the document of the segment's last token, from scratch
+                            s_last = dst[:, e0 + S - 1]
+                            mem_state = self._reset_rows(mem_state, s_last >= ev * S)
+                            valid = (torch.arange(ev * S, ev * S + S, device=x.device)[None, :] >= s_last[:, None])
+                        mem_state, ws = self._evict(mem_state, seg, seq_len, valid)
                         written.append(ws)
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
                 _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
-            mem_out = self.memory.read_out(read_states, list(q_parts))
+            if dst is None:
+                mem_out = self.memory.read_out(read_states, list(q_parts))
+            else:  # a token whose document has nothing evicted yet reads the initial memory
+                t_abs = torch.arange(pos, pos + n, device=x.device)
+                fresh = docs.start >= (t_abs // S - w_seg) * S
+                mem_out = self.memory.read_out(read_states, list(q_parts), init_mask=fresh)
             if cfg.variant != "mac":  # MAC feeds it to a linear layer only: no cast to fp32 and back
                 mem_out = mem_out.to(x.dtype)
 
         # 2. attention over persistent + window + span
         att_in = h + mem_out if (mem_out is not None and cfg.variant == "mal") else h
-        o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats, pos_t)
+        o, new_k, new_v, q_pool_prev, q_sum_cur = self._attend(att_in, st, pos, mem_out, stats, pos_t, docs, dst)
         if mem_out is not None and cfg.variant == "mag":
             x = x + self.wo(o) + torch.sigmoid(self.mag_gate(h)) * mem_out
             h2 = _autocast_input(self.norm2(x))
@@ -319,32 +388,49 @@ class Block(nn.Module):
             return torch.get_autocast_dtype(dev)
         return None
 
-    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int) -> tuple[MemoryState, WriteStats]:
+    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int,
+               valid: Tensor | None = None) -> tuple[MemoryState, WriteStats]:
         """Write one evicted segment (surprise-gated), then its consolidation passes. Returns (memory, the
-        first write's stats)."""
+        first write's stats). `valid` `(B, S)` bool (documents): only these tokens are written and replayed (the
+        others get gate 0, which leaves memory and momentum untouched) and ranked by the hard keep."""
         cfg = self.cfg
         keep = 1.0 if self.training else cfg.hard_keep_fraction
-        mem, ws = self.memory.write(mem, ev, **self._gate_kwargs(keep, ev.k.shape[2]))
+        gates = None if valid is None else valid.to(ev.k.dtype)
+        mem, ws = self.memory.write(mem, ev, gates, **self._gate_kwargs(keep, ev.k.shape[2], valid))
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
-            replay = ev
+            replay, r_valid = ev, valid
             if cfg.consolidation.replay == "surprising" and cfg.consolidation.replay_tokens < ev.k.shape[2]:
-                top = top_count_indices(ws.grad_norm, cfg.consolidation.replay_tokens)
+                gn = ws.grad_norm if valid is None else _rank_valid(ws.grad_norm, valid)
+                top = top_count_indices(gn, cfg.consolidation.replay_tokens)
                 replay = _gather_inputs(ev, top)
+                if valid is not None:
+                    r_valid = valid[:, None, :].expand(-1, top.shape[1], -1).gather(2, top)
+            r_gates = None if r_valid is None else r_valid.to(ev.k.dtype)
             for _ in range(passes):
-                mem, _ = self.memory.write(mem, replay, **self._gate_kwargs(keep, replay.k.shape[2]))
+                mem, _ = self.memory.write(mem, replay, r_gates,
+                                           **self._gate_kwargs(keep, replay.k.shape[2], r_valid))
         return mem, ws
 
-    def _gate_kwargs(self, keep: float, n_tokens: int) -> dict:
+    def _reset_rows(self, mem: MemoryState, rows: Tensor) -> MemoryState:
+        """The memory of the sequences `rows` `(B,)` bool back at the initial weights, zero momentum, step 0."""
+        init = self.memory.init_state(mem.batch_size, rows.device)
+        r4 = rows[:, None, None, None]
+        return MemoryState([torch.where(r4, w0, w) for w0, w in zip(init.weights, mem.weights)],
+                           [torch.where(r4, torch.zeros_like(m), m) for m in mem.momentum],
+                           torch.where(rows, torch.zeros_like(mem.step), mem.step))
+
+    def _gate_kwargs(self, keep: float, n_tokens: int, valid: Tensor | None = None) -> dict:
         """The surprise gate as `NeuralMemory.write` takes it for a write of `n_tokens`: the learned soft gate as
         parameters (fused into the chunk step), a function otherwise (hard keep of the write's top tokens at
-        inference, or no learned gate)."""
+        inference, or no learned gate). `valid` (documents): tokens of another document rank last in the hard
+        keep."""
         if self.gate.learned and keep >= 1.0:
             return {"gate_params": (self.gate.scale, self.gate.bias)}
-        return {"gate_fn": self.gate.segment_gate_fn(keep, n_tokens)}
+        return {"gate_fn": self.gate.segment_gate_fn(keep, n_tokens, valid)}
 
     def _attend(self, h: Tensor, st: LayerState, pos: int, mem_out: Tensor | None, stats: dict,
-                pos_t: Tensor | None = None):
+                pos_t: Tensor | None = None, docs: Documents | None = None, dst: Tensor | None = None):
         cfg = self.cfg
         B, n, _ = h.shape
         H, Hkv, D, bs, S, P = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.segment, cfg.persistent_tokens
@@ -353,7 +439,12 @@ class Block(nn.Module):
         rope_fn, merge_fn = (compile_cached(apply_rope), compile_cached(mac_merge)) if fuse else (apply_rope, mac_merge)
         positions = torch.arange(n, device=h.device) + (pos if pos_t is None else pos_t)
         q = self.wq(h).view(B, n, H, D).transpose(1, 2)
-        rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
+        if docs is None:
+            rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
+        else:  # rotary positions restart at each document (the persistent keys have none: a query of a document
+            # then meets them as at the start of a stream)
+            rope = tuple(t.view(B, 1, n, D) for t in
+                         rope_tables((positions[None, :] - docs.start).flatten(), D, cfg.rope_theta, q.dtype))
         q = rope_fn(q, rope)
         k_raw, v_raw = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
         k_new = rope_fn(k_raw, rope)
@@ -374,30 +465,49 @@ class Block(nn.Module):
         r = pos % bs
         qp = F.pad(q, (0, 0, r, 0)) if r else q
         nq = math.ceil((r + n) / bs)
+        qstart = pos - r + torch.arange(nq, device=h.device) * bs
         # causal selection queries: block m is chosen with the mean query of block m-1 (carried across spans)
-        sums = block_query_sums(q.detach(), Hkv, bs, r)
-        sums[:, :, 0] += st.q_sum_cur
+        if docs is None:
+            sums = block_query_sums(q.detach(), Hkv, bs, r)
+            sums[:, :, 0] += st.q_sum_cur
+            q_prev = st.q_pool_prev
+        else:  # documents: block m is chosen for the document of its first token, from that document's queries
+            blk_doc = torch.minimum(dst[:, qstart - c0], qstart)  # (B, nq); OLD_DOCUMENT -> the block's own start
+            # a block's sum holds its tokens of the next block's document (the last token's, for the last block)
+            nxt = torch.cat([blk_doc[:, 1:], docs.start[:, -1:]], 1)
+            ref = nxt.repeat_interleave(bs, 1)[:, r:r + n]
+            w = (docs.start == ref).to(torch.float32)[:, None, :, None]
+            sums = block_query_sums(q.detach().float() * w, Hkv, bs, r)
+            sums[:, :, 0] += st.q_sum_cur * (docs.prev == nxt[:, 0])[:, None, None]
+            q_prev = st.q_pool_prev * (blk_doc[:, 0] == docs.prev)[:, None, None] if r == 0 else st.q_pool_prev
         pools = sums / bs
-        q_sel = torch.cat([st.q_pool_prev.unsqueeze(2), pools[:, :, :-1]], 2)
+        q_sel = torch.cat([q_prev.unsqueeze(2), pools[:, :, :-1]], 2)
         if (pos + n) % bs == 0:
             q_pool_prev, q_sum_cur = pools[:, :, -1], torch.zeros_like(st.q_sum_cur)
         else:
             q_pool_prev = pools[:, :, -2] if nq >= 2 else st.q_pool_prev
             q_sum_cur = sums[:, :, -1]
         # sliding window: query block of segment j sees tokens from max(0, j*S - window) on (sinks exempt)
-        qstart = pos - r + torch.arange(nq, device=h.device) * bs
         win_start = torch.clamp((qstart // S) * S - cfg.window, min=0)
         min_key_block = (P + win_start - c0) // bs
+        doc_kw, key_start = {}, None
+        if docs is not None:  # candidates, pooled keys and visible tokens from the block's document on
+            min_key = P + torch.maximum(win_start[None, :], blk_doc) - c0
+            doc_kw = {"min_key": min_key, "k_pool": _document_key_pool(keys.detach(), dst, c0, P, bs)}
+            key_start = P + docs.start - c0
+            key_start = F.pad(key_start, (r, 0), value=P) if r else key_start
+            min_key_block = None
         idx, cnt, info = select_blocks(qp.detach(), keys.detach(), block_size=bs, policy=self.policy,
                                        sink_blocks=P // bs,
                                        local_blocks=cfg.local_blocks, min_key_block=min_key_block,
                                        q_select=q_sel, max_visible_blocks=(P + cfg.window + S) // bs + 1,
-                                       return_info=True)
+                                       return_info=True, **doc_kw)
         # token-weighted over spans (and averaged over layers)
         _acc(stats, "attn_kept_fraction", (cnt.double() / info["visible_blocks"].clamp_min(1)).mean(), n)
         _acc(stats, "attn_kept_blocks", cnt.double().mean(), n)
         want_lse = mem_out is not None and cfg.variant == "mac"
-        res = sparse_attention(qp, keys, vals, idx, cnt, block_size=bs, return_lse=want_lse)
+        res = sparse_attention(qp, keys, vals, idx, cnt, block_size=bs, return_lse=want_lse,
+                               **({} if key_start is None else {"key_start": key_start, "shared_keys": P}))
         o, lse = (res if want_lse else (res, None))
         o = o[:, :, r:]
         if want_lse:
@@ -421,6 +531,32 @@ def block_query_sums(q: Tensor, num_kv_heads: int, block_size: int, offset: int)
         return q.unflatten(1, (num_kv_heads, G)).unflatten(3, (nq, bs)).sum((2, 4), dtype=torch.float32) / G
     qg = F.pad(q.float().view(B, num_kv_heads, G, n, D).mean(2), (0, 0, offset, nq * bs - offset - n))
     return qg.view(B, num_kv_heads, nq, bs, D).sum(3)
+
+
+def _document_key_pool(keys: Tensor, dst: Tensor, c0: int, P: int, bs: int) -> Tensor:
+    """Pooled keys for the selector with documents: each key block's mean over its keys of the document of its
+    last key (only that document's later queries ever score the block), fp32 `(B, Hkv, NK, D)`. keys
+    `(B, Hkv, P + T, D)` = persistent + tokens [c0, c0 + T) with document starts dst `(B, T)`."""
+    B, Hkv, Lk, D = keys.shape
+    T = Lk - P
+    nb = -(-T // bs)
+    pad = nb * bs - T
+    kpos = torch.arange(c0, c0 + T, device=keys.device)
+    last = torch.clamp(torch.arange(nb, device=keys.device) * bs + bs - 1, max=T - 1)
+    w = (kpos[None, :] >= dst[:, last].repeat_interleave(bs, 1)[:, :T]).to(torch.float32)  # (B, T)
+    wp = F.pad(w, (0, pad)).view(B, 1, nb, bs, 1)
+    kt = F.pad(keys[:, :, P:].float(), (0, 0, 0, pad)).view(B, Hkv, nb, bs, D)
+    pooled = (kt * wp).sum(3) / wp.sum(3).clamp_min(1.0)
+    if not P:
+        return pooled
+    return torch.cat([block_pool(keys[:, :, :P], bs), pooled], 2)
+
+
+def _rank_valid(gn: Tensor, valid: Tensor) -> Tensor:
+    """Surprises `(B, H, N)` for a ranking where tokens outside `valid` (bool, broadcastable) come last."""
+    v = valid if valid.dim() == gn.dim() else valid[:, None, :]
+    low = -gn.detach().abs().amax(-1, keepdim=True) - 1.0
+    return torch.where(v, gn, low)
 
 
 def _autocast_input(h: Tensor) -> Tensor:
@@ -517,31 +653,58 @@ class MemSparseLM(nn.Module):
         if lo < 0 or hi >= V:
             raise ValueError(f"input_ids out of vocabulary: values in [{lo}, {hi}], vocab_size={V}")
 
+    def _documents(self, doc_ids: Tensor | None, input_ids: Tensor, state: StreamState) -> Documents | None:
+        """The span's `Documents` from doc_ids `(B, n)` (None: one document, today's path; also when the model
+        was built with `cross_document`). A state that has seen documents continues its last one when the
+        span brings no doc_ids."""
+        if self.config.cross_document:
+            return None
+        if doc_ids is None:
+            if state.doc_id is None:
+                return None
+            doc_ids = state.doc_id[:, None].expand(input_ids.shape)
+        if not isinstance(doc_ids, Tensor) or doc_ids.shape != input_ids.shape or doc_ids.dtype.is_floating_point:
+            got = f"{doc_ids.dtype} {tuple(doc_ids.shape)}" if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+            raise ValueError(f"doc_ids must be an integer tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {got}")
+        return document_starts(doc_ids.to(input_ids.device), state.pos, state.doc_id, state.doc_start)
+
     def _run(self, input_ids: Tensor, state: StreamState, stats: dict,
-             pos_t: Tensor | None = None) -> tuple[Tensor, StreamState]:
+             pos_t: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, StreamState]:
         x = self.embed(input_ids)
+        docs = self._documents(doc_ids, input_ids, state)
         new_layers = []
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk, ls in zip(self.blocks, state.layers):
             if ckpt:  # keep only each block's input; recompute the block (memory loop included) in backward
                 # nothing random inside; not stashing RNG state also keeps it CUDA-graph capturable
-                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, pos_t, use_reentrant=False,
-                                   preserve_rng_state=False)
+                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, pos_t, docs,
+                                   use_reentrant=False, preserve_rng_state=False)
             else:
-                x, ls = blk(x, ls, state.pos, state.total_length, stats, pos_t)
+                x, ls = blk(x, ls, state.pos, state.total_length, stats, pos_t, docs)
             new_layers.append(ls)
-        return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length, stats)
+        doc_id, doc_start = state.doc_id, state.doc_start
+        if docs is not None:
+            ids = doc_ids if doc_ids is not None else state.doc_id[:, None].expand(input_ids.shape)
+            doc_id, doc_start = ids[:, -1].to(input_ids.device), docs.start[:, -1]
+        return self.norm(x), StreamState(new_layers, state.pos + input_ids.shape[1], state.total_length, stats,
+                                         doc_id, doc_start)
 
     # -- training / scoring ----------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, return_logits: bool = True,
-                state: StreamState | None = None) -> LMOutput:
+                state: StreamState | None = None, doc_ids: Tensor | None = None) -> LMOutput:
         """input_ids `(B, L)`; labels `(B, L)` already aligned (labels[t] is the target at position t; -100 =
-        ignore). Returns LMOutput(loss, logits `(B, L, V)` or None, stats of scalar tensors)."""
+        ignore). Returns LMOutput(loss, logits `(B, L, V)` or None, stats of scalar tensors).
+
+        doc_ids `(B, L)` (optional, any integers; a change of id starts a document): packed documents are kept
+        apart: no token attends to, selects, or reads from the memory anything of another document; each
+        document is computed as a fresh stream started at its first token's position (docs/architecture.md).
+        None (or a model built with `cross_document: true`): the whole row is one context, as before."""
         self._check_ids(input_ids)
         B, L = input_ids.shape
         state = self.init_state(B, total_length=L) if state is None else state
         stats: dict = {}
-        h, _ = self._run(input_ids, state, stats)
+        h, _ = self._run(input_ids, state, stats, doc_ids=doc_ids)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -553,11 +716,14 @@ class MemSparseLM(nn.Module):
 
     # -- streaming --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def stream(self, input_ids: Tensor, state: StreamState | None = None, return_logits: str = "all"):
+    def stream(self, input_ids: Tensor, state: StreamState | None = None, return_logits: str = "all",
+               doc_ids: Tensor | None = None):
         """Process any length segment by segment with memory flat in length.
 
         input_ids `(B, n)`; returns (logits `(B, n, V)` | last `(B, 1, V)` | None, new state). Equal to the
-        one-shot forward of the whole sequence when the state declares the same total length.
+        one-shot forward of the whole sequence when the state declares the same total length. doc_ids `(B, n)`
+        (optional): documents as in `forward`; a new document behaves as a fresh `init_state` started at its
+        position (without doc_ids a stream that has seen documents continues its last one).
         """
         self._check_ids(input_ids)
         if return_logits not in ("all", "last", "none"):
@@ -569,7 +735,8 @@ class MemSparseLM(nn.Module):
         stats = state.stats
         while i < n:
             take = min(S - state.pos % S, n - i)
-            h, state = self._run(input_ids[:, i:i + take], state, stats)
+            h, state = self._run(input_ids[:, i:i + take], state, stats,
+                                 doc_ids=None if doc_ids is None else doc_ids[:, i:i + take])
             if return_logits == "all":
                 outs.append(h @ self.output_weight.t())
             elif return_logits == "last" and i + take == n:

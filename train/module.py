@@ -269,8 +269,9 @@ class MemSparseLightningModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------------------------- training
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
-        return self.model(input_ids, labels, return_logits=False)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None):
+        return self.model(input_ids, labels, return_logits=False, doc_ids=doc_ids)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -287,9 +288,9 @@ class MemSparseLightningModule(pl.LightningModule):
         if self.cuda_graph:
             if self._graphed is None:
                 self._graphed = GraphedLoss(self.model)
-            out = self._graphed(batch["input_ids"], batch["labels"])
-        else:
-            out = self(batch["input_ids"], batch["labels"])
+            out = self._graphed(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
+        else:  # packed documents kept apart (doc_ids; the model's cross_document flag ignores them)
+            out = self(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
         loss = out.loss
         finite = bool(torch.isfinite(loss.detach()))
         self._loss_finite = self._loss_finite and finite  # over the micro-batches of this optimizer step
@@ -363,7 +364,7 @@ class MemSparseLightningModule(pl.LightningModule):
         if self._answer_counts is not None and "source" in batch:
             self._answer_pending = (batch["labels"], batch["source"])  # counted by `_answer_hook` in the forward
         try:
-            out = self(batch["input_ids"], batch["labels"])
+            out = self(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
         finally:
             self._answer_pending = None
         n_tok = max(1, int((batch["labels"] != -100).sum()))
@@ -390,7 +391,9 @@ class MemSparseLightningModule(pl.LightningModule):
         for k in groups:
             rows = src == k
             n = int((batch["labels"][rows] != -100).sum())
-            part = loss if len(groups) == 1 else self(batch["input_ids"][rows], batch["labels"][rows]).loss
+            docs = batch.get("doc_ids")
+            part = loss if len(groups) == 1 else self(batch["input_ids"][rows], batch["labels"][rows],
+                                                      None if docs is None else docs[rows]).loss
             if n and bool(torch.isfinite(part)) and k < self._source_sums.shape[1]:
                 self._source_sums[0, k] += float(part) * n
                 self._source_sums[1, k] += n

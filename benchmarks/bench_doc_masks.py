@@ -1,0 +1,238 @@
+"""Cost of keeping packed documents apart: training tokens/s with doc_ids against the same batch without.
+
+The model is mac_small's shape (dim 512, depth 8, block 64, segment 512, window 2K, memory in layers 1/3/5,
+bf16 autocast, AdamW); each row of the batch packs documents of a realistic mix of lengths (log-normal, median
+`--median` tokens, clipped to [8, L]). Both runs use the same token ids; the "docs" run also passes doc_ids.
+Before timing, on the device: the sparse-attention kernel with document masks (key_start) against the PyTorch
+reference (forward and backward, fp32 and bf16), and the model's packed forward through the kernel against the
+reference path.
+
+    python benchmarks/bench_doc_masks.py --lengths 8192,32768 --out benchmarks/results
+
+writes doc_masks_<device>.json and .md (tokens/s per length with and without doc_ids, the cost in percent).
+`--graph` times the CUDA-graph training step (GraphedLoss) instead of the eager one; `--tiny` is a CPU smoke
+run (tiny model, short lengths; tests/test_bench_doc_masks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from memsparse.kernels.sparse_attention import sparse_attention
+
+from memsparse.config import MemoryConfig, ModelConfig
+from memsparse.model import MemSparseLM
+
+Tensor = torch.Tensor
+VOCAB = 16384
+
+
+def model_config(args) -> ModelConfig:
+    if args.tiny:
+        return ModelConfig(vocab_size=VOCAB, dim=32, depth=2, heads=2, kv_heads=1, head_dim=16, mlp_hidden=48,
+                           block_size=16, segment=32, window=64, persistent_tokens=16, budget=args.budget_tiny,
+                           memory_layers=[1], memory=MemoryConfig(heads=2, head_dim=16, chunk_size=32))
+    return ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=4, head_dim=64, mlp_hidden=1408,
+                       block_size=64, segment=512, window=2048, persistent_tokens=64, budget=args.budget,
+                       variant=args.variant, memory_layers=[1, 3, 5],
+                       memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=512,
+                                           compile=args.memory_compile),
+                       compile_pointwise=args.pointwise_compile)
+
+
+def packed_doc_ids(batch: int, length: int, median: float, sigma: float, seed: int) -> tuple[Tensor, list]:
+    """doc_ids `(batch, length)`: documents of log-normal lengths packed back to back, and the lengths."""
+    rng = np.random.default_rng(seed)
+    rows, lens = [], []
+    for _ in range(batch):
+        ids, pos, d = np.empty(length, dtype=np.int64), 0, 0
+        while pos < length:
+            n = int(np.clip(rng.lognormal(math.log(median), sigma), 8, length))
+            n = min(n, length - pos)
+            ids[pos:pos + n] = d
+            lens.append(n)
+            pos, d = pos + n, d + 1
+        rows.append(torch.from_numpy(ids))
+    return torch.stack(rows), lens
+
+
+def check_kernel(device, tiny: bool) -> dict:
+    """Kernel with document masks == reference on this device: max relative error of o, lse, dq, dk, dv."""
+    out = {}
+    shapes = [(1, 2, 1, 80, 112, 16, 16)] if tiny else [(2, 8, 4, 4096, 4160, 64, 64), (1, 8, 4, 3000, 3128, 128, 64)]
+    dtypes = [torch.float32] if tiny else [torch.float32, torch.bfloat16]
+    impl = "triton" if (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") else "reference"
+    for shape in shapes:
+        B, Hq, Hkv, Lq, Lk, D, bs = shape
+        g = torch.Generator(device="cpu").manual_seed(0)
+        nq, nk = -(-Lq // bs), -(-Lk // bs)
+        P = bs  # one shared (persistent) block in front
+        diag = (Lk - Lq + torch.clamp((torch.arange(nq) + 1) * bs, max=Lq) - 1) // bs
+        idx = torch.full((B, Hkv, nq, nk), -1, dtype=torch.int32)
+        cnt = torch.zeros(B, Hkv, nq, dtype=torch.int32)
+        for m in range(nq):  # sink + a random half of the past + the diagonal
+            past = torch.arange(1, int(diag[m]))
+            keep = past[torch.rand(len(past), generator=g) < 0.5]
+            sel = torch.cat([torch.tensor([0]), keep, diag[m:m + 1]]).unique()
+            idx[:, :, m, :len(sel)] = sel.int()
+            cnt[:, :, m] = len(sel)
+        docs, _ = packed_doc_ids(B, Lk - P, 300.0, 1.0, 1)
+        new = torch.ones_like(docs, dtype=torch.bool)
+        new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+        first = torch.where(new, torch.arange(Lk - P), -1).cummax(1).values + P
+        key_start = first[:, -Lq:].int()
+        for dtype in dtypes:
+            q = torch.randn(B, Hq, Lq, D, generator=g).to(device, dtype)
+            k = torch.randn(B, Hkv, Lk, D, generator=g).to(device, dtype)
+            v = torch.randn(B, Hkv, Lk, D, generator=g).to(device, dtype)
+            do = torch.randn(B, Hq, Lq, D, generator=g).to(device, dtype)
+            res = {}
+            for name in (impl, "reference"):
+                qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+                o, lse = sparse_attention(qq, kk, vv, idx.to(device), cnt.to(device), block_size=bs,
+                                          return_lse=True, impl=name, key_start=key_start.to(device),
+                                          shared_keys=P)
+                (o.float() * do.float()).sum().backward()
+                res[name] = [o, lse, qq.grad, kk.grad, vv.grad]
+            errs = {}
+            for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), res[impl], res["reference"]):
+                a, b = a.detach().double(), b.detach().double()
+                fin = torch.isfinite(b)
+                errs[label] = float((a[fin] - b[fin]).norm() / b[fin].norm().clamp_min(1e-12))
+            key = f"{'x'.join(map(str, shape))}_{str(dtype).split('.')[-1]}"
+            out[key] = errs
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            bad = {n: e for n, e in errs.items() if not e <= tol}
+            if bad:
+                raise SystemExit(f"kernel with document masks disagrees with the reference ({key}): {bad}")
+    return out
+
+
+def check_model(model: MemSparseLM, ids: Tensor, docs: Tensor, device) -> float:
+    """The packed forward through the kernel against the reference attention path: max |logit difference|."""
+    if device.type != "cuda":
+        return 0.0
+    n = min(ids.shape[1], 4096)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        os.environ["MEMSPARSE_SPARSE_ATTENTION_IMPL"] = "reference"
+        try:
+            ref = model(ids[:1, :n], doc_ids=docs[:1, :n]).logits.float()
+        finally:
+            os.environ.pop("MEMSPARSE_SPARSE_ATTENTION_IMPL", None)
+        got = model(ids[:1, :n], doc_ids=docs[:1, :n]).logits.float()
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    if not err <= 0.05 * scale:
+        raise SystemExit(f"packed forward: kernel vs reference logits differ by {err:.3g} (logit scale {scale:.3g})")
+    return err
+
+
+def time_steps(model, opt, ids, labels, docs, steps, warmup, graph, device) -> tuple[float, float]:
+    """(median seconds per training step, loss of the last step)."""
+    from memsparse.cuda_graph import GraphedLoss
+
+    step_fn = GraphedLoss(model) if graph else None
+    times, loss = [], float("nan")
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with amp:
+            out = step_fn(ids, labels, docs) if graph else model(ids, labels, return_logits=False, doc_ids=docs)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=not graph)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        loss = float(out.loss)
+    return float(np.median(times)) if times else float("nan"), loss
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="8192,32768")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--median", type=float, default=700.0, help="median document length (tokens)")
+    ap.add_argument("--sigma", type=float, default=1.2, help="log-normal sigma of the document lengths")
+    ap.add_argument("--budget", default="length_scaled:c=12,min_tokens=512")
+    ap.add_argument("--budget-tiny", default="fixed:3")
+    ap.add_argument("--variant", default="mac", choices=["mac", "mag", "mal"])
+    ap.add_argument("--memory-compile", action="store_true", help="memory chunk step under torch.compile")
+    ap.add_argument("--pointwise-compile", action="store_true", help="pointwise chains under torch.compile")
+    ap.add_argument("--graph", action="store_true", help="time the CUDA-graph step (GraphedLoss)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model")
+    ap.add_argument("--name", default="")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {dev_name}", file=sys.stderr)
+
+    result: dict = {"device": dev_name, "args": vars(args), "kernel_check": check_kernel(device, args.tiny),
+                    "rows": []}
+    print(f"kernel check (rel. err vs reference): {result['kernel_check']}", file=sys.stderr)
+    torch.manual_seed(0)
+    model = MemSparseLM(model_config(args)).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    for L in [int(x) for x in args.lengths.split(",")]:
+        g = torch.Generator().manual_seed(L)
+        ids = torch.randint(0, VOCAB, (args.batch, L), generator=g).to(device)
+        labels = torch.roll(ids, -1, 1)
+        labels[:, -1] = -100
+        docs, lens = packed_doc_ids(args.batch, L, args.median, args.sigma, L)
+        docs = docs.to(device)
+        if not result["rows"]:
+            result["model_check_max_abs_logit_diff"] = check_model(model, ids, docs, device)
+        row = {"length": L, "batch": args.batch, "documents": len(lens), "mean_doc_len": float(np.mean(lens)),
+               "median_doc_len": float(np.median(lens))}
+        for label, d in (("no_doc_ids", None), ("doc_ids", docs)):
+            try:
+                sec, loss = time_steps(model, opt, ids, labels, d, args.steps, args.warmup, args.graph, device)
+                row[f"{label}_tokens_per_s"] = args.batch * L / sec
+                row[f"{label}_step_ms"] = sec * 1e3
+                row[f"{label}_loss"] = loss
+            except torch.OutOfMemoryError:
+                row[f"{label}_tokens_per_s"] = None
+                torch.cuda.empty_cache()
+        a, b = row.get("no_doc_ids_tokens_per_s"), row.get("doc_ids_tokens_per_s")
+        row["cost_percent"] = None if not a or not b else 100.0 * (a / b - 1.0)
+        print(json.dumps(row), file=sys.stderr)
+        result["rows"].append(row)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"doc_masks_{'cpu' if device.type == 'cpu' else dev_name.split()[-1].lower()}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Packed documents kept apart: training step cost ({dev_name})", "",
+             f"mac_small shape, batch {args.batch}, bf16 autocast, {'CUDA graph' if args.graph else 'eager'}; "
+             f"document lengths log-normal (median {args.median:g}, sigma {args.sigma:g}).", "",
+             "| length | documents | tokens/s without doc_ids | tokens/s with doc_ids | cost |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        def f(x):
+            return "OOM" if x is None else f"{x:,.0f}"
+        cost = "n/a" if r["cost_percent"] is None else f"{r['cost_percent']:+.1f}%"
+        lines.append(f"| {r['length']} | {r['documents']} | {f(r['no_doc_ids_tokens_per_s'])} | "
+                     f"{f(r['doc_ids_tokens_per_s'])} | {cost} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
