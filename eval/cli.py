@@ -27,6 +27,7 @@ from .harness import (
     parse_budget,
     parse_consolidation,
     parse_depths,
+    parse_length,
     parse_lengths,
     parse_sweep,
     parse_tasks,
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb-project", default="memsparse-eval")
     p.add_argument("--wandb-name", default=None, help="W&B run name (default: checkpoint dir name + time)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    p.add_argument("--token-progress", default="16k",
+                   help="a second bar counts the prompt tokens inside each sample at least this long (1k = 1024; "
+                        "0: never); shown only with --progress and when stderr is a terminal")
     return p
 
 
@@ -95,6 +99,11 @@ def prepare(args: argparse.Namespace):
         raise EvalInputError("--sweep consolidation=... and --consolidation conflict: give one")
     if args.threads is not None and args.threads < 1:
         raise EvalInputError(f"--threads must be >= 1, got {args.threads}")
+    if str(args.token_progress).strip() not in ("0", ""):
+        try:
+            parse_length(args.token_progress)
+        except EvalInputError as e:
+            raise EvalInputError(f"--token-progress: {e}") from None
     ckpt = resolve_checkpoint(args.checkpoint, args.tokenizer)
     tokenizer = load_checked_tokenizer(ckpt)
     check_plan(tasks, lengths, tokenizer)
@@ -103,6 +112,14 @@ def prepare(args: argparse.Namespace):
         raise EvalInputError(f"--cuda-graph needs a CUDA device, but the device is {device}")
     plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs)
     return plan, ckpt, tokenizer, device
+
+
+def token_progress(args: argparse.Namespace) -> int | None:
+    """The prompt length from which a token-level bar is shown: None when --no-progress, `--token-progress 0`, or
+    stderr is not a terminal (a log file gets no bar redraws)."""
+    if not args.progress or str(args.token_progress).strip() in ("0", "") or not sys.stderr.isatty():
+        return None
+    return parse_length(args.token_progress)
 
 
 def tokenizer_source(ckpt) -> str:
@@ -193,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
-    rows = run_eval(model, tokenizer, plan, device, progress=args.progress, cuda_graph=cuda_graph)
+    rows = run_eval(model, tokenizer, plan, device, progress=args.progress, cuda_graph=cuda_graph,
+                    token_progress=token_progress(args))
     meta = {
         "checkpoint": str((ckpt.exported_from or ckpt.path).resolve()), "tokenizer": tokenizer_source(ckpt),
         "device": str(device),

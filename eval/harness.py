@@ -418,7 +418,8 @@ class Decoded:
 
 
 def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-                  chunk_tokens: int = 8192, streamer=None, teacher_ids: Sequence[int] | None = None) -> Decoded:
+                  chunk_tokens: int = 8192, streamer=None, teacher_ids: Sequence[int] | None = None,
+                  on_tokens=None) -> Decoded:
     """Stream the prompt `ids` (1, L) from `init_state(1, total_length=L)` in calls of `chunk_tokens` (a multiple of
     the segment; `streamer`, e.g. a `memsparse.cuda_graph.GraphedStream`, replaces `model.stream` for them), then
     decode greedily: the same segment-by-segment computation as `model.generate(ids)`, with flat memory at any L.
@@ -427,15 +428,22 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     streams the rest of the prompt and then the answer tokens but the last, teacher-forced: `tf_pred[j]` is the
     argmax after prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to
     float rounding; the declared total length stays L). It costs under one segment plus n tokens per sample, and the
-    decoding is unchanged (the branch works on a copy of the state's statistics)."""
+    decoding is unchanged (the branch works on a copy of the state's statistics).
+
+    `on_tokens(done, total)`, if given, is called with the prompt tokens streamed so far: 0 first, then after
+    each chunk, and `total` when the prompt is in (a progress bar inside a long sample)."""
     stream = model.stream if streamer is None else streamer
     length = ids.shape[1]
     seg = model.config.segment
     chunk = max(seg, chunk_tokens // seg * seg)
     state = model.init_state(ids.shape[0], total_length=length)
     head = (length - 1) // chunk * chunk  # at least one prompt token is left for generate
+    if on_tokens is not None:
+        on_tokens(0, length)
     for i in range(0, head, chunk):
         _, state = stream(ids[:, i:i + chunk], state, return_logits="none")
+        if on_tokens is not None:
+            on_tokens(i + chunk, length)
     cut = (length - 1) // seg * seg  # the last segment boundary before the prompt's end: where the branch starts
     if cut > head:  # whole segments: the same spans generate would stream
         _, state = model.stream(ids[:, head:cut], state, return_logits="none")
@@ -457,6 +465,8 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
             torch.cuda.synchronize(ids.device)
         tf_s = time.perf_counter() - t0
     new_ids, state = model.generate(ids[:, cut:], max_new_tokens, eos_id=eos_id, state=state)
+    if on_tokens is not None:
+        on_tokens(length, length)
     return Decoded(new_ids, state, tf_pred, tf_s)
 
 
@@ -524,10 +534,11 @@ def sample_seed(seed: int, index: int) -> int:
 def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, seed: int,
              device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
              on_sample=None, chunk_tokens: int = 8192, streamer=None, teacher_forced: bool = True,
-             max_new_tokens: int | None = None) -> dict:
+             max_new_tokens: int | None = None, on_tokens=None) -> dict:
     """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell; with
     `teacher_forced`, also the teacher-forced accuracy at the answer positions (`stream_decode`). Decoding runs for
-    `max_new_tokens` (default: the task's `max_answer_tokens`) or to `<eos>`. Returns the cell's row (one dict)."""
+    `max_new_tokens` (default: the task's `max_answer_tokens`) or to `<eos>`. `on_tokens` goes to `stream_decode`
+    for each sample. Returns the cell's row (one dict)."""
     max_new = task.max_answer_tokens(tokenizer) if max_new_tokens is None else int(max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     details, scores = [], []
@@ -546,7 +557,8 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         res = stream_decode(model, ids, max_new, eos, chunk_tokens, streamer,
-                            teacher_ids=sample.answer_ids if teacher_forced else None)
+                            teacher_ids=sample.answer_ids if teacher_forced else None,
+                            **({"on_tokens": on_tokens} if on_tokens is not None else {}))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
@@ -602,13 +614,15 @@ def warm_up(model, device: torch.device, streamer=None) -> None:
 def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: bool = True,
              warmup: bool = True, cuda_graph: bool = False, teacher_forced: bool = True,
              max_new_tokens: int | None = None, inference_mode: bool = True,
-             measure_memory: bool = True) -> list[dict]:
+             measure_memory: bool = True, token_progress: int | None = None) -> list[dict]:
     """Run every setting x task x length x depth cell of `plan`; one row per cell (the combined table).
     `warmup` runs `warm_up` once per setting first. `cuda_graph` streams prompts through
     `memsparse.cuda_graph.GraphedStream` (CUDA only; same results, ~10x faster prefill). `teacher_forced` and
     `max_new_tokens` go to `run_cell`. Inside a training run: `inference_mode=False` runs under `torch.no_grad`
     instead (no inference tensors reach the training step), `measure_memory=False` leaves CUDA's peak statistics
-    alone. Leaves the model in eval mode."""
+    alone. With `progress` and `token_progress` = N, a second bar counts the prompt tokens streamed inside each
+    sample of N tokens or more (a long sample otherwise shows no progress for minutes on a CPU). Leaves the model in
+    eval mode."""
     from memsparse.cuda_graph import GraphedStream
 
     if cuda_graph and device.type != "cuda":
@@ -621,6 +635,16 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
     rows: list[dict] = []
     bar = tqdm(total=plan.num_generations(), desc="memsparse-eval", unit="sample", disable=not progress,
                dynamic_ncols=True)
+    tok_bar = None
+    if progress and token_progress and any(n >= token_progress for n in plan.lengths):
+        tok_bar = tqdm(total=max(plan.lengths), desc="  prompt", unit="tok", unit_scale=True, position=1, leave=False,
+                       dynamic_ncols=True)
+
+    def on_tokens(done: int, total: int) -> None:
+        if done == 0:
+            tok_bar.reset(total=total)
+        tok_bar.update(done - tok_bar.n)
+
     try:
         with torch.inference_mode() if inference_mode else torch.no_grad():
             attn = AttentionStats(model)
@@ -641,16 +665,19 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
                                 if sweep_value is not None:
                                     label += f" [{plan.sweep_kind}={sweep_value}]"
                                 bar.set_postfix_str(label, refresh=False)
+                                long = tok_bar is not None and length >= token_progress
                                 row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
                                                device, memory, attn, on_sample=lambda: bar.update(1),
                                                streamer=streamer, teacher_forced=teacher_forced,
-                                               max_new_tokens=max_new_tokens)
+                                               max_new_tokens=max_new_tokens, on_tokens=on_tokens if long else None)
                                 row.update({"budget": cfg.budget,
                                             "consolidation": describe_consolidation(cfg.consolidation),
                                             "consolidation_passes": passes,
                                             "sweep_kind": plan.sweep_kind, "sweep_value": sweep_value})
                                 rows.append(row)
     finally:
+        if tok_bar is not None:
+            tok_bar.close()
         bar.close()
     return rows
 
