@@ -8,12 +8,28 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """An impossible configuration; the message names the field."""
+    """A setting or input that cannot work (an impossible value, a missing or unreadable file): the message names
+    the key or file and what is allowed. `memsparse-train` reports it as one line and exits with status 2.
+
+    `ConfigError(msg, key="window")` reads "window: msg"; `e.under("model.config")` is the same error with the key
+    as a user writes it in a recipe ("model.config.window: msg")."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.message, self.key = str(message), key
+        super().__init__(f"{key}: {message}" if key else str(message))
+
+    def under(self, prefix: str) -> ConfigError:
+        """This error with its key under `prefix` (unchanged when it names no key)."""
+        if self.key is None:
+            return self
+        err = type(self).__new__(type(self))
+        ConfigError.__init__(err, self.message, f"{prefix}.{self.key}")
+        return err
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
+        raise ConfigError(msg, key=field_name)
 
 
 @dataclass
@@ -143,7 +159,7 @@ class ModelConfig:
         try:
             parse_policy(self.budget)
         except ValueError as e:
-            raise ConfigError(f"budget: {e}") from None
+            raise ConfigError(str(e), key="budget") from None
         if isinstance(self.memory, dict):
             self.memory = from_dict(MemoryConfig, self.memory)
         if isinstance(self.consolidation, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_second_stage_starts_from_the_first_stages_weights(tmp_path):
     assert any((sd3[k] - sd1[k]).abs().max() > 1e-3 for k in sd1)  # without the callback: other weights
 
 
-def test_init_from_a_ckpt_and_architecture_mismatch(tmp_path):
+def test_init_from_a_ckpt_and_architecture_mismatch(tmp_path, capsys):
     a = tmp_path / "a"
     main(["fit", "--config", str(tiny_config(a, **{"trainer.max_steps": 2}))])
     ckpt = a / "checkpoints" / "last.ckpt"
@@ -54,8 +55,9 @@ def test_init_from_a_ckpt_and_architecture_mismatch(tmp_path):
     cfg = tiny_config(b, **{"trainer.max_steps": 1, "model.config.dim": 48,
                             "trainer.callbacks": [{"class_path": "memsparse.train.init_from.InitFromWeights",
                                                    "init_args": {"path": str(ckpt)}}]})
-    with pytest.raises(ValueError, match="different architecture.*dim"):
+    with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(cfg)])
+    assert e.value.code == 2 and re.search("different architecture.*dim", capsys.readouterr().err)
     with pytest.raises(FileNotFoundError, match="no export directory"):
         InitFromWeights(str(tmp_path / "missing"))
 

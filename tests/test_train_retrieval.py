@@ -213,7 +213,7 @@ def test_misconfiguration_is_a_one_line_error_at_construction(kwargs, message):
     assert message in str(e.value) and str(e.value).startswith("RetrievalEval: ") and "\n" not in str(e.value)
 
 
-def test_misconfigured_recipe_fails_before_training(tmp_path):
+def test_misconfigured_recipe_fails_before_training(tmp_path, capsys):
     cfg = {"trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "default_root_dir": str(tmp_path),
                        "callbacks": [{"class_path": "memsparse.train.callbacks.RetrievalEval",
                                       "init_args": {"tasks": "nope"}}]},
@@ -221,8 +221,10 @@ def test_misconfigured_recipe_fails_before_training(tmp_path):
            "data": {"stdlib_limit": 4, "tokenizer": "byte", "seq_len": 128, "batch_size": 2}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="RetrievalEval: unknown task 'nope'"):  # inside jsonargparse's union error
+    with pytest.raises(SystemExit) as e:  # the ConfigError inside jsonargparse's union error, as one line
         main(["fit", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("memsparse-train: error: RetrievalEval: unknown task 'nope'"), err
     assert not (tmp_path / "checkpoints").exists()
 
 

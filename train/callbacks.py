@@ -13,7 +13,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -28,6 +29,8 @@ from memsparse.eval.harness import (
     summarize,
 )
 
+from memsparse.config import ConfigError
+
 
 class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every_n_train_steps` optimizer steps and at the end of training, whether or not
@@ -41,6 +44,24 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ResumeAwareProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, except that a fit resumed mid-epoch (where Lightning skips `on_train_epoch_start`)
+    shows the epoch's total and counts from the resumed batch, so the rate is that of this run's batches."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        done = trainer.fit_loop.epoch_loop.batch_idx + 1  # batches of this epoch before the checkpoint
+        if done > 0:
+            total = self.total_train_batches  # what Lightning shows at an epoch's start, from batch 0
+            if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+                total = min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
+            bar = self.train_progress_bar
+            bar.reset(total=convert_inf(total))
+            bar.initial = bar.n = done  # tqdm's rate counts from `initial`
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+            bar.refresh()
 
 
 class SafeLearningRateMonitor(LearningRateMonitor):
@@ -129,7 +150,14 @@ class PhaseTimes(Callback):
     with `ended_by`), prints a one-line summary and logs the figures as `time/*` metrics. On CUDA the device is
     synchronised at each phase boundary (a handful of times per validation, never inside the steady loop) so
     queued GPU work is charged to the phase that queued it.
+
+    A resumed fit (`--ckpt_path`) adds to the file instead of replacing it: `segments` lists each invocation's
+    figures (with its `start_step`), and the top-level figures are the sums over them (`first_batches_s` is the
+    first invocation's, `global_step` and `ended_by` the latest's).
     """
+
+    ADDITIVE = ("setup_s", "fit_s", "to_first_batch_s", "sanity_check_s", "validation_s", "validations",
+                "training_s")
 
     def __init__(self, first_batches: int = 5) -> None:
         if first_batches < 1:
@@ -139,7 +167,7 @@ class PhaseTimes(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self._fit_start = self._first_batch = self._val_start = None
+        self._fit_start = self._first_batch = self._val_start = self._start_step = None
         self._batch_ends: list[float] = []
         self.validation_s, self.validations, self.sanity_check_s = 0.0, 0, 0.0
 
@@ -167,6 +195,9 @@ class PhaseTimes(Callback):
         else:
             self.validation_s += spent
             self.validations += 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step  # restored by now when the fit resumes
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -196,6 +227,25 @@ class PhaseTimes(Callback):
             out["training_s"] = end - self._first_batch - self.validation_s
         return out
 
+    @classmethod
+    def merge(cls, previous: dict | None, times: dict) -> dict:
+        """The file's content after this invocation (`times`) of a fit resumed from a run whose file held
+        `previous` (None: a fit in one go, written as it is)."""
+        if not isinstance(previous, dict):
+            return times
+        segments = previous.get("segments") or [{k: v for k, v in previous.items() if k != "segments"}]
+        segments = [*segments, times]
+        out: dict[str, Any] = {}
+        for k in cls.ADDITIVE:
+            vals = [s[k] for s in segments if isinstance(s.get(k), (int, float))]
+            out[k] = sum(vals) if vals else None
+        out["first_batches_s"] = next((s["first_batches_s"] for s in segments if s.get("first_batches_s")), [])
+        out["global_step"] = times["global_step"]
+        if "ended_by" in times:
+            out["ended_by"] = times["ended_by"]
+        out["segments"] = segments
+        return out
+
     def _write(self, trainer: pl.Trainer, ended_by: str | None = None) -> None:
         times = self.summary(trainer)
         if ended_by:
@@ -204,14 +254,26 @@ class PhaseTimes(Callback):
             return
         path = Path(trainer.default_root_dir) / "phase_times.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(times, indent=1) + "\n")
+        times["start_step"] = self._start_step
+        previous = None
+        if trainer.ckpt_path is not None and path.is_file():  # resumed: add to the earlier invocations' figures
+            try:
+                previous = json.loads(path.read_text())
+            except (OSError, ValueError):
+                previous = None
+        merged = self.merge(previous, times)
+        path.write_text(json.dumps(merged, indent=1) + "\n")
         first = times["first_batches_s"]
+        total = ""
+        if merged is not times:
+            total = (f"; over all {len(merged['segments'])} invocations of this run: fit {merged['fit_s']:.1f}s, "
+                     f"training {(merged['training_s'] or 0.0):.1f}s")
         rank_zero_info(
             f"wall time: set-up {times['setup_s']:.1f}s, fit {times['fit_s']:.1f}s = to first batch "
             f"{(times['to_first_batch_s'] or 0.0):.1f}s + validation {times['validation_s']:.1f}s "
             f"({times['validations']}x) + training {times.get('training_s', 0.0):.1f}s; first "
-            f"{len(first)} batches {first[-1] if first else 0.0:.1f}s ({path})")
-        metrics = {f"time/{k}": float(v) for k, v in times.items() if isinstance(v, (int, float))}
+            f"{len(first)} batches {first[-1] if first else 0.0:.1f}s{total} ({path})")
+        metrics = {f"time/{k}": float(v) for k, v in merged.items() if isinstance(v, (int, float))}
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
@@ -219,6 +281,8 @@ class PhaseTimes(Callback):
         self._write(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, ConfigError) and self._first_batch is None:
+            return  # a setting that cannot work, found before training: nothing was measured
         if self._fit_start is not None:
             self._write(trainer, ended_by=f"{type(exception).__name__}: {str(exception)[:200]}")
 
@@ -261,11 +325,11 @@ class RetrievalEval(Callback):
         try:
             self.tasks, self.lengths, self.depths = parse_tasks(tasks), parse_lengths(lengths), parse_depths(depths)
         except EvalInputError as e:
-            raise ValueError(f"RetrievalEval: {e}") from None
+            raise ConfigError(f"RetrievalEval: {e}") from None
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("samples", samples, 1),
                                  ("chunk_tokens", chunk_tokens, 1), ("max_new_tokens", max_new_tokens, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise ValueError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
         self.every_n_steps, self.samples, self.seed = every_n_steps, samples, int(seed)
         self.max_new_tokens, self.output_dir, self.chunk_tokens = max_new_tokens, output_dir, chunk_tokens
         self.last_step: int | None = None
@@ -293,7 +357,7 @@ class RetrievalEval(Callback):
         try:
             check_plan(self.tasks, self.lengths, self._tokenizer)
         except EvalInputError as e:
-            raise ValueError(f"RetrievalEval: {e}") from None
+            raise ConfigError(f"RetrievalEval: {e}") from None
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step}

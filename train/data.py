@@ -30,6 +30,7 @@ from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from memsparse.config import ConfigError  # noqa: E402
 from memsparse.tokenizer import ByteTokenizer, load_tokenizer, train_bpe  # noqa: E402
 
 from .packing import (  # noqa: E402
@@ -64,22 +65,36 @@ class SyntheticSpec:
     lengths: list[int] = field(default_factory=list)
 
 
+class DataConfigError(ConfigError):
+    """A data setting that cannot work with the data given (reported by `memsparse-train` as one line)."""
+
+
+class DataFileNotFoundError(DataConfigError, FileNotFoundError):
+    """A data path, glob or directory that names no data file."""
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 
-def resolve_files(patterns: Sequence[str]) -> list[Path]:
-    """Paths, globs (`**` recursive) or directories -> sorted unique files; FileNotFoundError naming a miss."""
+def resolve_files(patterns: Sequence[str], key: str = "data.files") -> list[Path]:
+    """Paths, globs (`**` recursive) or directories -> sorted unique files; DataFileNotFoundError (a
+    FileNotFoundError) naming the setting `key` and the pattern that matches nothing."""
     out: set[Path] = set()
     for pattern in patterns:
         p = Path(os.path.expanduser(str(pattern)))
         if p.is_dir():
             found = [q for q in p.rglob("*") if q.is_file() and _infer_format(q, strict=False)]
+            if not found:
+                suffixes = ", ".join(TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
+                shown = repr(str(pattern)) + ("" if p.is_absolute() else f" ({p.absolute()})")
+                raise DataFileNotFoundError(f"the directory {shown} holds no data file (files ending in {suffixes})",
+                                            key=key)
         elif p.is_file():
             found = [p]
         else:
             found = [Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file()]
         if not found:
-            raise FileNotFoundError(f"no data file matches {str(pattern)!r} (resolved as {p.absolute()})")
+            raise DataFileNotFoundError(f"no data file matches {str(pattern)!r} (resolved as {p.absolute()})", key=key)
         out.update(q.absolute() for q in found)
     return sorted(out)
 
@@ -90,19 +105,21 @@ def _infer_format(path: Path, strict: bool = True) -> str | None:
         if name.endswith(suffixes):
             return fmt
     if strict:
-        raise ValueError(
-            f"cannot tell the format of {path} from its suffix; set data_format to 'text', 'json' or 'parquet'")
+        raise DataConfigError(f"cannot tell the format of {path} from its suffix; set data.data_format to 'text', "
+                              "'json' or 'parquet'")
     return None
 
 
 def load_documents(
-    files: Sequence[str], data_format: str = "auto", text_field: str = "text", cache_dir: str | None = None
+    files: Sequence[str], data_format: str = "auto", text_field: str = "text", cache_dir: str | None = None,
+    key: str = "data.files",
 ) -> list[str]:
     """Read local files through `datasets`, offline: one document per text file, per JSON line/record,
-    per Parquet row (its `text_field`). Empty documents are dropped; order: formats, then sorted paths."""
+    per Parquet row (its `text_field`). Empty documents are dropped; order: formats, then sorted paths.
+    `key` is the setting that named the files (in error messages)."""
     if data_format not in FORMATS:
-        raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
-    paths = resolve_files(files)
+        raise DataConfigError(f"must be one of {', '.join(FORMATS)}, got {data_format!r}", key="data.data_format")
+    paths = resolve_files(files, key)
     groups: dict[str, list[str]] = {}
     for p in paths:
         fmt = data_format if data_format != "auto" else _infer_format(p)
@@ -124,8 +141,8 @@ def load_documents(
             column = text_field
             if column not in ds.column_names:
                 shown = group if len(group) <= 3 else group[:3] + [f"... ({len(group)} files)"]
-                raise ValueError(
-                    f"text_field {column!r} is not a column of {shown}; columns: {ds.column_names}")
+                raise DataConfigError(
+                    f"data.text_field {column!r} is not a column of {shown}; columns: {ds.column_names}")
         docs.extend(str(t) for t in ds[column] if t is not None and str(t) != "")
     return docs
 
@@ -159,10 +176,6 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
-
-
-class DataConfigError(ValueError):
-    """A data setting that cannot work with the data given (reported by `memsparse-train` as one line)."""
 
 
 def split_tokens(stream: np.ndarray, val_fraction: float, what: str = "the text") -> tuple[np.ndarray, np.ndarray]:
@@ -295,29 +308,51 @@ class MemSparseDataModule(LightningDataModule):
         predict_top_k: int | None = None,
     ) -> None:
         super().__init__()
-        if data_format not in FORMATS:
-            raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
-        if synthetic_loss not in ("answer", "all"):
-            raise ValueError(f"synthetic_loss must be 'answer' or 'all', got {synthetic_loss!r}")
-        if seq_len < 2 or batch_size < 1:
-            raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-        if predict_max_new_tokens < 1 or predict_temperature < 0:
-            raise ValueError(f"need predict_max_new_tokens >= 1 and predict_temperature >= 0, got "
-                             f"{predict_max_new_tokens}, {predict_temperature}")
-        specs = [s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s) for s in (synthetic or [])]
-        for s in specs:
-            if not s.proportion > 0:
-                raise ValueError(f"synthetic task {s.task!r}: proportion must be > 0, got {s.proportion}")
-            if any(not 2 <= n <= seq_len for n in s.lengths):
-                raise ValueError(f"synthetic task {s.task!r}: lengths must be in [2, seq_len={seq_len}], "
-                                 f"got {s.lengths}")
+        def check(ok: bool, key: str, allowed: str, value: Any) -> None:
+            if not ok:
+                raise DataConfigError(f"must be {allowed}, got {value!r}", key=f"data.{key}")
+
+        check(data_format in FORMATS, "data_format", "one of " + ", ".join(FORMATS), data_format)
+        check(synthetic_loss in ("answer", "all"), "synthetic_loss", "answer or all", synthetic_loss)
+        check(seq_len >= 2, "seq_len", "an integer >= 2", seq_len)
+        check(batch_size >= 1, "batch_size", "an integer >= 1", batch_size)
+        check(0.0 <= val_fraction < 1.0, "val_fraction", "in [0, 1)", val_fraction)
+        check(0.0 <= test_fraction < 1.0, "test_fraction", "in [0, 1)", test_fraction)
+        check(predict_max_new_tokens >= 1, "predict_max_new_tokens", "an integer >= 1", predict_max_new_tokens)
+        check(predict_temperature >= 0, "predict_temperature", ">= 0", predict_temperature)
+        check(synthetic_samples >= 1, "synthetic_samples", "an integer >= 1", synthetic_samples)
+        check(vocab_size >= 1, "vocab_size", "an integer >= 1", vocab_size)
+        check(num_workers >= 0, "num_workers", "an integer >= 0", num_workers)
+        specs = []
+        for k, s in enumerate(synthetic or []):
+            try:
+                specs.append(s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s))
+            except TypeError as e:
+                raise DataConfigError(f"expected task, proportion and lengths ({e})", key=f"data.synthetic[{k}]") \
+                    from None
+        for k, s in enumerate(specs):
+            where = f"data.synthetic[{k}]"
+            check(s.proportion > 0, f"synthetic[{k}].proportion", "> 0", s.proportion)
+            check(all(isinstance(n, int) and n >= 2 for n in s.lengths), f"synthetic[{k}].lengths",
+                  "a list of integers >= 2", s.lengths)
+            if s.lengths and max(s.lengths) > seq_len:
+                raise DataConfigError(
+                    f"data.seq_len={seq_len} is shorter than the samples of synthetic task {s.task!r} "
+                    f"({where}.lengths={s.lengths}): lower {where}.lengths to <= {seq_len} as well (e.g. "
+                    f"--data.synthetic '[{{task: {s.task}, proportion: {s.proportion:g}, lengths: [{seq_len}]}}]'), "
+                    f"or keep data.seq_len >= {max(s.lengths)}")
+        if specs:
+            from memsparse.eval.tasks import get_task
+
+            for k, s in enumerate(specs):
+                try:
+                    get_task(s.task)
+                except ValueError as e:
+                    raise DataConfigError(str(e), key=f"data.synthetic[{k}].task") from None
         total = sum(s.proportion for s in specs)
         if total > 1.0 + 1e-9:
-            raise ValueError(f"synthetic proportions sum to {total} > 1")
+            raise DataConfigError(f"the proportions sum to {total:g}, more than 1 (the text gets what the tasks leave)",
+                                  key="data.synthetic")
         self.save_hyperparameters(ignore=["synthetic"])
         self.hparams["synthetic"] = [asdict(s) for s in specs]  # plain dicts: YAML-safe
         self.files, self.val_files = list(files or []), list(val_files or [])
@@ -342,7 +377,11 @@ class MemSparseDataModule(LightningDataModule):
         elif tokenizer == "bpe":
             self.vocab_size = vocab_size
         else:
-            self.tokenizer = load_tokenizer(tokenizer)
+            try:
+                self.tokenizer = load_tokenizer(tokenizer)
+            except (OSError, ValueError) as e:
+                raise DataConfigError(f"must be byte, bpe or the directory of a saved tokenizer; {e}",
+                                      key="data.tokenizer") from None
             self.tokenizer_path = str(tokenizer)
             self.vocab_size = self.tokenizer.vocab_size
         self._requested_vocab = vocab_size
@@ -369,12 +408,15 @@ class MemSparseDataModule(LightningDataModule):
             docs, self._test_docs = split_documents(docs, self.test_fraction, self.seed + _TEST_SEED_OFFSET)
             if self.val_files:
                 train = docs
-                val = load_documents(self.val_files, self.data_format, self.text_field, self.cache_dir)
+                val = load_documents(self.val_files, self.data_format, self.text_field, self.cache_dir,
+                                     key="data.val_files")
             else:
                 train, val = split_documents(docs, self.val_fraction, self.seed)
                 self.split_by_tokens = len(docs) == 1 and self.val_fraction > 0
             if not train:
-                raise ValueError(f"no training documents (files={self.files or 'stdlib'})")
+                raise DataConfigError(f"no training documents in data.files={self.files or 'stdlib'} (after holding "
+                                      f"out data.test_fraction={self.test_fraction} and data.val_fraction="
+                                      f"{self.val_fraction}): give more data")
             self._docs = (train, val)
         return self._docs
 
@@ -414,13 +456,15 @@ class MemSparseDataModule(LightningDataModule):
     def _load_saved_bpe(self, directory: Path) -> None:
         tok = load_tokenizer(directory)
         if tok.kind != "bpe":
-            raise ValueError(f"{directory} holds a {tok.kind!r} tokenizer, but tokenizer='bpe' was asked for")
+            raise DataConfigError(f"{directory} holds a {tok.kind!r} tokenizer, but data.tokenizer=bpe was asked for: "
+                                  "set another data.tokenizer_dir")
         meta_path = directory / _DATA_META
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         if meta.get("vocab_size", tok.vocab_size) != self._requested_vocab or tok.vocab_size > self._requested_vocab:
-            raise ValueError(
+            raise DataConfigError(
                 f"the BPE saved in {directory} was trained with vocab_size={meta.get('vocab_size', tok.vocab_size)}"
-                f", but vocab_size={self._requested_vocab} is asked for: remove it or set another tokenizer_dir")
+                f", but data.vocab_size={self._requested_vocab} is asked for: remove it or set another "
+                "data.tokenizer_dir")
         if "train_fingerprint" in meta:
             train_docs = self.tokenizer_documents()
             if meta["train_fingerprint"] != _fingerprint(train_docs):
@@ -529,6 +573,13 @@ class MemSparseDataModule(LightningDataModule):
         trainer = self.trainer
         rank = rank if rank is not None else (trainer.global_rank if trainer is not None else 0)
         world_size = world_size if world_size is not None else (trainer.world_size if trainer is not None else 1)
+        n = len(self.train_dataset)
+        if n // world_size < self.batch_size:
+            what = "data.files" if self.files else f"the stdlib corpus (data.stdlib_limit={self.stdlib_limit})"
+            raise DataConfigError(
+                f"too little training data: {what} gives {n} training sequence(s) of data.seq_len={self.seq_len} "
+                f"tokens, fewer than data.batch_size={self.batch_size} x {world_size} process(es): add data, or "
+                "lower data.batch_size or data.seq_len")
         sampler = ResumableDistributedSampler(self.train_dataset, self.batch_size, num_replicas=world_size,
                                               rank=rank, shuffle=True, seed=self.seed, epoch_indices=True)
         loader = ResumableDataLoader(

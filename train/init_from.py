@@ -20,7 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from memsparse.model import MemSparseLM
 
-from .module import load_checkpoint
+from .module import CheckpointError, load_checkpoint
+
+
+class WeightsNotFoundError(CheckpointError, FileNotFoundError):
+    """InitFromWeights' path is neither an export directory nor a checkpoint file."""
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -30,13 +34,13 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             model = MemSparseLM.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"cannot load weights from {path}: {e}") from None
+            raise CheckpointError(f"InitFromWeights: cannot load weights from {path}: {e}") from None
         return model.state_dict(), asdict(model.config)
     if path.is_file():
         ckpt = load_checkpoint(path)
         sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         return sd, ckpt["memsparse"]["model_config"] if "memsparse" in ckpt else {}
-    raise FileNotFoundError(f"InitFromWeights: no export directory or checkpoint at {path}")
+    raise WeightsNotFoundError(f"InitFromWeights: no export directory or checkpoint at {path}")
 
 
 # config fields that change no weight's meaning: a later stage may set them differently
@@ -65,7 +69,7 @@ class InitFromWeights(pl.Callback):
     def __init__(self, path: str) -> None:
         self.path = str(path)
         if not Path(self.path).exists():
-            raise FileNotFoundError(f"InitFromWeights: no export directory or checkpoint at {self.path}")
+            raise WeightsNotFoundError(f"InitFromWeights: no export directory or checkpoint at {self.path}")
         self.loaded = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -80,11 +84,11 @@ class InitFromWeights(pl.Callback):
                           if k not in _FREE_FIELDS and mine.get(k) != theirs.get(k))
             if diff:
                 shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
-                raise ValueError(f"InitFromWeights: {self.path} is a different architecture ({shown})")
+                raise CheckpointError(f"InitFromWeights: {self.path} is a different architecture ({shown})")
         own = model.state_dict()
         bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
         if bad:
-            raise ValueError(f"InitFromWeights: {self.path} does not match the model's weights: {bad[:5]}")
+            raise CheckpointError(f"InitFromWeights: {self.path} does not match the model's weights: {bad[:5]}")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(sd[k].to(v.dtype))

@@ -37,6 +37,10 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used: missing, unreadable (truncated or corrupted), or of another model."""
+
+
 def answer_accuracy_counts(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, source: torch.Tensor,
                            eos_id: int, num_sources: int) -> torch.Tensor:
     """Teacher-forced argmax accuracy at the answer positions of synthetic rows, per source.
@@ -165,19 +169,29 @@ class MemSparseLightningModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
-        cfg = _as_config(config)
-        if lr <= 0 or min_lr < 0 or min_lr > lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
-        if warmup_steps < 0 or (total_steps is not None and total_steps < 1):
-            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}")
+
+        def check(ok: bool, key: str, allowed: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"must be {allowed}, got {value!r}", key=f"model.{key}")
+
+        try:
+            cfg = _as_config(config).validate()
+        except ConfigError as e:
+            raise e.under("model.config") from None
+        check(lr > 0, "lr", "> 0", lr)
+        check(0 <= min_lr <= lr, "min_lr", f"in [0, model.lr={lr:g}]", min_lr)
+        check(warmup_steps >= 0, "warmup_steps", "an integer >= 0", warmup_steps)
+        check(total_steps is None or total_steps >= 1, "total_steps", "null or an integer >= 1", total_steps)
+        check(len(tuple(betas)) == 2 and all(0 <= b < 1 for b in betas), "betas", "two numbers in [0, 1)", betas)
+        check(eps > 0, "eps", "> 0", eps)
+        check(weight_decay >= 0, "weight_decay", ">= 0", weight_decay)
         if compile and cuda_graph:
-            raise ValueError("compile and cuda_graph are exclusive: cuda_graph replays the eager step "
-                             "(set model.config.memory.compile for the compiled memory step inside the graph)")
-        if float32_matmul_precision not in (None, "highest", "high", "medium"):
-            raise ValueError(f"float32_matmul_precision must be highest, high or medium, got "
-                             f"{float32_matmul_precision!r}")
-        if max_consecutive_nonfinite < 1:
-            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+            raise ConfigError("model.compile and model.cuda_graph are exclusive: cuda_graph replays the eager step "
+                              "(set model.config.memory.compile for the compiled memory step inside the graph)")
+        check(float32_matmul_precision in (None, "highest", "high", "medium"), "float32_matmul_precision",
+              "null, highest, high or medium", float32_matmul_precision)
+        check(max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "an integer >= 1",
+              max_consecutive_nonfinite)
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = asdict(cfg)  # plain dict: the checkpoint loads with weights_only=True
         self.model = MemSparseLM(cfg)
@@ -220,11 +234,11 @@ class MemSparseLightningModule(pl.LightningModule):
     def _check_cuda_graph(self) -> None:
         dev = self.trainer.strategy.root_device
         if dev.type != "cuda":
-            raise ValueError(f"model.cuda_graph=true needs a CUDA device, but this run trains on {dev}: "
-                             "set model.cuda_graph=false (or trainer.accelerator=gpu)")
+            raise ConfigError(f"model.cuda_graph=true needs a CUDA device, but this run trains on {dev}: "
+                              "set model.cuda_graph=false (or trainer.accelerator=gpu)")
         if self._sharded():
-            raise ValueError("model.cuda_graph=true does not work with FSDP (parameters are gathered per step); "
-                             "use trainer.strategy=ddp or set model.cuda_graph=false")
+            raise ConfigError("model.cuda_graph=true does not work with FSDP (parameters are gathered per step); "
+                              "use trainer.strategy=ddp or set model.cuda_graph=false")
 
     def _tokenizer(self) -> Any:
         trainer = self._trainer
@@ -237,7 +251,7 @@ class MemSparseLightningModule(pl.LightningModule):
             return
         model_v, tok_v = self.config.vocab_size, int(tok.vocab_size)
         if model_v < tok_v:
-            raise ValueError(
+            raise ConfigError(
                 f"model.config.vocab_size={model_v} is smaller than the data's tokenizer ({tok.kind}, "
                 f"{tok_v} tokens): the model must cover every token id. Let memsparse-train fill it from "
                 f"data.vocab_size, or set it to >= {tok_v}")
@@ -257,11 +271,10 @@ class MemSparseLightningModule(pl.LightningModule):
                 ckpt = original(checkpoint_path, *args, **kwargs)
             except FileNotFoundError:
                 raise
-            except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError,
-                    ValueError, AttributeError, ImportError) as e:
-                raise ValueError(f"cannot read checkpoint {checkpoint_path}: {type(e).__name__}: {e}") from None
+            except UNREADABLE_CHECKPOINT as e:
+                raise unreadable_checkpoint(checkpoint_path, e) from None
             if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-                raise ValueError(f"{checkpoint_path} is not a Lightning training checkpoint (no state_dict)")
+                raise CheckpointError(f"{checkpoint_path} is not a Lightning training checkpoint (no state_dict)")
             return ckpt
 
         strategy.load_checkpoint = load_checkpoint
@@ -522,8 +535,8 @@ class MemSparseLightningModule(pl.LightningModule):
         opt = torch.optim.AdamW(groups, **kwargs)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         if not 0 < total < 10**12:
-            raise ValueError(f"cannot size the cosine schedule (total steps {total}): set trainer.max_steps or "
-                             "model.total_steps")
+            raise ConfigError(f"cannot size the cosine schedule (total steps {total}): set trainer.max_steps or "
+                              "model.total_steps")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr / self.lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
@@ -603,17 +616,17 @@ def check_checkpoint_matches(checkpoint: dict[str, Any], model: MemSparseLM, sou
         diff = {k: (saved_cfg.get(k), v) for k, v in now.items() if saved_cfg.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in list(diff.items())[:6])
-            raise ValueError(f"checkpoint {source} was trained with another model config: {shown}")
+            raise CheckpointError(f"checkpoint {source} was trained with another model config: {shown}")
     sd = checkpoint.get("state_dict")
     if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {source} has no state_dict")
+        raise CheckpointError(f"checkpoint {source} has no state_dict")
     own = {f"model.{k}": v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in own.items()
              if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(s)]
     if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {source} does not match the model: missing {missing[:5]}, "
+        raise CheckpointError(f"checkpoint {source} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, shape mismatch (checkpoint vs model) {wrong[:5]}")
 
 
@@ -624,13 +637,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch checkpoint "
-                         f"({type(e).__name__}: {first})") from None
+    except UNREADABLE_CHECKPOINT as e:
+        raise unreadable_checkpoint(path, e) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or CKPT_KEY not in ckpt:
-        raise ValueError(f"{path} is not a memsparse training checkpoint (no state_dict / {CKPT_KEY} section)")
+        raise CheckpointError(f"{path} is not a memsparse training checkpoint (no state_dict / {CKPT_KEY} section)")
     return ckpt
+
+
+# what torch.load raises on a truncated, corrupted or foreign file
+UNREADABLE_CHECKPOINT = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, KeyError,
+                         ValueError, AttributeError, ImportError, IndexError)
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint file torch cannot read (the cause's first line, shortened)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = first.split(". ")[0][:160]
+    return CheckpointError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch checkpoint "
+                           f"({type(error).__name__}: {first})")
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[MemSparseLM, Any]:
