@@ -31,7 +31,7 @@ DEVICE=$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo
 train() {  # label devices accumulation extra-args...: one run, its log under $OUT, its metrics under $R/label
   local label=$1 devices=$2 accum=$3
   shift 3
-  local cmd=(memsparse-train fit --config "$RECIPE" --trainer.accelerator "$ACCEL" --trainer.devices "$devices"
+  local cmd=(memsparse-train fit --config "$RECIPE" --overwrite true --trainer.accelerator "$ACCEL" --trainer.devices "$devices"
     --trainer.accumulate_grad_batches "$accum" --trainer.max_steps "$STEPS" --trainer.callbacks "[]"
     --trainer.val_check_interval $((VAL_EVERY * accum)) --trainer.limit_val_batches $((VAL_BATCHES / devices))
     --trainer.default_root_dir "$R/$label" --trainer.logger lightning.pytorch.loggers.CSVLogger

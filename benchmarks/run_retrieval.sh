@@ -31,7 +31,7 @@ for s in $STAGES; do
   t0=$(date +%s)
   N=$([ "$s" = 1 ] && echo "${STEPS1:-}" || echo "${STEPS2:-}")
   CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
-  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --trainer.enable_progress_bar false "${CAP[@]}" \
+  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$C/csv" \
     > "$D/train_$C.log" 2>&1
   log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"

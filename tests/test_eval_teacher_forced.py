@@ -72,7 +72,7 @@ class PasskeyOracle(MemSparseLM):
             history.append(t)
             preds.append(self.predict(history))
         logits = torch.nn.functional.one_hot(torch.tensor(preds), self.config.vocab_size).float()[None]
-        new = HistoryState([], state.pos + input_ids.shape[1], state.total_length, state.stats, history)
+        new = HistoryState([], state.pos + input_ids.shape[1], state.total_length, state.stats, history=history)
         return {"all": logits, "last": logits[:, -1:], "none": None}[return_logits], new
 
 
