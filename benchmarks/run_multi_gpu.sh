@@ -32,7 +32,7 @@ train() {  # label devices accumulation extra-args...: one run, its log under $O
   local label=$1 devices=$2 accum=$3
   shift 3
   local cmd=(memsparse-train fit --config "$RECIPE" --overwrite true --trainer.accelerator "$ACCEL" --trainer.devices "$devices"
-    --trainer.accumulate_grad_batches "$accum" --trainer.max_steps "$STEPS" --trainer.callbacks "[]"
+    --trainer.accumulate_grad_batches "$accum" --trainer.max_steps "$STEPS" --trainer.callbacks "[{class_path: memsparse.train.callbacks.PhaseTimes}]"
     --trainer.val_check_interval $((VAL_EVERY * accum)) --trainer.limit_val_batches $((VAL_BATCHES / devices))
     --trainer.default_root_dir "$R/$label" --trainer.logger lightning.pytorch.loggers.CSVLogger
     --trainer.logger.init_args.save_dir "$R/$label" "$@")

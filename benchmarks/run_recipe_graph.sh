@@ -10,9 +10,9 @@ SECS=${SECS:-105}
 NAME=${NAME:-mac_small_graph_h100}   # results file stem
 R=$(mktemp -d)
 DUR=$(printf '00:00:%02d:%02d' $((SECS / 60)) $((SECS % 60)))
-CMD="memsparse-train fit --config recipes/mac_small.yaml --trainer.callbacks '[]' --model.cuda_graph true --trainer.max_time $DUR \
+CMD="memsparse-train fit --config recipes/mac_small.yaml --trainer.callbacks '[{class_path: memsparse.train.callbacks.PhaseTimes}]' --model.cuda_graph true --trainer.max_time $DUR \
 --trainer.accumulate_grad_batches 1 --trainer.val_check_interval 100 --trainer.limit_val_batches 4 (CSVLogger)"
-timeout $((SECS + 150)) python3 -m memsparse.train.cli fit --config recipes/mac_small.yaml --overwrite true --trainer.callbacks '[]' --model.cuda_graph true \
+timeout $((SECS + 150)) python3 -m memsparse.train.cli fit --config recipes/mac_small.yaml --overwrite true --trainer.callbacks '[{class_path: memsparse.train.callbacks.PhaseTimes}]' --model.cuda_graph true \
   --trainer.max_time "$DUR" --trainer.accumulate_grad_batches 1 --trainer.val_check_interval 100 \
   --trainer.limit_val_batches 4 --trainer.default_root_dir "$R" \
   --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "$R" 2>&1 | tail -25

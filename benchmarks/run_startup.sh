@@ -18,7 +18,7 @@ run() {  # label cache-dir [env...]
   shift 2
   mkdir -p "$cache"
   env TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" "$@" \
-    timeout 400 python3 -m memsparse.train.cli fit --config recipes/mac_small.yaml --overwrite true --trainer.callbacks '[]' --model.cuda_graph true \
+    timeout 400 python3 -m memsparse.train.cli fit --config recipes/mac_small.yaml --overwrite true --trainer.callbacks '[{class_path: memsparse.train.callbacks.PhaseTimes}]' --model.cuda_graph true \
     --trainer.max_steps "$STEPS" --trainer.accumulate_grad_batches 1 --trainer.val_check_interval 1000 \
     --trainer.limit_val_batches 4 --trainer.default_root_dir "$R/$label" --trainer.logger false \
     > "$R/$label.log" 2>&1

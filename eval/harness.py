@@ -611,7 +611,7 @@ def warm_up(model, device: torch.device, streamer=None) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: bool = True,
+def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None, progress: bool = True,
              warmup: bool = True, cuda_graph: bool = False, teacher_forced: bool = True,
              max_new_tokens: int | None = None, inference_mode: bool = True,
              measure_memory: bool = True, token_progress: int | None = None) -> list[dict]:
@@ -622,8 +622,10 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device, progress: b
     instead (no inference tensors reach the training step), `measure_memory=False` leaves CUDA's peak statistics
     alone. With `progress` and `token_progress` = N, a second bar counts the prompt tokens streamed inside each
     sample of N tokens or more (a long sample otherwise shows no progress for minutes on a CPU). Leaves the model in
-    eval mode."""
+    eval mode. `device`: a torch.device, a string ("cpu", "cuda:0") or None (CUDA when available)."""
     from memsparse.cuda_graph import GraphedStream
+
+    device = resolve_device(device)
 
     if cuda_graph and device.type != "cuda":
         raise EvalInputError(f"cuda_graph needs a CUDA device, got {device}")

@@ -302,3 +302,16 @@ def test_streaming_64k_peak_rss_is_flat():
     assert s16 == s64
     assert g64 <= g16 + 2 * 2**20, (g16, g64)  # 4x the tokens: only the ids (0.5 MiB) and allocator noise
     print(f"peak RSS growth: 16K {g16 / 2**20:.2f} MiB, 64K {g64 / 2**20:.2f} MiB")
+
+
+def test_run_eval_accepts_a_device_string():
+    """docs/evaluation.md's snippet passes "cpu": the same rows as torch.device("cpu"); a bad string is one error."""
+    torch.manual_seed(0)
+    model = MemSparseLM(tiny_config()).eval()
+    plan = harness.EvalPlan(["passkey"], [300], [0.5], samples=1)
+    kw = dict(progress=False, warmup=False)
+    by_str = harness.run_eval(model, ByteTokenizer(), plan, "cpu", **kw)
+    by_dev = harness.run_eval(model, ByteTokenizer(), plan, torch.device("cpu"), **kw)
+    assert [r["samples"][0]["prediction"] for r in by_str] == [r["samples"][0]["prediction"] for r in by_dev]
+    with pytest.raises(EvalInputError, match="bad device"):
+        harness.run_eval(model, ByteTokenizer(), plan, "gpu0", **kw)
