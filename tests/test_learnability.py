@@ -158,6 +158,7 @@ def test_small_models_learn_to_retrieve(name, batches):
                                  f"{STEPS} steps (chance {CHANCE:.3f})"
 
 
+@pytest.mark.slow  # shown once (0.0 and 0.025 on seeds 0, 1); 30 s, kept out of the default run
 def test_guard_fails_when_attention_cannot_reach_the_needle(batches):
     acc = greedy_accuracy(trained("memsparse_blocked", batches))
     assert acc < 0.25 < THRESHOLD, f"a model that cannot see the needle scored {acc:.3f} (chance {CHANCE:.3f})"

@@ -280,8 +280,9 @@ def test_non_causal_and_custom_scale(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("tiles,bs,G,mode", [((16, 16), 32, 1, "fused"), ((64, 16), 16, 4, "fused"),
-                                              ((32, 16), 64, 2, "fused"), ((32, 16), 64, 2, "split"),
-                                              ((16, 16), 32, 1, "split")])
+                                              pytest.param((32, 16), 64, 2, "fused", marks=pytest.mark.slow),
+                                              ((32, 16), 64, 2, "split"),
+                                              pytest.param((16, 16), 32, 1, "split", marks=pytest.mark.slow)])
 def test_tilings(monkeypatch, tiles, bs, G, mode):
     """BLOCK_N < block_size, BLOCK_M < block_size, and row tiles spanning several GQA heads."""
     monkeypatch.setenv(tri.BWD_ENV_VAR, mode)
