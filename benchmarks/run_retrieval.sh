@@ -5,7 +5,8 @@
 #   MEM=0 bash benchmarks/run_retrieval.sh           the no-memory ablation (recipes/ablation_retrieval_no_memory*)
 #   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
-#   STEPS1=1500 STEPS2=1200 ...                      fixed step counts (the ablation trained as many steps as the
+#   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
+#   STEPS1=1500 STEPS2=1200 STEPS3=800 ...           fixed step counts (the ablation trained as many steps as the
 #                                                    memory model did; max_time is lifted then)
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
@@ -13,11 +14,11 @@ set -u
 OUT=${OUT:-benchmarks/results}
 MEM=${MEM:-1}
 STAGES=${STAGES:-"1 2"}
-EVALS=${EVALS:-"passkey niah long"}
+EVALS=${EVALS-"passkey niah long"}  # EVALS="" trains only
 SAMPLES=${SAMPLES:-5}
 PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-1k,2k,4k,8k,32k,128k}
-if [ "$MEM" = 1 ]; then C1=retrieval_small_copy; C2=retrieval_small; else
-  C1=ablation_retrieval_no_memory_copy; C2=ablation_retrieval_no_memory; fi
+if [ "$MEM" = 1 ]; then C1=retrieval_small_copy; C2=retrieval_small; C3=retrieval_small_long; else
+  C1=ablation_retrieval_no_memory_copy; C2=ablation_retrieval_no_memory; C3=ablation_retrieval_no_memory_long; fi
 NAME=${NAME:-$C2}
 D="$OUT/$NAME"
 mkdir -p "$D"
@@ -26,10 +27,10 @@ pack() { tar -czf "$OUT/$NAME.tgz" -C "$OUT" "$NAME"; }
 log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
 
 for s in $STAGES; do
-  C=$([ "$s" = 1 ] && echo $C1 || echo $C2)
+  case $s in 1) C=$C1 ;; 2) C=$C2 ;; 3) C=$C3 ;; *) echo "unknown stage $s (1, 2 or 3)"; exit 2 ;; esac
   log "stage $s: memsparse-train fit --config recipes/$C.yaml"
   t0=$(date +%s)
-  N=$([ "$s" = 1 ] && echo "${STEPS1:-}" || echo "${STEPS2:-}")
+  N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; esac)
   CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
   python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$C/csv" \
@@ -44,7 +45,8 @@ for s in $STAGES; do
   pack
 done
 
-CK="outputs/$C2/export"
+LAST=$C2; for s in $STAGES; do [ "$s" = 3 ] && LAST=$C3; done  # evaluate the last stage trained
+CK="outputs/$LAST/export"
 ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
   local n=$1; shift
   log "eval $n: memsparse-eval --checkpoint $CK $*"

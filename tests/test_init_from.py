@@ -73,7 +73,8 @@ def _flat(d, prefix=""):
 
 
 @pytest.mark.parametrize("main_recipe,ablation", [("retrieval_small_copy", "ablation_retrieval_no_memory_copy"),
-                                                  ("retrieval_small", "ablation_retrieval_no_memory")])
+                                                  ("retrieval_small", "ablation_retrieval_no_memory"),
+                                                  ("retrieval_small_long", "ablation_retrieval_no_memory_long")])
 def test_retrieval_ablation_differs_only_in_the_memory(main_recipe, ablation):
     import yaml
 
@@ -96,11 +97,14 @@ def test_stage_two_starts_from_stage_one():
 
     recipes = Path(__file__).parent.parent / "recipes"
     for stage1, stage2 in (("retrieval_small_copy", "retrieval_small"),
-                           ("ablation_retrieval_no_memory_copy", "ablation_retrieval_no_memory")):
+                           ("ablation_retrieval_no_memory_copy", "ablation_retrieval_no_memory"),
+                           ("retrieval_small", "retrieval_small_long"),
+                           ("ablation_retrieval_no_memory", "ablation_retrieval_no_memory_long")):
         s1 = yaml.safe_load((recipes / f"{stage1}.yaml").read_text())
         s2 = yaml.safe_load((recipes / f"{stage2}.yaml").read_text())
         root = s1["trainer"]["default_root_dir"]
         init = [c for c in s2["trainer"]["callbacks"] if c["class_path"].endswith("InitFromWeights")]
         assert init and init[0]["init_args"]["path"] == f"{root}/export"
-        assert s2["data"]["tokenizer_dir"] == f"{root}/tokenizer"
+        # the chain's first stage trains the BPE; later stages reuse it
+        assert s2["data"]["tokenizer_dir"] == s1["data"].get("tokenizer_dir", f"{root}/tokenizer")
         assert s1["model"]["config"] == s2["model"]["config"]  # InitFromWeights needs the same architecture
