@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The mac_small recipe trained with the CUDA-graph step, on the GPU machine (about 4 minutes):
 #   bash benchmarks/run_recipe_graph.sh            (results under $OUT, default benchmarks/results)
-#   SECS=140 NAME=mac_small_graph_s3 bash benchmarks/run_recipe_graph.sh   (training time, results file stem)
+#   SECS=140 NAME=mac_small_graph_140s bash benchmarks/run_recipe_graph.sh   (training time, results file stem)
 # Same settings as the committed mac_small_compiled_h100 run (memory step compiled, accumulation 1,
 # validation every 100 steps on 4 batches), plus model.cuda_graph=true.
 set -u
