@@ -1,7 +1,10 @@
 """Test setup: CPU-only, seeded; Triton kernels run through the interpreter (set before triton is imported)."""
 
 import os
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (tiny_recipe.py) import by name
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

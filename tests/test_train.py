@@ -34,11 +34,9 @@ from memsparse.tokenizer import load_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
-TINY_MODEL = {
-    "dim": 32, "depth": 2, "heads": 2, "kv_heads": 1, "head_dim": 16, "mlp_hidden": 64, "block_size": 16,
-    "segment": 32, "window": 64, "persistent_tokens": 16, "memory_layers": [1],
-    "memory": {"heads": 2, "head_dim": 16, "depth": 1, "chunk_size": 16},
-}
+from tiny_recipe import tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+
+TINY_MODEL = tiny_model()
 
 
 def tiny_config(root: Path, **over) -> Path:
