@@ -3,7 +3,9 @@
 #   bash benchmarks/run_retrieval.sh                 memory model: recipes/retrieval_small_copy.yaml, then
 #                                                    recipes/retrieval_small.yaml, then the eval grid
 #   MEM=0 bash benchmarks/run_retrieval.sh           the no-memory ablation (recipes/ablation_retrieval_no_memory*)
-#   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run
+#   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run; EVALS=nowrite: the
+#                                                    passkey grid (NOWRITE_LENGTHS, default 1k,8k,32k) with the
+#                                                    memory's writes off (memsparse-eval --no-memory-writes)
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
 #   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 ...           fixed step counts (the ablation trained as many steps as the
@@ -61,6 +63,8 @@ for e in $EVALS; do
     passkey) ev passkey --tasks passkey --lengths "$PASSKEY_LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     niah) ev niah --tasks niah_single,niah_multikey --lengths 8k,32k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
+    nowrite) ev passkey_no_memory_writes --tasks passkey --lengths "${NOWRITE_LENGTHS:-1k,8k,32k}" \
+      --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" --no-memory-writes ;;
   esac
 done
 log "done"

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consolidation", default=None,
                    help="override consolidation: off | fixed:N | schedule:a=1,n_max=8 "
                         "(+ replay=segment|surprising, replay_tokens=K)")
+    p.add_argument("--memory-writes", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-memory-writes: nothing evicted is written to the memory (an ablation of what it carries)")
     p.add_argument("--sweep", default=None,
                    help="budget=SPEC1;SPEC2;... or consolidation=off;fixed:1;... : one combined table + line plot")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(f"cannot load checkpoint {ckpt.path}: {e}")
     model = model.to(device).eval()
+    if not args.memory_writes:
+        if not model.config.memory_layer_ids():
+            parser.error("--no-memory-writes: the checkpoint has no memory layers")
+        model.set_memory_writes(False)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda_graph": cuda_graph,
         "tasks": plan.tasks, "lengths": plan.lengths, "depths": plan.depths, "samples": plan.samples,
         "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,
-        "model_budget": model.config.budget, "sweep_kind": plan.sweep_kind, "sweep_specs": plan.sweep_specs,
+        "model_budget": model.config.budget, "memory_writes": args.memory_writes,
+        "sweep_kind": plan.sweep_kind, "sweep_specs": plan.sweep_specs,
         "mem_measure": rows[0]["mem_measure"] if rows else None, "model_config": ckpt.config,
         "total_wall_s": time.time() - t0, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
         "argv": list(sys.argv[1:] if argv is None else argv), "environment": environment(),

@@ -287,6 +287,7 @@ class Block(nn.Module):
         self.gate = SurpriseGate(cfg.memory.heads, cfg.surprise_gate) if has_memory else None
         self.mag_gate = nn.Linear(cfg.dim, cfg.dim) if has_memory and cfg.variant == "mag" else None
         self.policy = parse_policy(cfg.budget)
+        self.memory_writes = True  # False: evicted segments are not written (an ablation; see set_memory_writes)
 
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, batch: int, device, dtype) -> LayerState:
@@ -333,7 +334,7 @@ class Block(nn.Module):
                 read_states.append(mem_state)
                 if s1 % S == 0:  # segment s1//S - 1 complete: evict segment (s1//S - 1) - w_seg
                     ev = s1 // S - 1 - w_seg
-                    if ev >= 0:
+                    if ev >= 0 and self.memory_writes:
                         e0 = ev * S - c0
                         seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
                         seq_len = total_len if total_len is not None else s1
@@ -620,6 +621,12 @@ class MemSparseLM(nn.Module):
         self.config.budget = spec
         for blk in self.blocks:
             blk.policy = policy
+
+    def set_memory_writes(self, enabled: bool) -> None:
+        """Switch the memory's writes on or off. Off, every memory stays at its learned initial weights whatever the
+        stream evicts (reads still run): the inference-time ablation that shows what the memory carries."""
+        for blk in self.blocks:
+            blk.memory_writes = bool(enabled)
 
     def set_consolidation(self, consolidation: ConsolidationConfig) -> None:
         """Switch the consolidation schedule (all layers share the model's config object)."""

@@ -147,6 +147,14 @@ def test_end_to_end_grid(tmp_path, ckpt):
     assert not (out / "wandb").exists()
 
 
+def test_no_memory_writes_is_recorded(tmp_path, ckpt):
+    out = tmp_path / "out"
+    assert cli.main(_args(ckpt, out, "--tasks", "passkey", "--lengths", "512", "--depths", "0", "--samples", "1",
+                          "--no-wandb", "--no-memory-writes")) == 0
+    data, _ = _read(out)
+    assert data["meta"]["memory_writes"] is False
+
+
 def test_oracle_scores_one(tmp_path, ckpt, monkeypatch):
     """A model that reads the pass key from the prompt scores 1 everywhere; text after <eos> is cut."""
     tok = ByteTokenizer()

@@ -67,6 +67,21 @@ def test_eviction_writes_only_what_left_the_window():
     assert int(st.layers[1].memory.step[0]) == 5 * 16
 
 
+def test_memory_writes_off_keeps_the_initial_memory():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 112), generator=torch.Generator().manual_seed(2))
+    full_on, st_on = model.stream(ids)
+    model.set_memory_writes(False)
+    full_off, st_off = model.stream(ids)
+    torch.testing.assert_close(mem_flat(st_off), mem_flat(model.init_state(1)), rtol=0, atol=0)
+    assert (mem_flat(st_on) - mem_flat(st_off)).abs().max() > 0
+    # before the first eviction (window 32 + one segment) both read the initial memory; afterwards they differ
+    torch.testing.assert_close(full_off[:, :48], full_on[:, :48], rtol=0, atol=0)
+    assert (full_off[:, 64:] - full_on[:, 64:]).abs().max() > 1e-6
+    model.set_memory_writes(True)
+    torch.testing.assert_close(model.stream(ids)[0], full_on, rtol=0, atol=0)
+
+
 def test_zero_surprise_gates_never_change_memory():
     model = tiny_model()
     with torch.no_grad():
