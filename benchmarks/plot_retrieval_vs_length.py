@@ -4,6 +4,9 @@
         --run "memory=DIR_A/eval_passkey/results.json" --run "no memory=DIR_B/eval_passkey/results.json" \\
         --out accuracy_vs_length.png
 
+A run may name several results files (LABEL=a.json,b.json): their cells are merged (e.g. a 1K-32K grid and a 1M
+cell of the same model).
+
 Left panel: greedy exact match averaged over all depths of a length; right panel: over the depths below 1 only
 (the key well before the question, beyond a short window), with the key at depth 1 (just before the question)
 drawn dashed. A vertical line marks the attention window. Also writes the numbers plotted as a CSV beside the PNG.
@@ -41,7 +44,8 @@ def summarise(cells: dict[int, dict[float, float]]) -> list[dict]:
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="append", required=True, help="LABEL=path/to/results.json (repeatable)")
+    ap.add_argument("--run", action="append", required=True,
+                    help="LABEL=path/to/results.json[,more.json] (repeatable; a run's files are merged)")
     ap.add_argument("--task", default="passkey")
     ap.add_argument("--window", type=int, default=None, help="attention window in tokens (vertical line)")
     ap.add_argument("--title", default=None)
@@ -57,10 +61,15 @@ def main(argv=None) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     table = []
     for spec in args.run:
-        label, sep, path = spec.partition("=")
-        if not sep or not Path(path).is_file():
-            raise SystemExit(f"--run must be LABEL=results.json of an existing file, got {spec!r}")
-        rows = summarise(by_length(json.loads(Path(path).read_text()), args.task))
+        label, sep, paths = spec.partition("=")
+        files = [Path(p) for p in paths.split(",")]
+        if not sep or not all(f.is_file() for f in files):
+            raise SystemExit(f"--run must be LABEL=results.json[,more.json] of existing files, got {spec!r}")
+        cells: dict[int, dict[float, float]] = {}
+        for f in files:  # several grids of one model (e.g. 1K-32K and 1M) on one line
+            for n, d in by_length(json.loads(f.read_text()), args.task).items():
+                cells.setdefault(n, {}).update(d)
+        rows = summarise(dict(sorted(cells.items())))
         xs = [r["length"] for r in rows]
         line, = axes[0].plot(xs, [r["mean"] for r in rows], marker="o", label=label)
         axes[1].plot(xs, [r["mean_depth_below_1"] for r in rows], marker="o", color=line.get_color(),

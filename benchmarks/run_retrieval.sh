@@ -8,7 +8,9 @@
 #                                                    memory's writes off (memsparse-eval --no-memory-writes)
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
 #   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
-#   STEPS1=1500 STEPS2=1200 STEPS3=800 ...           fixed step counts (the ablation trained as many steps as the
+#   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
+#                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
+#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    fixed step counts (the ablation trained as many steps as the
 #                                                    memory model did; max_time is lifted then)
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
@@ -29,25 +31,30 @@ pack() { tar -czf "$OUT/$NAME.tgz" -C "$OUT" "$NAME"; }
 log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
 
 for s in $STAGES; do
-  case $s in 1) C=$C1 ;; 2) C=$C2 ;; 3) C=$C3 ;; *) echo "unknown stage $s (1, 2 or 3)"; exit 2 ;; esac
-  log "stage $s: memsparse-train fit --config recipes/$C.yaml"
+  # stage 4 = stage 3 once more from its own export (an overlay recipe); O names the run's outputs/ directory
+  CFG=(); case $s in 1) C=$C1; O=$C1 ;; 2) C=$C2; O=$C2 ;; 3) C=$C3; O=$C3 ;;
+    4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
+    *) echo "unknown stage $s (1, 2, 3 or 4)"; exit 2 ;; esac
+  CFG=(--config "recipes/$C.yaml" "${CFG[@]}")
+  log "stage $s: memsparse-train fit ${CFG[*]}"
   t0=$(date +%s)
-  N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; esac)
+  N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; 4) echo "${STEPS4:-}" ;; esac)
   CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
-  python3 -m memsparse.train.cli fit --config "recipes/$C.yaml" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" \
-    --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$C/csv" \
-    > "$D/train_$C.log" 2>&1
+  python3 -m memsparse.train.cli fit "${CFG[@]}" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" \
+    --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$O/csv" \
+    > "$D/train_$O.log" 2>&1
   log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"
-  tail -4 "$D/train_$C.log"
-  m=$(ls -t $(find "outputs/$C/csv" -name metrics.csv) 2>/dev/null | head -1)
-  [ -n "$m" ] && cp "$m" "$D/metrics_$C.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$C" --out "$D" \
-    --device "$DEV" --command "memsparse-train fit --config recipes/$C.yaml" > /dev/null 2>&1
-  cp "outputs/$C/phase_times.json" "$D/phase_times_$C.json" 2>/dev/null
-  [ -d "outputs/$C/retrieval" ] && cp -r "outputs/$C/retrieval" "$D/retrieval_while_training_$C"
+  tail -4 "$D/train_$O.log"
+  m=$(ls -t $(find "outputs/$O/csv" -name metrics.csv) 2>/dev/null | head -1)
+  [ -n "$m" ] && cp "$m" "$D/metrics_$O.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$O" --out "$D" \
+    --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
+  cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null
+  [ -d "outputs/$O/retrieval" ] && cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
   pack
 done
 
-LAST=$C2; for s in $STAGES; do [ "$s" = 3 ] && LAST=$C3; done  # evaluate the last stage trained
+LAST=$C2  # evaluate the last stage trained
+for s in $STAGES; do case $s in 3) LAST=$C3 ;; 4) LAST=${C3}_more ;; esac; done
 CK="outputs/$LAST/export"
 ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
   local n=$1; shift

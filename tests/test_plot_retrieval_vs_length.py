@@ -38,6 +38,15 @@ def test_plotted_numbers_are_the_depth_means(tmp_path):
     assert float(rows["none", 1024]["mean"]) == pytest.approx(0.3)
 
 
+def test_a_run_merges_several_results_files(tmp_path):
+    a = _results(tmp_path / "a.json", {(1024, 0.0): 1.0, (1024, 1.0): 0.0})
+    b = _results(tmp_path / "b.json", {(1048576, 0.5): 1.0})
+    png = plot_rvl.main(["--run", f"mem={a},{b}", "--out", str(tmp_path / "p.png")])
+    rows = {int(r["length"]): r for r in csv.DictReader(open(png.with_suffix(".csv")))}
+    assert set(rows) == {1024, 1048576} and float(rows[1048576]["mean"]) == 1.0
+    assert float(rows[1024]["mean"]) == pytest.approx(0.5)
+
+
 def test_bad_run_argument_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="LABEL=results.json"):
         plot_rvl.main(["--run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")])

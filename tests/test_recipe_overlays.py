@@ -1,0 +1,47 @@
+"""recipes/overlays/: each continues its base recipe from the base's own export and changes nothing else."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("lightning")
+
+from memsparse.train.cli import main  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+OVERLAYS = sorted((RECIPES / "overlays").glob("continue_*.yaml"))
+
+
+def _resolved(capsys, *configs: Path) -> dict:
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--print_config"])
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_there_are_overlays():
+    assert {p.stem for p in OVERLAYS} >= {"continue_retrieval_small_long", "continue_ablation_retrieval_no_memory_long"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.stem for p in OVERLAYS])
+def test_overlay_continues_its_base_from_its_own_export(overlay, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{overlay.stem.removeprefix('continue_')}.yaml"
+    a = _resolved(capsys, base)
+    b = _resolved(capsys, base, overlay)
+    root = a["trainer"]["default_root_dir"]
+    assert b["trainer"]["default_root_dir"] == f"{root}_more"
+    init = [c for c in b["trainer"]["callbacks"] if c["class_path"].endswith("InitFromWeights")]
+    assert len(init) == 1 and init[0]["init_args"]["path"] == f"{root}/export"
+    others = lambda cfg: [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith("InitFromWeights")]  # noqa: E731
+    assert others(a) == others(b)
+    for cfg in (a, b):
+        cfg["trainer"].pop("callbacks"), cfg["trainer"].pop("default_root_dir")
+    assert a == b
