@@ -10,6 +10,7 @@
 #   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
 #   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
 #                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
+#   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    fixed step counts (the ablation trained as many steps as the
 #                                                    memory model did; max_time is lifted then)
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
@@ -36,11 +37,12 @@ for s in $STAGES; do
     4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
     *) echo "unknown stage $s (1, 2, 3 or 4)"; exit 2 ;; esac
   CFG=(--config "recipes/$C.yaml" "${CFG[@]}")
-  log "stage $s: memsparse-train fit ${CFG[*]}"
+  log "stage $s: memsparse-train fit ${CFG[*]} ${TRAIN_ARGS:-}"
   t0=$(date +%s)
   N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; 4) echo "${STEPS4:-}" ;; esac)
   CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
-  python3 -m memsparse.train.cli fit "${CFG[@]}" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" \
+  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
+  python3 -m memsparse.train.cli fit "${CFG[@]}" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" ${TRAIN_ARGS:-} \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$O/csv" \
     > "$D/train_$O.log" 2>&1
   log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"

@@ -69,15 +69,22 @@ class BPETokenizer:
 Tokenizer = ByteTokenizer | BPETokenizer
 
 
-def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
-    """Train a byte-level BPE with `vocab_size` entries (specials included) on an iterator of texts."""
+def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, min_frequency: int = 2,
+              split_digits: bool = True) -> BPETokenizer:
+    """Train a byte-level BPE with `vocab_size` entries (specials included) on an iterator of texts.
+
+    `split_digits`: every digit is a token of its own (as in LLaMA's tokenizer), so a number of n digits is n tokens
+    whatever the corpus held; without it a number may be one merged token or an uneven split (" 32684" one token,
+    " 89625" four), and a key made of a token the corpus merged is one the model rarely learns to copy."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIALS):
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} for a byte-level BPE, got {vocab_size}")
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -182,6 +182,24 @@ def test_bpe_trained_on_train_docs_saved_and_reloaded(tmp_path):
     assert c.tokenizer.encode(text) == a.tokenizer.encode(text)
     with pytest.raises(ValueError, match="vocab_size=300"):
         _dm(tmp_path, tokenizer="bpe", vocab_size=320)
+    with pytest.raises(ValueError, match="split_digits=True.*bpe_split_digits=False"):
+        _dm(tmp_path, tokenizer="bpe", vocab_size=300, val_fraction=0.3, bpe_split_digits=False)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_bpe_digits_one_token_each(split):
+    from memsparse.tokenizer import train_bpe
+
+    docs = [f"x = {n} + {n * 7} # 32684 32684 32684 {n:05d}\n" * 3 for n in range(300)]
+    tok = train_bpe(iter(docs), 400, split_digits=split)
+    for text in ("The pass key is 32684. Remember it.", "a = 3.14159e10\n\tf(12, 007)"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in tok.encode(" 32684")]
+    if split:
+        assert pieces[-5:] == list("32684") and all(len(p.strip()) <= 1 for p in pieces)
+    else:  # without the split the corpus's frequent number is merged
+        assert len(pieces) < 5
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

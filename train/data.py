@@ -257,6 +257,8 @@ class MemSparseDataModule(LightningDataModule):
         tokenizer: "byte", "bpe" (trained on the training documents, saved in `tokenizer_dir`, reloaded
             from there if present), or the path of a saved tokenizer.
         vocab_size: BPE vocabulary size (specials included); ignored for "byte" (259).
+        bpe_split_digits: a BPE trained here makes every digit a token of its own (numbers copy digit by digit;
+            a saved BPE keeps the way it was trained, and asking for the other way is an error).
         tokenizer_dir: where the BPE is saved/loaded; None: `<trainer.default_root_dir>/tokenizer` (stable
             across resumes, unlike the versioned log dir), or `./outputs/tokenizer` without a trainer.
         seq_len: tokens per sequence (inputs and labels are both seq_len long).
@@ -288,6 +290,7 @@ class MemSparseDataModule(LightningDataModule):
         stdlib_limit: int | None = None,
         tokenizer: str = "byte",
         vocab_size: int = 8192,
+        bpe_split_digits: bool = True,
         tokenizer_dir: str | None = None,
         seq_len: int = 1024,
         batch_size: int = 8,
@@ -385,6 +388,7 @@ class MemSparseDataModule(LightningDataModule):
             self.tokenizer_path = str(tokenizer)
             self.vocab_size = self.tokenizer.vocab_size
         self._requested_vocab = vocab_size
+        self.bpe_split_digits = bpe_split_digits
 
         self.train_dataset: MixtureDataset | None = None
         self.val_dataset: MixtureDataset | None = None
@@ -444,10 +448,11 @@ class MemSparseDataModule(LightningDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         if not (directory / _TOKENIZER_META).exists() and (not distributed or trainer.is_global_zero):
             train_docs = self.tokenizer_documents()
-            tok = train_bpe(iter(train_docs), self._requested_vocab)
+            tok = train_bpe(iter(train_docs), self._requested_vocab, split_digits=self.bpe_split_digits)
             tok.save(directory)
             (directory / _DATA_META).write_text(json.dumps(
-                {"vocab_size": self._requested_vocab, "train_documents": len(train_docs),
+                {"vocab_size": self._requested_vocab, "split_digits": self.bpe_split_digits,
+                 "train_documents": len(train_docs),
                  "train_fingerprint": _fingerprint(train_docs)}))
         if distributed:
             trainer.strategy.barrier("memsparse_tokenizer")
@@ -465,6 +470,11 @@ class MemSparseDataModule(LightningDataModule):
                 f"the BPE saved in {directory} was trained with vocab_size={meta.get('vocab_size', tok.vocab_size)}"
                 f", but data.vocab_size={self._requested_vocab} is asked for: remove it or set another "
                 "data.tokenizer_dir")
+        if meta.get("split_digits", self.bpe_split_digits) != self.bpe_split_digits:  # older BPEs: not recorded
+            raise DataConfigError(
+                f"the BPE saved in {directory} was trained with split_digits={meta['split_digits']}, but "
+                f"data.bpe_split_digits={self.bpe_split_digits} is asked for: set it to {meta['split_digits']}, "
+                "remove the directory or set another data.tokenizer_dir")
         if "train_fingerprint" in meta:
             train_docs = self.tokenizer_documents()
             if meta["train_fingerprint"] != _fingerprint(train_docs):
