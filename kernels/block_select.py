@@ -1,7 +1,9 @@
 """Block selection for sparse attention: pooled-query x pooled-key scores, forced blocks, a budget policy.
 
-Output is already in the kernel's index format (sorted, padded with -1, int32). Fused torch ops: it runs on
-any device; its cost is part of every "adaptive" timing.
+Output is already in the kernel's index format (sorted, padded with -1, int32). `impl` picks the path: "torch"
+(the default: a chain of ~30 PyTorch ops, any device; its cost is part of every "adaptive" timing) or "triton"
+(`block_select_triton`: masks, policy and lists in one launch after the same pooling and score matmul; CUDA, or
+CPU under TRITON_INTERPRET=1). "auto" is "torch" until the fused path has been checked and timed on the GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import math
 import torch
 from torch import Tensor
 
+from . import block_select_triton as _tri
 from .budget import BudgetPolicy, parse_policy
+
+IMPLS = ("auto", "torch", "triton")
 
 
 def block_pool(x: Tensor, block_size: int) -> Tensor:
@@ -36,10 +41,41 @@ def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> T
     return torch.cat([qg[:, :, :1], pooled[:, :, :-1]], dim=2)
 
 
+def resolve_impl(q: Tensor, policy: BudgetPolicy, impl: str = "torch") -> str:
+    """Which path `select_blocks` takes: "torch" or "triton" ("auto" is "torch" until the fused kernel has been
+    checked and timed on the GPU). Raises ValueError for an unknown impl or a "triton" that cannot run here."""
+    if impl not in IMPLS:
+        raise ValueError(f"select_blocks: impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "triton":
+        return "torch"
+    reason = _tri.unsupported_reason(q, policy)
+    if reason is not None:
+        raise ValueError(f"select_blocks(impl='triton') cannot run here: {reason}")
+    return "triton"
+
+
+def _raw_scores(q: Tensor, k: Tensor, bs: int, num_kv_heads: int, q_select: Tensor | None,
+                k_pool: Tensor | None) -> Tensor:
+    """Pooled-query x pooled-key products `(B, Hkv, NQ, NK)`, not yet scaled (both paths: identical scores)."""
+    k_pool = block_pool(k, bs) if k_pool is None else k_pool
+    q_sel = causal_selection_queries(q, num_kv_heads, bs) if q_select is None else q_select.float()
+    return torch.einsum("bhnd,bhkd->bhnk", q_sel, k_pool)
+
+
+def list_width(policy: BudgetPolicy, nk: int, block_size: int, sink_blocks: int, local_blocks: int,
+               max_visible_blocks: int | None = None) -> int:
+    """The index lists' width `kmax`, from host-side bounds: no device sync on the hot path (visible tokens are
+    counted over complete blocks, one more than the keys present when the queries are not block-aligned)."""
+    vis_bound = nk if max_visible_blocks is None else min(nk, max_visible_blocks)
+    forced_bound = min(nk, sink_blocks + local_blocks + 1)
+    return max(1, min(nk, policy.max_count(vis_bound, (vis_bound + 1) * block_size, forced_bound, block_size)))
+
+
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy | str, causal: bool = True,
                   sink_blocks: int = 1, local_blocks: int = 1, min_key_block: Tensor | None = None,
                   q_select: Tensor | None = None, max_visible_blocks: int | None = None,
-                  return_info: bool = False, min_key: Tensor | None = None, k_pool: Tensor | None = None):
+                  return_info: bool = False, min_key: Tensor | None = None, k_pool: Tensor | None = None,
+                  impl: str = "torch"):
     """Choose the key blocks of each query block.
 
     q `(B, Hq, Lq, D)`, k `(B, Hkv, Lk, D)`, queries aligned to the end of the keys. Always kept: the first
@@ -56,6 +92,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
 
     Returns block_indices int32 `(B, Hkv, NQ, max_count)` (ascending, padded with -1) and block_counts int32
     `(B, Hkv, NQ)`; with return_info also a dict (visible blocks, forced blocks, scores).
+
+    `impl`: "torch" (default), "triton" (the fused kernel: equal lists, except that among exactly tied scores at
+    the cut it keeps the lower index where torch.topk's choice is unspecified) or "auto" (= "torch" for now).
     """
     policy = parse_policy(policy)
     if local_blocks < 1:
@@ -68,6 +107,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
         raise ValueError(f"select_blocks: incompatible q{tuple(q.shape)} and k{tuple(k.shape)}")
     bs = block_size
     nq, nk = math.ceil(Lq / bs), math.ceil(Lk / bs)
+    if resolve_impl(q, policy, impl) == "triton":
+        raw = _raw_scores(q, k, bs, Hkv, q_select, k_pool)
+        kmax = list_width(policy, nk, bs, sink_blocks, local_blocks, max_visible_blocks)
+        return _tri.select_from_scores(raw, scale=D ** -0.5, block_size=bs, policy=policy, causal=causal,
+                                       sink_blocks=sink_blocks, local_blocks=local_blocks, Lq=Lq, Lk=Lk, kmax=kmax,
+                                       min_key_block=None if min_key is not None else min_key_block,
+                                       min_key=min_key, return_info=return_info)
     dev = q.device
     off = Lk - Lq
     m = torch.arange(nq, device=dev)
@@ -103,19 +149,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
         scored = allowed if policy.reads_scores else None
         visible_tokens = (torch.clamp(Lk - j[None, :] * bs, 0, bs) * allowed).sum(-1)
 
-    k_pool = block_pool(k, bs) if k_pool is None else k_pool
-    q_sel = causal_selection_queries(q, Hkv, bs) if q_select is None else q_select.float()
-    scores = torch.einsum("bhnd,bhkd->bhnk", q_sel, k_pool) * (D ** -0.5)
+    scores = _raw_scores(q, k, bs, Hkv, q_select, k_pool) * (D ** -0.5)
 
     allowed_b = allowed.expand(B, Hkv, nq, nk)
     forced_b = forced.expand(B, Hkv, nq, nk)
     counts = policy.num_blocks(scores, allowed_b, forced_b, visible_tokens.expand(B, Hkv, nq), bs,
                                None if scored is None else scored.expand(B, Hkv, nq, nk))
-    # list width from host-side bounds: no device sync on the hot path (visible tokens are counted over
-    # complete blocks, one more than the keys present when the queries are not block-aligned)
-    vis_bound = nk if max_visible_blocks is None else min(nk, max_visible_blocks)
-    forced_bound = min(nk, sink_blocks + local_blocks + 1)
-    kmax = max(1, min(nk, policy.max_count(vis_bound, (vis_bound + 1) * bs, forced_bound, bs)))
+    kmax = list_width(policy, nk, bs, sink_blocks, local_blocks, max_visible_blocks)
     rank = scores.masked_fill(forced_b, math.inf).masked_fill(~allowed_b, -math.inf)
     counts = torch.clamp(counts, max=kmax)  # a too-small hint would cut lists: callers pass an upper bound
     idx = torch.topk(rank, kmax, dim=-1).indices
