@@ -16,6 +16,15 @@ reached 0.9 teacher-forced accuracy by step 425-575 with the answer-only loss an
 the loss on all tokens (the same code on a GPU). The models sit at the chance plateau (answer loss ln(24)/3 = 1.06)
 for 100-300 steps, then learn within 50-100; 250 steps left one reference seed at 0.0 and 300 steps (constant rate)
 one at 0.85, hence 400.
+
+Training stops early once the model passes (`train(..., done=...)`): every `CHECK_EVERY` steps, while the mean
+training loss of the last 10 steps is under `CHECK_LOSS`, a teacher-forced exact match over the same held-out prompts
+(one batched forward per length; cheap) gates the greedy `run_cell` decoding, and the first check where that
+reaches `THRESHOLD` at every length ends the run. A model that never gets there trains all `STEPS` and is judged
+by the greedy decoding at the end, as before, so a run passes whenever the full 400 steps would. Measured with it
+(CPU): seed 0, the test's, stops at step 130 (reference), 140 (memsparse_dense) and 170 (memsparse_memory: 0.9 and
+0.825 at 96 and 128 tokens); memsparse_memory seed 1 at 310, reference seed 2 at 320. The full 400-step runs of
+seeds 0-3 (CPU, one thread) ended at the accuracies above.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from memsparse.eval.harness import PeakMemory, run_cell
+from memsparse.eval.harness import PeakMemory, run_cell, sample_seed
 from memsparse.eval.tasks.base import Layout, Needle, NeedleTask, Piece, Template
 from memsparse.eval.tasks.haystacks import NoiseHaystack
 from memsparse.eval.tasks.kinds import Kind
@@ -83,6 +92,9 @@ STEPS, BATCH, LR, WARMUP = 400, 16, 3e-3, 20
 EVAL_LENGTH, EVAL_DEPTHS, EVAL_SAMPLES, EVAL_SEED = 96, (0.0, 0.25, 0.5, 0.75, 1.0), 8, 1
 THRESHOLD = 0.8
 SEED = 0
+# early stop: checks every CHECK_EVERY steps while the last 10 training losses average under CHECK_LOSS (the chance
+# plateau is 1.06; one reference seed reached 0.975 greedy exact match at a 10-step mean loss of 0.23)
+CHECK_EVERY, CHECK_LOSS = 10, 0.5
 
 SMALL = dict(vocab_size=TOK.vocab_size, dim=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_hidden=172,
              block_size=16, persistent_tokens=16,
@@ -102,45 +114,111 @@ MODELS = {
 }
 
 
-def training_batches(seed: int = SEED) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """STEPS batches (input_ids, labels) `(BATCH, L)`, L from LENGTHS; labels only on the answer and its eos."""
-    order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(LENGTHS)), STEPS))
-    sets = {L: SyntheticTaskDataset(TASK, STEPS * BATCH, [L], L, TOK, seed, source=1, loss="answer") for L in LENGTHS}
-    used = dict.fromkeys(LENGTHS, 0)
-    out = []
-    for k in order:
-        L = LENGTHS[k]
-        items = [sets[L][used[L] + i] for i in range(BATCH)]
-        used[L] += BATCH
-        out.append((torch.stack([it["input_ids"] for it in items]), torch.stack([it["labels"] for it in items])))
-    return out
+class TrainingBatches:
+    """STEPS batches (input_ids, labels) `(BATCH, L)`, L from LENGTHS; labels only on the answer and its eos. Each
+    is made on first use and kept (the runs stop early, so most of the later ones are never needed)."""
+
+    def __init__(self, seed: int = SEED) -> None:
+        order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(LENGTHS)), STEPS))
+        self.sets = {L: SyntheticTaskDataset(TASK, STEPS * BATCH, [L], L, TOK, seed, source=1, loss="answer")
+                     for L in LENGTHS}
+        used = dict.fromkeys(LENGTHS, 0)
+        self.spans = []  # (length, first item) of each step, in order
+        for k in order:
+            self.spans.append((LENGTHS[k], used[LENGTHS[k]]))
+            used[LENGTHS[k]] += BATCH
+        self.made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if step not in self.made:
+            L, first = self.spans[step]
+            items = [self.sets[L][first + i] for i in range(BATCH)]
+            self.made[step] = (torch.stack([it["input_ids"] for it in items]),
+                               torch.stack([it["labels"] for it in items]))
+        return self.made[step]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
-def train(model: torch.nn.Module, batches) -> torch.nn.Module:
-    """The shared recipe: AdamW (betas 0.9/0.95, weight decay 0.1), warmup + cosine to LR/10, clipping at 1."""
+def training_batches(seed: int = SEED) -> TrainingBatches:
+    return TrainingBatches(seed)
+
+
+def train(model: torch.nn.Module, batches, done=None) -> tuple[torch.nn.Module, int]:
+    """The shared recipe: AdamW (betas 0.9/0.95, weight decay 0.1), warmup + cosine to LR/10, clipping at 1.
+    With `done(model)` (called on the model in eval mode, see CHECK_EVERY / CHECK_LOSS), training stops at the first
+    check where it is true. Returns the model in eval mode and the number of steps trained."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(WARMUP, len(batches), 0.1))
     model.train()
-    for ids, labels in batches:
-        model(ids, labels=labels, return_logits=False).loss.backward()
+    losses = []
+    for step, (ids, labels) in enumerate(batches, 1):
+        loss = model(ids, labels=labels, return_logits=False).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-    return model.eval()
+        losses.append(loss.item())
+        if done is not None and step % CHECK_EVERY == 0 and step < len(batches) \
+                and sum(losses[-10:]) / 10 < CHECK_LOSS:
+            if done(model.eval()):
+                return model, step
+            model.train()
+    return model.eval(), len(batches)
 
 
 def greedy_accuracy(model, length: int = EVAL_LENGTH) -> float:
     """Mean exact match over EVAL_DEPTHS x EVAL_SAMPLES held-out prompts, decoded by `run_cell` (memsparse-eval)."""
     with torch.inference_mode():
-        rows = [run_cell(model, TOK, TASK, length, d, EVAL_SAMPLES, EVAL_SEED + i, CPU, PeakMemory(CPU))
-                for i, d in enumerate(EVAL_DEPTHS)]
+        rows = [run_cell(model, TOK, TASK, length, d, EVAL_SAMPLES, EVAL_SEED + i, CPU, PeakMemory(CPU),
+                         teacher_forced=False) for i, d in enumerate(EVAL_DEPTHS)]
     return sum(r["accuracy"] for r in rows) / len(rows)
 
 
-def trained(name: str, batches, seed: int = SEED) -> torch.nn.Module:
+_HELD_OUT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def teacher_forced_accuracy(model, length: int = EVAL_LENGTH) -> float:
+    """The fraction of greedy_accuracy's prompts whose answer tokens are all the argmax after prompt + answer[:j]
+    (one batched forward): the cheap gate before the greedy decoding."""
+    if length not in _HELD_OUT:
+        samples = [TASK.generate(length, d, sample_seed(EVAL_SEED + i, j), TOK)
+                   for i, d in enumerate(EVAL_DEPTHS) for j in range(EVAL_SAMPLES)]
+        _HELD_OUT[length] = (torch.tensor([s.prompt_ids + s.answer_ids for s in samples]),
+                             torch.tensor([s.answer_ids for s in samples]))
+    ids, answers = _HELD_OUT[length]
+    with torch.inference_mode():
+        logits = model(ids[:, :-1], return_logits=True).logits[:, length - 1:]
+    return (logits.argmax(-1) == answers).all(-1).float().mean().item()
+
+
+def learned(lengths, accuracies: dict):
+    """A `train(done=...)` check: the teacher-forced gate, then the greedy exact match, >= THRESHOLD at every length
+    (the greedy accuracies are recorded in `accuracies`)."""
+    def done(model) -> bool:
+        if any(teacher_forced_accuracy(model, n) < THRESHOLD for n in lengths):
+            return False
+        for n in lengths:
+            accuracies[n] = greedy_accuracy(model, n)
+            if accuracies[n] < THRESHOLD:
+                return False
+        return True
+    return done
+
+
+def trained(name: str, batches, lengths=(EVAL_LENGTH,), seed: int = SEED) -> tuple[torch.nn.Module, int, dict]:
+    """The model trained until it passes at `lengths` (or for all STEPS): (model, steps, greedy accuracy by length)."""
     torch.manual_seed(seed)
-    return train(MODELS[name](), batches)
+    accuracies = {}
+    model, steps = train(MODELS[name](), batches, done=learned(lengths, accuracies))
+    if steps == len(batches):  # never passed a check: judged at the end
+        accuracies = {n: greedy_accuracy(model, n) for n in lengths}
+    return model, steps, accuracies
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +228,17 @@ def batches():
 
 @pytest.mark.parametrize("name", ["reference", "memsparse_dense", "memsparse_memory"])
 def test_small_models_learn_to_retrieve(name, batches):
-    model = trained(name, batches)
     # memsparse_memory also at 128 tokens: a needle in the first 64 is then outside the window of the answer's segment
-    for length in (EVAL_LENGTH, 128) if name == "memsparse_memory" else (EVAL_LENGTH,):
-        acc = greedy_accuracy(model, length)
+    lengths = (EVAL_LENGTH, 128) if name == "memsparse_memory" else (EVAL_LENGTH,)
+    _, steps, accuracies = trained(name, batches, lengths)
+    for length, acc in accuracies.items():
         assert acc >= THRESHOLD, f"{name}: greedy exact match {acc:.3f} < {THRESHOLD} at {length} tokens after " \
-                                 f"{STEPS} steps (chance {CHANCE:.3f})"
+                                 f"{steps} steps (chance {CHANCE:.3f})"
 
 
 @pytest.mark.slow  # shown once (0.0 and 0.025 on seeds 0, 1); 30 s, kept out of the default run
 def test_guard_fails_when_attention_cannot_reach_the_needle(batches):
-    acc = greedy_accuracy(trained("memsparse_blocked", batches))
-    assert acc < 0.25 < THRESHOLD, f"a model that cannot see the needle scored {acc:.3f} (chance {CHANCE:.3f})"
+    _, steps, accuracies = trained("memsparse_blocked", batches)  # the same early stop: it must never trigger
+    acc = accuracies[EVAL_LENGTH]
+    assert acc < 0.25 < THRESHOLD, f"a model that cannot see the needle scored {acc:.3f} after {steps} steps " \
+                                   f"(chance {CHANCE:.3f})"
