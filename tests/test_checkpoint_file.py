@@ -81,15 +81,33 @@ def test_without_train_the_error_names_memsparse_export(trained, tmp_path, monke
         harness.resolve_checkpoint(trained[0], export_dir=tmp_path / "x")
 
 
+def _check_export(out, export):
+    assert (out / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((export / "config.json").read_text())
+    assert harness.resolve_checkpoint(out).tokenizer_source == str(out)
+
+
+def test_memsparse_export(trained, tmp_path, capsys):
+    """`memsparse-export CKPT DIR` through its entry point's function (the console script is installed and names
+    it; running it as a process is the slow test below)."""
+    from memsparse.train.export import main
+
+    assert "from memsparse.train.export import main" in (BIN / "memsparse-export").read_text()
+    ckpt, export = trained
+    out = tmp_path / "exp"
+    assert main([str(ckpt), str(out)]) == 0
+    assert capsys.readouterr().out == f"exported {ckpt} to {out}\n"
+    _check_export(out, export)
+
+
+@pytest.mark.slow  # ~6 s, mostly the process's imports; the same main runs in-process above
 def test_memsparse_export_console_script(trained, tmp_path):
     ckpt, export = trained
     out = tmp_path / "exp"
     r = subprocess.run([str(BIN / "memsparse-export"), str(ckpt), str(out)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr
-    assert (out / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
-    assert json.loads((out / "config.json").read_text()) == json.loads((export / "config.json").read_text())
-    assert harness.resolve_checkpoint(out).tokenizer_source == str(out)
+    _check_export(out, export)
 
 
 

@@ -18,7 +18,8 @@ pytest.importorskip("lightning")
 from memsparse.train.cli import main  # noqa: E402
 
 BIN = Path(sys.executable).parent
-from tiny_recipe import tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from cli_config import reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from tiny_recipe import tiny_model  # noqa: E402
 
 TINY_MODEL = tiny_model()
 
@@ -133,7 +134,7 @@ OTHER_OUTPUT_FIRST = {"wrong_text_field", "too_little_data"}
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_mistake_is_one_line_and_exit_2(case, tmp_path, capsys):
     argv = _setup(case, tmp_path)
-    with pytest.raises(SystemExit) as e:
+    with reused_parser(), pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
@@ -154,13 +155,14 @@ def test_debug_brings_the_traceback_back(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MEMSPARSE_DEBUG", "")  # restored after the test: --debug sets it to 1
     argv = ["fit", "--config", str(recipe(tmp_path)), "--model.lr", "-1"]
-    with pytest.raises(ConfigError, match="model.lr: must be > 0"):
-        main([*argv, "--debug"])
-    with pytest.raises(ConfigError, match="model.lr: must be > 0"):
-        main(argv)  # --debug set MEMSPARSE_DEBUG=1 for the processes a run launches
-    monkeypatch.setenv("MEMSPARSE_DEBUG", "0")
-    with pytest.raises(SystemExit):
-        main(argv)
+    with reused_parser():
+        with pytest.raises(ConfigError, match="model.lr: must be > 0"):
+            main([*argv, "--debug"])
+        with pytest.raises(ConfigError, match="model.lr: must be > 0"):
+            main(argv)  # --debug set MEMSPARSE_DEBUG=1 for the processes a run launches
+        monkeypatch.setenv("MEMSPARSE_DEBUG", "0")
+        with pytest.raises(SystemExit):
+            main(argv)
 
 
 def test_console_script(tmp_path):

@@ -34,7 +34,8 @@ from memsparse.tokenizer import load_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
-from tiny_recipe import tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from cli_config import print_config, reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from tiny_recipe import tiny_model  # noqa: E402
 
 TINY_MODEL = tiny_model()
 
@@ -80,10 +81,7 @@ def csv_losses(root: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_parses(recipe, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(recipe), "--print_config"])
-    assert e.value.code in (0, None)
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = print_config(["fit", "--config", str(recipe)], capsys)
     from memsparse.config import ModelConfig, from_dict
 
     from_dict(ModelConfig, cfg["model"]["config"]).validate()  # the model part is a valid ModelConfig
@@ -102,9 +100,7 @@ def test_validation_interval_may_exceed_an_epoch(tmp_path):
 
 
 def _resolved(recipe: Path, capsys) -> dict:
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(recipe), "--print_config"])
-    cfg = yaml.safe_load(capsys.readouterr().out)
+    cfg = print_config(["fit", "--config", str(recipe)], capsys)
     cfg["trainer"].pop("default_root_dir")
     return cfg
 
@@ -134,7 +130,7 @@ def test_ablations_differ_from_mac_small_in_one_thing(capsys):
 
 def test_unknown_key_is_named(tmp_path, capsys):
     cfg = tiny_config(tmp_path, **{"model.config.dimm": 64})
-    with pytest.raises(SystemExit) as e:
+    with reused_parser(), pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(cfg)])
     assert e.value.code != 0
     assert "dimm" in capsys.readouterr().err
@@ -143,11 +139,11 @@ def test_unknown_key_is_named(tmp_path, capsys):
 
 def test_wrong_type_is_named(tmp_path, capsys):
     cfg = tiny_config(tmp_path, **{"data.batch_size": "four"})
-    with pytest.raises(SystemExit):
+    with reused_parser(), pytest.raises(SystemExit):
         main(["fit", "--config", str(cfg)])
     err = capsys.readouterr().err
     assert "batch_size" in err and "four" in err
-    with pytest.raises(SystemExit):
+    with reused_parser(), pytest.raises(SystemExit):
         main(["fit", "--config", str(tiny_config(tmp_path / "b")), "--model.lr", "fast"])
     err = capsys.readouterr().err
     assert "model.lr" in err and "fast" in err
@@ -155,7 +151,7 @@ def test_wrong_type_is_named(tmp_path, capsys):
 
 def test_missing_data_path(tmp_path, capsys):
     cfg = tiny_config(tmp_path, **{"data.files": [str(tmp_path / "nope" / "corpus.jsonl")]})
-    with pytest.raises(SystemExit) as e:
+    with reused_parser(), pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(cfg)])
     assert e.value.code == 2 and "data.files: no data file matches" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
@@ -166,8 +162,9 @@ def test_missing_data_path(tmp_path, capsys):
 
 def test_quickstart_end_to_end(tmp_path):
     root = tmp_path / "qs"
+    # limit_val_batches 2, not 1: the CLI parses the number as a float and Lightning reads 1.0 as all the batches
     main(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--trainer.default_root_dir", str(root),
-          "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
           "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
           "--data.stdlib_limit", "20", "--data.batch_size", "2",
           "--last_checkpoint.every_n_train_steps", "2"])

@@ -14,9 +14,10 @@ import yaml
 
 pytest.importorskip("lightning")
 
+from cli_config import reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from memsparse.train.cli import cli, main  # noqa: E402
 from memsparse.train.data import MemSparseDataModule, read_prompts  # noqa: E402
-from tiny_recipe import tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from tiny_recipe import tiny_model  # noqa: E402
 
 from memsparse.model import MemSparseLM  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_test_errors_are_one_line(run, capsys, extra, message):
     args = ["test", "--config", str(run / "run.yaml"), *extra]
     if "--data.test_fraction" in extra:
         args += ["--ckpt_path", _ckpt(run)]
-    with pytest.raises(SystemExit) as e:
+    with reused_parser(), pytest.raises(SystemExit) as e:
         main(args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
@@ -134,6 +135,18 @@ def test_single_document_test_split_is_its_last_tokens(tmp_path):
     assert len(val) == round(0.1 * (len(full) - len(test)))
 
 
+def test_predict_without_prompts_is_one_line(run, capsys):
+    with reused_parser(), pytest.raises(SystemExit) as e:
+        main(["predict", "--config", str(run / "run.yaml"), "--ckpt_path", _ckpt(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("memsparse-train: error: memsparse-train predict needs prompts: "
+                                                   "set data.predict_file")
+
+
+# ~8 s, mostly the process's imports: the same `main` runs in-process above, and test_cli_errors.py's
+# test_console_script runs memsparse-train as a process in the default run
+@pytest.mark.slow
 def test_predict_console_script_without_prompts(run):
     """As a user runs it: exit 2 and one line naming the key."""
     import os
