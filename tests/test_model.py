@@ -147,6 +147,8 @@ def test_tiny_model_overfits_passkey_batch_through_memory():
     labels[:, -5:-1] = ids[:, -4:]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
+    # up to 60 steps, stopping once the loss is halved (at step 22 here; it was 0.09 of 2.99 at step 60); half the
+    # first loss is below the keys' own entropy, ln(10) = 2.3
     for _ in range(60):
         out = model(ids, labels=labels, return_logits=False)
         opt.zero_grad()
@@ -154,6 +156,8 @@ def test_tiny_model_overfits_passkey_batch_through_memory():
         if first is None:
             first = out.loss.item()
             assert model.blocks[0].memory.to_rates.weight.grad.abs().sum() > 0  # the memory path is trained
+        elif out.loss.item() < 0.5 * first:
+            break
         opt.step()
     assert out.loss.item() < 0.5 * first
 
