@@ -252,11 +252,11 @@ def test_fused_backward_matches_oracle(monkeypatch, case):
 
 def test_fused_and_split_backward_agree(monkeypatch):
     gen = torch.Generator().manual_seed(8)
-    q = torch.randn(1, 4, 90, 32, generator=gen)
-    k, v = torch.randn(1, 2, 110, 32, generator=gen), torch.randn(1, 2, 110, 32, generator=gen)
-    do = torch.randn(1, 4, 90, 32, generator=gen, dtype=torch.float64)
-    dlse = torch.randn(1, 4, 90, generator=gen, dtype=torch.float64)
-    idx, cnt = make_lists(1, 2, 90, 110, 16, "random", gen)
+    q = torch.randn(1, 4, 45, 32, generator=gen)  # 3 query blocks (the last partial) against 4 key blocks
+    k, v = torch.randn(1, 2, 61, 32, generator=gen), torch.randn(1, 2, 61, 32, generator=gen)
+    do = torch.randn(1, 4, 45, 32, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(1, 4, 45, generator=gen, dtype=torch.float64)
+    idx, cnt = make_lists(1, 2, 45, 61, 16, "random", gen)
 
     def fn(*t):
         return sparse_attention(*t, idx, cnt, block_size=16, return_lse=True, impl="triton")
