@@ -9,7 +9,8 @@ cell of the same model).
 
 Left panel: greedy exact match averaged over all depths of a length; right panel: over the depths below 1 only
 (the key well before the question, beyond a short window), with the key at depth 1 (just before the question)
-drawn dashed. A vertical line marks the attention window. Also writes the numbers plotted as a CSV beside the PNG.
+drawn dashed. Each left-panel point is labelled with the samples behind it (n, all depths together). A vertical
+line marks the attention window. Also writes the numbers plotted as a CSV beside the PNG.
 """
 
 from __future__ import annotations
@@ -21,24 +22,26 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def by_length(results: dict, task: str) -> dict[int, dict[float, float]]:
-    """{length: {depth: accuracy}} of one task from a memsparse-eval results.json (its `cells`)."""
-    out: dict[int, dict[float, float]] = defaultdict(dict)
+def by_length(results: dict, task: str) -> dict[int, dict[float, tuple[float, int]]]:
+    """{length: {depth: (accuracy, samples)}} of one task from a memsparse-eval results.json (its `cells`)."""
+    out: dict[int, dict[float, tuple[float, int]]] = defaultdict(dict)
     for c in results["cells"]:
         if c["task"] == task and c.get("sweep_kind") in (None, ""):
-            out[int(c["length"])][float(c["depth"])] = float(c["accuracy"])
+            out[int(c["length"])][float(c["depth"])] = (float(c["accuracy"]), int(c.get("n", 1)))
     if not out:
         raise SystemExit(f"no cells of task {task!r} in the results")
     return dict(sorted(out.items()))
 
 
-def summarise(cells: dict[int, dict[float, float]]) -> list[dict]:
+def summarise(cells: dict[int, dict[float, tuple[float, int]]]) -> list[dict]:
+    """One row a length: the mean over depths, over depths < 1, depth 1 alone, and the samples behind them."""
     rows = []
     for n, d in cells.items():
-        far = [a for depth, a in d.items() if depth < 1.0]
-        rows.append({"length": n, "mean": sum(d.values()) / len(d),
+        acc = {depth: a for depth, (a, _) in d.items()}
+        far = [a for depth, a in acc.items() if depth < 1.0]
+        rows.append({"length": n, "mean": sum(acc.values()) / len(acc),
                      "mean_depth_below_1": sum(far) / len(far) if far else float("nan"),
-                     "depth_1": d.get(1.0, float("nan"))})
+                     "depth_1": acc.get(1.0, float("nan")), "samples": sum(k for _, k in d.values())})
     return rows
 
 
@@ -72,6 +75,9 @@ def main(argv=None) -> Path:
         rows = summarise(dict(sorted(cells.items())))
         xs = [r["length"] for r in rows]
         line, = axes[0].plot(xs, [r["mean"] for r in rows], marker="o", label=label)
+        for r in rows:  # few samples make a point jump to 0 or 1: say how many stand behind it
+            axes[0].annotate(f"n={r['samples']}", (r["length"], r["mean"]), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=6, color=line.get_color())
         axes[1].plot(xs, [r["mean_depth_below_1"] for r in rows], marker="o", color=line.get_color(),
                      label=f"{label}: depths < 1")
         axes[1].plot(xs, [r["depth_1"] for r in rows], ls="--", marker="x", color=line.get_color(),

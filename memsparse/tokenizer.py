@@ -75,7 +75,9 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, min_frequen
 
     `split_digits`: every digit is a token of its own (as in LLaMA's tokenizer), so a number of n digits is n tokens
     whatever the corpus held; without it a number may be one merged token or an uneven split (" 32684" one token,
-    " 89625" four), and a key made of a token the corpus merged is one the model rarely learns to copy."""
+    " 89625" four), and a key made of a token the corpus merged is one the model rarely learns to copy. Measured
+    2026-12-02 (docs/results.md): with split digits the retrieval curriculum learned nothing beyond its window in
+    the steps that the merged BPE needed, so the retrieval recipes train with `split_digits=False`."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

@@ -16,7 +16,7 @@ _spec.loader.exec_module(plot_rvl)
 
 
 def _results(path: Path, acc: dict) -> Path:
-    cells = [{"task": "passkey", "length": n, "depth": d, "accuracy": a, "sweep_kind": None}
+    cells = [{"task": "passkey", "length": n, "depth": d, "accuracy": a, "n": 3, "sweep_kind": None}
              for (n, d), a in acc.items()]
     cells.append({"task": "niah_single", "length": 1024, "depth": 0.0, "accuracy": 1.0, "sweep_kind": None})
     path.write_text(json.dumps({"meta": {}, "cells": cells, "summary": []}))
@@ -36,6 +36,7 @@ def test_plotted_numbers_are_the_depth_means(tmp_path):
     assert float(rows["mem", 1024]["mean_depth_below_1"]) == pytest.approx(0.75)
     assert float(rows["mem", 4096]["depth_1"]) == 1.0
     assert float(rows["none", 1024]["mean"]) == pytest.approx(0.3)
+    assert int(rows["mem", 1024]["samples"]) == 9 and int(rows["none", 1024]["samples"]) == 6  # 3 a cell
 
 
 def test_a_run_merges_several_results_files(tmp_path):
