@@ -42,10 +42,14 @@ def causal_selection_queries(q: Tensor, num_kv_heads: int, block_size: int) -> T
 
 
 def resolve_impl(q: Tensor, policy: BudgetPolicy, impl: str = "torch") -> str:
-    """Which path `select_blocks` takes: "torch" or "triton" ("auto" is "torch" until the fused kernel has been
-    checked and timed on the GPU). Raises ValueError for an unknown impl or a "triton" that cannot run here."""
+    """Which path `select_blocks` takes: "torch" or "triton". "auto" is the fused kernel for CUDA tensors it
+    supports (checked equal to the torch path on an H200, 3.4-12x faster at 8K-32K:
+    docs/kernels.md) and "torch" otherwise, the interpreter included. Raises ValueError for an unknown impl or a
+    "triton" that cannot run here."""
     if impl not in IMPLS:
         raise ValueError(f"select_blocks: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if q.is_cuda and _tri.unsupported_reason(q, policy) is None else "torch"
     if impl != "triton":
         return "torch"
     reason = _tri.unsupported_reason(q, policy)
@@ -94,7 +98,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, policy: BudgetPolicy
     `(B, Hkv, NQ)`; with return_info also a dict (visible blocks, forced blocks, scores).
 
     `impl`: "torch" (default), "triton" (the fused kernel: equal lists, except that among exactly tied scores at
-    the cut it keeps the lower index where torch.topk's choice is unspecified) or "auto" (= "torch" for now).
+    the cut it keeps the lower index where torch.topk's choice is unspecified) or "auto" (the kernel for supported
+    CUDA inputs, else "torch"; `resolve_impl`). The model's choice is `ModelConfig.selection_impl`.
     """
     policy = parse_policy(policy)
     if local_blocks < 1:

@@ -123,6 +123,7 @@ class ModelConfig:
     persistent_tokens: int = 16          # learned persistent key/values per layer (multiple of block_size; 0 = none)
     budget: str = "length_scaled:c=12,min_tokens=64"  # dense | fixed:k | length_scaled:... | top_p:...
     local_blocks: int = 1                # most recent blocks always kept (diagonal included)
+    selection_impl: str = "torch"        # block selection: torch ops | triton (fused kernel) | auto (triton on CUDA)
     variant: str = "mac"                 # mac | mag | mal
     memory_layers: list[int] | None = None  # None: every layer; [] : no memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -152,6 +153,8 @@ class ModelConfig:
                f"must be a non-negative multiple of block_size={self.block_size}, got {self.persistent_tokens}")
         _check(self.variant in ("mac", "mag", "mal"), "variant", f"must be mac, mag or mal, got {self.variant!r}")
         _check(self.local_blocks >= 1, "local_blocks", f"must be >= 1, got {self.local_blocks}")
+        _check(self.selection_impl in ("torch", "triton", "auto"), "selection_impl",
+               f"must be torch, triton or auto, got {self.selection_impl!r}")
         _check(0 < self.hard_keep_fraction <= 1, "hard_keep_fraction",
                f"must be in (0, 1], got {self.hard_keep_fraction}")
         for i in self.memory_layer_ids():

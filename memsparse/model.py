@@ -502,7 +502,7 @@ class Block(nn.Module):
                                        sink_blocks=P // bs,
                                        local_blocks=cfg.local_blocks, min_key_block=min_key_block,
                                        q_select=q_sel, max_visible_blocks=(P + cfg.window + S) // bs + 1,
-                                       return_info=True, **doc_kw)
+                                       return_info=True, impl=cfg.selection_impl, **doc_kw)
         # token-weighted over spans (and averaged over layers)
         _acc(stats, "attn_kept_fraction", (cnt.double() / info["visible_blocks"].clamp_min(1)).mean(), n)
         _acc(stats, "attn_kept_blocks", cnt.double().mean(), n)

@@ -240,7 +240,8 @@ def test_model_selection_matches_on_packed_documents(monkeypatch):
 
     calls = []
 
-    def both(q, k, **kw):
+    def both(q, k, impl="torch", **kw):
+        assert impl == "torch"  # ModelConfig.selection_impl's default
         out_t = select_blocks(q, k, **kw)
         out_f = select_blocks(q, k, **kw, impl="triton")
         for a, b in zip(out_t[:2], out_f[:2]):
@@ -271,8 +272,14 @@ def test_model_selection_matches_on_packed_documents(monkeypatch):
 
 def test_impl_switch(monkeypatch):
     q, k = qk(1, 2, 1, 64, 64, seed=4)
-    assert resolve_impl(q, parse_policy("fixed:2"), "auto") == "torch"
-    assert resolve_impl(q, parse_policy("fixed:2")) == "torch"  # the default until timed on the GPU
+    auto = "triton" if q.is_cuda else "torch"  # auto: the kernel on CUDA only, never in the interpreter
+    assert resolve_impl(q, parse_policy("fixed:2"), "auto") == auto
+    assert resolve_impl(q, parse_policy("fixed:2")) == "torch"  # select_blocks' default
+
+    class Opaque(Fixed):
+        pass
+
+    assert resolve_impl(q, Opaque(k=2), "auto") == "torch"  # no fused form: auto falls back
     with pytest.raises(ValueError, match="impl must be one of"):
         select_blocks(q, k, block_size=16, policy="fixed:2", impl="reference")
 
@@ -286,7 +293,8 @@ def test_impl_switch(monkeypatch):
         select_blocks(q.cpu(), k.cpu(), block_size=16, policy="fixed:2", impl="triton")
 
 
-def test_auto_never_launches_the_kernel(monkeypatch):
+@pytest.mark.skipif(DEV != "cpu", reason="on CUDA auto is the kernel")
+def test_auto_never_launches_the_kernel_off_cuda(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("kernel launched")
 
@@ -295,6 +303,27 @@ def test_auto_never_launches_the_kernel(monkeypatch):
     a = select_blocks(q, k, block_size=16, policy="top_p:p=0.9", impl="auto")
     b = select_blocks(q, k, block_size=16, policy="top_p:p=0.9")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_model_selection_impl_gives_the_same_logits():
+    """ModelConfig.selection_impl="triton" (the fused kernel, here in the interpreter) computes the same model as
+    the torch path; an unknown value is a one-line config error naming the key."""
+    from memsparse.config import ConfigError, MemoryConfig, ModelConfig
+    from memsparse.model import MemSparseLM
+
+    kw = dict(vocab_size=50, dim=32, depth=1, heads=2, kv_heads=1, head_dim=16, mlp_hidden=32, block_size=16,
+              segment=32, window=64, persistent_tokens=16, budget="top_p:p=0.8,min=1", memory_layers=[0],
+              memory=MemoryConfig(heads=2, head_dim=16, chunk_size=16))
+    ids = torch.randint(0, 50, (1, 128), generator=torch.Generator().manual_seed(2)).to(DEV)
+    logits = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = MemSparseLM(ModelConfig(**kw, selection_impl=impl).validate()).eval().to(DEV)
+        with torch.no_grad():
+            logits[impl] = model(ids).logits
+    assert torch.equal(logits["torch"], logits["triton"])
+    with pytest.raises(ConfigError, match="selection_impl"):
+        ModelConfig(**kw, selection_impl="cuda").validate()
 
 
 def test_policy_constants_are_exact_doubles():
