@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     src.add_argument("--bpe-stdlib", type=int, metavar="N", help="train the recipes' BPE on N stdlib modules")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--split-digits", action="store_true", help="as data.bpe_split_digits: true")
+    ap.add_argument("--digit-group", type=int, default=0, help="as data.bpe_digit_group (runs of <= n digits)")
     ap.add_argument("--task", default="passkey")
     ap.add_argument("--digits", type=int, default=5, help="the task's key digits (passkey: 5)")
     ap.add_argument("--samples", type=int, default=5)
@@ -83,8 +84,9 @@ def main(argv=None) -> dict:
         from memsparse.train.data import default_documents, split_documents
 
         train_docs, _ = split_documents(default_documents(limit=args.bpe_stdlib), 0.05, seed=0)
-        tok = train_bpe(iter(train_docs), args.vocab, split_digits=args.split_digits)
-        source = f"BPE {args.vocab} on {args.bpe_stdlib} stdlib modules, split_digits={args.split_digits}"
+        tok = train_bpe(iter(train_docs), args.vocab, split_digits=args.split_digits, digit_group=args.digit_group)
+        source = (f"BPE {args.vocab} on {args.bpe_stdlib} stdlib modules, split_digits={args.split_digits}, "
+                  f"digit_group={args.digit_group}")
     stats, enc, share = key_statistics(tok, args.digits)
     rows = sample_keys(tok, args.task, args.samples, args.seed, enc, share, stats["keys"])
     for r in rows:

@@ -70,23 +70,37 @@ Tokenizer = ByteTokenizer | BPETokenizer
 
 
 def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, min_frequency: int = 2,
-              split_digits: bool = True) -> BPETokenizer:
+              split_digits: bool = True, digit_group: int = 0) -> BPETokenizer:
     """Train a byte-level BPE with `vocab_size` entries (specials included) on an iterator of texts.
 
     `split_digits`: every digit is a token of its own (as in LLaMA's tokenizer), so a number of n digits is n tokens
     whatever the corpus held; without it a number may be one merged token or an uneven split (" 32684" one token,
     " 89625" four), and a key made of a token the corpus merged is one the model rarely learns to copy. Measured
     2026-12-02 (docs/results.md): with split digits the retrieval curriculum learned nothing beyond its window in
-    the steps that the merged BPE needed, so the retrieval recipes train with `split_digits=False`."""
+    the steps that the merged BPE needed, so the retrieval recipes train with `split_digits=False`.
+
+    `digit_group` n > 0 (with `split_digits=False`): numbers are cut into runs of at most n digits before the BPE
+    learns its merges (a space before a number stays with its first run, as in " 32", "68", "4"), so every
+    number token is one of at most ~1.1 x 10^n strings and a random key is made of tokens common among keys."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIALS):
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} for a byte-level BPE, got {vocab_size}")
+    if digit_group < 0 or (digit_group and split_digits):
+        raise ValueError(f"digit_group must be 0, or > 0 with split_digits=False; got digit_group={digit_group}, "
+                         f"split_digits={split_digits}")
     tok = HFTokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
-        if split_digits else byte_level
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif digit_group:
+        from tokenizers import Regex
+
+        runs = pre_tokenizers.Split(Regex(rf" ?[0-9]{{1,{int(digit_group)}}}"), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([runs, byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

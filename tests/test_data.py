@@ -202,6 +202,29 @@ def test_bpe_digits_one_token_each(split):
         assert len(pieces) < 5
 
 
+def test_bpe_digit_groups_cut_numbers_into_short_runs(tmp_path):
+    from memsparse.tokenizer import train_bpe
+
+    docs = [f"x = {n} + {n * 7} # 32684 32684 32684 {n:05d}\n" * 3 for n in range(300)]
+    tok = train_bpe(iter(docs), 400, split_digits=False, digit_group=2)
+    for text in ("The pass key is 32684. Remember it.", "a = 3.14159e10\n\tf(12, 007)"):
+        assert tok.decode(tok.encode(text)) == text
+    pieces = [tok.decode([i]) for i in tok.encode(" 32684")]
+    assert "".join(pieces) == " 32684" and all(len(p.strip()) <= 2 for p in pieces)  # the merged BPE: one token
+    assert pieces[0].startswith(" 3")  # the space stays with the first run
+    with pytest.raises(ValueError, match="digit_group"):
+        train_bpe(iter(docs), 400, split_digits=True, digit_group=2)
+    _write_docs(tmp_path, n=10, size=600)
+    with pytest.raises(ValueError, match="data.bpe_digit_group.*bpe_split_digits false"):
+        _dm(tmp_path, tokenizer="bpe", vocab_size=300, val_fraction=0.3, bpe_digit_group=2)
+    with pytest.raises(ValueError, match="data.bpe_digit_group"):
+        _dm(tmp_path, tokenizer="bpe", vocab_size=300, bpe_split_digits=False, bpe_digit_group=-1)
+    a = _dm(tmp_path, tokenizer="bpe", vocab_size=300, val_fraction=0.3, bpe_split_digits=False, bpe_digit_group=3)
+    with pytest.raises(ValueError, match="digit_group=3.*bpe_digit_group=0"):  # the saved BPE keeps its runs
+        _dm(tmp_path, tokenizer="bpe", vocab_size=300, val_fraction=0.3, bpe_split_digits=False)
+    assert a.tokenizer.vocab_size <= 300
+
+
 # ----------------------------------------------------------------------------------------------- synthetic
 
 

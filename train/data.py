@@ -259,6 +259,8 @@ class MemSparseDataModule(LightningDataModule):
         vocab_size: BPE vocabulary size (specials included); ignored for "byte" (259).
         bpe_split_digits: a BPE trained here makes every digit a token of its own (numbers copy digit by digit;
             a saved BPE keeps the way it was trained, and asking for the other way is an error).
+        bpe_digit_group: n > 0 (with bpe_split_digits false): numbers are cut into runs of at most n digits
+            before the BPE learns its merges, so no key is a rare merged token (`train_bpe`'s digit_group).
         tokenizer_dir: where the BPE is saved/loaded; None: `<trainer.default_root_dir>/tokenizer` (stable
             across resumes, unlike the versioned log dir), or `./outputs/tokenizer` without a trainer.
         seq_len: tokens per sequence (inputs and labels are both seq_len long).
@@ -291,6 +293,7 @@ class MemSparseDataModule(LightningDataModule):
         tokenizer: str = "byte",
         vocab_size: int = 8192,
         bpe_split_digits: bool = True,
+        bpe_digit_group: int = 0,
         tokenizer_dir: str | None = None,
         seq_len: int = 1024,
         batch_size: int = 8,
@@ -389,6 +392,13 @@ class MemSparseDataModule(LightningDataModule):
             self.vocab_size = self.tokenizer.vocab_size
         self._requested_vocab = vocab_size
         self.bpe_split_digits = bpe_split_digits
+        check(isinstance(bpe_digit_group, int) and bpe_digit_group >= 0, "bpe_digit_group", "an integer >= 0",
+              bpe_digit_group)
+        if bpe_digit_group and bpe_split_digits:
+            raise DataConfigError(f"bpe_digit_group={bpe_digit_group} cuts numbers into runs, bpe_split_digits=true "
+                                  "into single digits: set data.bpe_split_digits false to use digit runs",
+                                  key="data.bpe_digit_group")
+        self.bpe_digit_group = bpe_digit_group
 
         self.train_dataset: MixtureDataset | None = None
         self.val_dataset: MixtureDataset | None = None
@@ -448,10 +458,12 @@ class MemSparseDataModule(LightningDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         if not (directory / _TOKENIZER_META).exists() and (not distributed or trainer.is_global_zero):
             train_docs = self.tokenizer_documents()
-            tok = train_bpe(iter(train_docs), self._requested_vocab, split_digits=self.bpe_split_digits)
+            tok = train_bpe(iter(train_docs), self._requested_vocab, split_digits=self.bpe_split_digits,
+                            digit_group=self.bpe_digit_group)
             tok.save(directory)
             (directory / _DATA_META).write_text(json.dumps(
                 {"vocab_size": self._requested_vocab, "split_digits": self.bpe_split_digits,
+                 "digit_group": self.bpe_digit_group,
                  "train_documents": len(train_docs),
                  "train_fingerprint": _fingerprint(train_docs)}))
         if distributed:
@@ -474,6 +486,11 @@ class MemSparseDataModule(LightningDataModule):
             raise DataConfigError(
                 f"the BPE saved in {directory} was trained with split_digits={meta['split_digits']}, but "
                 f"data.bpe_split_digits={self.bpe_split_digits} is asked for: set it to {meta['split_digits']}, "
+                "remove the directory or set another data.tokenizer_dir")
+        if meta.get("digit_group", self.bpe_digit_group) != self.bpe_digit_group:
+            raise DataConfigError(
+                f"the BPE saved in {directory} was trained with digit_group={meta['digit_group']}, but "
+                f"data.bpe_digit_group={self.bpe_digit_group} is asked for: set it to {meta['digit_group']}, "
                 "remove the directory or set another data.tokenizer_dir")
         if "train_fingerprint" in meta:
             train_docs = self.tokenizer_documents()
