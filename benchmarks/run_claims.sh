@@ -28,6 +28,10 @@
 #   KEPT_BUDGETS, KEPT_LENGTHS, KEPT_WINDOW (full | native | N), KEPT_TASK, KEPT_SAMPLES, KEPT_ARGS;
 #   CONS_TASKS, CONS_LENGTHS, CONS_DEPTHS, CONS_SAMPLES, CONS_SPECS; EVAL_ARGS (extra memsparse-eval arguments,
 #   e.g. "--device cpu --threads 1"); WANDB=1 logs the evals to W&B (default off: --no-wandb); PYTHON.
+# WINDOW=64k: the budget and consolidation evals run with memsparse-eval --window 64k (an inference-time attention
+#   window, a multiple of the segment; default: the checkpoint's), so that the budget policies choose among many
+#   more key blocks than the trained window's 10-13 (a window the model was not trained with: docs/evaluation.md).
+#   Use a fresh NAME per window; the results record it (meta.window, each cell's window).
 # CPU smoke run (tests/test_run_claims.py): tiny lengths, one task each, EVAL_ARGS/KEPT_ARGS="--device cpu ...".
 # Results and logs go to $OUT/$NAME/ and are packed into $OUT/$NAME.tgz after every step, so a cut-off run still
 # brings back what it did. Exit status: 0 when every step succeeded, 1 otherwise.
@@ -87,7 +91,7 @@ sweep() {  # sweep KIND PREFIX TASKS LENGTHS DEPTHS SAMPLES SPECS: one memsparse
     # shellcheck disable=SC2086  # EVAL_ARGS is a list of arguments
     step "$kind $g" "$D/$name.log" "$PY" -m memsparse.eval.cli --checkpoint "$CK" --no-progress "${W[@]}" \
       --out "$D/$name" --tasks "$g" --lengths "$lengths" --depths "$depths" --samples "$samples" \
-      --sweep "$kind=$specs" ${EVAL_ARGS:-}
+      --sweep "$kind=$specs" ${WINDOW:+--window "$WINDOW"} ${EVAL_ARGS:-}
     [ -f "$D/$name/results.json" ] && FILES+=("$D/$name/results.json")
   done
 }

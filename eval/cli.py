@@ -2,7 +2,8 @@
 
     memsparse-eval --checkpoint runs/x/export --tasks passkey,niah_single --lengths 1k,4k,16k,64k,256k,1m \
         --depths 0,0.25,0.5,0.75,1 --samples 4 --out eval_out [--budget-policy top_p:p=0.9,min=2] \
-        [--consolidation schedule:a=1,n_max=8] [--sweep 'budget=dense;fixed:8;top_p:p=0.9'] [--device cuda]
+        [--consolidation schedule:a=1,n_max=8] [--sweep 'budget=dense;fixed:8;top_p:p=0.9'] [--window 16k] \
+        [--device cuda]
 
 Writes results.json, results.csv, heatmap_<task>.png (and sweep_<kind>.png) into --out and logs the same to
 W&B (offline unless WANDB_MODE / WANDB_API_KEY say otherwise). Bad input fails before the model is loaded.
@@ -31,6 +32,7 @@ from .harness import (
     parse_lengths,
     parse_sweep,
     parse_tasks,
+    parse_window,
     resolve_checkpoint,
     resolve_device,
     run_eval,
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consolidation", default=None,
                    help="override consolidation: off | fixed:N | schedule:a=1,n_max=8 "
                         "(+ replay=segment|surprising, replay_tokens=K)")
+    p.add_argument("--window", default=None,
+                   help="attention window in tokens for this run (1k = 1024), a multiple of the model's segment "
+                        "(default: the checkpoint's): lets the budget policies choose among more key blocks; a "
+                        "window the model was not trained with is outside its training distribution")
     p.add_argument("--memory-writes", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-memory-writes: nothing evicted is written to the memory (an ablation of what it carries)")
     p.add_argument("--sweep", default=None,
@@ -107,12 +113,19 @@ def prepare(args: argparse.Namespace):
         except EvalInputError as e:
             raise EvalInputError(f"--token-progress: {e}") from None
     ckpt = resolve_checkpoint(args.checkpoint, args.tokenizer)
+    window = None
+    if args.window is not None:
+        from memsparse.config import ModelConfig
+
+        seg = ckpt.config.get("segment", ModelConfig.segment)
+        # a malformed segment fails when the model is loaded; the window is checked against it again in run_eval
+        window = parse_window(args.window, seg) if isinstance(seg, int) and seg > 0 else parse_length(args.window)
     tokenizer = load_checked_tokenizer(ckpt)
     check_plan(tasks, lengths, tokenizer)
     device = resolve_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise EvalInputError(f"--cuda-graph needs a CUDA device, but the device is {device}")
-    plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs)
+    plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs, window)
     return plan, ckpt, tokenizer, device
 
 
@@ -212,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--no-memory-writes: the checkpoint has no memory layers")
         model.set_memory_writes(False)
 
+    model_window = model.config.window
+    if plan.window is not None and plan.window != model_window:
+        print(f"memsparse-eval: attention window {plan.window} tokens (the checkpoint's: {model_window}): outside "
+              "the model's training distribution", file=sys.stderr)
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -225,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": plan.tasks, "lengths": plan.lengths, "depths": plan.depths, "samples": plan.samples,
         "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,
         "model_budget": model.config.budget, "memory_writes": args.memory_writes,
+        "window": model_window if plan.window is None else plan.window, "model_window": model_window,
         "sweep_kind": plan.sweep_kind, "sweep_specs": plan.sweep_specs,
         "mem_measure": rows[0]["mem_measure"] if rows else None, "model_config": ckpt.config,
         "total_wall_s": time.time() - t0, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),

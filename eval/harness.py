@@ -7,8 +7,8 @@ streamed prompt state (the training path: what `forward(prompt + answer)` predic
 model that did not learn (low teacher-forced accuracy) and an eval path that differs from training (high
 teacher-forced, low decoded) can be told apart. Per cell it records accuracy, teacher-forced token accuracy and
 exact match, wall time, tokens/s, peak memory and, when the model exposes them, the attention kept fraction and
-attention FLOPs per token. Budget policy and consolidation can be overridden for
-a run (no retraining), or swept over a list of settings into one combined table.
+attention FLOPs per token. Budget policy, consolidation and the attention window can be overridden for
+a run (no retraining); budget or consolidation can be swept over a list of settings into one combined table.
 
 Input checks (`parse_*`, `resolve_checkpoint`, `check_plan`) are cheap and run before any model work.
 """
@@ -166,6 +166,20 @@ def parse_consolidation(spec: str) -> dict:
     return out
 
 
+def parse_window(text: str | int, segment: int) -> int:
+    """An attention window override in tokens ('16k' -> 16384, as `parse_length`), checked against the model's
+    `segment`: a positive multiple of it (so at least one segment)."""
+    try:
+        window = parse_length(text)
+    except EvalInputError as e:
+        raise EvalInputError(f"window: {e}") from None
+    if window < segment or window % segment:
+        shown = str(text).strip() if str(text).strip() == str(window) else f"{str(text).strip()} ({window} tokens)"
+        raise EvalInputError(f"window {shown} is not a multiple of the model's segment ({segment} tokens): use a "
+                             f"positive multiple of {segment}")
+    return window
+
+
 def parse_sweep(text: str) -> tuple[str, list[str]]:
     """'budget=SPEC1;SPEC2' or 'consolidation=off;fixed:1' -> (kind, validated specs)."""
     kind, eq, rest = str(text).partition("=")
@@ -285,11 +299,18 @@ def resolve_device(device: str | None) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------- overrides
 @contextlib.contextmanager
-def overrides(model, budget: str | None = None, consolidation: str | dict | None = None) -> Iterator[None]:
-    """Apply a budget policy and/or consolidation override to `model` for the duration; restored on exit."""
+def overrides(model, budget: str | None = None, consolidation: str | dict | None = None,
+              window: int | str | None = None) -> Iterator[None]:
+    """Apply a budget policy, consolidation and/or attention window override to `model` for the duration;
+    restored on exit. `window` (tokens, '16k' accepted; a multiple of the model's segment) is
+    `MemSparseLM.set_window`: streams started inside see it (a bad value raises `EvalInputError` first)."""
     cfg = model.config
     old_budget, old_policies, old_cons = cfg.budget, [b.policy for b in model.blocks], cfg.consolidation
+    old_window = cfg.window
+    new_window = None if window is None else parse_window(window, cfg.segment)
     try:
+        if new_window is not None:
+            model.set_window(new_window)
         if budget is not None:
             policy = parse_policy(budget)
             cfg.budget = budget
@@ -301,6 +322,8 @@ def overrides(model, budget: str | None = None, consolidation: str | dict | None
         yield
     finally:
         cfg.budget, cfg.consolidation = old_budget, old_cons
+        if new_window is not None:
+            model.set_window(old_window)
         for b, p in zip(model.blocks, old_policies):
             b.policy = p
 
@@ -502,7 +525,13 @@ class NoMemory:
 # ----------------------------------------------------------------------------------------------- running
 @dataclass
 class EvalPlan:
-    """What to run: tasks x lengths x depths x samples, plus optional overrides and one sweep."""
+    """What to run: tasks x lengths x depths x samples, plus optional overrides and one sweep.
+
+    `budget` / `consolidation`: spec strings overriding the model's for the run (None: the checkpoint's).
+    `window`: the attention window in tokens for the run (None: the checkpoint's), a multiple of the model's
+    segment; every setting of a sweep runs with it, and each cell records it. A window the model was not trained
+    with is outside its training distribution: longer windows let the budget policies choose among more key
+    blocks (a budget sweep at long lengths), they do not make the model better at using them."""
 
     tasks: list[str]
     lengths: list[int]
@@ -513,6 +542,7 @@ class EvalPlan:
     consolidation: str | None = None
     sweep_kind: str | None = None
     sweep_specs: list[str] = field(default_factory=list)
+    window: int | None = None
 
     def settings(self) -> list[tuple[str | None, str | None, str | None]]:
         """(sweep value, budget, consolidation) for each setting run."""
@@ -622,7 +652,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
     instead (no inference tensors reach the training step), `measure_memory=False` leaves CUDA's peak statistics
     alone. With `progress` and `token_progress` = N, a second bar counts the prompt tokens streamed inside each
     sample of N tokens or more (a long sample otherwise shows no progress for minutes on a CPU). Leaves the model in
-    eval mode. `device`: a torch.device, a string ("cpu", "cuda:0") or None (CUDA when available)."""
+    eval mode. `device`: a torch.device, a string ("cpu", "cuda:0") or None (CUDA when available). `plan.window`
+    (when set) is the attention window of every setting (`overrides`); each row records the window it ran with."""
     from memsparse.cuda_graph import GraphedStream
 
     device = resolve_device(device)
@@ -632,6 +663,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
     from memsparse.eval.tasks import get_task
     from tqdm.auto import tqdm
 
+    if plan.window is not None:  # a bad window fails before any work
+        parse_window(plan.window, model.config.segment)
     model.eval()
     memory = PeakMemory(device) if measure_memory else NoMemory()
     rows: list[dict] = []
@@ -651,7 +684,7 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
         with torch.inference_mode() if inference_mode else torch.no_grad():
             attn = AttentionStats(model)
             for sweep_value, budget, cons in plan.settings():
-                with overrides(model, budget=budget, consolidation=cons):
+                with overrides(model, budget=budget, consolidation=cons, window=plan.window):
                     cfg = model.config
                     streamer = GraphedStream(model) if cuda_graph else None  # graphs of this setting only
                     if warmup:
@@ -672,7 +705,7 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
                                                device, memory, attn, on_sample=lambda: bar.update(1),
                                                streamer=streamer, teacher_forced=teacher_forced,
                                                max_new_tokens=max_new_tokens, on_tokens=on_tokens if long else None)
-                                row.update({"budget": cfg.budget,
+                                row.update({"budget": cfg.budget, "window": cfg.window,
                                             "consolidation": describe_consolidation(cfg.consolidation),
                                             "consolidation_passes": passes,
                                             "sweep_kind": plan.sweep_kind, "sweep_value": sweep_value})
@@ -687,7 +720,7 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
 # ----------------------------------------------------------------------------------------------- outputs
 CSV_COLUMNS = [
     "task", "length", "depth", "n", "accuracy", "tf_token_acc", "tf_exact", "sweep_kind", "sweep_value", "budget",
-    "consolidation", "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token",
+    "window", "consolidation", "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token",
     "wall_s", "tf_wall_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes", "mem_measure",
 ]
 
@@ -712,7 +745,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "tf_exact": _mean([r.get("tf_exact") for r in rs]),
                     "attn_flops_per_token": _mean([r.get("attn_flops_per_token") for r in rs]),
                     "consolidation_passes": rs[0].get("consolidation_passes"), "budget": rs[0].get("budget"),
-                    "consolidation": rs[0].get("consolidation")})
+                    "window": rs[0].get("window"), "consolidation": rs[0].get("consolidation")})
     return out
 
 

@@ -314,8 +314,9 @@ class GraphedStream:
         passes = consolidation_passes(cfg.consolidation, seq_len, W, False)
         shapes = tuple(tuple(t.shape) + (t.dtype,) for ls in state.layers for t in _flatten_layer(ls)[0])
         amp = _amp_state(ids.device.type)
-        # the declared total length matters only through the pass count (python-side, keyed here)
-        return (tuple(ids.shape), ids.device, passes, shapes, amp,
+        # the declared total length matters only through the pass count (python-side, keyed here); the window
+        # (`set_window`) is baked into a capture's python-side logic (which segment is evicted): keyed too
+        return (tuple(ids.shape), ids.device, passes, shapes, amp, W,
                 cfg.budget, cfg.hard_keep_fraction, repr(cfg.consolidation))
 
     @torch.no_grad()

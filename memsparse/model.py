@@ -628,6 +628,19 @@ class MemSparseLM(nn.Module):
         for blk in self.blocks:
             blk.memory_writes = bool(enabled)
 
+    def set_window(self, window: int) -> None:
+        """Switch the attention window (tokens; a multiple of `segment`, at least one segment) for streams started
+        from now on: everything that depends on it (the cache kept, which segment is evicted into the memory, the
+        consolidation schedule, the selector's visible range) reads `config.window`. A model trained with another
+        window is then out of its training distribution. A stream state carried over from before the change is
+        refused (its cache holds the old window): start from `init_state`."""
+        seg = self.config.segment
+        if isinstance(window, bool) or not isinstance(window, int) or window < seg or window % seg:
+            raise ConfigError(f"must be a positive multiple of segment={seg}, got {window!r}", key="window")
+        self.config.window = window
+        for blk in self.blocks:
+            blk.cfg = self.config
+
     def set_consolidation(self, consolidation: ConsolidationConfig) -> None:
         """Switch the consolidation schedule (all layers share the model's config object)."""
         self.config.consolidation = consolidation.validate()
@@ -676,8 +689,20 @@ class MemSparseLM(nn.Module):
                              f"got {got}")
         return document_starts(doc_ids.to(input_ids.device), state.pos, state.doc_id, state.doc_start)
 
+    def _check_state_window(self, state: StreamState) -> None:
+        """A state carries the tokens [max(0, (pos // segment - window // segment) * segment), pos) in its caches;
+        one streamed with another window (or segment) would be evicted into the memory wrongly: refused."""
+        S, W = self.config.segment, self.config.window
+        want = state.pos - max(0, (state.pos // S - W // S) * S)
+        for ls in state.layers:
+            if ls.k.shape[2] != want:
+                raise ValueError(f"stream state at position {state.pos} caches {ls.k.shape[2]} tokens, but window="
+                                 f"{W} (segment {S}) keeps {want}: the state was streamed with another attention "
+                                 "window; after set_window, start a fresh stream (init_state)")
+
     def _run(self, input_ids: Tensor, state: StreamState, stats: dict,
              pos_t: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, StreamState]:
+        self._check_state_window(state)
         x = self.embed(input_ids)
         docs = self._documents(doc_ids, input_ids, state)
         new_layers = []
