@@ -58,11 +58,12 @@ def test_cli_says_it_in_one_line(tmp_path, capsys, monkeypatch):
     """`memsparse-train fit` on a too-short single file: exit 2, one line, no traceback."""
     import sys
 
+    from cli_config import reused_parser
     from memsparse.train.cli import main
 
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     (tmp_path / "tiny.txt").write_text("hi")
-    with pytest.raises(SystemExit) as e:
+    with reused_parser(), pytest.raises(SystemExit) as e:
         main(["fit", "--data.files", f"[{tmp_path / 'tiny.txt'}]", "--data.val_fraction", "0.5",
               "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.logger", "false",
               "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false"])

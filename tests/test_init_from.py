@@ -17,12 +17,15 @@ from memsparse.train.init_from import InitFromWeights  # noqa: E402
 from memsparse.model import MemSparseLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli_config import reused_parser  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    with reused_parser():  # the CLI's parser built once per process (tests/cli_config.py)
+        yield
 
 
 def test_second_stage_starts_from_the_first_stages_weights(tmp_path):

@@ -22,7 +22,8 @@ from memsparse.train.cli import main  # noqa: E402
 from memsparse.train.module import load_checkpoint  # noqa: E402
 
 BIN = Path(sys.executable).parent
-from tiny_recipe import tiny_model  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from cli_config import reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from tiny_recipe import tiny_model  # noqa: E402
 
 TINY_MODEL = tiny_model()
 
@@ -49,6 +50,8 @@ def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("MEMSPARSE_DEBUG", raising=False)
+    with reused_parser():  # the CLI's parser built once per process (tests/cli_config.py)
+        yield
 
 
 def test_fresh_fit_refuses_an_earlier_run_resume_continues_it(tmp_path, capsys):

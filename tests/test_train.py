@@ -69,6 +69,8 @@ def tiny_config(root: Path, **over) -> Path:
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])  # main(args) is given its arguments
+    with reused_parser():  # the CLI's parser built once per process (tests/cli_config.py)
+        yield
 
 
 def csv_losses(root: Path) -> dict[int, float]:

@@ -18,6 +18,7 @@ import yaml
 pytest.importorskip("lightning")
 
 import lightning.pytorch as pl  # noqa: E402
+from cli_config import reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from memsparse.train.callbacks import RetrievalEval  # noqa: E402
 from memsparse.train.cli import main  # noqa: E402
@@ -39,7 +40,8 @@ def _argv_and_threads(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with reused_parser():  # the CLI's parser built once per process (tests/cli_config.py)
+        yield
     torch.set_num_threads(n)
 
 

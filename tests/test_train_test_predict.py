@@ -27,6 +27,8 @@ TINY_MODEL = tiny_model()
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    with reused_parser():  # the CLI's parser built once per process (tests/cli_config.py)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def run(tmp_path_factory) -> Path:
                  "val_fraction": 0.0, "test_fraction": 0.25},
     }
     (root / "run.yaml").write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(root / "run.yaml")])
+    with reused_parser():
+        main(["fit", "--config", str(root / "run.yaml")])
     return root
 
 
