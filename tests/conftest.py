@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton_interpreter  # noqa: E402
+
+triton_interpreter.install()  # the interpreter without its redundant per-device-call re-patching (test speed only)
 
 
 @pytest.fixture(autouse=True)
