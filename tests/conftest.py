@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton_interpreter  # noqa: E402
 
-triton_interpreter.install()  # the interpreter without its redundant per-device-call re-patching (test speed only)
+triton_interpreter.install()  # the interpreter without work whose results it never uses (test speed only)
 
 
 @pytest.fixture(autouse=True)
