@@ -25,11 +25,20 @@ by the greedy decoding at the end, as before, so a run passes whenever the full 
 (CPU): seed 0, the test's, stops at step 130 (reference), 140 (memsparse_dense) and 170 (memsparse_memory: 0.9 and
 0.825 at 96 and 128 tokens); memsparse_memory seed 1 at 310, reference seed 2 at 320. The full 400-step runs of
 seeds 0-3 (CPU, one thread) ended at the accuracies above.
+
+The three default runs train at the same time (`runs`): two Python threads, each on torch's one intra-op thread
+(conftest.py), the longest run first. Every model is built in the main thread from the seeded RNG as before, and
+nothing random runs in training or evaluation, so each run is the one it is alone: the same stop steps and
+accuracies. On 2 cores the three took 41 s where one run after the other on two intra-op threads took 52 s; with
+another test run busy on the machine they took 74 s, while a training step on two intra-op threads was 2.3x
+slower than on one (the two threads wait on each other).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,16 +137,18 @@ class TrainingBatches:
             self.spans.append((LENGTHS[k], used[LENGTHS[k]]))
             used[LENGTHS[k]] += BATCH
         self.made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lock = threading.Lock()  # the concurrent runs share the batches
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if step not in self.made:
-            L, first = self.spans[step]
-            items = [self.sets[L][first + i] for i in range(BATCH)]
-            self.made[step] = (torch.stack([it["input_ids"] for it in items]),
-                               torch.stack([it["labels"] for it in items]))
+        with self.lock:
+            if step not in self.made:
+                L, first = self.spans[step]
+                items = [self.sets[L][first + i] for i in range(BATCH)]
+                self.made[step] = (torch.stack([it["input_ids"] for it in items]),
+                                   torch.stack([it["labels"] for it in items]))
         return self.made[step]
 
     def __iter__(self):
@@ -181,17 +192,24 @@ def greedy_accuracy(model, length: int = EVAL_LENGTH) -> float:
 
 
 _HELD_OUT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_HELD_OUT_LOCK = threading.Lock()
+
+
+def held_out(length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """greedy_accuracy's prompts at `length` with their answers appended, and the answers (made once)."""
+    with _HELD_OUT_LOCK:
+        if length not in _HELD_OUT:
+            samples = [TASK.generate(length, d, sample_seed(EVAL_SEED + i, j), TOK)
+                       for i, d in enumerate(EVAL_DEPTHS) for j in range(EVAL_SAMPLES)]
+            _HELD_OUT[length] = (torch.tensor([s.prompt_ids + s.answer_ids for s in samples]),
+                                 torch.tensor([s.answer_ids for s in samples]))
+        return _HELD_OUT[length]
 
 
 def teacher_forced_accuracy(model, length: int = EVAL_LENGTH) -> float:
     """The fraction of greedy_accuracy's prompts whose answer tokens are all the argmax after prompt + answer[:j]
     (one batched forward): the cheap gate before the greedy decoding."""
-    if length not in _HELD_OUT:
-        samples = [TASK.generate(length, d, sample_seed(EVAL_SEED + i, j), TOK)
-                   for i, d in enumerate(EVAL_DEPTHS) for j in range(EVAL_SAMPLES)]
-        _HELD_OUT[length] = (torch.tensor([s.prompt_ids + s.answer_ids for s in samples]),
-                             torch.tensor([s.answer_ids for s in samples]))
-    ids, answers = _HELD_OUT[length]
+    ids, answers = held_out(length)
     with torch.inference_mode():
         logits = model(ids[:, :-1], return_logits=True).logits[:, length - 1:]
     return (logits.argmax(-1) == answers).all(-1).float().mean().item()
@@ -211,11 +229,18 @@ def learned(lengths, accuracies: dict):
     return done
 
 
-def trained(name: str, batches, lengths=(EVAL_LENGTH,), seed: int = SEED) -> tuple[torch.nn.Module, int, dict]:
-    """The model trained until it passes at `lengths` (or for all STEPS): (model, steps, greedy accuracy by length)."""
+def fresh(name: str, seed: int = SEED) -> torch.nn.Module:
     torch.manual_seed(seed)
+    return MODELS[name]()
+
+
+def trained(name: str, batches, lengths=(EVAL_LENGTH,), seed: int = SEED,
+            model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, int, dict]:
+    """The model (`fresh(name, seed)` unless given) trained until it passes at `lengths` (or for all STEPS):
+    (model, steps, greedy accuracy by length)."""
+    model = fresh(name, seed) if model is None else model
     accuracies = {}
-    model, steps = train(MODELS[name](), batches, done=learned(lengths, accuracies))
+    model, steps = train(model, batches, done=learned(lengths, accuracies))
     if steps == len(batches):  # never passed a check: judged at the end
         accuracies = {n: greedy_accuracy(model, n) for n in lengths}
     return model, steps, accuracies
@@ -226,11 +251,37 @@ def batches():
     return training_batches()
 
 
-@pytest.mark.parametrize("name", ["reference", "memsparse_dense", "memsparse_memory"])
-def test_small_models_learn_to_retrieve(name, batches):
+DEFAULT_RUNS = ["memsparse_memory", "memsparse_dense", "reference"]  # the longest first
+
+
+def eval_lengths(name: str) -> tuple[int, ...]:
     # memsparse_memory also at 128 tokens: a needle in the first 64 is then outside the window of the answer's segment
-    lengths = (EVAL_LENGTH, 128) if name == "memsparse_memory" else (EVAL_LENGTH,)
-    _, steps, accuracies = trained(name, batches, lengths)
+    return (EVAL_LENGTH, 128) if name == "memsparse_memory" else (EVAL_LENGTH,)
+
+
+@pytest.fixture(scope="module")
+def runs(request, batches):
+    """{name: future of `trained(name, ...)`} for the default runs this session selected, training concurrently
+    (see the module docstring); the models are built here, one after the other, before any training starts."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_small_models_learn_to_retrieve"}
+    names = [n for n in DEFAULT_RUNS if n in selected]
+    for n in sorted({length for name in names for length in eval_lengths(name)}):
+        held_out(n)  # the shared caches filled before the threads start
+    models = {n: fresh(n) for n in names}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # conftest.py's setting, made sure of here
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="learnability")
+    try:
+        yield {n: pool.submit(trained, n, batches, eval_lengths(n), model=models[n]) for n in names}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["reference", "memsparse_dense", "memsparse_memory"])
+def test_small_models_learn_to_retrieve(name, runs):
+    _, steps, accuracies = runs[name].result()
     for length, acc in accuracies.items():
         assert acc >= THRESHOLD, f"{name}: greedy exact match {acc:.3f} < {THRESHOLD} at {length} tokens after " \
                                  f"{steps} steps (chance {CHANCE:.3f})"
