@@ -16,6 +16,11 @@ import triton_interpreter  # noqa: E402
 
 triton_interpreter.install()  # the interpreter without work whose results it never uses (test speed only)
 
+# One intra-op thread: the tests' tensors are small, more threads gained nothing on 2 cores, and two threads spin
+# against any other busy process (with another test run on the machine, tests on two threads ran up to 20x slower).
+# test_learnability.py trains its models in Python threads instead.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
