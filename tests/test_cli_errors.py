@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from memsparse.train.cli import main  # noqa: E402
 
 BIN = Path(sys.executable).parent
 from cli_config import reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
-from early_run import EarlyRun, selected  # noqa: E402
 from tiny_recipe import tiny_model  # noqa: E402
 
 TINY_MODEL = tiny_model()
@@ -165,27 +165,12 @@ def test_debug_brings_the_traceback_back(tmp_path, monkeypatch):
             main(argv)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _console_script_run(request, tmp_path_factory):
-    """test_console_script's process, started when this module's first test starts (tests/early_run.py: it runs
-    beside the tests before that one)."""
-    if not selected(request, "test_console_script"):
-        yield None
-        return
-    tmp_path = tmp_path_factory.mktemp("console_script")
-    cfg = str(recipe(tmp_path))
-    env = {**os.environ, "WANDB_MODE": "offline", "MEMSPARSE_DEBUG": ""}
-    run = EarlyRun([str(BIN / "memsparse-train"), "fit", "--config", cfg, "--model.config.variant", "titan"],
-                   cwd=tmp_path, env=env, timeout=120)
-    try:
-        yield run
-    finally:
-        run.close()
-
-
-def test_console_script(_console_script_run):
+def test_console_script(tmp_path):
     """As a user runs it: a value error is one line on stderr and exit 2 (the in-process cases above go through the
     same `main`)."""
-    r = _console_script_run.result()
+    cfg = str(recipe(tmp_path))
+    env = {**os.environ, "WANDB_MODE": "offline", "MEMSPARSE_DEBUG": ""}
+    r = subprocess.run([str(BIN / "memsparse-train"), "fit", "--config", cfg, "--model.config.variant", "titan"],
+                       cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr == "memsparse-train: error: model.config.variant: must be mac, mag or mal, got 'titan'\n"

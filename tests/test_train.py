@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 from cli_config import print_config, reused_parser  # noqa: E402  (tests/ is on sys.path: conftest.py)
-from early_run import EarlyRun, selected  # noqa: E402
 from tiny_recipe import tiny_model  # noqa: E402
 
 TINY_MODEL = tiny_model()
@@ -473,14 +473,7 @@ def test_lr_schedule():
 # ------------------------------------------------------------------------------------------- multi-process
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ddp_run(request, tmp_path_factory):
-    """test_ddp_two_cpu_processes_agree's memsparse-train process, started when this module's first test starts
-    (tests/early_run.py: it runs beside the tests before that one)."""
-    if not selected(request, "test_ddp_two_cpu_processes_agree"):
-        yield None
-        return
-    tmp_path = tmp_path_factory.mktemp("ddp_run")
+def test_ddp_two_cpu_processes_agree(tmp_path):
     root = tmp_path / "ddp"
     cfg = tiny_config(root, **{
         "trainer.strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": 3,
@@ -490,16 +483,8 @@ def _ddp_run(request, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PL_DISABLE_FORK": "1"}
     exe = Path(sys.executable).parent / "memsparse-train"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "memsparse.train.cli"]
-    run = EarlyRun([*cmd, "fit", "--config", str(cfg)], cwd=tmp_path, env=env, timeout=240)
-    try:
-        yield root, run
-    finally:
-        run.close()
-
-
-def test_ddp_two_cpu_processes_agree(_ddp_run):
-    root, run = _ddp_run
-    proc = run.result()
+    proc = subprocess.run([*cmd, "fit", "--config", str(cfg)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     digests = [json.loads((root / "digests" / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
     assert digests[0]["world_size"] == 2 and digests[0]["step"] == digests[1]["step"] == 3
