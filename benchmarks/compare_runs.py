@@ -6,6 +6,9 @@
 Each run's tokens/s is the median of its logged `train/tokens_per_s` after the first fifth of them (compilation,
 capture and warm-up stay out; the logged rate already counts every rank). Scaling is each run's median over the
 baseline's. Loss agreement compares validation losses at the steps both runs logged.
+
+`--metric val/answer_token_acc` (repeatable) also plots that logged metric of every run against the step, into
+<name>_<metric>.png, and records its values per run in the JSON's `metrics`.
 """
 
 from __future__ import annotations
@@ -110,6 +113,26 @@ def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: 
     plt.close(fig)
 
 
+def plot_metric(runs: dict[str, dict[str, list[tuple[int, float]]]], metric: str, title: str, path: Path) -> None:
+    """One logged metric of every run against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, series) in enumerate(runs.items()):
+        ax.plot(*zip(*series[metric]), "o-", color=f"C{i}", ms=4, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.csv, one per run")
@@ -118,6 +141,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--device", default="")
     ap.add_argument("--command", default="", help="the command(s) behind the runs, recorded in the JSON")
+    ap.add_argument("--metric", action="append", default=[],
+                    help="a logged metric to plot for every run (repeatable), e.g. val/answer_token_acc")
     args = ap.parse_args(argv)
     series = {}
     for spec in args.runs:
@@ -127,15 +152,23 @@ def main(argv=None) -> dict:
         if label in series:
             ap.error(f"run label {label!r} given twice")
         series[label] = load_run(path)
+    for metric in args.metric:
+        missing = [label for label, s in series.items() if not s.get(metric)]
+        if missing:
+            ap.error(f"--metric {metric!r}: not logged by run(s) {', '.join(missing)}")
     runs = {label: summarise(s) for label, s in series.items()}
     baseline = args.baseline or next(iter(runs))
     result = {"name": args.name, "device": args.device, "command": args.command, "baseline": baseline,
-              "runs": runs, "comparison": compare(runs, baseline)}
+              "runs": runs, "comparison": compare(runs, baseline),
+              "metrics": {m: {label: s[m] for label, s in series.items()} for m in args.metric}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     print(write_table(result, out / f"{args.name}.md"))
-    plot(series, f"{args.name} ({args.device})" if args.device else args.name, out / f"{args.name}_loss.png")
+    title = f"{args.name} ({args.device})" if args.device else args.name
+    plot(series, title, out / f"{args.name}_loss.png")
+    for metric in args.metric:
+        plot_metric(series, metric, title, out / f"{args.name}_{metric.replace('/', '_')}.png")
     return result
 
 

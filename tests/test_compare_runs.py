@@ -76,3 +76,14 @@ def test_plot_train_run_summary_comes_from_the_same_reader(cr, tmp_path):
     ptr.main([str(m), "--name", "one", "--out", str(tmp_path / "o")])
     got = json.loads((tmp_path / "o" / "one.json").read_text())
     assert got["tokens_per_s_median"] == 50.0 and got["val_loss"] == [[5, 4.5]] and got["steps_logged"] == 10
+
+
+def test_metric_is_plotted_and_recorded_per_run_and_a_missing_one_is_an_error(cr, tmp_path, capsys):
+    a = _metrics(tmp_path / "a.csv", [1.0] * 10, {4: 3.0, 9: 2.0})
+    b = _metrics(tmp_path / "b.csv", [1.0] * 10, {9: 2.5})
+    res = cr.main([f"a={a}", f"b={b}", "--name", "m", "--out", str(tmp_path / "o"), "--metric", "val/loss"])
+    assert res["metrics"]["val/loss"] == {"a": [(4, 3.0), (9, 2.0)], "b": [(9, 2.5)]}
+    assert (tmp_path / "o" / "m_val_loss.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        cr.main([f"a={a}", "--name", "m", "--out", str(tmp_path / "o"), "--metric", "val/answer_token_acc"])
+    assert "not logged by run(s) a" in capsys.readouterr().err
