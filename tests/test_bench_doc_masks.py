@@ -17,6 +17,10 @@ def test_bench_doc_masks_runs_tiny(tmp_path):
     row = res["rows"][0]
     assert row["documents"] > 2 and row["doc_ids_tokens_per_s"] > 0 and row["no_doc_ids_tokens_per_s"] > 0
     assert all(e <= 1e-4 for errs in res["kernel_check"].values() for e in errs.values())
+    # the packed forward through the kernel (the interpreter here) against the reference, with doc_ids and without
+    check = res["model_check_max_abs_logit_diff"]
+    assert check["logit_scale"] > 0 and check["doc_ids"] <= 1e-4 * check["logit_scale"]
+    assert check["no_doc_ids"] <= 1e-4 * check["logit_scale"]
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert saved["rows"][0]["length"] == 128
     assert "| 128 |" in (tmp_path / "tiny.md").read_text()
