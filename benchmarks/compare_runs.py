@@ -90,47 +90,45 @@ def write_table(result: dict, path: Path) -> str:
     return text
 
 
-def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path) -> None:
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    return plt.subplots(figsize=(7, 4))
+
+
+def _save(fig, ax, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], title: str, path: Path) -> None:
+    fig, ax = _axes()
     for i, (label, series) in enumerate(runs.items()):
         color = f"C{i}"
         if series.get("train/loss"):
             ax.plot(*zip(*series["train/loss"]), color=color, lw=0.8, alpha=0.5, label=f"{label} train")
         if series.get("val/loss"):
             ax.plot(*zip(*series["val/loss"]), "o-", color=color, ms=4, label=f"{label} val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "cross-entropy (nats/token)", title, path)
 
 
 def plot_metric(runs: dict[str, dict[str, list[tuple[int, float]]]], metric: str, title: str, path: Path) -> None:
     """One logged metric of every run against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _axes()
     for i, (label, series) in enumerate(runs.items()):
         ax.plot(*zip(*series[metric]), "o-", color=f"C{i}", ms=4, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, metric, title, path)
 
 
 def main(argv=None) -> dict:
