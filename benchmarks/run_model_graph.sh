@@ -3,7 +3,7 @@
 #   bash benchmarks/run_model_graph.sh            (results under $OUT, default benchmarks/results)
 # Needs titans-pytorch and its dependencies importable (the `bench` extra, or wheels carried in .whl/).
 # Each command is one run (systems side by side); each results JSON records its command line. Together they take
-# more than one 10-minute device call: session 6 split them over several (the titans-pytorch run alone ~6 min).
+# more than one 10-minute device call: split them over several (the titans-pytorch run alone ~6 min).
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
