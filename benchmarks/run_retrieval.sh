@@ -11,8 +11,8 @@
 #   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
 #                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
-#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    fixed step counts (the ablation trained as many steps as the
-#                                                    memory model did; max_time is lifted then)
+#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
+#                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
 set -u

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -382,6 +383,36 @@ def test_phase_times_written_when_fit_stops_on_an_error(tmp_path):
     assert len(times["first_batches_s"]) == 2 and times["validations"] == 0 and times["training_s"] > 0
     with pytest.raises(ValueError, match="first_batches"):
         PhaseTimes(first_batches=0)
+
+
+def test_phase_times_says_when_max_time_stopped_the_run(tmp_path):
+    """A run that max_time cuts short of max_steps is recorded and warned about (its step count depends on the
+    machine); one that reaches max_steps under a generous max_time is not."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from memsparse.train.callbacks import PhaseTimes
+
+    class Slow(pl.Callback):  # each step takes >= 0.3 s, so a 1-second max_time stops well before 50 steps
+        def on_train_batch_end(self, *a):
+            time.sleep(0.3)
+
+    def fit(root, max_steps, max_time):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_time=max_time, logger=False,
+                             limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=str(root),
+                             callbacks=[PhaseTimes(first_batches=1), Slow()])
+        trainer.fit(_tiny_module(), datamodule=_datamodule())
+        return trainer, json.loads((root / "phase_times.json").read_text())
+
+    with pytest.warns(UserWarning, match=r"max_time stopped this run at step \d+ of trainer.max_steps 50"):
+        trainer, times = fit(tmp_path / "cut", 50, {"seconds": 1})
+    assert trainer.global_step < 50 and times["ended_by"] == "max_time"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, times = fit(tmp_path / "full", 2, {"minutes": 10})
+    assert trainer.global_step == 2 and "ended_by" not in times
+    assert not [w for w in caught if "max_time stopped" in str(w.message)]
 
 
 def test_vocab_mismatch_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -151,6 +151,10 @@ class PhaseTimes(Callback):
     synchronised at each phase boundary (a handful of times per validation, never inside the steady loop) so
     queued GPU work is charged to the phase that queued it.
 
+    A fit that `trainer.max_time` stopped before `trainer.max_steps` is recorded with `ended_by: "max_time"` and
+    warned about: how many steps it trained then depends on the machine's speed and its compile times, and a
+    recipe measured so does not reproduce (docs/training.md, "Stop by steps").
+
     A resumed fit (`--ckpt_path`) adds to the file instead of replacing it: `segments` lists each invocation's
     figures (with its `start_step`), and the top-level figures are the sums over them (`first_batches_s` is the
     first invocation's, `global_step` and `ended_by` the latest's).
@@ -277,8 +281,23 @@ class PhaseTimes(Callback):
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
 
+    @staticmethod
+    def stopped_by_time(trainer: pl.Trainer) -> bool:
+        """Whether the fit ended because `trainer.max_time` ran out before `trainer.max_steps` was reached."""
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        left = None if timer is None else timer.time_remaining("train")
+        short = trainer.max_steps is not None and 0 < trainer.max_steps and trainer.global_step < trainer.max_steps
+        return short and left is not None and left <= 0
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer)
+        if not self.stopped_by_time(trainer):
+            self._write(trainer)
+            return
+        self._write(trainer, ended_by="max_time")
+        rank_zero_warn(
+            f"trainer.max_time stopped this run at step {trainer.global_step} of trainer.max_steps "
+            f"{trainer.max_steps}: the steps trained depend on this machine's speed and compile times. For a run "
+            "that trains the same anywhere, set trainer.max_steps to the steps wanted and keep max_time as a guard.")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, ConfigError) and self._first_batch is None:
