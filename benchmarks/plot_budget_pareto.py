@@ -27,9 +27,11 @@ The "wins at equal FLOPs" rule (matched FLOPs): the budgets compared are the mea
 (task, length). A family can run at budget x when one of its points costs at most x * (1 + tol) (tol = --tol,
 default 0.10: FLOPs within 10 % count as equal); its value at x is the best metric among those points (its upper
 envelope). At each budget the winners are the families whose value is within --acc-tol (default 0: exact ties
-only) of the best value there; a family that cannot run at x neither wins nor loses there. The family with the
-most budgets won is the (task, length) winner (several when tied). With few samples per cell the metric moves in
-steps of 1/samples: read a win by a margin below that as a tie.
+only) of the best value there; a family that cannot run at x neither wins nor loses there, and a budget wins for
+none when its best value is 0 or when two or more families run there and all of them tie. The family with the
+most budgets won is the (task, length) winner (several when tied; "tie" when no budget separates the families,
+e.g. when every setting scores 0). With few samples per cell the metric moves in steps of 1/samples: read a win by
+a margin below that as a tie.
 """
 
 from __future__ import annotations
@@ -153,15 +155,17 @@ def wins(pts: list[dict], tol: float = 0.10, acc_tol: float = 0.0) -> tuple[list
             vals = {f: envelope([p for p in ps if p["family"] == f], budget, tol) for f in fams}
             best = max(v for v in vals.values() if v is not None)
             winners = [f for f, v in vals.items() if v is not None and v >= best - acc_tol - 1e-12]
+            running = sum(v is not None for v in vals.values())
+            decisive = best > 0 and (running == 1 or len(winners) < running)  # a 0 or an all-way tie wins nothing
             for f, v in vals.items():
                 eligible[f] += v is not None
-                won[f] += f in winners
+                won[f] += decisive and f in winners
             budget_rows.append({"task": task, "length": length, "budget_flops": budget,
                                 **{f"{f}_best": vals[f] for f in fams}, "best": best, "winners": "+".join(winners)})
         top = max(won.values())
         summary.append({"task": task, "length": length, "budgets": len({p["flops"] for p in ps}),
                         **{f"{f}_won": won[f] for f in fams}, **{f"{f}_eligible": eligible[f] for f in fams},
-                        "winner": "+".join(f for f in fams if won[f] == top)})
+                        "winner": "+".join(f for f in fams if won[f] == top) if top else "tie"})
     return budget_rows, summary
 
 

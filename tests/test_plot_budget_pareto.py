@@ -105,6 +105,17 @@ def test_later_files_replace_cells_and_cells_outside_a_sweep_count(tmp_path):
     assert pts[1024, "length_scaled:c=12,min_tokens=512"]["family"] == "length_scaled"
 
 
+def test_a_panel_where_nothing_is_retrieved_has_no_winner(tmp_path):
+    """Every setting at 0 (a model that retrieves nothing): no budget is won, the winner is "tie", not the family
+    with the most settings."""
+    zeros = {(1024, s): [(f, 0.0), (f, 0.0)] for s, f in
+             (("dense", 10.0), ("fixed:2", 2.0), ("fixed:4", 4.0), ("top_p:p=0.5", 3.0), ("top_p:p=0.9", 8.0))}
+    res = pareto.main([str(_results(tmp_path / "r.json", zeros)), "--out", str(tmp_path / "out")])
+    (s,) = res["summary"]
+    assert s["winner"] == "tie" and s["fixed_won"] == s["top_p_won"] == s["dense_won"] == 0
+    assert s["fixed_eligible"] == 5
+
+
 def test_pareto_front_unit():
     pts = [{"flops": f, "value": v, "setting": str(i)} for i, (f, v) in
            enumerate([(1, 0.1), (2, 0.5), (2, 0.4), (3, 0.5), (4, 0.9), (4, 0.9)])]
