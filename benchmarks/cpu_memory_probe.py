@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from memsparse.config import MemoryConfig, ModelConfig
+from memsparse.config import ConsolidationConfig, MemoryConfig, ModelConfig
 from memsparse.model import MemSparseLM
 
 KEYS = "ABCDEFGHIJKLMNOPQRSU"
@@ -50,13 +50,15 @@ def batch(g, n: int, lo: int, hi: int, length: int):
     return ids, labels, [(ans, q) for _, ans, q in rows]
 
 
-def build(memory: bool, seed: int) -> MemSparseLM:
+def build(memory: bool, seed: int, train_passes: int = 0) -> MemSparseLM:
+    """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
         segment=16, window=32, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
-        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4)))
+        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4),
+        consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
 @torch.no_grad()
@@ -69,7 +71,14 @@ def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200) -> float:
 
 
 def train(memory: bool, args) -> dict:
-    model = build(memory, args.seed)
+    """Train one model (`fit`) and return its curve: {"memory_layers", "curve", "final"}."""
+    return fit(memory, args)[1]
+
+
+def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
+    """(the trained model, {"memory_layers", "curve", "final"}): `args.steps` AdamW steps on the probe's samples,
+    a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
+    model = build(memory, args.seed, getattr(args, "train_passes", 0))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
@@ -84,13 +93,14 @@ def train(memory: bool, args) -> dict:
         opt.step()
         if step % args.eval_every == 0 or step == args.steps:
             ge = torch.Generator().manual_seed(10_000)
+            n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1),
-                   "acc_in_window": accuracy(model, ge, 8, 24, args.length),
-                   "acc_relay": accuracy(model, ge, 40, 90, args.length),
-                   "acc_beyond_attention": accuracy(model, ge, 112, 160, args.length)}
+                   "acc_in_window": accuracy(model, ge, 8, 24, args.length, n),
+                   "acc_relay": accuracy(model, ge, 40, 90, args.length, n),
+                   "acc_beyond_attention": accuracy(model, ge, 112, 160, args.length, n)}
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
-    return {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
+    return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
 
 
 def main() -> None:

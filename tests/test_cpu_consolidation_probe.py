@@ -1,0 +1,41 @@
+"""benchmarks/cpu_consolidation_probe.py: the settings it scores, the passes each gives per prompt length (the
+schedule n(L) = clamp(round(a * log2(L / window)), 0, n_max)), its files, and a bad setting as a one-line error."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("cpu_consolidation_probe",
+                                               REPO / "benchmarks" / "cpu_consolidation_probe.py")
+cons = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cons)
+
+
+def test_a_short_run_scores_every_setting_with_the_schedules_passes(tmp_path):
+    settings = "off,fixed:2,schedule:a=0.25,schedule:a=1"
+    res = cons.main(["--steps", "1", "--eval-every", "1", "--bands", "2", "--samples", "2", "--chunk", "2",
+                     "--eval-samples", "4", "--settings", settings, "--threads", "1", "--out", str(tmp_path)])
+    rows = {(r["band"], r["setting"]): r for r in res["rows"]}
+    assert len(rows) == 2 * 4
+    # window 32: at 192 tokens log2(6) = 2.58, at 2,112 tokens log2(66) = 6.04
+    assert [rows["112-160", s]["passes"] for s in ("schedule:a=0.25", "schedule:a=1")] == [1, 3]
+    assert [rows["1.5K-2K", s]["passes"] for s in ("schedule:a=0.25", "schedule:a=1")] == [2, 6]
+    assert rows["1.5K-2K", "off"]["passes"] == 0 and rows["1.5K-2K", "fixed:2"]["passes"] == 2
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 for r in rows.values())
+    saved = json.loads((tmp_path / "consolidation_probe.json").read_text())
+    assert saved["rows"] == res["rows"] and saved["window"] == 32
+    assert (tmp_path / "consolidation_probe.png").stat().st_size > 1000
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(SystemExit, match="unknown consolidation setting 'fixd:2'"):
+        cons.main(["--settings", "off,fixd:2"])
+    with pytest.raises(SystemExit, match="--bands must be 1-4"):
+        cons.main(["--bands", "0"])
+    with pytest.raises(SystemExit, match="--train-passes must be >= 0"):
+        cons.main(["--train-passes", "-1"])
