@@ -12,8 +12,9 @@ recorded beside its accuracy.
 
     python benchmarks/cpu_consolidation_probe.py --out benchmarks/results/cpu_consolidation_probe
 
-writes consolidation_probe.json (training curve, accuracy / wall time / passes per setting and distance band) and
-consolidation_probe.png (accuracy against passes per band, and the schedules' points).
+writes consolidation_probe.json (training curve, accuracy / wall time / passes per setting and distance band),
+consolidation_probe.md (the table) and consolidation_probe.png (accuracy against passes per band, and the
+schedules' points).
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def score(model, setting: str, band: tuple, n: int, seed: int, chunk: int) -> di
     passes = consolidation_passes(model.config.consolidation, length, model.config.window, training=False)
     return {"band": label, "length": length, "setting": setting, "passes": passes, "n": n,
             "accuracy": right / n, "wall_s": round(wall, 2)}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: exact match per setting (rows) and distance band (columns), passes and wall time in brackets."""
+    bands = list(dict.fromkeys(r["band"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    cell = {(r["setting"], r["band"]): r for r in rows}
+    lines = ["| setting | " + " | ".join(f"key {b} back" for b in bands) + " |",
+             "|---|" + "---|" * len(bands)]
+    for s in settings:
+        vals = [cell.get((s, b)) for b in bands]
+        lines.append(f"| {s} | " + " | ".join("-" if r is None else
+                                               f"{r['accuracy']:.2f} ({r['passes']} p, {r['wall_s']:.0f} s)"
+                                               for r in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path, train_passes: int = 0) -> None:
@@ -142,6 +158,7 @@ def main(argv=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "consolidation_probe.json").write_text(json.dumps(result, indent=2))
         plot(rows, out / "consolidation_probe.png", args.train_passes)
+        (out / "consolidation_probe.md").write_text(table(rows))
     return result
 
 

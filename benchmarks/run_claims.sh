@@ -31,7 +31,9 @@
 # WINDOW=64k: the budget and consolidation evals run with memsparse-eval --window 64k (an inference-time attention
 #   window, a multiple of the segment; default: the checkpoint's), so that the budget policies choose among many
 #   more key blocks than the trained window's 10-13 (a window the model was not trained with: docs/evaluation.md).
-#   Use a fresh NAME per window; the results record it (meta.window, each cell's window).
+#   Use a fresh NAME per window; the results record it (meta.window, each cell's window). Measured 2026-12-02 on the
+#   stage-2 retrieval model (trained with window 512): at 64K it found no key under any budget, dense included, so
+#   the widened window needs a model trained with a long one (docs/results.md).
 # CPU smoke run (tests/test_run_claims.py): tiny lengths, one task each, EVAL_ARGS/KEPT_ARGS="--device cpu ...".
 # Results and logs go to $OUT/$NAME/ and are packed into $OUT/$NAME.tgz after every step, so a cut-off run still
 # brings back what it did. Exit status: 0 when every step succeeded, 1 otherwise.

@@ -30,6 +30,9 @@ def test_a_short_run_scores_every_setting_with_the_schedules_passes(tmp_path):
     saved = json.loads((tmp_path / "consolidation_probe.json").read_text())
     assert saved["rows"] == res["rows"] and saved["window"] == 32
     assert (tmp_path / "consolidation_probe.png").stat().st_size > 1000
+    md = (tmp_path / "consolidation_probe.md").read_text().splitlines()
+    assert md[0] == "| setting | key 112-160 back | key 1.5K-2K back |" and len(md) == 2 + 4
+    assert md[2].startswith("| off | ") and "(0 p, " in md[2]
 
 
 def test_bad_settings_are_one_line_errors():
