@@ -8,7 +8,8 @@ argmax at the question with the key placed further and further back (112-160 tok
 ~12x, ~35x and ~100x further, up to 16K tokens), under each consolidation setting: off, fixed passes 1 / 2 / 4 / 8,
 and the schedule n(L) = clamp(round(a * log2(L / window)), 0, n_max) at a = 0.25 / 0.5 / 1 (n_max 8; what it gives
 at each length is recorded). Every setting sees the same prompts; the wall time of each setting's forward is
-recorded beside its accuracy.
+recorded beside its accuracy. A pass replays the whole evicted segment, or with `--replay surprising
+--replay-tokens K` only its K most surprising tokens.
 
     python benchmarks/cpu_consolidation_probe.py --out benchmarks/results/cpu_consolidation_probe
 
@@ -41,24 +42,27 @@ BANDS = (("112-160", 112, 160, 192), ("1.5K-2K", 1536, 2048, 2112), ("4.5K-6K", 
 SETTINGS = ("off", "fixed:1", "fixed:2", "fixed:4", "fixed:8", "schedule:a=0.25", "schedule:a=0.5", "schedule:a=1")
 
 
-def consolidation(setting: str) -> ConsolidationConfig:
-    """`off`, `fixed:N` or `schedule:a=A` (n_max 8) as a ConsolidationConfig."""
+def consolidation(setting: str, replay: str = "segment", replay_tokens: int = 64) -> ConsolidationConfig:
+    """`off`, `fixed:N` or `schedule:a=A` (n_max 8) as a ConsolidationConfig replaying `replay` ("segment": the
+    whole evicted segment; "surprising": its `replay_tokens` most surprising tokens)."""
+    kw = {"replay": replay, "replay_tokens": replay_tokens}
     if setting == "off":
-        return ConsolidationConfig(mode="off")
+        return ConsolidationConfig(mode="off", **kw)
     kind, _, value = setting.partition(":")
-    if kind == "fixed":
-        return ConsolidationConfig(mode="fixed", passes=int(value))
+    if kind == "fixed" and value.isdigit():
+        return ConsolidationConfig(mode="fixed", passes=int(value), **kw)
     if kind == "schedule" and value.startswith("a="):
-        return ConsolidationConfig(mode="schedule", a=float(value[2:]), n_max=8)
+        return ConsolidationConfig(mode="schedule", a=float(value[2:]), n_max=8, **kw)
     raise SystemExit(f"unknown consolidation setting {setting!r} (off, fixed:N or schedule:a=A)")
 
 
 @torch.no_grad()
-def score(model, setting: str, band: tuple, n: int, seed: int, chunk: int) -> dict:
+def score(model, setting: str, band: tuple, n: int, seed: int, chunk: int, replay: str = "segment",
+          replay_tokens: int = 64) -> dict:
     """Accuracy, wall time and passes of one setting on `n` prompts of one band (the same prompts for every
     setting: the generator is seeded by the band)."""
     label, lo, hi, length = band
-    model.set_consolidation(consolidation(setting))
+    model.set_consolidation(consolidation(setting, replay, replay_tokens))
     model.eval()
     ids, _, ans = probe.batch(torch.Generator().manual_seed(seed + lo), n, lo, hi, length)
     t0, right = time.perf_counter(), 0
@@ -86,7 +90,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, train_passes: int = 0) -> None:
+def plot(rows: list[dict], path: Path, train_passes: int = 0, replay: str = "segment") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,8 +112,8 @@ def plot(rows: list[dict], path: Path, train_passes: int = 0) -> None:
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"CPU probe: window 32, memory in layer 1, trained on keys 8-160 back, {train_passes} consolidation "
-                 "passes in training", fontsize=9)
+    ax.set_title(f"CPU probe: window 32, memory in layer 1, trained on keys 8-160 back with {train_passes} "
+                 f"consolidation passes; replay: {replay}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -125,6 +129,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-passes", type=int, default=0,
                     help="consolidation passes in training (unrolled; the settings scored are inference's)")
+    ap.add_argument("--replay", default="segment", choices=["segment", "surprising"],
+                    help="what a pass replays: the evicted segment, or its --replay-tokens most surprising tokens")
+    ap.add_argument("--replay-tokens", type=int, default=4)
     ap.add_argument("--eval-samples", type=int, default=200, help="prompts per band of the training curve")
     ap.add_argument("--samples", type=int, default=100, help="prompts per distance band and setting")
     ap.add_argument("--bands", type=int, default=len(BANDS), help="how many of the distance bands (shortest first)")
@@ -138,8 +145,10 @@ def main(argv=None) -> dict:
     if not 1 <= args.bands <= len(BANDS):
         raise SystemExit(f"--bands must be 1-{len(BANDS)}, got {args.bands}")
     settings = [s for s in args.settings.split(",") if s]
+    if not 1 <= args.replay_tokens <= 16:
+        raise SystemExit(f"--replay-tokens must be 1-16 (the segment), got {args.replay_tokens}")
     for s in settings:
-        consolidation(s)  # a bad setting fails before training
+        consolidation(s, args.replay, args.replay_tokens)  # a bad setting fails before training
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, run = probe.fit(True, args)
@@ -147,7 +156,7 @@ def main(argv=None) -> dict:
     rows = []
     for band in BANDS[:args.bands]:
         for s in settings:
-            r = score(model, s, band, args.samples, args.seed, args.chunk)
+            r = score(model, s, band, args.samples, args.seed, args.chunk, args.replay, args.replay_tokens)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     result = {"args": vars(args), "chance": 1 / len(probe.KEYS), "train_wall_s": round(train_s, 1),
@@ -157,7 +166,7 @@ def main(argv=None) -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "consolidation_probe.json").write_text(json.dumps(result, indent=2))
-        plot(rows, out / "consolidation_probe.png", args.train_passes)
+        plot(rows, out / "consolidation_probe.png", args.train_passes, args.replay)
         (out / "consolidation_probe.md").write_text(table(rows))
     return result
 

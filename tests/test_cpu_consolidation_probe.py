@@ -42,3 +42,10 @@ def test_bad_settings_are_one_line_errors():
         cons.main(["--bands", "0"])
     with pytest.raises(SystemExit, match="--train-passes must be >= 0"):
         cons.main(["--train-passes", "-1"])
+    with pytest.raises(SystemExit, match="--replay-tokens must be 1-16"):
+        cons.main(["--replay", "surprising", "--replay-tokens", "0"])
+
+
+def test_surprising_replay_reaches_the_model():
+    c = cons.consolidation("fixed:2", "surprising", 4)
+    assert (c.mode, c.passes, c.replay, c.replay_tokens) == ("fixed", 2, "surprising", 4)
