@@ -51,6 +51,8 @@ for s in $STAGES; do
   [ -n "$m" ] && cp "$m" "$D/metrics_$O.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$O" --out "$D" \
     --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
   cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null
+  grep -q '"ended_by": "max_time"' "outputs/$O/phase_times.json" 2>/dev/null && \
+    log "stage $s: stopped by trainer.max_time before max_steps (fewer steps than the recipe's; see its log)"
   [ -d "outputs/$O/retrieval" ] && cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
   pack
 done
