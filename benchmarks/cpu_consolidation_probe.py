@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from memsparse.eval.harness import EvalInputError, parse_consolidation
 
 from memsparse.config import ConsolidationConfig
 from memsparse.consolidation import consolidation_passes
@@ -43,17 +44,14 @@ SETTINGS = ("off", "fixed:1", "fixed:2", "fixed:4", "fixed:8", "schedule:a=0.25"
 
 
 def consolidation(setting: str, replay: str = "segment", replay_tokens: int = 64) -> ConsolidationConfig:
-    """`off`, `fixed:N` or `schedule:a=A` (n_max 8) as a ConsolidationConfig replaying `replay` ("segment": the
-    whole evicted segment; "surprising": its `replay_tokens` most surprising tokens)."""
-    kw = {"replay": replay, "replay_tokens": replay_tokens}
-    if setting == "off":
-        return ConsolidationConfig(mode="off", **kw)
-    kind, _, value = setting.partition(":")
-    if kind == "fixed" and value.isdigit():
-        return ConsolidationConfig(mode="fixed", passes=int(value), **kw)
-    if kind == "schedule" and value.startswith("a="):
-        return ConsolidationConfig(mode="schedule", a=float(value[2:]), n_max=8, **kw)
-    raise SystemExit(f"unknown consolidation setting {setting!r} (off, fixed:N or schedule:a=A)")
+    """A `memsparse-eval --consolidation` spec (`off`, `fixed:N`, `schedule:a=A`; n_max 8 by default) as a
+    ConsolidationConfig replaying `replay` ("segment": the whole evicted segment; "surprising": its `replay_tokens`
+    most surprising tokens)."""
+    try:
+        fields = parse_consolidation(setting)
+    except EvalInputError as e:
+        raise SystemExit(f"unknown consolidation setting {setting!r}: {e}") from None
+    return ConsolidationConfig(**{"replay": replay, "replay_tokens": replay_tokens, **fields})
 
 
 @torch.no_grad()

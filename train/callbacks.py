@@ -290,14 +290,14 @@ class PhaseTimes(Callback):
         return short and left is not None and left <= 0
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.stopped_by_time(trainer):
-            self._write(trainer)
-            return
-        self._write(trainer, ended_by="max_time")
-        rank_zero_warn(
-            f"trainer.max_time stopped this run at step {trainer.global_step} of trainer.max_steps "
-            f"{trainer.max_steps}: the steps trained depend on this machine's speed and compile times. For a run "
-            "that trains the same anywhere, set trainer.max_steps to the steps wanted and keep max_time as a guard.")
+        by_time = self.stopped_by_time(trainer)
+        self._write(trainer, ended_by="max_time" if by_time else None)
+        if by_time:
+            rank_zero_warn(
+                f"trainer.max_time stopped this run at step {trainer.global_step} of trainer.max_steps "
+                f"{trainer.max_steps}: the steps trained depend on this machine's speed and compile times. For a run "
+                "that trains the same anywhere, set trainer.max_steps to the steps wanted and keep max_time as a "
+                "guard.")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, ConfigError) and self._first_batch is None:
