@@ -11,6 +11,8 @@
 #   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
 #                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
+#   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
+#                                                    recipes/overlays/balanced_keys_stage{1,2,3}.yaml); eval stays uniform
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
@@ -37,6 +39,7 @@ for s in $STAGES; do
     4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
     *) echo "unknown stage $s (1, 2, 3 or 4)"; exit 2 ;; esac
   CFG=(--config "recipes/$C.yaml" "${CFG[@]}")
+  if [ "${KEYS:-uniform}" = balanced ]; then CFG+=(--config "recipes/overlays/balanced_keys_stage$(( s < 4 ? s : 3 )).yaml"); fi
   log "stage $s: memsparse-train fit ${CFG[*]} ${TRAIN_ARGS:-}"
   t0=$(date +%s)
   N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; 4) echo "${STEPS4:-}" ;; esac)

@@ -6,6 +6,7 @@ import re
 import sysconfig
 import time
 
+import numpy as np
 import pytest
 from memsparse.eval.tasks import (
     TASKS,
@@ -26,6 +27,7 @@ from memsparse.tokenizer import ByteTokenizer, train_bpe
 
 EXPECTED = {
     "passkey",
+    "passkey_balanced",
     "niah_single",
     "niah_single_noise",
     "niah_single_essay",
@@ -71,7 +73,7 @@ def _question_keys(q: str) -> list[str]:
 def oracle(task: Task, text: str, q: str):
     """Solve the task by reading the decoded prompt only (the question is its tail)."""
     name = task.name
-    if name == "passkey":
+    if name.startswith("passkey"):
         (v,) = set(re.findall(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text))
         return v
     if name == "variable_tracking":
@@ -273,3 +275,34 @@ def test_missing_stdlib_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="standard library sources not found"):
         corpus.stdlib_dir()
+
+
+# ----------------------------------------------------------------------------- token-balanced keys
+
+
+def test_token_balanced_keys_favour_rare_tokens():
+    from memsparse.eval.tasks.kinds import TokenBalancedNumbers
+
+    # a merged-digit BPE that has seen " 31337" often: that key is one token no other key contains
+    bpe = train_bpe(["x = 31337 + 31337\n" * 50 + "y = 12 + 34\n" * 20], vocab_size=300, split_digits=False)
+    assert len(bpe.encode(" 31337")) == 1
+    kind = TokenBalancedNumbers(5, balance=0.5)
+    p = kind.probabilities(bpe)
+    assert p.shape == (90000,) and abs(p.sum() - 1) < 1e-9
+    assert p[31337 - 10000] > 100 / 90000  # the single-token key: far above the uniform 1/90000
+    a = [kind.draw_for(np.random.default_rng(7), bpe)[0] for _ in range(2)]
+    assert a[0] == a[1] and 10000 <= int(a[0]) <= 99999  # deterministic per rng
+    uniform = TokenBalancedNumbers(5, balance=0.0).probabilities(bpe)
+    assert np.allclose(uniform, 1 / 90000)
+    bal = TokenBalancedNumbers(5, balance=0.5)
+    assert pickle.loads(pickle.dumps(bal)).probabilities(bpe)[31337 - 10000] == p[31337 - 10000]
+    with pytest.raises(ValueError, match="balance must be in"):
+        TokenBalancedNumbers(5, balance=1.5)
+    with pytest.raises(ValueError, match="at most"):
+        TokenBalancedNumbers(8)
+    # the task trains the rare key often; plain passkey almost never draws it
+    task = get_task("passkey_balanced")
+    n = task.min_length(bpe) + 20
+    hits = sum(task.generate(n, 0.5, seed=i, tokenizer=bpe).answer == "31337" for i in range(400))
+    assert hits >= 3
+    assert get_task("passkey").generate(n, 0.5, seed=1, tokenizer=bpe).answer != "31337"

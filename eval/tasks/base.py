@@ -248,6 +248,10 @@ class NeedleTask(Task):
     def build(self, rng: np.random.Generator) -> Layout:
         """Draw the content (keys, values, needles, question) from `rng`; its shape must not depend on it."""
 
+    def build_for(self, rng: np.random.Generator, tokenizer) -> Layout:
+        """`build` for one tokenizer: tasks whose content depends on the tokenization override this."""
+        return self.build(rng)
+
     def _bounds(self, tokenizer) -> tuple[int, int]:
         cache = self.__dict__.setdefault("_bound_cache", weakref.WeakKeyDictionary())
         if tokenizer not in cache:
@@ -278,7 +282,7 @@ class NeedleTask(Task):
                 "(instruction + needles + question overhead)"
             )
         length = int(length)
-        lay = self.build(_rng(seed, 0, self.name))
+        lay = self.build_for(_rng(seed, 0, self.name), tokenizer)
         pre, suf = lay.prefix.ids(tokenizer), lay.suffix.ids(tokenizer)
         nids = [n.ids(tokenizer) for n in lay.needles]
         n_filler = length - len(pre) - len(suf) - sum(len(x) for x in nids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Collection
 
 import numpy as np
@@ -61,6 +62,60 @@ class Numbers(Kind):
 
     def __repr__(self) -> str:
         return f"Numbers({self.digits})"
+
+
+class TokenBalancedNumbers(Numbers):
+    """Numbers whose draw, given a tokenizer, gives rarely tokenized keys as many answers as common ones.
+
+    Under a merged-digit BPE most keys are 2-4 common tokens, but a few are a token that no other key contains
+    (a 16K stdlib BPE: 4 of the 90,000 five-digit keys), and a model trained on uniform keys never learns to
+    output it. `draw_for` draws, with probability `balance`, a key with weight 1 / (the number of keys that
+    contain the key's rarest token), so every rarest-token class comes up about equally often; otherwise
+    uniformly. `draw` (no tokenizer) is uniform, as `Numbers`.
+    """
+
+    max_keys = 10**6  # the weights are one table over all keys
+
+    def __init__(self, digits: int = 5, balance: float = 0.5) -> None:
+        super().__init__(digits)
+        if not 0.0 <= balance <= 1.0:
+            raise ValueError(f"TokenBalancedNumbers: balance must be in [0, 1], got {balance}")
+        if self.capacity > self.max_keys:
+            raise ValueError(
+                f"TokenBalancedNumbers: at most {self.max_keys} keys; {digits} digits give {self.capacity}")
+        self.balance = balance
+        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def probabilities(self, tokenizer) -> np.ndarray:
+        """(capacity,) float64: the draw's probability of each key, smallest number first (cached per tokenizer)."""
+        if tokenizer not in self._tables:
+            lo = 10 ** (self.digits - 1)
+            ids = [tokenizer.encode(f" {lo + i}") for i in range(int(self.capacity))]  # as a template slot encodes it
+            counts: dict[int, int] = {}
+            for key in ids:
+                for t in set(key):
+                    counts[t] = counts.get(t, 0) + 1
+            w = 1.0 / np.array([min(counts[t] for t in key) for key in ids], dtype=np.float64)
+            p = self.balance * w / w.sum() + (1.0 - self.balance) / len(w)
+            self._tables[tokenizer] = p / p.sum()
+        return self._tables[tokenizer]
+
+    def draw_for(self, rng: np.random.Generator, tokenizer, k: int = 1) -> list[Val]:
+        """`k` distinct keys drawn with `probabilities(tokenizer)`."""
+        p = self.probabilities(tokenizer)
+        idx = rng.choice(len(p), size=k, replace=False, p=p)
+        lo = 10 ** (self.digits - 1)
+        return [Val(str(lo + int(i)), self.max_bytes) for i in idx]
+
+    def __getstate__(self):  # picklable (DataLoader workers): the tables are rebuilt
+        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tables = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"TokenBalancedNumbers({self.digits}, balance={self.balance})"
 
 
 class Words(Kind):

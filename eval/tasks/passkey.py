@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import Layout, Needle, NeedleTask, Piece, Template
 from .haystacks import NoiseHaystack
-from .kinds import Numbers
+from .kinds import Numbers, TokenBalancedNumbers
 from .registry import register_task
 
 
@@ -23,7 +23,9 @@ class Passkey(NeedleTask):
         self.values, self.haystack = Numbers(digits), NoiseHaystack()
 
     def build(self, rng):
-        (value,) = self.values.draw(rng, 1)
+        return self._layout(*self.values.draw(rng, 1))
+
+    def _layout(self, value):
         return Layout(
             prefix=Piece(self.prefix),
             needles=[Needle(self.needle, {"value": value}, anchor=True)],
@@ -32,4 +34,17 @@ class Passkey(NeedleTask):
         )
 
 
+class PasskeyBalanced(Passkey):
+    """Passkey whose keys are drawn token-balanced for the tokenizer (`TokenBalancedNumbers`): a training
+    variant, so that keys that are one rare BPE token are copied too; evaluate on `passkey` (uniform keys)."""
+
+    def __init__(self, name: str = "passkey_balanced", digits: int = 5, balance: float = 0.5) -> None:
+        super().__init__(name, digits)
+        self.values = TokenBalancedNumbers(digits, balance)
+
+    def build_for(self, rng, tokenizer):
+        return self._layout(*self.values.draw_for(rng, tokenizer, 1))
+
+
 register_task(Passkey())
+register_task(PasskeyBalanced())
