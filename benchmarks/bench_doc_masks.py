@@ -11,7 +11,9 @@ reference path.
 
 writes doc_masks_<device>.json and .md (tokens/s per length with and without doc_ids, the cost in percent).
 `--graph` times the CUDA-graph training step (GraphedLoss) instead of the eager one; `--tiny` is a CPU smoke
-run (tiny model, short lengths; tests/test_bench_doc_masks.py).
+run (tiny model, short lengths; tests/test_bench_doc_masks.py). `--profile N` then profiles N eager training
+steps of each path at every length (torch.profiler) and adds, per length, the kernels (CPU ops on CPU) whose
+self time differs most between the two, to say where the cost of doc_ids goes.
 """
 
 from __future__ import annotations
@@ -174,6 +176,38 @@ def time_steps(model, opt, ids, labels, docs, steps, warmup, graph, device) -> t
     return float(np.median(times)) if times else float("nan"), loss
 
 
+def profile_steps(model, opt, ids, labels, docs, steps, device) -> dict[str, dict[str, float]]:
+    """{kernel or op name: {"ms": self device time per step (CPU time on CPU), "calls": per step}} over `steps`
+    eager training steps (after one step outside the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_steps(model, opt, ids, labels, docs, 1, 0, False, device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_steps(model, opt, ids, labels, docs, steps, 0, False, device)
+    out: dict[str, dict[str, float]] = {}
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            us = getattr(e, "self_device_time_total", None)
+            us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            out[e.key] = {"ms": us / 1e3 / steps, "calls": e.count / steps}
+    return out
+
+
+def profile_diff(base: dict, docs: dict, top: int = 25) -> list[dict]:
+    """The `top` names with the largest |ms with doc_ids - ms without|, largest first."""
+    names = set(base) | set(docs)
+    rows = [{"name": n, "ms_without": base.get(n, {}).get("ms", 0.0), "ms_with": docs.get(n, {}).get("ms", 0.0),
+             "calls_without": base.get(n, {}).get("calls", 0.0), "calls_with": docs.get(n, {}).get("calls", 0.0)}
+            for n in names]
+    for r in rows:
+        r["delta_ms"] = r["ms_with"] - r["ms_without"]
+    return sorted(rows, key=lambda r: -abs(r["delta_ms"]))[:top]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="8192,32768")
@@ -189,6 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N eager steps of each path per length (0: off)")
     ap.add_argument("--name", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
@@ -241,6 +277,13 @@ def main(argv=None) -> dict:
         a, b = row.get("no_doc_ids_tokens_per_s"), row.get("doc_ids_tokens_per_s")
         row["cost_percent"] = None if not a or not b else 100.0 * (a / b - 1.0)
         print(json.dumps(row), file=sys.stderr)
+        if args.profile > 0:
+            prof = {label: profile_steps(model, opt, ids, labels, d, args.profile, device)
+                    for label, d in (("no_doc_ids", None), ("doc_ids", docs))}
+            row["profile_total_ms"] = {k: sum(v["ms"] for v in p.values()) for k, p in prof.items()}
+            row["profile_diff"] = profile_diff(prof["no_doc_ids"], prof["doc_ids"])
+            print(json.dumps({"length": L, "profile_total_ms": row["profile_total_ms"],
+                              "top": row["profile_diff"][:8]}), file=sys.stderr)
         result["rows"].append(row)
 
     out = Path(args.out)
@@ -258,6 +301,19 @@ def main(argv=None) -> dict:
         cost = "n/a" if r["cost_percent"] is None else f"{r['cost_percent']:+.1f}%"
         lines.append(f"| {r['length']} | {r['documents']} | {f(r['no_doc_ids_tokens_per_s'])} | "
                      f"{f(r['doc_ids_tokens_per_s'])} | {cost} |")
+    for r in result["rows"]:
+        if "profile_diff" not in r:
+            continue
+        t = r["profile_total_ms"]
+        lines += ["", f"Profile at {r['length']} tokens ({args.profile} eager steps each; self "
+                  f"{'device' if device.type == 'cuda' else 'CPU'} time per step: {t['no_doc_ids']:.1f} ms without "
+                  f"doc_ids, {t['doc_ids']:.1f} ms with), the largest differences:", "",
+                  "| kernel / op | ms without | ms with | delta ms | calls without | calls with |",
+                  "|---|---|---|---|---|---|"]
+        for d in r["profile_diff"]:
+            name = d["name"].replace("|", "/")[:90]
+            lines.append(f"| `{name}` | {d['ms_without']:.3f} | {d['ms_with']:.3f} | {d['delta_ms']:+.3f} | "
+                         f"{d['calls_without']:g} | {d['calls_with']:g} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return result
 
