@@ -43,3 +43,24 @@ def test_overlay_continues_its_base_from_its_own_export(overlay, capsys, monkeyp
     for cfg in (a, b):
         cfg["trainer"].pop("callbacks"), cfg["trainer"].pop("default_root_dir"), cfg["trainer"].pop("max_steps")
     assert a == b
+
+
+BALANCED = {1: ["retrieval_small_copy", "ablation_retrieval_no_memory_copy"],
+            2: ["retrieval_small", "ablation_retrieval_no_memory"],
+            3: ["retrieval_small_long", "ablation_retrieval_no_memory_long"]}
+
+
+@pytest.mark.parametrize("stage", sorted(BALANCED))
+def test_balanced_keys_overlay_changes_only_the_passkey_task(stage, capsys, monkeypatch):
+    """recipes/overlays/balanced_keys_stageN.yaml copies its stage's mixture: a recipe whose mixture changed
+    without its overlay would train another mixture silently."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    overlay = RECIPES / "overlays" / f"balanced_keys_stage{stage}.yaml"
+    for name in BALANCED[stage]:
+        a = _resolved(capsys, RECIPES / f"{name}.yaml")
+        b = _resolved(capsys, RECIPES / f"{name}.yaml", overlay)
+        tasks = [s["task"] for s in b["data"]["synthetic"]]
+        assert "passkey_balanced" in tasks and "passkey" not in tasks
+        for s in b["data"]["synthetic"]:
+            s["task"] = "passkey" if s["task"] == "passkey_balanced" else s["task"]
+        assert a == b, name
