@@ -115,6 +115,21 @@ class Val(str):
 _LITERALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class TokenizerCached:
+    """A per-tokenizer cache `self._cache` (weak keys, so a dropped tokenizer frees its entry) that pickling
+    leaves out and unpickling rebuilds (DataLoader workers)."""
+
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = weakref.WeakKeyDictionary()
+
+
 def encode_literal(tokenizer, text: str) -> np.ndarray:
     """Encode a fixed text piece once per tokenizer (cached)."""
     cache = _LITERALS.setdefault(tokenizer, {})

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import abc
 import re
-import weakref
 
 import numpy as np
 
-from .base import Template, encode_literal, encode_value
+from .base import Template, TokenizerCached, encode_literal, encode_value
 from .kinds import Kind
 
 NOISE_SENTENCES = (
@@ -24,24 +23,14 @@ NOISE_SENTENCES = (
 )
 
 
-class Haystack(abc.ABC):
+class Haystack(TokenizerCached, abc.ABC):
     """Fills `n` tokens; returns (ids, sorted unit boundaries including 0 and n)."""
 
     kind = ""
 
-    def __init__(self) -> None:
-        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     @abc.abstractmethod
     def fill(self, tokenizer, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """`n` filler ids and the unit boundaries (insertion points)."""
-
-    def __getstate__(self):  # picklable (DataLoader workers): the per-tokenizer cache is rebuilt
-        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._cache = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r})"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Collection
 
 import numpy as np
 
 from ._words import ADJECTIVES, NOUNS
-from .base import Val
+from .base import TokenizerCached, Val
 
 _POOL_SEED = 20240601
 
@@ -64,7 +63,7 @@ class Numbers(Kind):
         return f"Numbers({self.digits})"
 
 
-class TokenBalancedNumbers(Numbers):
+class TokenBalancedNumbers(Numbers, TokenizerCached):
     """Numbers whose draw, given a tokenizer, gives rarely tokenized keys as many answers as common ones.
 
     Under a merged-digit BPE most keys are 2-4 common tokens, but a few are a token that no other key contains
@@ -84,11 +83,11 @@ class TokenBalancedNumbers(Numbers):
             raise ValueError(
                 f"TokenBalancedNumbers: at most {self.max_keys} keys; {digits} digits give {self.capacity}")
         self.balance = balance
-        self._tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        TokenizerCached.__init__(self)
 
     def probabilities(self, tokenizer) -> np.ndarray:
         """(capacity,) float64: the draw's probability of each key, smallest number first (cached per tokenizer)."""
-        if tokenizer not in self._tables:
+        if tokenizer not in self._cache:
             lo = 10 ** (self.digits - 1)
             ids = [tokenizer.encode(f" {lo + i}") for i in range(int(self.capacity))]  # as a template slot encodes it
             counts: dict[int, int] = {}
@@ -97,8 +96,8 @@ class TokenBalancedNumbers(Numbers):
                     counts[t] = counts.get(t, 0) + 1
             w = 1.0 / np.array([min(counts[t] for t in key) for key in ids], dtype=np.float64)
             p = self.balance * w / w.sum() + (1.0 - self.balance) / len(w)
-            self._tables[tokenizer] = p / p.sum()
-        return self._tables[tokenizer]
+            self._cache[tokenizer] = p / p.sum()
+        return self._cache[tokenizer]
 
     def draw_for(self, rng: np.random.Generator, tokenizer, k: int = 1) -> list[Val]:
         """`k` distinct keys drawn with `probabilities(tokenizer)`."""
@@ -106,13 +105,6 @@ class TokenBalancedNumbers(Numbers):
         idx = rng.choice(len(p), size=k, replace=False, p=p)
         lo = 10 ** (self.digits - 1)
         return [Val(str(lo + int(i)), self.max_bytes) for i in idx]
-
-    def __getstate__(self):  # picklable (DataLoader workers): the tables are rebuilt
-        return {k: v for k, v in self.__dict__.items() if k != "_tables"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._tables = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"TokenBalancedNumbers({self.digits}, balance={self.balance})"
