@@ -33,8 +33,10 @@ def test_second_stage_starts_from_the_first_stages_weights(tmp_path):
     main(["fit", "--config", str(tiny_config(a, **{"trainer.max_steps": 3}))])
     first = MemSparseLM.from_pretrained(a / "export")
     b = tmp_path / "b"
-    # stage 2: other sequence length and a zero learning rate, so its final weights are its starting weights
+    # stage 2: other sequence length, a window shrunk to one segment of 16 (weights do not depend on either) and a
+    # zero learning rate, so its final weights are its starting weights
     cfg = tiny_config(b, **{"trainer.max_steps": 2, "data.seq_len": 64, "data.tokenizer": str(a / "export"),
+                            "model.config.window": 16, "model.config.segment": 16,
                             "model.lr": 1e-12, "model.min_lr": 1e-12,
                             "trainer.callbacks": [{"class_path": "memsparse.train.init_from.InitFromWeights",
                                                    "init_args": {"path": str(a / "export")}}]})

@@ -44,8 +44,10 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 # config fields that change no weight's meaning: a later stage may set them differently
+# (the window and segment set only which keys attention sees and when tokens are evicted into the memory, as
+# `MemSparseLM.set_window` switches at inference: a stage may shrink the window so that only the memory reaches back)
 _FREE_FIELDS = {"budget", "consolidation", "hard_keep_fraction", "compile_pointwise", "loss_chunk", "checkpoint",
-                "memory.compile", "memory.chunk_size"}
+                "memory.compile", "memory.chunk_size", "window", "segment"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
