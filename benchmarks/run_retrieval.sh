@@ -13,6 +13,8 @@
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
 #                                                    recipes/overlays/balanced_keys_stage{1,2,3}.yaml); eval stays uniform
+#   KEYS=balanced ASKS=4 ...                         stages 3-4 also ask each sample's question 4 times
+#                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
@@ -39,7 +41,13 @@ for s in $STAGES; do
     4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
     *) echo "unknown stage $s (1, 2, 3 or 4)"; exit 2 ;; esac
   CFG=(--config "recipes/$C.yaml" "${CFG[@]}")
-  if [ "${KEYS:-uniform}" = balanced ]; then CFG+=(--config "recipes/overlays/balanced_keys_stage$(( s < 4 ? s : 3 )).yaml"); fi
+  if [ "${KEYS:-uniform}" = balanced ]; then
+    OV="recipes/overlays/balanced_keys_stage$(( s < 4 ? s : 3 )).yaml"
+    # ASKS=n: stages 3-4 ask every sample's question n times (recipes/overlays/balanced_keys_asks<n>_stage3.yaml)
+    [ -n "${ASKS:-}" ] && [ "$s" -ge 3 ] && OV="recipes/overlays/balanced_keys_asks${ASKS}_stage3.yaml"
+    [ -f "$OV" ] || { echo "no overlay $OV"; exit 2; }
+    CFG+=(--config "$OV")
+  elif [ -n "${ASKS:-}" ]; then echo "ASKS needs KEYS=balanced (its overlays)"; exit 2; fi
   log "stage $s: memsparse-train fit ${CFG[*]} ${TRAIN_ARGS:-}"
   t0=$(date +%s)
   N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; 4) echo "${STEPS4:-}" ;; esac)

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from memsparse.train.data import MemSparseDataModule, SyntheticSpec, load_documents, split_documents
+from memsparse.train.data import (
+    DataConfigError,
+    MemSparseDataModule,
+    SyntheticSpec,
+    load_documents,
+    split_documents,
+)
 from memsparse.train.packing import (
     IGNORE_INDEX,
     PackedTextDataset,
@@ -273,6 +279,47 @@ def test_synthetic_exact_lengths_and_answer_labels():
 
 
 @needs_registry
+def test_synthetic_asks_insert_labelled_answers_after_the_needle():
+    tok = ByteTokenizer()
+    one = SyntheticTaskDataset("passkey", 12, [700, 1024], 1024, tok, seed=3, source=1)
+    three = SyntheticTaskDataset("passkey", 12, [700, 1024], 1024, tok, seed=3, source=1, asks=3)
+    question = tok.encode("\nWhat is the pass key? The pass key is")
+    for i in range(12):
+        length, _, _ = three.params(i)
+        a, b = one[i], three[i]
+        n = int((b["doc_ids"] >= 0).sum())
+        assert n == min(length + 1, 1024)  # still exactly prompt + answers + eos
+        ids, lab = b["input_ids"][:n].tolist(), b["labels"]
+        text = tok.decode(ids)
+        key = text[text.index("The pass key is ") + 16:][:5]
+        starts = [j + len(question) for j in range(n) if ids[j:j + len(question)] == question]
+        assert len(starts) == 3 and starts[0] > text.index(f"{key} is the pass key.")  # all after the needle
+        answer = tok.encode(" " + key)
+        labelled = (lab != IGNORE_INDEX).nonzero().flatten().tolist()
+        expected = [s - 1 + k for s in starts for k in range(len(answer))] + [starts[-1] - 1 + len(answer)]
+        assert labelled == expected  # every answer (its targets), and the eos after the last one
+        for s in starts[:2]:
+            assert ids[s:s + len(answer)] == answer
+        # the key: twice in the needle, then once per answer; asks=1 is the plain sample with the same key
+        assert text.count(key) == 5 and tok.decode(a["input_ids"][a["doc_ids"] >= 0].tolist()).count(key) == 3
+    with pytest.raises(ValueError, match="asks must be an integer >= 1"):
+        SyntheticTaskDataset("passkey", 2, [700], 1024, tok, seed=3, source=1, asks=0)
+    with pytest.raises(ValueError, match="too short for asks=4"):
+        SyntheticTaskDataset("passkey", 2, [320], 1024, tok, seed=3, source=1, asks=4)
+    with pytest.raises(ValueError, match="needs a needle task"):
+        SyntheticTaskDataset(_VarAnswerTask(), 2, [32], 32, tok, seed=1, source=1, asks=2)
+
+
+@needs_registry
+def test_synthetic_asks_that_do_not_fit_are_a_config_error(tmp_path):
+    _write_docs(tmp_path, n=6, size=600)
+    with pytest.raises(DataConfigError, match=r"data\.synthetic\[0\].*too short for asks=3"):
+        _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], asks=3)])
+    with pytest.raises(DataConfigError, match=r"data\.synthetic\[0\]\.asks.*>= 1"):
+        _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], asks=0)])
+
+
+@needs_registry
 def test_synthetic_mixture_proportions_lengths_determinism(tmp_path):
     _write_docs(tmp_path, n=30, size=1200)
     kw = dict(seq_len=320, batch_size=2, val_fraction=0.1, synthetic_loss="answer",
@@ -440,4 +487,4 @@ def test_built_from_yaml_by_jsonargparse(tmp_path):
     )
     dm = parser.instantiate_classes(cfg).data
     assert dm.seq_len == 64 and dm.synthetic == [SyntheticSpec("passkey", 0.25, [64])]
-    assert dm.hparams["synthetic"] == [{"task": "passkey", "proportion": 0.25, "lengths": [64]}]
+    assert dm.hparams["synthetic"] == [{"task": "passkey", "proportion": 0.25, "lengths": [64], "asks": 1}]

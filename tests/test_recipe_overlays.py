@@ -64,3 +64,16 @@ def test_balanced_keys_overlay_changes_only_the_passkey_task(stage, capsys, monk
         for s in b["data"]["synthetic"]:
             s["task"] = "passkey" if s["task"] == "passkey_balanced" else s["task"]
         assert a == b, name
+
+
+@pytest.mark.parametrize("name", BALANCED[3])
+def test_asks_overlay_is_the_balanced_stage_3_mixture_asking_four_times(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{name}.yaml"
+    a = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_stage3.yaml")
+    b = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_asks4_stage3.yaml")
+    assert [s["asks"] for s in a["data"]["synthetic"]] == [1, 1, 1]
+    assert [s.pop("asks") for s in b["data"]["synthetic"]] == [4, 4, 4]
+    for s in a["data"]["synthetic"]:
+        s.pop("asks")
+    assert a == b

@@ -57,12 +57,15 @@ class SyntheticSpec:
 
     task: a name in `memsparse.eval.tasks`; proportion: its share of all training sequences (the text gets
     what the tasks leave); lengths: sequence lengths (tokens, <= seq_len) drawn uniformly per sample
-    (empty: [seq_len], which fills every sequence exactly).
+    (empty: [seq_len], which fills every sequence exactly); asks: how often a sample asks its question (> 1: the
+    question and its answer are also inserted asks - 1 times between the last needle and the end, each answer
+    labelled, so a long row trains several answers at several distances).
     """
 
     task: str
     proportion: float
     lengths: list[int] = field(default_factory=list)
+    asks: int = 1
 
 
 class DataConfigError(ConfigError):
@@ -334,13 +337,15 @@ class MemSparseDataModule(LightningDataModule):
             try:
                 specs.append(s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s))
             except TypeError as e:
-                raise DataConfigError(f"expected task, proportion and lengths ({e})", key=f"data.synthetic[{k}]") \
-                    from None
+                raise DataConfigError(f"expected task, proportion, lengths and asks ({e})",
+                                      key=f"data.synthetic[{k}]") from None
         for k, s in enumerate(specs):
             where = f"data.synthetic[{k}]"
             check(s.proportion > 0, f"synthetic[{k}].proportion", "> 0", s.proportion)
             check(all(isinstance(n, int) and n >= 2 for n in s.lengths), f"synthetic[{k}].lengths",
                   "a list of integers >= 2", s.lengths)
+            check(isinstance(s.asks, int) and not isinstance(s.asks, bool) and s.asks >= 1, f"synthetic[{k}].asks",
+                  "an integer >= 1", s.asks)
             if s.lengths and max(s.lengths) > seq_len:
                 raise DataConfigError(
                     f"data.seq_len={seq_len} is shorter than the samples of synthetic task {s.task!r} "
@@ -564,9 +569,12 @@ class MemSparseDataModule(LightningDataModule):
             parts = []
             for k, (spec, task) in enumerate(zip(self.synthetic, tasks)):
                 n = max(1, round(scale * spec.proportion)) if scale > 0 else 0
-                parts.append(SyntheticTaskDataset(
-                    task, n, spec.lengths or [self.seq_len], self.seq_len, tok, self.seed, source=1 + k,
-                    stream=stream, loss=self.synthetic_loss, vary_by_epoch=stream == 0))
+                try:
+                    parts.append(SyntheticTaskDataset(
+                        task, n, spec.lengths or [self.seq_len], self.seq_len, tok, self.seed, source=1 + k,
+                        stream=stream, loss=self.synthetic_loss, vary_by_epoch=stream == 0, asks=spec.asks))
+                except ValueError as e:  # a sample that cannot fit its lengths: the user's setting, one line
+                    raise DataConfigError(str(e), key=f"data.synthetic[{k}]") from None
             return parts
 
         self.train_dataset = MixtureDataset([train_text, *synthetic_parts(scale_train, 0)])

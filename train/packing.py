@@ -102,6 +102,9 @@ class SyntheticTaskDataset(Dataset):
     exactly `length + 1` of them, i.e. `length` labelled positions (length == seq_len fills the sequence;
     shorter samples are padded).
     `loss="answer"` keeps labels only on the answer tokens and the eos after them; `"all"` on every token.
+    `asks` > 1 (needle tasks only, training): the question and its answer are also inserted `asks - 1` times into
+    the haystack between the last needle and the final question, evenly spaced, and every answer is labelled; the
+    row is still exactly `length + 1` tokens (the haystack is shortened to make room).
     """
 
     def __init__(
@@ -116,9 +119,12 @@ class SyntheticTaskDataset(Dataset):
         stream: int = 0,
         loss: str = "answer",
         vary_by_epoch: bool = True,
+        asks: int = 1,
     ) -> None:
         if loss not in ("answer", "all"):
             raise ValueError(f"synthetic_loss must be 'answer' or 'all', got {loss!r}")
+        if isinstance(asks, bool) or not isinstance(asks, int) or asks < 1:
+            raise ValueError(f"asks must be an integer >= 1, got {asks!r}")
         bad = [n for n in lengths if not 2 <= n <= seq_len]
         if not lengths or bad:
             raise ValueError(f"synthetic lengths must be in [2, seq_len={seq_len}], got {list(lengths)}")
@@ -128,7 +134,7 @@ class SyntheticTaskDataset(Dataset):
         self.name = self.task_name or getattr(task, "name", type(task).__name__)
         self.num_samples, self.lengths = int(num_samples), [int(n) for n in lengths]
         self.seq_len, self.tokenizer, self.seed, self.source, self.stream = seq_len, tokenizer, seed, source, stream
-        self.loss, self.vary_by_epoch = loss, vary_by_epoch
+        self.loss, self.vary_by_epoch, self.asks = loss, vary_by_epoch, asks
         # The prompt must leave room for the answer: check the task's bounds once, up front.
         min_len = getattr(self._task, "min_length", lambda tok: 1)(tokenizer)
         max_ans = getattr(self._task, "max_answer_tokens", lambda tok: 0)(tokenizer)
@@ -142,6 +148,19 @@ class SyntheticTaskDataset(Dataset):
         self._answer_guess = {
             n: len(self.task.generate(n - max_ans, 0.5, 0, tokenizer).answer_ids) for n in sorted(set(self.lengths))
         }
+        self._asks_guess: dict[int, int] = {}  # per length: tokens the extra questions and answers take
+        if asks > 1:
+            probe = self.task.generate(max(self.lengths) - max_ans, 0.5, 0, tokenizer)
+            if not {"haystack_end", "needle_positions", "needle_lengths"} <= set(getattr(probe, "meta", {}) or {}):
+                raise ValueError(f"synthetic task {self.name!r}: asks > 1 needs a needle task (a haystack and "
+                                 "a question to repeat)")
+            need = (asks - 1) * (len(probe.prompt_ids) - probe.meta["haystack_end"] + max_ans)
+            short = [n for n in self.lengths if n - need - max_ans < min_len]
+            if short:
+                raise ValueError(
+                    f"synthetic task {self.name!r}: lengths {short} are too short for asks={asks}; it needs at "
+                    f"least {min_len + max_ans + need} tokens ({asks - 1} more questions and answers of up to "
+                    f"{need // (asks - 1)} tokens each)")
 
     @property
     def task(self) -> Any:
@@ -169,7 +188,39 @@ class SyntheticTaskDataset(Dataset):
 
     def generate(self, length: int, depth: float, seed: int) -> tuple[list[int], list[int]]:
         """(prompt_ids, answer_ids) with len(prompt) + len(answer) == length."""
-        answer_len = self._answer_guess[length]
+        return self._generate(length, depth, seed)[:2]
+
+    def generate_asked(self, length: int, depth: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+        """(prompt_ids, answer_ids, starts) with the question and answer also inserted `asks - 1` times after the
+        last needle; `starts`: the prompt index of each inserted answer's first token; len(prompt) + len(answer)
+        == length. The content (needles, question, answer) does not depend on the length, so the room the inserts
+        take is known after one generation (the loop only guards against a task where it does)."""
+        extra = self._asks_guess.get(length, 0)
+        for _ in range(4):
+            prompt, answer, meta = self._generate(length - extra, depth, seed)
+            hend = meta["haystack_end"]
+            question = prompt[hend:]
+            need = (self.asks - 1) * (len(question) + len(answer))
+            if need == extra:
+                after = max(p + n for p, n in zip(meta["needle_positions"], meta["needle_lengths"]))
+                cuts = [after + round(j * (hend - after) / self.asks) for j in range(1, self.asks)]
+                out, starts, last = [], [], 0
+                for c in cuts:
+                    out += prompt[last:c] + question
+                    starts.append(len(out))
+                    out += answer
+                    last = c
+                out += prompt[last:]
+                self._asks_guess[length] = extra
+                return out, answer, starts
+            extra = need
+            if length - extra < 2:
+                break
+        raise ValueError(f"synthetic task {self.name!r}: {self.asks} questions and answers do not fit a sample "
+                         f"of {length} tokens")
+
+    def _generate(self, length: int, depth: float, seed: int) -> tuple[list[int], list[int], dict]:
+        answer_len = self._answer_guess.get(length) or self._answer_guess[max(self.lengths)]
         for _ in range(4):
             prompt_len = length - answer_len
             if prompt_len < 1:
@@ -183,19 +234,24 @@ class SyntheticTaskDataset(Dataset):
                     f"task {self.name!r} returned a prompt of {len(prompt)} tokens "
                     f"for length={prompt_len}")
             if len(answer) == answer_len:
-                return prompt, answer
+                return prompt, answer, getattr(s, "meta", {})
             answer_len = len(answer)
         raise RuntimeError(
             f"task {self.name!r}: answer length does not settle for length={length}")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         length, depth, task_seed = self.params(index)
-        prompt, answer = self.generate(length, depth, task_seed)
+        if self.asks > 1:
+            prompt, answer, starts = self.generate_asked(length, depth, task_seed)
+        else:
+            (prompt, answer), starts = self.generate(length, depth, task_seed), []
         eos = self.tokenizer.eos_id
         tokens = np.asarray(prompt + answer + [eos], dtype=np.int64)  # length + 1 tokens
         item = _item(tokens, self.seq_len, self.tokenizer.pad_id, eos, self.source)
         if self.loss == "answer":
             keep = np.zeros(self.seq_len, dtype=bool)
+            for a in starts:  # positions whose target is a token of an inserted answer
+                keep[a - 1 : a - 1 + len(answer)] = True
             keep[len(prompt) - 1 : length] = True  # positions whose target is an answer token or the eos
             item["labels"][~torch.from_numpy(keep)] = IGNORE_INDEX
         return item
