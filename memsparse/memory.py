@@ -495,10 +495,15 @@ class NeuralMemory(nn.Module):
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> MemoryState:
         """Fresh per-sequence state: fast weights = the learned initial weights (differentiable), momentum 0."""
-        device = device or self.gain.device
-        weights = [_up(w).to(device).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights]
+        weights = self.initial_weights(batch_size, device)
         momentum = [torch.zeros_like(w) for w in weights]
-        return MemoryState(weights, momentum, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return MemoryState(weights, momentum, torch.zeros(batch_size, dtype=torch.long, device=weights[0].device))
+
+    def initial_weights(self, batch_size: int, device=None) -> list[Tensor]:
+        """The learned initial fast weights, expanded (views, no copy) to `(batch_size, H, d_in, d_out)` fp32: the
+        weights of `init_state`, without its momentum and step."""
+        device = device or self.gain.device
+        return [_up(w).to(device).unsqueeze(0).expand(batch_size, *w.shape) for w in self.init_weights]
 
     # -- projections ------------------------------------------------------------------------------------
     def project(self, x: Tensor) -> MemoryInputs:
@@ -528,17 +533,23 @@ class NeuralMemory(nn.Module):
         y = self._read_pieces(states, queries)
         return y if y.dim() == 4 else y.transpose(1, 2).flatten(2, 3)
 
-    def read_out(self, states: list[MemoryState], queries: list[Tensor], init_mask: Tensor | None = None) -> Tensor:
+    def read_out(self, states: list[MemoryState], queries: list[Tensor], init_mask: Tensor | None = None,
+                 init_weights: list[Tensor] | None = None, all_queries: Tensor | None = None) -> Tensor:
         """`merge_heads(read_segments(states, queries))` `(B, sum n_i, dim)`, with one copy (layout and cast to
         the projection's input dtype together) between the reads and the output projection. `init_mask`
         `(B, sum n_i)` bool (packed documents): those tokens read the initial memory instead (their document has
-        nothing written yet)."""
-        if init_mask is not None:
-            y = self.read_segments(states, queries)
-            q = torch.cat(queries, 2) if len(queries) > 1 else queries[0]
-            y0 = self.read(self.init_state(q.shape[0], q.device), q)
-            return self.merge_heads(torch.where(init_mask[:, None, :, None], y0, y))
+        nothing written yet); `init_weights` (optional) are those of `initial_weights`, `all_queries` (optional)
+        the queries' concatenation, when the caller has them (saves building them again)."""
         y = self._read_pieces(states, queries)
+        if init_mask is not None:
+            q = all_queries if all_queries is not None else torch.cat(queries, 2) if len(queries) > 1 else queries[0]
+            init_weights = self.initial_weights(q.shape[0], q.device) if init_weights is None else init_weights
+            y0 = self._read_weights(init_weights, q)                                   # (B, H, N, D)
+            if y.dim() == 5:  # the selection in the batched read's layout: still one copy after it
+                B, n, H, m, D = y.shape
+                y = torch.where(init_mask.view(B, n, 1, m, 1), y0.view(B, H, n, m, D).transpose(1, 2), y)
+            else:
+                y = torch.where(init_mask[:, None, :, None], y0, y)
         if y.dim() == 5:  # (B, n, H, m, D): the batched read of n equal pieces of m tokens
             B, n, H, m, D = y.shape
             return self.out(self._to_proj_input(y.permute(0, 1, 3, 2, 4)).view(B, n * m, H * D))

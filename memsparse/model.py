@@ -204,16 +204,46 @@ class Documents:
 
     start: Tensor
     prev: Tensor
+    # what every layer derives alike from these (same span, same cache length): computed by the first, reused
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _once(self, key: tuple, make):
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def with_cache(self, pos: int, c0: int) -> Tensor:
         """`(B, pos - c0 + n)`: the document start of every cached token [c0, pos) and span token: the current
         document's from `prev` on, OLD_DOCUMENT before it."""
         if pos == c0:
             return self.start
+        return self._once(("with_cache", pos, c0), lambda: self._with_cache(pos, c0))
+
+    def _with_cache(self, pos: int, c0: int) -> Tensor:
         cache_pos = torch.arange(c0, pos, device=self.start.device)
         cached = torch.where(cache_pos[None, :] >= self.prev[:, None], self.prev[:, None],
                              torch.full_like(self.prev[:, None], OLD_DOCUMENT))
         return torch.cat([cached, self.start], 1)
+
+    def evictions(self, pos: int, c0: int, ev0: int, count: int, segment: int, dtype: torch.dtype):
+        """The document masks of `count` consecutive evicted segments from segment `ev0` on (tokens cached from
+        c0): (reset `(B, count)` bool: the segment's last token starts its document inside the segment, so its
+        write starts from the initial memory; gates `(B, count, segment)` of `dtype`: 1 for the tokens of that
+        document, 0 before it). One set of small ops per span for all of them (and for every layer)."""
+        def make():
+            S = segment
+            e0 = ev0 * S - c0
+            last = self.with_cache(pos, c0)[:, e0 + S - 1:e0 + count * S:S]             # (B, count) starts
+            tok = torch.arange(ev0 * S, (ev0 + count) * S, device=last.device).view(count, S)
+            return last >= tok[:, 0], (tok[None] >= last[..., None]).to(dtype)
+        return self._once(("evictions", pos, c0, ev0, count, segment, dtype), make)
+
+    def fresh(self, pos: int, n: int, segment: int, window: int) -> Tensor:
+        """`(B, n)` bool: the span tokens whose document has nothing evicted yet (they read the initial memory)."""
+        def make():
+            t_abs = torch.arange(pos, pos + n, device=self.start.device)
+            return self.start >= (t_abs // segment - window // segment) * segment
+        return self._once(("fresh", pos, n, segment, window), make)
 
 
 def document_starts(doc_ids: Tensor, pos: int = 0, prev_id: Tensor | None = None,
@@ -329,31 +359,35 @@ class Block(nn.Module):
             segments = all_in.split_writes(S) if c0 % S == 0 else None
             # the writes depend only on the evicted tokens, so run them first and read every piece afterwards
             # with the state it would have seen (pieces of equal length are read in one batched call)
+            evicts = [s1 // S - 1 - w_seg for s1 in bounds[1:] if s1 % S == 0] if self.memory_writes else []
+            evicts = [ev for ev in evicts if ev >= 0]  # segment s1//S - 1 complete: evict segment (s1//S-1) - w_seg
+            init_w = None
+            if dst is not None and evicts:  # write only the document of the segment's last token, from scratch
+                resets, doc_gates = docs.evictions(pos, c0, evicts[0], len(evicts), S, all_in.k.dtype)
+                init_w = self.memory.initial_weights(B, x.device)
             read_states, written = [], []
             for s1 in bounds[1:]:
                 read_states.append(mem_state)
-                if s1 % S == 0:  # segment s1//S - 1 complete: evict segment (s1//S - 1) - w_seg
-                    ev = s1 // S - 1 - w_seg
-                    if ev >= 0 and self.memory_writes:
-                        e0 = ev * S - c0
-                        seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
-                        seq_len = total_len if total_len is not None else s1
-                        valid = None
-                        if dst is not None:  # write only the document of the segment's last token, from scratch
-                            s_last = dst[:, e0 + S - 1]
-                            mem_state = self._reset_rows(mem_state, s_last >= ev * S)
-                            valid = (torch.arange(ev * S, ev * S + S, device=x.device)[None, :] >= s_last[:, None])
-                        mem_state, ws = self._evict(mem_state, seg, seq_len, valid)
-                        written.append(ws)
+                ev = s1 // S - 1 - w_seg
+                if s1 % S == 0 and ev in evicts:
+                    e0 = ev * S - c0
+                    seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
+                    seq_len = total_len if total_len is not None else s1
+                    gates = None
+                    if init_w is not None:
+                        i = ev - evicts[0]
+                        mem_state = _reset_rows(mem_state, resets[:, i], init_w)
+                        gates = doc_gates[:, i]
+                    mem_state, ws = self._evict(mem_state, seg, seq_len, gates)
+                    written.append(ws)
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
                 _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
             if dst is None:
                 mem_out = self.memory.read_out(read_states, list(q_parts))
             else:  # a token whose document has nothing evicted yet reads the initial memory
-                t_abs = torch.arange(pos, pos + n, device=x.device)
-                fresh = docs.start >= (t_abs // S - w_seg) * S
-                mem_out = self.memory.read_out(read_states, list(q_parts), init_mask=fresh)
+                mem_out = self.memory.read_out(read_states, list(q_parts), init_mask=docs.fresh(pos, n, S, W),
+                                               init_weights=init_w, all_queries=new_in.q)
             if cfg.variant != "mac":  # MAC feeds it to a linear layer only: no cast to fp32 and back
                 mem_out = mem_out.to(x.dtype)
 
@@ -390,43 +424,41 @@ class Block(nn.Module):
         return None
 
     def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int,
-               valid: Tensor | None = None) -> tuple[MemoryState, WriteStats]:
+               gates: Tensor | None = None) -> tuple[MemoryState, WriteStats]:
         """Write one evicted segment (surprise-gated), then its consolidation passes. Returns (memory, the
-        first write's stats). `valid` `(B, S)` bool (documents): only these tokens are written and replayed (the
-        others get gate 0, which leaves memory and momentum untouched) and ranked by the hard keep."""
+        first write's stats). `gates` `(B, S)` of 0/1 in ev's dtype (documents): only the tokens of gate 1 are
+        written and replayed (the others get gate 0, which leaves memory and momentum untouched) and ranked by the
+        hard keep."""
         cfg = self.cfg
         keep = 1.0 if self.training else cfg.hard_keep_fraction
-        gates = None if valid is None else valid.to(ev.k.dtype)
+        rank = gates is not None and not self._soft_gate_only(keep)  # the hard keep ranks: it needs them as bool
+        valid = gates > 0 if rank else None
         mem, ws = self.memory.write(mem, ev, gates, **self._gate_kwargs(keep, ev.k.shape[2], valid))
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
-            replay, r_valid = ev, valid
+            replay, r_gates, r_valid = ev, gates, valid
             if cfg.consolidation.replay == "surprising" and cfg.consolidation.replay_tokens < ev.k.shape[2]:
-                gn = ws.grad_norm if valid is None else _rank_valid(ws.grad_norm, valid)
+                gn = ws.grad_norm if gates is None else _rank_valid(ws.grad_norm, gates > 0 if valid is None else valid)
                 top = top_count_indices(gn, cfg.consolidation.replay_tokens)
                 replay = _gather_inputs(ev, top)
-                if valid is not None:
-                    r_valid = valid[:, None, :].expand(-1, top.shape[1], -1).gather(2, top)
-            r_gates = None if r_valid is None else r_valid.to(ev.k.dtype)
+                if gates is not None:
+                    r_gates = gates[:, None, :].expand(-1, top.shape[1], -1).gather(2, top)
+                    r_valid = r_gates > 0 if rank else None
             for _ in range(passes):
                 mem, _ = self.memory.write(mem, replay, r_gates,
                                            **self._gate_kwargs(keep, replay.k.shape[2], r_valid))
         return mem, ws
 
-    def _reset_rows(self, mem: MemoryState, rows: Tensor) -> MemoryState:
-        """The memory of the sequences `rows` `(B,)` bool back at the initial weights, zero momentum, step 0."""
-        init = self.memory.init_state(mem.batch_size, rows.device)
-        r4 = rows[:, None, None, None]
-        return MemoryState([torch.where(r4, w0, w) for w0, w in zip(init.weights, mem.weights)],
-                           [torch.where(r4, torch.zeros_like(m), m) for m in mem.momentum],
-                           torch.where(rows, torch.zeros_like(mem.step), mem.step))
+    def _soft_gate_only(self, keep: float) -> bool:
+        """Whether the surprise gate is the learned soft gate alone (fused into the chunk step; no ranking)."""
+        return self.gate.learned and keep >= 1.0
 
     def _gate_kwargs(self, keep: float, n_tokens: int, valid: Tensor | None = None) -> dict:
         """The surprise gate as `NeuralMemory.write` takes it for a write of `n_tokens`: the learned soft gate as
         parameters (fused into the chunk step), a function otherwise (hard keep of the write's top tokens at
         inference, or no learned gate). `valid` (documents): tokens of another document rank last in the hard
         keep."""
-        if self.gate.learned and keep >= 1.0:
+        if self._soft_gate_only(keep):
             return {"gate_params": (self.gate.scale, self.gate.bias)}
         return {"gate_fn": self.gate.segment_gate_fn(keep, n_tokens, valid)}
 
@@ -551,6 +583,15 @@ def _document_key_pool(keys: Tensor, dst: Tensor, c0: int, P: int, bs: int) -> T
     if not P:
         return pooled
     return torch.cat([block_pool(keys[:, :, :P], bs), pooled], 2)
+
+
+def _reset_rows(mem: MemoryState, rows: Tensor, init_weights: list[Tensor]) -> MemoryState:
+    """The memory of the sequences `rows` `(B,)` bool back at `init_weights` (`NeuralMemory.initial_weights`), zero
+    momentum, step 0: one op per state tensor (the initial weights are built once per span, not per reset; a
+    scalar where, not masked_fill, which is a copy and a fill)."""
+    r4 = rows[:, None, None, None]
+    return MemoryState([torch.where(r4, w0, w) for w0, w in zip(init_weights, mem.weights)],
+                       [torch.where(r4, 0.0, m) for m in mem.momentum], torch.where(rows, 0, mem.step))
 
 
 def _rank_valid(gn: Tensor, valid: Tensor) -> Tensor:

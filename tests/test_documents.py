@@ -195,3 +195,52 @@ def test_training_step_passes_doc_ids():
         old = module.model(ids, labels, return_logits=False).loss
     torch.testing.assert_close(loss.detach(), want, rtol=0, atol=1e-6)
     assert (old - want).abs() > 1e-4
+
+
+def test_eviction_masks_and_reset_equal_the_per_segment_formulas():
+    """What the memory loop derives once per span (`Documents.evictions`, `Documents.fresh`) and the reset with the
+    initial weights built once (`_reset_rows`, scalar wheres) equal the per-segment formulas they replaced:
+    masks exactly, the reset's values and gradients exactly (the initial weights' to rounding)."""
+    from memsparse.model import OLD_DOCUMENT, _reset_rows, document_starts
+
+    g = torch.Generator().manual_seed(0)
+    pos, cached, n = 96, 64, 160  # a span after a cache of two segments, prev document continued in row 0
+    ids = torch.stack([doc_ids_from([5, 40, 70]), doc_ids_from([32, 33, 100])])[:, :n]
+    docs = document_starts(ids, pos, prev_id=torch.tensor([0, 7]), prev_start=torch.tensor([50, 90]))
+    c0 = pos - cached
+    dst = docs.with_cache(pos, c0)
+    assert docs.with_cache(pos, c0) is dst  # derived once, reused by every layer
+    evs = list(range(c0 // S, (pos + n) // S - 64 // S))
+    resets, gates = docs.evictions(pos, c0, evs[0], len(evs), S, torch.float64)
+    for i, ev in enumerate(evs):
+        s_last = dst[:, ev * S - c0 + S - 1]
+        assert torch.equal(resets[:, i], s_last >= ev * S)
+        valid = torch.arange(ev * S, ev * S + S)[None, :] >= s_last[:, None]
+        assert torch.equal(gates[:, i], valid.double())
+    assert resets.any() and not resets.all() and (dst == OLD_DOCUMENT).any()
+    t_abs = torch.arange(pos, pos + n)
+    assert torch.equal(docs.fresh(pos, n, S, 64), docs.start >= (t_abs // S - 64 // S) * S)
+
+    mem = make_model().blocks[1].memory
+    st = mem.init_state(2)
+    state = type(st)([torch.randn(w.shape, dtype=w.dtype, generator=g).requires_grad_() for w in st.weights],
+                     [torch.randn(w.shape, dtype=w.dtype, generator=g).requires_grad_() for w in st.weights],
+                     torch.tensor([40, 72]))
+    rows = torch.tensor([True, False])
+    init = mem.init_state(2)
+    r4 = rows[:, None, None, None]
+    ref = type(st)([torch.where(r4, w0, w) for w0, w in zip(init.weights, state.weights)],
+                   [torch.where(r4, torch.zeros_like(m), m) for m in state.momentum],
+                   torch.where(rows, torch.zeros_like(state.step), state.step))
+    got = _reset_rows(state, rows, mem.initial_weights(2))
+    assert torch.equal(got.step, ref.step)
+    wrt = [*state.weights, *state.momentum, *mem.init_weights]
+    outs = []
+    for s in (got, ref):
+        for a, b in zip(s.weights + s.momentum, ref.weights + ref.momentum):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(k))).sum()
+                   for k, t in enumerate(s.weights + s.momentum))
+        outs.append(torch.autograd.grad(loss, wrt))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

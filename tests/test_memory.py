@@ -424,3 +424,40 @@ def test_read_out_is_the_merged_projection_of_the_reads(lengths):
         g_ref = torch.autograd.grad((ref.float() * w).sum(), qs)
         for a, b in zip(g_got, g_ref):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
+def test_read_out_with_init_mask_equals_the_selected_reads(lengths):
+    """read_out with init_mask (packed documents; the selection made in the batched read's layout, the initial
+    weights and the whole queries optionally given) = merge_heads(where(mask, read of the initial state, the
+    segment reads)): values exactly; gradients of the queries and the states exactly, of the parameters to
+    rounding (the initial weights' gradient is summed in another order)."""
+    mem = _mem(chunk=4).float()
+    x = torch.randn(2, sum(lengths), 24)
+    inp = mem.project(x)
+    states, st = [], mem.init_state(2)
+    for c0 in range(0, sum(lengths), 4):
+        states.append(st)
+        st, _ = mem.write(st, inp.slice(slice(c0, c0 + 4)))
+    states = (states * 4)[:len(lengths)]
+    q_all = inp.q.detach().requires_grad_()
+    qs = list(q_all.split(lengths, dim=2))
+    mask = torch.rand(2, sum(lengths), generator=torch.Generator().manual_seed(0)) < 0.4
+    for autocast in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y0 = mem.read(mem.init_state(2), torch.cat(qs, 2))
+            ref = mem.merge_heads(torch.where(mask[:, None, :, None], y0, mem.read_segments(states, qs)))
+            gots = [mem.read_out(states, qs, init_mask=mask),
+                    mem.read_out(states, qs, init_mask=mask, init_weights=mem.initial_weights(2), all_queries=q_all)]
+        w = torch.randn(ref.shape)
+        wrt = [q_all, *states[-1].weights, *mem.parameters()]
+        g_ref = torch.autograd.grad((ref.float() * w).sum(), wrt, allow_unused=True, retain_graph=True)
+        for got in gots:
+            assert got.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+            g_got = torch.autograd.grad((got.float() * w).sum(), wrt, allow_unused=True, retain_graph=True)
+            for i, (a, b) in enumerate(zip(g_got, g_ref)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    tol = 0 if i < 3 else 1e-6
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
