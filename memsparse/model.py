@@ -475,9 +475,10 @@ class Block(nn.Module):
         if docs is None:
             rope = rope_tables(positions, D, cfg.rope_theta, q.dtype)
         else:  # rotary positions restart at each document (the persistent keys have none: a query of a document
-            # then meets them as at the start of a stream)
-            rope = tuple(t.view(B, 1, n, D) for t in
-                         rope_tables((positions[None, :] - docs.start).flatten(), D, cfg.rope_theta, q.dtype))
+            # then meets them as at the start of a stream); the same tables in every layer: built once
+            rope = docs._once(("rope", pos, n, D, cfg.rope_theta, q.dtype), lambda: tuple(
+                t.view(B, 1, n, D) for t in
+                rope_tables((positions[None, :] - docs.start).flatten(), D, cfg.rope_theta, q.dtype)))
         q = rope_fn(q, rope)
         k_raw, v_raw = self.wkv(h).view(B, n, 2, Hkv, D).permute(2, 0, 3, 1, 4).unbind(0)
         k_new = rope_fn(k_raw, rope)
@@ -505,14 +506,10 @@ class Block(nn.Module):
             sums[:, :, 0] += st.q_sum_cur
             q_prev = st.q_pool_prev
         else:  # documents: block m is chosen for the document of its first token, from that document's queries
-            blk_doc = torch.minimum(dst[:, qstart - c0], qstart)  # (B, nq); OLD_DOCUMENT -> the block's own start
-            # a block's sum holds its tokens of the next block's document (the last token's, for the last block)
-            nxt = torch.cat([blk_doc[:, 1:], docs.start[:, -1:]], 1)
-            ref = nxt.repeat_interleave(bs, 1)[:, r:r + n]
-            w = (docs.start == ref).to(torch.float32)[:, None, :, None]
-            sums = block_query_sums(q.detach().float() * w, Hkv, bs, r)
-            sums[:, :, 0] += st.q_sum_cur * (docs.prev == nxt[:, 0])[:, None, None]
-            q_prev = st.q_pool_prev * (blk_doc[:, 0] == docs.prev)[:, None, None] if r == 0 else st.q_pool_prev
+            dm = docs._once(("attention", pos, n, c0, bs), lambda: _document_masks(docs, dst, qstart, c0, r, n, bs))
+            sums = block_query_sums(q.detach().float() * dm["q_weight"], Hkv, bs, r)
+            sums[:, :, 0] += st.q_sum_cur * dm["carry_sum"]
+            q_prev = st.q_pool_prev * dm["carry_pool"] if r == 0 else st.q_pool_prev
         pools = sums / bs
         q_sel = torch.cat([q_prev.unsqueeze(2), pools[:, :, :-1]], 2)
         if (pos + n) % bs == 0:
@@ -525,10 +522,13 @@ class Block(nn.Module):
         min_key_block = (P + win_start - c0) // bs
         doc_kw, key_start = {}, None
         if docs is not None:  # candidates, pooled keys and visible tokens from the block's document on
-            min_key = P + torch.maximum(win_start[None, :], blk_doc) - c0
-            doc_kw = {"min_key": min_key, "k_pool": _document_key_pool(keys.detach(), dst, c0, P, bs)}
-            key_start = P + docs.start - c0
-            key_start = F.pad(key_start, (r, 0), value=P) if r else key_start
+            def starts():
+                min_key = P + torch.maximum(win_start[None, :], dm["blk_doc"]) - c0
+                key_start = P + docs.start - c0
+                key_start = F.pad(key_start, (r, 0), value=P) if r else key_start
+                return min_key, key_start, _document_key_weights(dst, c0, keys.shape[2] - P, bs)
+            min_key, key_start, pool_w = docs._once(("keys", pos, n, c0, bs, P, S, cfg.window), starts)
+            doc_kw = {"min_key": min_key, "k_pool": _document_key_pool(keys.detach(), dst, c0, P, bs, pool_w)}
             min_key_block = None
         idx, cnt, info = select_blocks(qp.detach(), keys.detach(), block_size=bs, policy=self.policy,
                                        sink_blocks=P // bs,
@@ -566,20 +566,43 @@ def block_query_sums(q: Tensor, num_kv_heads: int, block_size: int, offset: int)
     return qg.view(B, num_kv_heads, nq, bs, D).sum(3)
 
 
-def _document_key_pool(keys: Tensor, dst: Tensor, c0: int, P: int, bs: int) -> Tensor:
+def _document_masks(docs: Documents, dst: Tensor, qstart: Tensor, c0: int, r: int, n: int, bs: int) -> dict:
+    """The selection queries' document masks of a span (the same in every layer): blk_doc `(B, nq)` the document
+    of each query block's first token; q_weight `(B, 1, n, 1)` fp32: 1 for a token of the next block's document
+    (a block's pooled query is summed from those); carry_sum / carry_pool `(B, 1, 1)`: whether the sum and the
+    pooled query carried from the previous span belong to the same document."""
+    blk_doc = torch.minimum(dst[:, qstart - c0], qstart)  # (B, nq); OLD_DOCUMENT -> the block's own start
+    # a block's sum holds its tokens of the next block's document (the last token's, for the last block)
+    nxt = torch.cat([blk_doc[:, 1:], docs.start[:, -1:]], 1)
+    ref = nxt.repeat_interleave(bs, 1)[:, r:r + n]
+    return {"blk_doc": blk_doc, "q_weight": (docs.start == ref).to(torch.float32)[:, None, :, None],
+            "carry_sum": (docs.prev == nxt[:, 0])[:, None, None],
+            "carry_pool": (blk_doc[:, 0] == docs.prev)[:, None, None]}
+
+
+def _document_key_weights(dst: Tensor, c0: int, T: int, bs: int) -> tuple[Tensor, Tensor]:
+    """`_document_key_pool`'s weights of tokens [c0, c0 + T) with document starts dst `(B, T)`: (w `(B, 1, nb, bs,
+    1)` fp32, 1 for the keys of the document of their block's last key, its sum per block clamped to >= 1)."""
+    B = dst.shape[0]
+    nb = -(-T // bs)
+    kpos = torch.arange(c0, c0 + T, device=dst.device)
+    last = torch.clamp(torch.arange(nb, device=dst.device) * bs + bs - 1, max=T - 1)
+    w = (kpos[None, :] >= dst[:, last].repeat_interleave(bs, 1)[:, :T]).to(torch.float32)  # (B, T)
+    wp = F.pad(w, (0, nb * bs - T)).view(B, 1, nb, bs, 1)
+    return wp, wp.sum(3).clamp_min(1.0)
+
+
+def _document_key_pool(keys: Tensor, dst: Tensor, c0: int, P: int, bs: int,
+                       weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Pooled keys for the selector with documents: each key block's mean over its keys of the document of its
     last key (only that document's later queries ever score the block), fp32 `(B, Hkv, NK, D)`. keys
     `(B, Hkv, P + T, D)` = persistent + tokens [c0, c0 + T) with document starts dst `(B, T)`."""
     B, Hkv, Lk, D = keys.shape
     T = Lk - P
     nb = -(-T // bs)
-    pad = nb * bs - T
-    kpos = torch.arange(c0, c0 + T, device=keys.device)
-    last = torch.clamp(torch.arange(nb, device=keys.device) * bs + bs - 1, max=T - 1)
-    w = (kpos[None, :] >= dst[:, last].repeat_interleave(bs, 1)[:, :T]).to(torch.float32)  # (B, T)
-    wp = F.pad(w, (0, pad)).view(B, 1, nb, bs, 1)
-    kt = F.pad(keys[:, :, P:].float(), (0, 0, 0, pad)).view(B, Hkv, nb, bs, D)
-    pooled = (kt * wp).sum(3) / wp.sum(3).clamp_min(1.0)
+    wp, count = _document_key_weights(dst, c0, T, bs) if weights is None else weights
+    kt = F.pad(keys[:, :, P:].float(), (0, 0, 0, nb * bs - T)).view(B, Hkv, nb, bs, D)
+    pooled = (kt * wp).sum(3) / count
     if not P:
         return pooled
     return torch.cat([block_pool(keys[:, :, :P], bs), pooled], 2)
