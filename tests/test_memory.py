@@ -401,18 +401,23 @@ def test_read_segments_equals_reads_one_by_one(lengths):
     torch.testing.assert_close(mem.read_out(states, qs), mem.merge_heads(y), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
-def test_read_out_is_the_merged_projection_of_the_reads(lengths):
-    """read_out (one copy between the reads and the output projection) = merge_heads(read_segments): values and
-    gradients, in fp32 and under bf16 autocast."""
+def _pieces_and_states(lengths):
+    """(memory, its projected inputs of 2 x sum(lengths) tokens, one state per query piece: the states after
+    0, 1, 2, ... writes of 4-token chunks, cycled)."""
     mem = _mem(chunk=4).float()
-    x = torch.randn(2, sum(lengths), 24)
-    inp = mem.project(x)
+    inp = mem.project(torch.randn(2, sum(lengths), 24))
     states, st = [], mem.init_state(2)
     for c0 in range(0, sum(lengths), 4):
         states.append(st)
         st, _ = mem.write(st, inp.slice(slice(c0, c0 + 4)))
-    states = (states * 4)[:len(lengths)]
+    return mem, inp, (states * 4)[:len(lengths)]
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
+def test_read_out_is_the_merged_projection_of_the_reads(lengths):
+    """read_out (one copy between the reads and the output projection) = merge_heads(read_segments): values and
+    gradients, in fp32 and under bf16 autocast."""
+    mem, inp, states = _pieces_and_states(lengths)
     qs = [q.detach().requires_grad_() for q in inp.q.split(lengths, dim=2)]
     for autocast in (False, True):
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
@@ -432,14 +437,7 @@ def test_read_out_with_init_mask_equals_the_selected_reads(lengths):
     weights and the whole queries optionally given) = merge_heads(where(mask, read of the initial state, the
     segment reads)): values exactly; gradients of the queries and the states exactly, of the parameters to
     rounding (the initial weights' gradient is summed in another order)."""
-    mem = _mem(chunk=4).float()
-    x = torch.randn(2, sum(lengths), 24)
-    inp = mem.project(x)
-    states, st = [], mem.init_state(2)
-    for c0 in range(0, sum(lengths), 4):
-        states.append(st)
-        st, _ = mem.write(st, inp.slice(slice(c0, c0 + 4)))
-    states = (states * 4)[:len(lengths)]
+    mem, inp, states = _pieces_and_states(lengths)
     q_all = inp.q.detach().requires_grad_()
     qs = list(q_all.split(lengths, dim=2))
     mask = torch.rand(2, sum(lengths), generator=torch.Generator().manual_seed(0)) < 0.4
