@@ -5,6 +5,8 @@
 environment variable MEMSPARSE_SPARSE_ATTENTION_IMPL (same three values) overrides the choice.
 Supported by the kernel: head dims 16/32/64/128, block sizes 16..256 (powers of two), fp16/bf16/fp32;
 anything else falls back to the reference with a one-time warning.
+`variant` (default "default": the kernels above, unchanged) picks an opt-in Hopper-oriented variant of the Triton
+path (`sparse_attention_hopper`: "persistent", "tma", "ws", joined with "+"); the reference ignores it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import warnings
 
 from torch import Tensor
 
+from . import sparse_attention_hopper as _hop
 from . import sparse_attention_triton as _tri
 from .dispatch import requested_impl
 from .sparse_attention_reference import check_sparse_attention_inputs, sparse_attention_reference
@@ -45,19 +48,26 @@ def resolve_impl(q: Tensor, block_size: int, impl: str = "auto") -> str:
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
                      block_size: int, causal: bool = True, scale: float | None = None, return_lse: bool = False,
-                     impl: str = "auto", key_start: Tensor | None = None, shared_keys: int = 0):
+                     impl: str = "auto", key_start: Tensor | None = None, shared_keys: int = 0,
+                     variant: str = "default"):
     """Block-sparse attention (contract in `sparse_attention_reference`): returns (B, Hq, Lq, D) [, lse].
 
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)`, block_indices int `(B, Hkv, ceil(Lq/bs), max_blocks)`
     sorted ascending per row, block_counts `(B, Hkv, ceil(Lq/bs))`. Gradients flow to q, k, v, also
     through the returned lse. `key_start` `(B, Lq)` (optional) masks keys of other documents: query i sees key j
-    only when j >= key_start[b, i] or j < shared_keys (the persistent tokens).
+    only when j >= key_start[b, i] or j < shared_keys (the persistent tokens). `variant`: "default" or an opt-in
+    variant of the Triton kernels (`sparse_attention_hopper.parse_variant`), e.g. "persistent+tma".
     """
     check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size, key_start, shared_keys)
+    variant_parts = _hop.parse_variant(variant)
     if not (k.device == q.device == v.device == block_indices.device == block_counts.device) or \
             (key_start is not None and key_start.device != q.device):
         raise ValueError("q, k, v, block_indices, block_counts and key_start must be on one device")
     if resolve_impl(q, block_size, impl) == "triton":
+        if variant_parts:
+            return _hop.sparse_attention_variant(q, k, v, block_indices, block_counts, block_size=block_size,
+                                                 variant=variant, causal=causal, scale=scale, return_lse=return_lse,
+                                                 key_start=key_start, shared_keys=shared_keys)
         return _tri.sparse_attention_triton(q, k, v, block_indices, block_counts, block_size=block_size,
                                             causal=causal, scale=scale, return_lse=return_lse,
                                             key_start=key_start, shared_keys=shared_keys)

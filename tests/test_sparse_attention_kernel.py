@@ -106,7 +106,8 @@ def doc_key_starts(B, Lq, Lk, bs, gen, shared):
 
 
 def check_case(B, Hq, Hkv, Lq, Lk, D, bs, kind, dtype=torch.float32, causal=True, seed=0, scale=None, docs=False,
-               shared=0):
+               shared=0, variant="default", device="cpu"):
+    """The kernel (on `device`, through `variant`) against the float64 oracle and the fp32 reference (on CPU)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, Lk, D, generator=gen).to(dtype)
@@ -119,8 +120,14 @@ def check_case(B, Hq, Hkv, Lq, Lk, D, bs, kind, dtype=torch.float32, causal=True
     dk = dict(key_start=ks, shared_keys=shared) if docs else {}
 
     def kern(q_, k_, v_):
-        return sparse_attention(q_, k_, v_, idx, cnt, block_size=bs, causal=causal, scale=scale,
-                                return_lse=True, impl="triton", **dk)
+        if device == "cpu":
+            return sparse_attention(q_, k_, v_, idx, cnt, block_size=bs, causal=causal, scale=scale,
+                                    return_lse=True, impl="triton", variant=variant, **dk)
+        dkd = {kk: (vv.to(device) if torch.is_tensor(vv) else vv) for kk, vv in dk.items()}
+        o, lse = sparse_attention(q_.to(device), k_.to(device), v_.to(device), idx.to(device), cnt.to(device),
+                                  block_size=bs, causal=causal, scale=scale, return_lse=True, impl="triton",
+                                  variant=variant, **dkd)
+        return o.cpu(), lse.cpu()
 
     def ref(q_, k_, v_):
         return sparse_attention_reference(q_, k_, v_, idx, cnt, block_size=bs, causal=causal, scale=scale,
