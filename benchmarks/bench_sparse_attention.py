@@ -22,6 +22,21 @@ seconds of the process start.
 With --bwd-modes, every listed backward (MEMSPARSE_SPARSE_ATTENTION_BWD) is checked and timed on the same
 inputs, and the first one fills the main table; without it the default backward is used.
 
+With --variants (e.g. default,persistent,tma,persistent+tma,persistent+tma+ws), every listed kernel variant
+(`sparse_attention(variant=...)`, kernels/sparse_attention_hopper.py) is checked first, in the same run and on
+the same inputs and masks, against the fp32 computation (o, lse, dq, dk, dv; bf16 error <= 1e-2, every value
+finite) and timed only when that check passes; the table puts each beside the default kernel and FlexAttention.
+The odd-shape checks run every variant too. "default" is the kernel of the main table (always timed).
+
+    # the variants beside the default kernel and FlexAttention at 32K, 16/16 heads (one H200 run of < 10 min;
+    # then --heads 16/4, and --lengths 131072, under their own --name)
+    timeout -s TERM 580 python benchmarks/bench_sparse_attention.py --lengths 32768 --heads 16/16 \
+        --masks window+random --no-select --variants default,persistent,tma,persistent+tma,persistent+tma+ws \
+        --report --deadline-s 540 --name sparse_attention_variants_h200_32k --out $OUT
+
+--check-only runs the checks without timing (no FlexAttention, no SDPA); with --device cpu it runs on the CPU
+through TRITON_INTERPRET=1 (tests/test_bench_sparse_attention.py runs it at tiny sizes).
+
 Per row, besides `do_bench` (which includes the host's launch work when that is longer than the GPU's),
 our fwd+bwd is also timed replaying a CUDA graph (GPU-only time; FlexAttention too when it captures), and
 the host (launch-side) ms per call is measured. --report adds, per Triton kernel of ours that ran, the
@@ -185,7 +200,7 @@ def flex_causal(b, h, q_idx, kv_idx):
 
 # ------------------------------------------------------------------------------------------- checking
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -220,8 +235,8 @@ def blockwise_reference(q, k, v, do, idx, cnt, qblocks):
     return torch.cat(outs, 1), torch.cat(lses, 1), qf.grad, kf.grad, vf.grad
 
 
-def check_kernel(q, k, v, idx, cnt, blk, full_check: bool):
-    """Our kernel vs fp32 blockwise reference: rel. errors of o, lse, dq, dk, dv on the checked rows."""
+def check_kernel(q, k, v, idx, cnt, blk, full_check: bool, variant: str = "default"):
+    """Our kernel (one variant) vs fp32 blockwise reference: rel. errors of o, lse, dq, dk, dv on the checked rows."""
     nq = blk.shape[1]
     fanin = blk.any(0)  # (nq, nk): some head's query block m lists key block j
     if full_check:
@@ -234,7 +249,7 @@ def check_kernel(q, k, v, idx, cnt, blk, full_check: bool):
         qblocks = sorted(qset)
     do = torch.randn_like(q)
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o, lse = sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, return_lse=True, impl="triton")
+    o, lse = sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, return_lse=True, impl="triton", variant=variant)
     o.backward(do)
     ro, rlse, rdq, rdk, rdv = blockwise_reference(q, k, v, do, idx, cnt, qblocks)
     rows = torch.cat([torch.arange(m * BS, (m + 1) * BS, device=q.device) for m in qblocks])
@@ -245,25 +260,32 @@ def check_kernel(q, k, v, idx, cnt, blk, full_check: bool):
         "dk": rel(kg.grad[0][:, krows], rdk[0][:, krows]), "dv": rel(vg.grad[0][:, krows], rdv[0][:, krows]),
     }
     finite = all(bool(torch.isfinite(t).all()) for t in (o, lse, qg.grad, kg.grad, vg.grad))
-    return {"errors": errs, "finite": finite, "query_blocks_checked": len(qblocks),
+    return {"errors": errs, "finite": finite, "variant": variant, "query_blocks_checked": len(qblocks),
             "key_blocks_checked": len(kblocks), "pass": finite and max(errs.values()) <= 1e-2}
 
 
-def small_checks(log, modes=(None,)):
-    """Odd shapes on the GPU (tails, Lq < Lk, GQA, duplicates, junk padding, empty lists, dlse) vs the reference.
+SMALL_CASES = [  # (Hq, Hkv, Lq, Lk, D, bs, dtype)
+    (4, 1, 300, 431, 128, 128, torch.bfloat16), (2, 2, 200, 200, 64, 64, torch.float16),
+    (8, 2, 333, 333, 128, 64, torch.float32), (4, 2, 129, 700, 64, 128, torch.bfloat16)]
+# --check-only on the CPU (interpreter): the same kinds of shapes, smaller
+TINY_SMALL_CASES = [(2, 1, 40, 61, 16, 32, torch.bfloat16), (2, 2, 29, 70, 16, 64, torch.float32)]
+
+
+def small_checks(log, modes=(None,), variants=("default",), cases=None):
+    """Odd shapes on the GPU (tails, Lq < Lk, GQA, duplicates, junk padding, empty lists, dlse) vs the reference,
+    for every backward mode and every kernel variant.
 
     Run with autotuning off (one fixed config per kernel) to keep compiles few; the real-size checks
     below cover the autotuned configs."""
     from memsparse.kernels import sparse_attention_triton as tri
 
-    cases = [  # (Hq, Hkv, Lq, Lk, D, bs, dtype)
-        (4, 1, 300, 431, 128, 128, torch.bfloat16), (2, 2, 200, 200, 64, 64, torch.float16),
-        (8, 2, 333, 333, 128, 64, torch.float32), (4, 2, 129, 700, 64, 128, torch.bfloat16)]
+    cases = SMALL_CASES if cases is None else cases
     saved = tri.AUTOTUNE
     tri.AUTOTUNE = False
     out = []
     try:
-        for (Hq, Hkv, Lq, Lk, D, bs, dt), mode in ((c, md) for c in cases for md in modes):
+        for (Hq, Hkv, Lq, Lk, D, bs, dt), mode, var in ((c, md, va) for c in cases for md in modes
+                                                        for va in variants):
             gen = torch.Generator(device=DEV).manual_seed(Lq + Lk)
             q = torch.randn(2, Hq, Lq, D, device=DEV, generator=gen).to(dt)
             k = torch.randn(2, Hkv, Lk, D, device=DEV, generator=gen).to(dt)
@@ -277,19 +299,28 @@ def small_checks(log, modes=(None,)):
             cnt[0, 0, 0] = 0  # an empty list
             idx = torch.where(torch.arange(mb, device=DEV) < cnt[..., None], idx, -1).int()
             got, want = [], []
-            for impl, lst in (("triton", got), ("reference", want)):
-                qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-                with bwd_mode(mode):
-                    o, lse = sparse_attention(qq, kk, vv, idx, cnt.int(), block_size=bs, return_lse=True,
-                                              impl=impl)
-                    lf = torch.where(torch.isfinite(lse), lse, 0.0)
-                    ((o.float() * do).sum() + (lf * dlse).sum()).backward()
-                lst += [o, lf, qq.grad, kk.grad, vv.grad]
+            try:
+                for impl, lst in (("triton", got), ("reference", want)):
+                    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                    with bwd_mode(mode):
+                        o, lse = sparse_attention(qq, kk, vv, idx, cnt.int(), block_size=bs, return_lse=True,
+                                                  impl=impl, variant=var)
+                        lf = torch.where(torch.isfinite(lse), lse, 0.0)
+                        ((o.float() * do).sum() + (lf * dlse).sum()).backward()
+                    lst += [o, lf, qq.grad, kk.grad, vv.grad]
+            except Exception as e:  # a variant that does not compile or run here: recorded, the run goes on
+                if var == "default":
+                    raise
+                out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "bwd": mode, "variant": var, "errors": {},
+                            "finite": False, "pass": False, "error": repr(e)[:500]})
+                log("small check " + json.dumps(out[-1]) + "\n" + traceback.format_exc()[-1500:])
+                _recover_cuda(log)
+                continue
             errs = {n: rel(a, b) for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want)}
             finite = all(bool(torch.isfinite(t).all()) for t in got)
             tol = 1e-4 if dt == torch.float32 else 1e-2
-            out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "bwd": mode, "errors": errs, "finite": finite,
-                        "pass": finite and max(errs.values()) <= tol})
+            out.append({"case": [Hq, Hkv, Lq, Lk, D, bs, str(dt)], "bwd": mode, "variant": var, "errors": errs,
+                        "finite": finite, "pass": finite and max(errs.values()) <= tol})
             log("small check " + json.dumps(out[-1]))
     finally:
         tri.AUTOTUNE = saved
@@ -416,6 +447,13 @@ MAX_CTAS_PER_SM = 32
 KERNELS = {"_fwd_kernel": "fwd", "_dq_kernel": "dq", "_dkdv_kernel": "dkdv", "_plan_kernel": "plan",
            "_bwd_prep_kernel": "prep"}
 TUNERS = {"_fwd_tuned": "fwd", "_dq_tuned": "dq", "_dkdv_tuned": "dkdv", "_fused_tuned": "fused"}
+# The opt-in variants' kernels (kernels/sparse_attention_hopper.py); a compiled one is labelled e.g.
+# "fwd[persistent+tma]" from its PERSISTENT / TMA constexprs.
+VAR_KERNELS = {"_fwd_var_kernel": "fwd", "_dq_var_kernel": "dq", "_dkdv_var_kernel": "dkdv"}
+
+
+def var_label(name, persistent, tma):
+    return f"{name}[{'+'.join(p for p, on in (('persistent', persistent), ('tma', tma)) if on)}]"
 KERNEL_ORDER = ("fwd", "dq", "dkdv", "fused", "plan", "prep")
 
 
@@ -444,7 +482,7 @@ def occupancy(n_regs, shared, num_warps):
 def _config_dict(cfg):
     kw = getattr(cfg, "kwargs", {}) or {}
     return {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N"), "num_warps": getattr(cfg, "num_warps", None),
-            "num_stages": getattr(cfg, "num_stages", None)}
+            "num_stages": getattr(cfg, "num_stages", None), **({"WS": True} if kw.get("WS") else {})}
 
 
 def _ms(v):
@@ -493,8 +531,9 @@ class KernelRecorder:
     CompiledKernel), so nothing in the kernels module changes. `snapshot_tuning` reads each autotuner's cache
     (tuning key -> chosen config) and `configs_timings` (the variants it timed) after a work item."""
 
-    def __init__(self, tri):
+    def __init__(self, tri, hop=None):
         self.tri = tri
+        self.hop = hop
         self.context = ""
         self.compiled = {}  # id(CompiledKernel) -> entry
         self.tuned = {}  # (tuner, repr(key)) -> entry
@@ -512,12 +551,28 @@ class KernelRecorder:
                 self._patched.append((fn, orig))
             except Exception as e:
                 self.errors.append(f"{attr}: {e!r}"[:200])
+        for attr, label in (VAR_KERNELS.items() if hop is not None else ()):
+            fn = getattr(hop, attr, None)
+            orig = getattr(fn, "run", None)
+            if orig is None:
+                self.errors.append(f"{attr}: no JITFunction.run to wrap")
+                continue
+            fn.run = self._wrap(orig, label, variant=True)
+            self._patched.append((fn, orig))
 
-    def _wrap(self, orig, label):
+    def _tuners(self):
+        """(id label, tuner, kernel label or None = derive from the key) of every autotuner."""
+        out = [(label, getattr(self.tri, attr, None), label) for attr, label in TUNERS.items()]
+        for (name, ws), t in (getattr(self.hop, "_TUNED", {}) or {}).items():
+            out.append((f"{name}_var{'_ws' if ws else ''}", t, None))
+        return out
+
+    def _wrap(self, orig, label, variant=False):
         def run(*args, **kwargs):
             ck = orig(*args, **kwargs)
             try:
-                self._record(label, kwargs, ck)
+                lab = var_label(label, kwargs.get("PERSISTENT"), kwargs.get("TMA")) if variant else label
+                self._record(lab, kwargs, ck)
             except Exception as e:  # never break a launch for the report
                 if len(self.errors) < 10:
                     self.errors.append(f"record {label}: {e!r}"[:200])
@@ -533,7 +588,8 @@ class KernelRecorder:
             if kw.get("FUSED"):
                 label = "fused"
             e = {"kernel": label, "ck": ck, "launches": 0, "programs": {},
-                 "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED")
+                 "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED",
+                                                   "PERSISTENT", "TMA", "WS")
                                 if isinstance(kw.get(k), (int, bool))},
                  "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages")}
             self.compiled[id(ck)] = e
@@ -557,8 +613,7 @@ class KernelRecorder:
         self._patched = []
 
     def snapshot_tuning(self):
-        for attr, label in TUNERS.items():
-            t = getattr(self.tri, attr, None)
+        for label, t, kernel in self._tuners():
             cache = getattr(t, "cache", None)
             if not isinstance(cache, dict):
                 continue
@@ -570,8 +625,11 @@ class KernelRecorder:
                 kt = k if isinstance(k, tuple) else (k,)
                 key = {(names[i] if i < len(names) else "dtype"): str(v) for i, v in enumerate(kt)
                        if i < len(names) or i == len(names)}
-                entry = {"tuner": label, "key": key, "best": _config_dict(cache[k]), "context": self.context,
-                         "timings": None}
+                kern = kernel or var_label(label.split("_")[0], key.get("PERSISTENT") == "True",
+                                           key.get("TMA") == "True")
+                shown = kern if kernel else kern + (" (ws configs)" if label.endswith("_ws") else "")
+                entry = {"tuner": shown, "kernel": kern, "key": key, "best": _config_dict(cache[k]),
+                         "context": self.context, "timings": None}
                 if fresh and len(new) == 1:  # the autotuner keeps only the last tuning's timings
                     entry["timings"] = [dict(_config_dict(c), ms=_ms(v)) for c, v in timings.items()]
                 self.tuned[(label, repr(k))] = entry
@@ -639,14 +697,18 @@ EST_S = {"window+random": {8192: 20, 32768: 30, 131072: 40}, "dense": {8192: 12,
 AUTOTUNE_S = 35  # first item of a GQA group: fwd/dq/dkdv autotuning (~14 configs compiled and timed)
 FLEX_COMPILE_S = 20  # FlexAttention fwd+bwd compile for a new (L, heads) shape
 SDPA_S = {8192: 2, 32768: 4, 131072: 15}  # the dense SDPA baseline of a new (L, heads)
+VARIANT_S = {8192: 10, 32768: 15, 131072: 25}  # one kernel variant's check + timings on one row
+VARIANT_TUNE_S = 40  # a variant's autotuning for a new GQA group (its fwd/dq/dkdv configs; more with "ws")
 
 
-def estimate_s(item, state, flex_dense=False):
+def estimate_s(item, state, flex_dense=False, n_variants=0):
     """Seconds an item should take, with its one-time costs (autotuning, Flex compile, SDPA baseline)."""
     kind, L, Hq, Hkv = item
     t = EST_S.get(kind, {}).get(L, 30 * max(L / 32768, 0.5))
+    if kind != "select":
+        t += n_variants * VARIANT_S.get(L, 20)
     if Hq // Hkv not in state["tuned_groups"]:
-        t += AUTOTUNE_S
+        t += AUTOTUNE_S + (n_variants * VARIANT_TUNE_S if kind != "select" else 0)
     if (kind != "dense" or flex_dense) and (L, Hq, Hkv) not in state["flex_shapes"]:
         t += FLEX_COMPILE_S
     if kind != "select" and (L, Hq, Hkv) not in state["sdpa_rows"]:
@@ -694,6 +756,59 @@ def sdpa_baseline(res, x, log):
                    "fwdbwd_tflops": 3.5 * dense_flops / min(fb) / 1e9}
     log(f"L={x.L} {x.Hq}/{x.Hkv} sdpa fwd {fwd} fwd+bwd {fb}")
     return res["sdpa"]
+
+
+def parse_variants(spec: str):
+    """--variants: comma-separated kernel variants ("default" = the main table's kernel), each validated."""
+    from memsparse.kernels.sparse_attention_hopper import parse_variant
+
+    out = [v.strip().lower() for v in (spec or "").split(",") if v.strip()]
+    for v in out:
+        parse_variant(v)  # ValueError on a bad name, before anything runs
+    return out
+
+
+def time_variant(x, idx, cnt, blk, variant, fwd_flops, r, args, log):
+    """One kernel variant on a row's inputs and mask: the fp32 check first; fwd, fwd+bwd (and CUDA-graph fwd+bwd)
+    timed only when it passes. Errors are recorded, not raised (the other variants still run)."""
+    out = {"variant": variant}
+    grads = [x.qg, x.kg, x.vg]
+
+    def fwd():
+        return sparse_attention(x.q, x.k, x.v, idx, cnt, block_size=BS, impl="triton", variant=variant)
+
+    def fb():
+        sparse_attention(x.qg, x.kg, x.vg, idx, cnt, block_size=BS, impl="triton", variant=variant).backward(x.do)
+
+    t0 = time.time()
+    try:
+        out["check"] = check_kernel(x.q, x.k, x.v, idx, cnt, blk, full_check=(x.nq <= 64), variant=variant)
+        log(f"L={x.L} G={x.G} variant={variant}: check {out['check']} ({time.time() - t0:.1f}s)")
+        if not out["check"]["pass"]:
+            out["error"] = "check failed: not timed"
+            return out
+        with torch.no_grad():
+            out["fwd_ms"] = timed_pair(fwd)
+        out["fwdbwd_ms"] = timed_pair(fb, grads)
+        out["fwd_tflops"] = fwd_flops / min(out["fwd_ms"]) / 1e9
+        out["fwdbwd_tflops"] = 3.5 * fwd_flops / min(out["fwdbwd_ms"]) / 1e9
+        out["speedup_vs_default_fwd"] = min(r["ours_fwd_ms"]) / min(out["fwd_ms"])
+        out["speedup_vs_default_fwdbwd"] = min(r["ours_fwdbwd_ms"]) / min(out["fwdbwd_ms"])
+        if not args.no_graph and min(out["fwdbwd_ms"]) < SLOW_MS:
+            try:
+                out["fwdbwd_graph_ms"] = graph_pair(fb, grads)
+            except Exception as e:
+                out["fwdbwd_graph_ms_error"] = repr(e)[:300]
+                _recover_cuda(log)
+    except Exception as e:  # a variant that does not compile or run here: recorded, the run goes on
+        out["error"] = repr(e)[:500]
+        log(f"L={x.L} G={x.G} variant={variant} failed: {traceback.format_exc()[-1500:]}")
+        _recover_cuda(log)
+    finally:
+        for g in grads:
+            g.grad = None
+    log(f"L={x.L} G={x.G} variant={variant}: " + json.dumps({k: v for k, v in out.items() if k != "check"}))
+    return out
 
 
 def run_mask(res, x, name, args, flex_compiled, log):
@@ -749,6 +864,12 @@ def run_mask(res, x, name, args, flex_compiled, log):
             log(f"L={L} G={G} {name} bwd={mode}: {json.dumps(r['bwd_modes'][mode])}")
     r["ours_fwd_tflops"] = fwd_flops / min(r["ours_fwd_ms"]) / 1e9
     r["ours_fwdbwd_tflops"] = 3.5 * fwd_flops / min(r["ours_fwdbwd_ms"]) / 1e9
+    variants = [vname for vname in parse_variants(args.variants) if vname != "default"]
+    if variants:
+        r["variants"] = {}
+        for vname in variants:
+            with bwd_mode(modes[0]):
+                r["variants"][vname] = time_variant(x, idx, cnt, blk, vname, fwd_flops, r, args, log)
     r["ideal_fwd_ms"] = min(sd["fwd_ms"]) * r["density"]
     r["ideal_fwdbwd_ms"] = min(sd["fwdbwd_ms"]) * r["density"]
     r["ours_vs_ideal_fwd"] = min(r["ours_fwd_ms"]) / r["ideal_fwd_ms"]
@@ -801,6 +922,8 @@ def run_mask(res, x, name, args, flex_compiled, log):
 
 def _recover_cuda(log):
     """After a failed capture: make sure no capture is left open and the device still answers."""
+    if DEV != "cuda":
+        return
     try:
         torch.cuda.synchronize()
     except Exception as e:
@@ -845,6 +968,12 @@ def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
     r["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
     for m in r.get("bwd_modes", {}).values():
         m["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_ms"])
+    for m in r.get("variants", {}).values():
+        if m.get("fwdbwd_ms"):
+            m["speedup_vs_flex_fwd"] = min(r["flex_fwd_ms"]) / min(m["fwd_ms"])
+            m["speedup_vs_flex_fwdbwd"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_ms"])
+        if m.get("fwdbwd_graph_ms") and r.get("flex_fwdbwd_ms"):
+            m["speedup_vs_flex_fwdbwd_graph"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_graph_ms"])
     return flex_fb
 
 
@@ -935,7 +1064,7 @@ def mn(x):
 
 
 def kl(L):
-    return f"{L // 1024}K"
+    return f"{L // 1024}K" if L >= 1024 else str(L)
 
 
 def row_label(res, name=None):
@@ -1008,6 +1137,10 @@ def _e(x):
     return "-" if x is None else f"{x:.1e}"
 
 
+def _small_max(sc):
+    return _e(max((max(c["errors"].values()) for c in sc if c["errors"]), default=None))
+
+
 def variants_lines(results):
     bm = [(r, name, m) for r in sorted_rows(results) for name, m in r["masks"].items() if m.get("bwd_modes")]
     if not bm:
@@ -1022,6 +1155,38 @@ def variants_lines(results):
                          f"{fmt(mn(m.get('flex_fwdbwd_ms')), 3)} | {fmt(mn(r['sdpa']['fwdbwd_ms']), 3)} | "
                          f"{fmt(x.get('speedup_vs_flex_fwdbwd'), 2, 'x')} | {fmt(x.get('host_ms_per_fwdbwd'))} | "
                          f"{_e(max_err(x['check']))} | {'pass' if x['check']['pass'] else 'FAIL'} |")
+    return lines
+
+
+def kernel_variant_lines(results):
+    """The --variants table: each kernel variant beside the default kernel and FlexAttention, same inputs/masks."""
+    rows = [(r, name, m) for r in sorted_rows(results) for name, m in r["masks"].items() if m.get("variants")]
+    if not rows:
+        return []
+    lines = ["", "Kernel variants (`sparse_attention(variant=...)`, kernels/sparse_attention_hopper.py), same inputs "
+             "and masks; each checked against fp32 first (o, lse, dq, dk, dv) and timed only if the check passes; "
+             "ratios > 1 = the variant is faster:", "",
+             "| L | heads q/kv | mask | variant | check (max rel err) | fwd ms | fwd+bwd ms | fwd+bwd graph ms | "
+             "TFLOP/s fwd / fwd+bwd | vs default fwd / fwd+bwd | vs flex fwd / fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, name, m in rows:
+        lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | default | {_e(max_err(m.get('check')))} | "
+                     f"{fmt(mn(m.get('ours_fwd_ms')), 3)} | {fmt(mn(m.get('ours_fwdbwd_ms')), 3)} | "
+                     f"{fmt(mn(m.get('ours_fwdbwd_graph_ms')), 3)} | {fmt(m.get('ours_fwd_tflops'), 0)} / "
+                     f"{fmt(m.get('ours_fwdbwd_tflops'), 0)} | 1.00x / 1.00x | "
+                     f"{fmt(m.get('speedup_vs_flex_fwd'), 2, 'x')} / {fmt(m.get('speedup_vs_flex_fwdbwd'), 2, 'x')} |")
+        for vname, x in m["variants"].items():
+            chk = x.get("check")
+            status = ("-" if not chk else ("pass" if chk["pass"] else "FAIL")) + f" ({_e(max_err(chk))})"
+            if x.get("error"):
+                status += f" error: {x['error'][:120]}"
+            lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {vname} | {status} | "
+                         f"{fmt(mn(x.get('fwd_ms')), 3)} | {fmt(mn(x.get('fwdbwd_ms')), 3)} | "
+                         f"{fmt(mn(x.get('fwdbwd_graph_ms')), 3)} | {fmt(x.get('fwd_tflops'), 0)} / "
+                         f"{fmt(x.get('fwdbwd_tflops'), 0)} | {fmt(x.get('speedup_vs_default_fwd'), 2, 'x')} / "
+                         f"{fmt(x.get('speedup_vs_default_fwdbwd'), 2, 'x')} | "
+                         f"{fmt(x.get('speedup_vs_flex_fwd'), 2, 'x')} / "
+                         f"{fmt(x.get('speedup_vs_flex_fwdbwd'), 2, 'x')} |")
     return lines
 
 
@@ -1047,7 +1212,8 @@ def selection_lines(results):
 
 
 def _cfg_str(c):
-    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps')} s{c.get('num_stages')}"
+    return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps')} s{c.get('num_stages')}" + \
+        (" ws" if c.get("WS") else "")
 
 
 def _uniq(vals, f=str):
@@ -1071,7 +1237,8 @@ def _occ_str(variants):
 def _matching(compiled, kernel, G, cfg):
     return [v for v in compiled if v["kernel"] == kernel and str(v.get("G")) == str(G)
             and v.get("BLOCK_M") == cfg.get("BLOCK_M") and v.get("BLOCK_N") == cfg.get("BLOCK_N")
-            and v.get("num_warps") == cfg.get("num_warps") and v.get("num_stages") == cfg.get("num_stages")]
+            and v.get("num_warps") == cfg.get("num_warps") and v.get("num_stages") == cfg.get("num_stages")
+            and bool(v.get("WS")) == bool(cfg.get("WS"))]
 
 
 def report_lines(report, results):
@@ -1096,7 +1263,7 @@ def report_lines(report, results):
                                                              str(t["key"].get("G"))))
     for t in tuning:
         G = t["key"].get("G")
-        vs = _matching(compiled, t["tuner"], G, t["best"])
+        vs = _matching(compiled, t.get("kernel", t["tuner"]), G, t["best"])
         occ, wps = _occ_str(vs)
         lines.append(f"| {t['tuner']} | {G} | {t.get('context') or '-'} | {_cfg_str(t['best'])} | "
                      f"{_uniq([v['n_regs'] for v in vs])} | {_uniq([v['n_spills'] for v in vs])} | "
@@ -1117,7 +1284,7 @@ def report_lines(report, results):
             G = t["key"].get("G")
             best = next((x["ms"] for x in t["timings"] if _cfg_str(x) == _cfg_str(t["best"])), None)
             for x in sorted(t["timings"], key=lambda x: (x["ms"] is None, x["ms"] or 0)):
-                vs = _matching(compiled, t["tuner"], G, x)
+                vs = _matching(compiled, t.get("kernel", t["tuner"]), G, x)
                 occ, _ = _occ_str(vs)
                 ratio = x["ms"] / best if (x["ms"] and best) else None
                 lines.append(f"| {t['tuner']} | {G} | {_cfg_str(x)}{' (chosen)' if ratio == 1 else ''} | "
@@ -1126,7 +1293,7 @@ def report_lines(report, results):
                              f"{_uniq([v['shared'] for v in vs], lambda s: f'{s / 1024:.0f}')} | {occ} |")
     waves = []
     for t in tuning:
-        for v in _matching(compiled, t["tuner"], t["key"].get("G"), t["best"]):
+        for v in _matching(compiled, t.get("kernel", t["tuner"]), t["key"].get("G"), t["best"]):
             ctas = v["occupancy"].get("ctas")
             for ctx, n in v.get("programs", {}).items():
                 if n and ctx:
@@ -1204,6 +1371,10 @@ def bars(results):
                     if m.get("speedup_vs_flex_fwdbwd_both_graph") is not None:
                         rows.append((lab + " (GPU-only: both CUDA-graphed)", m["speedup_vs_flex_fwdbwd_both_graph"],
                                      mn(m.get("ours_fwdbwd_graph_ms")), False))
+                    for vname, x in (m.get("variants") or {}).items():
+                        if x.get("speedup_vs_flex_fwdbwd") is not None:
+                            rows.append((f"{lab} variant={vname} (do_bench)", x["speedup_vs_flex_fwdbwd"],
+                                         mn(x.get("fwdbwd_ms")), False))
                 elif bid == "2" and name != "dense":
                     rows.append((lab + " (do_bench)", m.get("ours_vs_ideal_fwdbwd"), mn(m.get("ours_fwdbwd_ms")), True))
                     if m.get("ours_vs_ideal_fwdbwd_graph") is not None:
@@ -1217,6 +1388,9 @@ def bars(results):
                     rows.append((lab, max_err(m["check"]), None, True))
                     for mode, x in (m.get("bwd_modes") or {}).items():
                         rows.append((f"{lab} bwd={mode}", max_err(x.get("check")), None, True))
+                    for vname, x in (m.get("variants") or {}).items():
+                        if x.get("check"):
+                            rows.append((f"{lab} variant={vname}", max_err(x["check"]), None, True))
             s = r.get("selection") or {}
             if bid == "3" and s.get("available") and "error" not in s:
                 rows.append((row_label(r, "selection"), s.get("speedup_vs_flex_with_selection"),
@@ -1268,11 +1442,13 @@ def markdown(results, meta, report=None, failures=()):
              f"(fwd 4*kept*D, fwd+bwd 3.5x); ideal = SDPA time x density. Command: `{meta['command']}`", ""]
     lines += main_tables(results)
     lines += variants_lines(results)
+    lines += kernel_variant_lines(results)
     sc = meta.get("small_checks", [])
     if sc:
         lines += ["", f"Odd-shape GPU checks vs the reference (tails, Lq < Lk, GQA, duplicates, empty lists, "
-                  f"dlse): {sum(c['pass'] for c in sc)}/{len(sc)} pass, max rel err "
-                  f"{max(max(c['errors'].values()) for c in sc):.1e}."]
+                  f"dlse): {sum(c['pass'] for c in sc)}/{len(sc)} pass, max rel err {_small_max(sc)}."]
+        lines += [f"Odd-shape check FAILED: {c['case']} bwd={c['bwd']} variant={c.get('variant', 'default')}: "
+                  f"{c.get('error') or c['errors']}" for c in sc if not c["pass"]]
     lines += [""] + selection_lines(results)
     lines += report_lines(report, results)
     lines += bars_lines(bars(results))
@@ -1305,7 +1481,59 @@ def process_start_time() -> float:
         return time.time()
 
 
-def main():
+def check_only(args, lengths, heads, masks, variants, modes, log):
+    """--check-only: every (length, heads, mask) x kernel variant x backward mode against the fp32 computation,
+    no timing; on CPU through the interpreter."""
+    results = []
+    for L in lengths:
+        for Hq, Hkv in heads:
+            x = make_inputs(L, Hq, Hkv)
+            row = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": x.D, "block_size": BS, "masks": {}}
+            results.append(row)
+            for name in masks:
+                if name == "window+random":
+                    blk = window_random_blocks(Hkv, x.nq, seed=L)
+                elif name == "dense":
+                    blk = torch.ones(x.nq, x.nq, dtype=torch.bool, device=DEV).tril().expand(Hkv, x.nq, x.nq)
+                else:
+                    raise ValueError(f"unknown mask {name!r}")
+                idx, cnt = blocks_to_lists(blk.contiguous())
+                checks = row["masks"].setdefault(name, {"checks": []})["checks"]
+                for vname in variants or ["default"]:
+                    for mode in modes:
+                        t0 = time.time()
+                        with bwd_mode(mode):
+                            chk = check_kernel(x.q, x.k, x.v, idx, cnt, blk, full_check=(x.nq <= 64), variant=vname)
+                        chk["bwd"] = mode or "default"
+                        checks.append(chk)
+                        log(f"L={L} {Hq}/{Hkv} {name} variant={vname} bwd={chk['bwd']}: {json.dumps(chk)} "
+                            f"({time.time() - t0:.1f}s)")
+    return results
+
+
+def check_only_lines(results, meta):
+    lines = [f"# Block-sparse attention kernel checks, no timing ({meta['device']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D=128, causal, block 128; rel. errors "
+             f"against an fp32 computation (pass: every value finite and each <= 1e-2). Command: "
+             f"`{meta['command']}`", "",
+             "| L | heads q/kv | mask | variant | bwd | o | lse | dq | dk | dv | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted_rows(results):
+        for name, m in r["masks"].items():
+            for c in m["checks"]:
+                e = c["errors"]
+                lines.append(f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {c['variant']} | {c['bwd']} | "
+                             + " | ".join(_e(e[k]) for k in ("o", "lse", "dq", "dk", "dv"))
+                             + f" | {'pass' if c['pass'] else 'FAIL'} |")
+    sc = meta.get("small_checks", [])
+    if sc:
+        lines += ["", f"Odd-shape checks vs the reference: {sum(c['pass'] for c in sc)}/{len(sc)} pass, max rel err "
+                  f"{_small_max(sc)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    global DEV
     t_proc = process_start_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -1321,19 +1549,34 @@ def main():
     ap.add_argument("--name", default="sparse_attention")
     ap.add_argument("--masks", default="window+random,dense", help="which block masks to run")
     ap.add_argument("--bwd-modes", default="", help="e.g. fused,split: check and time each backward variant")
+    ap.add_argument("--variants", default="",
+                    help="kernel variants to check and time beside the default kernel, e.g. "
+                         "default,persistent,tma,persistent+tma,persistent+tma+ws")
+    ap.add_argument("--persistent-programs", type=int, default=0,
+                    help="programs of a persistent variant's launch (0: the SM count)")
+    ap.add_argument("--check-only", action="store_true", help="only the checks (every variant and bwd mode)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu with --check-only (needs TRITON_INTERPRET=1)")
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="start a work item only if its estimated end is within this many seconds of the process "
                          "start (0: no limit)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import triton
+    from memsparse.kernels import sparse_attention_hopper as hop
     from memsparse.kernels import sparse_attention_triton as tri
-    from torch.nn.attention.flex_attention import flex_attention
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "command": "python " + " ".join(sys.argv),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    variants = parse_variants(args.variants)
+    if args.persistent_programs:
+        hop.PERSISTENT_PROGRAMS = args.persistent_programs
+    DEV = args.device
+    if DEV != "cuda" and not (args.check_only and DEV == "cpu" and tri.interpreting()):
+        raise SystemExit("--device cpu runs only with --check-only and TRITON_INTERPRET=1")
+    meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "command": "python " + " ".join(sys.argv if argv is None else
+                                                                                 [sys.argv[0], *argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants}
     log_f = open(out / f"{args.name}.log", "a")
 
     def log(msg):
@@ -1342,6 +1585,23 @@ def main():
         log_f.flush()
 
     log(json.dumps(meta))
+    if args.check_only:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        modes = tuple(args.bwd_modes.split(",")) if args.bwd_modes else (None,)
+        meta["small_checks"] = ([] if args.no_small_checks else
+                                small_checks(log, modes, variants or ["default"],
+                                             TINY_SMALL_CASES if DEV == "cpu" else None))
+        results = check_only(args, lengths, parse_heads(args.heads), [m for m in args.masks.split(",") if m],
+                             variants, modes, log)
+        doc = {"meta": meta, "results": results}
+        (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1, default=str))
+        md = check_only_lines(results, meta)
+        (out / f"{args.name}.md").write_text(md)
+        log_f.close()
+        print(md)
+        return doc
+    from torch.nn.attention.flex_attention import flex_attention
+
     for name in ("cache_size_limit", "recompile_limit"):  # one compile per (L, GQA) shape
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
@@ -1352,7 +1612,7 @@ def main():
         (out / f"{args.name}_breakdown.json").write_text(json.dumps({"meta": meta, "breakdown": rows}, indent=1))
         return
 
-    recorder = KernelRecorder(tri) if args.report else None
+    recorder = KernelRecorder(tri, hop) if args.report else None
     results, failures = [], []
     lengths = [int(x) for x in args.lengths.split(",")]
     heads = parse_heads(args.heads)
@@ -1388,13 +1648,13 @@ def main():
         t0 = time.time()
         if recorder is not None:
             recorder.context = "small checks"
-        meta["small_checks"] = small_checks(log, modes) if not args.no_small_checks else []
+        meta["small_checks"] = small_checks(log, modes, variants or ["default"]) if not args.no_small_checks else []
         if not args.no_small_checks:
             log(f"small checks done in {time.time() - t0:.1f}s")
         state = {"tuned_groups": set(), "flex_shapes": set(), "sdpa_rows": set(), "est_sum": 0.0, "act_sum": 0.0}
         for it in items:
             kind, L, Hq, Hkv = it
-            est = estimate_s(it, state, args.flex_dense)
+            est = estimate_s(it, state, args.flex_dense, len([v for v in variants if v != "default"]))
             scale = min(max(state["act_sum"] / state["est_sum"], 0.5), 2.0) if state["est_sum"] > 0 else 1.0
             now = time.time() - t_proc
             if args.deadline_s and now + est * scale > args.deadline_s:

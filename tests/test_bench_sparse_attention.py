@@ -1,0 +1,36 @@
+"""benchmarks/bench_sparse_attention.py --check-only on CPU at a tiny size: the --variants path (the odd-shape and the
+real-mask checks of every listed kernel variant against fp32) runs through the interpreter; the GPU run times them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.slow  # ~10 s on one core (the interpreter at D=128, block 128)
+def test_bench_variants_check_only_runs_tiny(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_sparse_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        doc = mod.main(["--check-only", "--device", "cpu", "--lengths", "128", "--heads", "1/1", "--masks",
+                        "window+random", "--variants", "default,persistent+tma", "--out", str(tmp_path),
+                        "--name", "tiny"])
+    finally:
+        mod.DEV = "cuda"
+    checks = doc["results"][0]["masks"]["window+random"]["checks"]
+    assert [c["variant"] for c in checks] == ["default", "persistent+tma"]
+    for c in checks + doc["meta"]["small_checks"]:
+        assert c["pass"] and c["finite"] and set(c["errors"]) == {"o", "lse", "dq", "dk", "dv"}
+    assert {c["variant"] for c in doc["meta"]["small_checks"]} == {"default", "persistent+tma"}
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["meta"]["variants"] == ["default", "persistent+tma"]
+    assert "| 128 | 1/1 | window+random | persistent+tma | default |" in (tmp_path / "tiny.md").read_text()
+    with pytest.raises(ValueError, match="variant"):
+        mod.main(["--check-only", "--device", "cpu", "--variants", "default,fastest", "--out", str(tmp_path)])
