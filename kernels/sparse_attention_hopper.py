@@ -82,13 +82,14 @@ def persistent_programs(device: torch.device) -> int:
 
 
 def _ensure_allocator(device: torch.device) -> None:
-    """On-device tensor descriptors need global scratch memory (Triton >= 3.3: triton.set_allocator)."""
+    """On-device tensor descriptors need global scratch memory (Triton >= 3.3: triton.set_allocator), on the
+    device of the launch (the current CUDA device)."""
     global _allocator_set
     if _allocator_set or device.type != "cuda":
         return
 
     def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device=device, dtype=torch.int8)
+        return torch.empty(size, device="cuda", dtype=torch.int8)
 
     triton.set_allocator(alloc)
     _allocator_set = True
@@ -385,6 +386,8 @@ if HAS_TRITON:
             q0 = m * BS + (rt * BLOCK_M) % BS
             q = tl.where(row_ok[:, None], dq_.load([b, h0, q0, 0]).reshape(BLOCK_M, D), 0.0)
             do = tl.where(row_ok[:, None], ddo_.load([b, h0, q0, 0]).reshape(BLOCK_M, D), 0.0)
+            q = q.to(q_base.dtype.element_ty)
+            do = do.to(do_base.dtype.element_ty)
         else:
             q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
