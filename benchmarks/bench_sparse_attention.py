@@ -22,17 +22,20 @@ seconds of the process start.
 With --bwd-modes, every listed backward (MEMSPARSE_SPARSE_ATTENTION_BWD) is checked and timed on the same
 inputs, and the first one fills the main table; without it the default backward is used.
 
-With --variants (e.g. default,persistent,tma,persistent+tma,persistent+tma+ws), every listed kernel variant
+With --variants (e.g. default,persistent,dynamic+tma,dynamic+tma+ws), every listed kernel variant
 (`sparse_attention(variant=...)`, kernels/sparse_attention_hopper.py) is checked first, in the same run and on
 the same inputs and masks, against the fp32 computation (o, lse, dq, dk, dv; bf16 error <= 1e-2, every value
 finite) and timed only when that check passes; the table puts each beside the default kernel and FlexAttention.
 The odd-shape checks run every variant too. "default" is the kernel of the main table (always timed).
 
-    # the variants beside the default kernel and FlexAttention at 32K, 16/16 heads (one H200 run of < 10 min;
-    # then --heads 16/4, and --lengths 131072, under their own --name)
+    # the variants beside the default kernel and FlexAttention at 32K, 16/16 heads: two H200 runs of < 10 min
+    # each (every variant autotunes its own kernels); then --heads 16/4 and --lengths 131072 under their own --name
     timeout -s TERM 580 python benchmarks/bench_sparse_attention.py --lengths 32768 --heads 16/16 \
-        --masks window+random --no-select --variants default,persistent,tma,persistent+tma,persistent+tma+ws \
-        --report --deadline-s 540 --name sparse_attention_variants_h200_32k --out $OUT
+        --masks window+random --no-select --variants default,persistent,dynamic,persistent+tma \
+        --report --deadline-s 540 --name sparse_attention_variants_h200_32k_a --out $OUT
+    timeout -s TERM 580 python benchmarks/bench_sparse_attention.py --lengths 32768 --heads 16/16 \
+        --masks window+random --no-select --variants default,tma,dynamic+tma,dynamic+tma+ws \
+        --report --deadline-s 540 --name sparse_attention_variants_h200_32k_b --out $OUT
 
 --check-only runs the checks without timing (no FlexAttention, no SDPA); with --device cpu it runs on the CPU
 through TRITON_INTERPRET=1 (tests/test_bench_sparse_attention.py runs it at tiny sizes).
@@ -448,12 +451,14 @@ KERNELS = {"_fwd_kernel": "fwd", "_dq_kernel": "dq", "_dkdv_kernel": "dkdv", "_p
            "_bwd_prep_kernel": "prep"}
 TUNERS = {"_fwd_tuned": "fwd", "_dq_tuned": "dq", "_dkdv_tuned": "dkdv", "_fused_tuned": "fused"}
 # The opt-in variants' kernels (kernels/sparse_attention_hopper.py); a compiled one is labelled e.g.
-# "fwd[persistent+tma]" from its PERSISTENT / TMA constexprs.
+# "fwd[persistent+tma]" from its PERSISTENT (0 one program per item, 1 persistent, 2 dynamic) / TMA constexprs.
 VAR_KERNELS = {"_fwd_var_kernel": "fwd", "_dq_var_kernel": "dq", "_dkdv_var_kernel": "dkdv"}
 
 
-def var_label(name, persistent, tma):
-    return f"{name}[{'+'.join(p for p, on in (('persistent', persistent), ('tma', tma)) if on)}]"
+def var_label(name, mode, tma):
+    mode = int(mode) if str(mode).isdigit() else int(str(mode) == "True")
+    sched = {1: "persistent", 2: "dynamic"}.get(mode)
+    return f"{name}[{'+'.join(p for p in (sched, 'tma' if tma else None) if p)}]"
 KERNEL_ORDER = ("fwd", "dq", "dkdv", "fused", "plan", "prep")
 
 
@@ -625,8 +630,7 @@ class KernelRecorder:
                 kt = k if isinstance(k, tuple) else (k,)
                 key = {(names[i] if i < len(names) else "dtype"): str(v) for i, v in enumerate(kt)
                        if i < len(names) or i == len(names)}
-                kern = kernel or var_label(label.split("_")[0], key.get("PERSISTENT") == "True",
-                                           key.get("TMA") == "True")
+                kern = kernel or var_label(label.split("_")[0], key.get("PERSISTENT"), key.get("TMA") == "True")
                 shown = kern if kernel else kern + (" (ws configs)" if label.endswith("_ws") else "")
                 entry = {"tuner": shown, "kernel": kern, "key": key, "best": _config_dict(cache[k]),
                          "context": self.context, "timings": None}
@@ -1551,7 +1555,7 @@ def main(argv=None):
     ap.add_argument("--bwd-modes", default="", help="e.g. fused,split: check and time each backward variant")
     ap.add_argument("--variants", default="",
                     help="kernel variants to check and time beside the default kernel, e.g. "
-                         "default,persistent,tma,persistent+tma,persistent+tma+ws")
+                         "default,persistent,dynamic,tma,persistent+tma,dynamic+tma+ws")
     ap.add_argument("--persistent-programs", type=int, default=0,
                     help="programs of a persistent variant's launch (0: the SM count)")
     ap.add_argument("--check-only", action="store_true", help="only the checks (every variant and bwd mode)")

@@ -6,7 +6,7 @@ environment variable MEMSPARSE_SPARSE_ATTENTION_IMPL (same three values) overrid
 Supported by the kernel: head dims 16/32/64/128, block sizes 16..256 (powers of two), fp16/bf16/fp32;
 anything else falls back to the reference with a one-time warning.
 `variant` (default "default": the kernels above, unchanged) picks an opt-in Hopper-oriented variant of the Triton
-path (`sparse_attention_hopper`: "persistent", "tma", "ws", joined with "+"); the reference ignores it.
+path (`sparse_attention_hopper`: "persistent" or "dynamic", "tma", "ws", joined with "+"); the reference ignores it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ plan (`sparse_attention_plan`: clamped counts, unmasked prefixes, the launch ord
   per call by the plan, in torch), program p taking items p, p + P, p + 2P, ...: the longest rows start first
   and no program is launched for a short tail. The backward's dQ kernel does the same over the query lists and
   the dK/dV kernel over the key blocks' reverse lists (longest first).
+- `dynamic`: the same persistent programs and sorted items, but each program takes the next item from an atomic
+  counter (a zeroed int32 per launch) as it finishes one: longest-first list scheduling, where `persistent`'s
+  static stride can leave one program with more work than another.
 - `tma`: K/V tiles in the forward and dQ kernels, Q/dO tiles in the dK/dV kernel, loaded through on-device
   tensor descriptors (`tl.make_tensor_descriptor`, 4-D over (B, H, L, D) with each tensor's own strides, so a
   tile past L is zero-filled by the hardware instead of masked); on NVIDIA GPUs that is a TMA load. The
@@ -41,7 +44,7 @@ if HAS_TRITON:
 else:  # pragma: no cover - depends on the machine
     tl = None
 
-VARIANT_PARTS = ("persistent", "tma", "ws")
+VARIANT_PARTS = ("persistent", "dynamic", "tma", "ws")
 # Number of programs of a persistent launch: None = the device's SM count (GPU) or 3 under the interpreter (so the
 # CPU tests give every program several items). MEMSPARSE_SPARSE_ATTENTION_PROGRAMS overrides it.
 PERSISTENT_PROGRAMS: int | None = None
@@ -51,7 +54,7 @@ _allocator_set = False
 
 def parse_variant(variant: str) -> frozenset[str]:
     """"default" -> {}; "persistent+tma" -> {"persistent", "tma"}; ValueError on anything else. "ws" needs
-    "persistent" or "tma" beside it (it only adds configs to a variant)."""
+    another part beside it (it only adds configs to a variant)."""
     if not isinstance(variant, str):
         raise ValueError(f"variant must be a string, got {variant!r}")
     v = variant.strip().lower()
@@ -62,7 +65,9 @@ def parse_variant(variant: str) -> frozenset[str]:
     if bad or not parts:
         raise ValueError(f"variant must be 'default' or a '+'-joined set of {VARIANT_PARTS}, got {variant!r}")
     if parts == {"ws"}:
-        raise ValueError("variant 'ws' adds configs to 'persistent' and/or 'tma': use e.g. 'persistent+ws'")
+        raise ValueError("variant 'ws' adds configs to another variant: use e.g. 'persistent+ws'")
+    if {"persistent", "dynamic"} <= parts:
+        raise ValueError("variant: 'persistent' (static schedule) and 'dynamic' exclude each other")
     return parts
 
 
@@ -214,7 +219,7 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_var_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS,
                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                        B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, NSHARED,
+                        B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, NSHARED, CTR,
                         G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                         UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
@@ -226,7 +231,15 @@ if HAS_TRITON:
         else:
             dk_ = K  # unused
             dv_ = V
-        if PERSISTENT:  # items sorted heaviest first; program p takes p, p + P, ...
+        if PERSISTENT == 2:  # dynamic: each program takes the next item (heaviest first) from an atomic counter
+            w = tl.atomic_add(CTR, 1)
+            while w < N_WORK * NRT:
+                _fwd_item(w, Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
+                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                          Hkv, Lq, Lk, NQ, NK, MB, qk_scale, NSHARED,
+                          G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
+                w = tl.atomic_add(CTR, 1)
+        elif PERSISTENT == 1:  # static: items sorted heaviest first; program p takes p, p + P, ...
             for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0)):
                 _fwd_item(w, Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
                           sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
@@ -340,7 +353,7 @@ if HAS_TRITON:
     @triton.jit
     def _dq_var_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER, KS,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-                       B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, scale, NSHARED,
+                       B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, scale, NSHARED, CTR,
                        G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                        UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
@@ -352,7 +365,15 @@ if HAS_TRITON:
         else:
             dk_ = K  # unused
             dv_ = V
-        if PERSISTENT:
+        if PERSISTENT == 2:
+            w = tl.atomic_add(CTR, 1)
+            while w < N_WORK * NRT:
+                _dq_item(w, Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
+                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                         Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
+                         G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
+                w = tl.atomic_add(CTR, 1)
+        elif PERSISTENT == 1:
             for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0)):
                 _dq_item(w, Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
@@ -456,7 +477,7 @@ if HAS_TRITON:
     def _dkdv_var_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER, KS,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                          sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                         B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, scale, NSHARED,
+                         B, Hkv, Lq, Lk, NQ, NK, MB, N_WORK, qk_scale, scale, NSHARED, CTR,
                          G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                          UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
@@ -472,7 +493,15 @@ if HAS_TRITON:
         else:
             dq_ = Q  # unused
             ddo_ = DO
-        if PERSISTENT:
+        if PERSISTENT == 2:
+            w = tl.atomic_add(CTR, 1)
+            while w < N_WORK * NSUB:
+                _dkdv_item(w, Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER, KS, dq_, ddo_,
+                           sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                           sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
+                           G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
+                w = tl.atomic_add(CTR, 1)
+        elif PERSISTENT == 1:
             for w in tl.range(tl.program_id(0), N_WORK * NSUB, tl.num_programs(0)):
                 _dkdv_item(w, Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER, KS, dq_, ddo_,
                            sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
@@ -511,8 +540,10 @@ if HAS_TRITON:
     _KEY = ["D", "BS", "G", "CAUSAL", "DOC", "PERSISTENT", "TMA"]
     _KERNELS = {"fwd": _fwd_var_kernel, "dq": _dq_var_kernel, "dkdv": _dkdv_var_kernel}
     # (kernel name, with ws configs) -> autotuner; the persistent / tma flags are part of the key.
+    # reset_to_zero: the dynamic schedule's counter starts at 0 in every tuning run (and after tuning).
     _TUNED = {(name, ws): triton.autotune(_PLAIN[name] + (_WS[name] if ws else []), key=_KEY,
-                                          prune_configs_by={"early_config_prune": _prune})(kern)
+                                          prune_configs_by={"early_config_prune": _prune},
+                                          reset_to_zero=["CTR"])(kern)
               for name, kern in _KERNELS.items() for ws in (False, True)}
 
 
@@ -524,14 +555,16 @@ def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args
     """Autotuned on a GPU (with the ws configs when asked); under the interpreter (or with autotuning off) one
     fixed tile, its loops marked warp-specialized when "ws" is asked (the interpreter ignores the mark).
     n_items_fn(cfg) -> the number of work items; a persistent launch runs min(programs, items) programs."""
-    persistent = "persistent" in parts
-    nprog = persistent_programs(device) if persistent else None
+    mode = 2 if "dynamic" in parts else (1 if "persistent" in parts else 0)
+    nprog = persistent_programs(device) if mode else None
 
     def grid(cfg):
         n = n_items_fn(cfg)
-        return (min(n, nprog) if persistent else n,)
+        return (min(n, nprog) if mode else n,)
 
-    meta.update(PERSISTENT=persistent, TMA="tma" in parts)
+    # the dynamic schedule's work counter (a fresh zero per launch; unused, and never zeroed, otherwise)
+    ctr = (torch.zeros if mode == 2 else torch.empty)(1, dtype=torch.int32, device=device)
+    meta.update(PERSISTENT=mode, TMA="tma" in parts, CTR=ctr)
     if "tma" in parts:
         _ensure_allocator(device)
     if interpreting() or not _tri.AUTOTUNE:

@@ -1,6 +1,7 @@
 """The opt-in Hopper-oriented variants of the sparse-attention kernels (kernels/sparse_attention_hopper.py: a
 persistent grid ordered longest-row-first, tensor-descriptor (TMA) loads, warp-specialization configs) against the
-float64 oracle and the fp32 reference, forward and backward, with the same checks as the default kernels
+float64 oracle and the fp32 reference, forward and backward (and the same grid with a dynamic, atomic-counter
+schedule), with the same checks as the default kernels
 (tests/test_sparse_attention_kernel.py: outputs poisoned with NaN, lse -inf on rows that see nothing, GQA, odd
 lengths, Lq < Lk, duplicates and junk padding, document masks with boundaries inside blocks, three tilings).
 
@@ -109,6 +110,17 @@ def test_persistent_program_counts(monkeypatch, programs):
     run((1, 4, 2, 70, 90, 32, 16, "random"), "persistent", seed=programs)
 
 
+@pytest.mark.parametrize("variant", ["dynamic", "dynamic+tma"])
+@pytest.mark.parametrize("case,docs", [((2, 4, 2, 70, 90, 32, 16, "random"), False),
+                                       ((2, 4, 1, 61, 93, 16, 16, "window"), True)],
+                         ids=["random", "documents"])
+def test_dynamic_schedule(monkeypatch, variant, case, docs):
+    """Items taken from an atomic counter cover every item once (the interpreter runs programs one after
+    another, so there the first program takes them all; on a GPU they interleave)."""
+    monkeypatch.setattr(hop, "PERSISTENT_PROGRAMS", 2)
+    run(case, variant, docs=docs, shared=16 if docs else 0, seed=13)
+
+
 def test_ws_configs_and_fused_backward(monkeypatch):
     """"+ws" (loops marked warp-specialized; the interpreter ignores the mark) gives the same function, and the
     variants take the default fused backward under MEMSPARSE_SPARSE_ATTENTION_BWD=fused."""
@@ -133,7 +145,7 @@ def test_variants_agree_with_default_kernel():
                                            variant=variant)
 
     base = fwd_bwd(fn("default"), q, k, v, do, dlse)
-    for variant in VARIANTS + ["persistent+ws"]:
+    for variant in VARIANTS + ["persistent+ws", "dynamic", "dynamic+tma+ws"]:
         got = fwd_bwd(fn(variant), q, k, v, do, dlse)
         for a, b in zip(got, base):
             fin = torch.isfinite(b)
@@ -144,7 +156,8 @@ def test_parse_variant():
     assert hop.parse_variant("default") == frozenset()
     assert hop.parse_variant("tma+persistent") == {"persistent", "tma"}
     assert hop.parse_variant("Persistent+TMA+ws") == {"persistent", "tma", "ws"}
-    for bad in ("warp", "persistent+x", "ws", "+"):
+    assert hop.parse_variant("dynamic+tma") == {"dynamic", "tma"}
+    for bad in ("warp", "persistent+x", "ws", "+", "persistent+dynamic"):
         with pytest.raises(ValueError, match="variant"):
             hop.parse_variant(bad)
     q = torch.randn(1, 2, 32, 16)
