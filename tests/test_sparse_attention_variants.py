@@ -70,9 +70,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_variant_matches_oracle(variant, case):
+# Every case through "persistent+tma" (both means at once); "persistent" (pointer loads in the persistent loop) and
+# "tma" (one program per item) run the random and empty lists in the fast set, the rest with -m slow.
+ORACLE_PARAMS = [pytest.param(c, v, id="-".join(map(str, c)) + "-" + v,
+                              marks=() if v == "persistent+tma" or c[-1] in ("random", "empty") and c[0] == 2 or
+                              c[-1] == "empty" else pytest.mark.slow)
+                 for v in VARIANTS for c in CASES]
+
+
+@pytest.mark.parametrize("case,variant", ORACLE_PARAMS)
+def test_variant_matches_oracle(case, variant):
     run(case, variant, seed=5)
 
 
