@@ -110,11 +110,6 @@ def _tma_ready(t: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _kv_desc(X, B, H, L, sb, sh, sn, D: tl.constexpr, BLOCK_N: tl.constexpr):
-        return tl.make_tensor_descriptor(X, shape=[B, H, L, D], strides=[sb, sh, sn, 1],
-                                         block_shape=[1, 1, BLOCK_N, D])
-
-    @triton.jit
     def _fwd_step(q, acc, m_i, l_i, it, idx_base, k_base, v_base, dk_, dv_, b, hkv, skn, svn, ks, qpos,
                   Lk, NK, NSHARED, qk_scale,
                   BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -226,8 +221,10 @@ if HAS_TRITON:
                         WS: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         if TMA:
-            dk_ = _kv_desc(K, B, Hkv, Lk, skb, skh, skn, D, BLOCK_N)
-            dv_ = _kv_desc(V, B, Hkv, Lk, svb, svh, svn, D, BLOCK_N)
+            dk_ = tl.make_tensor_descriptor(K, shape=[B, Hkv, Lk, D], strides=[skb, skh, skn, 1],
+                                            block_shape=[1, 1, BLOCK_N, D])
+            dv_ = tl.make_tensor_descriptor(V, shape=[B, Hkv, Lk, D], strides=[svb, svh, svn, 1],
+                                            block_shape=[1, 1, BLOCK_N, D])
         else:
             dk_ = K  # unused
             dv_ = V
@@ -360,8 +357,10 @@ if HAS_TRITON:
                        WS: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         if TMA:
-            dk_ = _kv_desc(K, B, Hkv, Lk, skb, skh, skn, D, BLOCK_N)
-            dv_ = _kv_desc(V, B, Hkv, Lk, svb, svh, svn, D, BLOCK_N)
+            dk_ = tl.make_tensor_descriptor(K, shape=[B, Hkv, Lk, D], strides=[skb, skh, skn, 1],
+                                            block_shape=[1, 1, BLOCK_N, D])
+            dv_ = tl.make_tensor_descriptor(V, shape=[B, Hkv, Lk, D], strides=[svb, svh, svn, 1],
+                                            block_shape=[1, 1, BLOCK_N, D])
         else:
             dk_ = K  # unused
             dv_ = V
@@ -402,13 +401,14 @@ if HAS_TRITON:
         g = r // BS
         qi = m * BS + r % BS
         row_ok = (r < G * BS) & (qi < Lq)
-        if TMA:  # rows of heads past the group or queries past Lq: zeroed (or zero-filled)
+        if TMA:  # queries past Lq come back as zeros
             h0 = hkv * G + (rt * BLOCK_M) // BS
             q0 = m * BS + (rt * BLOCK_M) % BS
-            q = tl.where(row_ok[:, None], dq_.load([b, h0, q0, 0]).reshape(BLOCK_M, D), 0.0)
-            do = tl.where(row_ok[:, None], ddo_.load([b, h0, q0, 0]).reshape(BLOCK_M, D), 0.0)
-            q = q.to(q_base.dtype.element_ty)
-            do = do.to(do_base.dtype.element_ty)
+            q = dq_.load([b, h0, q0, 0]).reshape(BLOCK_M, D)
+            do = ddo_.load([b, h0, q0, 0]).reshape(BLOCK_M, D)
+            if (G * BS) % BLOCK_M != 0:  # the last row tile reaches into the next KV group's heads: zero them
+                q = tl.where(row_ok[:, None], q, 0.0).to(q_base.dtype.element_ty)
+                do = tl.where(row_ok[:, None], do, 0.0).to(do_base.dtype.element_ty)
         else:
             q = tl.load(q_base + g[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
                         mask=row_ok[:, None], other=0.0)
