@@ -181,11 +181,17 @@ def grads_impl(weights: list[Tensor], k: Tensor, activation: str, impl: str = "a
 
 def _apply_chunk(weights: list[Tensor], momentum: list[Tensor], a_list: list[Tensor], dz_list: list[Tensor],
                  gnorm: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, gates: Tensor | None,
-                 max_grad_norm: float, coef_impl: str = "reference") -> tuple[list[Tensor], list[Tensor]]:
+                 max_grad_norm: float, coef_impl: str = "reference",
+                 reset: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Fold momentum and forgetting into per-token coefficients and apply the chunk's update (module docstring).
-    coef_impl: the resolved path of `update_coefficients` ("reference" or "triton")."""
+    coef_impl: the resolved path of `update_coefficients` ("reference" or "triton"). reset `(B,)` bool (optional):
+    those rows' chunk starts from zero momentum, whatever `momentum` holds: the momentum enters the update only
+    through gamma S_0 and P_C S_0, so their two `(B, H)` factors are zeroed instead of the momentum tensors."""
     c, d, gamma, beta_c, p_c = update_coefficients(gnorm, eta, theta, alpha, gates, max_grad_norm, impl=coef_impl)
     gamma, beta_c, p_c = (x[..., None, None] for x in (gamma, beta_c, p_c))
+    if reset is not None:
+        r4 = reset[:, None, None, None]
+        gamma, p_c = torch.where(r4, 0.0, gamma), torch.where(r4, 0.0, p_c)
     cd = torch.stack([c, d], -1)                                              # (B, H, C, 2)
     new_w, new_s = [], []
     for w0, s0, a, dz in zip(weights, momentum, a_list, dz_list):
@@ -210,18 +216,30 @@ def soft_gate(grad_norm: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
 
 def _write_step(weights: list[Tensor], momentum: list[Tensor], k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                 alpha: Tensor, gates: Tensor | None, gain: Tensor, gate_scale: Tensor, gate_bias: Tensor,
-                activation: str, max_grad_norm: float, impl: str = "reference", coef_impl: str = "reference"):
+                activation: str, max_grad_norm: float, impl: str = "reference", coef_impl: str = "reference",
+                reset: Tensor | None = None, init_weights: list[Tensor] | None = None):
     """One chunk with the learned soft surprise gate, as one function (compiled whole, so its elementwise work
     fuses across the gradient, gate and update pieces). Returns (new_w, new_s, loss, grad_norm, gate); the last
     three are statistics, detached (gradients reach the gate's parameters through the update). impl, coef_impl:
-    the resolved paths of the per-token gradients and of the update coefficients (`_write_impl`)."""
+    the resolved paths of the per-token gradients and of the update coefficients (`_write_impl`). reset `(B,)`
+    bool (optional, with init_weights): those rows start the chunk from init_weights and zero momentum (packed
+    documents), inside the same compiled function."""
+    weights = _reset_weights(weights, reset, init_weights)
     a_list, dz_list, loss, gnorm = token_gradients(weights, k, v, gain, activation, impl)
     g = soft_gate(gnorm, gate_scale.to(gnorm.dtype), gate_bias.to(gnorm.dtype))
     all_gates = g if gates is None else gates * g
     new_w, new_s = _apply_chunk(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, all_gates,
-                                max_grad_norm, coef_impl)
+                                max_grad_norm, coef_impl, reset)
     # the statistics leave detached: the compiled backward then takes no (zero-filled) gradient for them
     return new_w, new_s, loss.detach(), gnorm.detach(), g.detach()
+
+
+def _reset_weights(weights: list[Tensor], reset: Tensor | None, init_weights: list[Tensor] | None) -> list[Tensor]:
+    """The rows `reset` `(B,)` bool of the fast weights back at `init_weights` (one where per weight tensor)."""
+    if reset is None:
+        return weights
+    r4 = reset[:, None, None, None]
+    return [torch.where(r4, w0, w) for w0, w in zip(init_weights, weights)]
 
 
 _COMPILED: dict[object, object] = {}
@@ -278,21 +296,24 @@ def _write_impl(weights, k, activation, gate_fn, gate_params) -> tuple[str, str]
 
 
 def _chunk_update(weights, momentum, k, v, eta, theta, alpha, gates, gain, activation, max_grad_norm, gate_fn,
-                  compiled, gate_params, impl, coef_impl="reference"):
+                  compiled, gate_params, impl, coef_impl="reference", reset=None, init_weights=None):
     """write_chunk on the fast weights and momentum alone, `impl` and `coef_impl` from `_write_impl`: (new
-    weights, new momentum, WriteStats)."""
+    weights, new momentum, WriteStats). reset `(B,)` bool (optional): those rows start from init_weights and zero
+    momentum (`write_chunked`)."""
     grads_fn, apply_fn, step_fn = _chunk_fns(compiled)
     if gate_params is not None:
+        rk = () if reset is None else (reset, init_weights)  # without a reset: the same call (and graph) as before
         new_w, new_s, loss, gnorm, g = step_fn(weights, momentum, k, v, eta, theta, alpha, gates, gain,
-                                               *gate_params, activation, max_grad_norm, impl, coef_impl)
+                                               *gate_params, activation, max_grad_norm, impl, coef_impl, *rk)
         return new_w, new_s, WriteStats(loss, gnorm, g)
+    weights = _reset_weights(weights, reset, init_weights)
     a_list, dz_list, loss, gnorm = grads_fn(weights, k, v, gain, activation, impl)
     g = None
     if gate_fn is not None:
         g = gate_fn(WriteStats(loss, gnorm))
         gates = g if gates is None else gates * g
     new_w, new_s = apply_fn(weights, momentum, a_list, dz_list, gnorm, eta, theta, alpha, gates, max_grad_norm,
-                            coef_impl)
+                            coef_impl, *(() if reset is None else (reset,)))
     return new_w, new_s, WriteStats(loss, gnorm, g)
 
 
@@ -345,11 +366,15 @@ def _fp32(*ts):
 def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor, alpha: Tensor, *,
                   gain: Tensor, chunk_size: int, gates: Tensor | None = None, activation: str = "silu",
                   max_grad_norm: float = 1.0, gate_fn=None, compiled: bool = False,
-                  gate_params: tuple[Tensor, Tensor] | None = None) -> tuple[MemoryState, WriteStats]:
+                  gate_params: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
+                  init_weights: list[Tensor] | None = None) -> tuple[MemoryState, WriteStats]:
     """Write N tokens chunk by chunk (chunk-parallel inside each chunk; a partial last chunk is written).
 
     k, v `(B, H, N, D)`; eta/theta/alpha/gates `(B, H, N)`; the surprise gate is `gate_fn` or `gate_params`
-    (see `write_chunk`). Returns (state, stats with `(B, H, N)` tensors).
+    (see `write_chunk`). Returns (state, stats with `(B, H, N)` tensors). reset `(B,)` bool (optional, with
+    `init_weights`, packed documents): those rows start the write from init_weights and zero momentum, inside the
+    first chunk's step (no separate ops over the state); the step counter counts on (`state.step + N`): a caller
+    that resets rows sets their step itself (`Block`: once per span).
     """
     _check_write_inputs(state, k, v, {"eta": eta, "theta": theta, "alpha": alpha}, gates, chunk_size)
     with torch.autocast(k.device.type, enabled=False):
@@ -365,7 +390,9 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
                        else (gates,) if one else gates.split(chunk_size, dim=2))
         for kc, vc, ec, tc, ac, gc in zip(*pieces, gate_pieces):
             weights, momentum, st = _chunk_update(weights, momentum, kc, vc, ec, tc, ac, gc, gain, activation,
-                                                  max_grad_norm, gate_fn, compiled, gate_params, *impls)
+                                                  max_grad_norm, gate_fn, compiled, gate_params, *impls,
+                                                  reset, init_weights)
+            reset = None  # the first chunk only
             stats.append(st)
         state = MemoryState(weights, momentum, state.step + k.shape[2])
     if not stats:
@@ -381,11 +408,17 @@ def write_chunked(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: 
 def write_sequential_reference(state: MemoryState, k: Tensor, v: Tensor, eta: Tensor, theta: Tensor,
                                alpha: Tensor, *, gain: Tensor, chunk_size: int, gates: Tensor | None = None,
                                activation: str = "silu", max_grad_norm: float = 1.0, gate_fn=None,
-                               gate_params: tuple[Tensor, Tensor] | None = None) -> MemoryState:
+                               gate_params: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
+                               init_weights: list[Tensor] | None = None) -> MemoryState:
     """The same write, token by token with autograd gradients taken at each chunk's start weights.
 
-    With chunk_size=1 this is the exact Titans recurrence (gradient at the current weights).
+    With chunk_size=1 this is the exact Titans recurrence (gradient at the current weights). reset, init_weights
+    as in `write_chunked` (here literally: the rows' weights and momentum replaced before the first token).
     """
+    if reset is not None:
+        r4 = reset[:, None, None, None]
+        state = MemoryState([torch.where(r4, w0, w) for w0, w in zip(init_weights, state.weights)],
+                            [torch.where(r4, 0.0, m) for m in state.momentum], state.step)
     if gate_fn is not None and gate_params is not None:
         raise ValueError("give gate_fn or gate_params, not both")
     if gate_params is not None:
@@ -597,18 +630,23 @@ class NeuralMemory(nn.Module):
 
     def write(self, state: MemoryState, inputs: MemoryInputs, gates: Tensor | None = None, *,
               chunk_size: int | None = None, impl: str = "chunked",
-              gate_fn=None, gate_params: tuple[Tensor, Tensor] | None = None
-              ) -> tuple[MemoryState, WriteStats | None]:
+              gate_fn=None, gate_params: tuple[Tensor, Tensor] | None = None, reset: Tensor | None = None,
+              init_weights: list[Tensor] | None = None) -> tuple[MemoryState, WriteStats | None]:
         """Write the tokens of `inputs` (keys/values/rates) into `state`; gates `(B, N)` or `(B, H, N)` in [0, 1].
 
         impl "chunked" (training path) or "sequential" (reference; returns stats None). `gate_fn(WriteStats)`
         gates tokens by their surprise at the chunk-start weights (the model's surprise gate); `gate_params`
-        (scale, bias) `(H,)` is the learned `soft_gate`, fused into the chunk step.
+        (scale, bias) `(H,)` is the learned `soft_gate`, fused into the chunk step. reset `(B,)` bool (packed
+        documents): those rows start from the initial weights (`init_weights`, default `initial_weights`) and
+        zero momentum, folded into the write; their step is left to the caller (`write_chunked`).
         """
         chunk_size = self.config.chunk_size if chunk_size is None else chunk_size
         gates = self._expand_gates(gates, inputs.k)
+        if reset is not None and init_weights is None:
+            init_weights = self.initial_weights(inputs.k.shape[0], inputs.k.device)
         kw = dict(gain=self.gain, chunk_size=chunk_size, gates=gates, activation=self.config.activation,
-                  max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn, gate_params=gate_params)
+                  max_grad_norm=self.config.max_grad_norm, gate_fn=gate_fn, gate_params=gate_params, reset=reset,
+                  init_weights=init_weights)
         if impl == "chunked":
             return write_chunked(state, inputs.k, inputs.v, inputs.eta, inputs.theta, inputs.alpha,
                                  compiled=self._compiled(inputs.k), **kw)

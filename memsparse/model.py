@@ -238,6 +238,18 @@ class Documents:
             return last >= tok[:, 0], (tok[None] >= last[..., None]).to(dtype)
         return self._once(("evictions", pos, c0, ev0, count, segment, dtype), make)
 
+    def restarted_steps(self, pos: int, c0: int, ev0: int, count: int, segment: int, dtype: torch.dtype,
+                        per_eviction: int) -> Tensor:
+        """`(B,)` int64 for the memory's step counter after the span's `count` evictions (masks of `evictions`)
+        of `per_eviction` tokens each: the tokens written from the last reset on; 2^62 in rows without a reset.
+        Those rows' counter counts on from before the span, and always reaches at least this count in a row that
+        reset: so the counter is `minimum(this, the count without resets)`, one op per layer."""
+        def make():
+            resets = self.evictions(pos, c0, ev0, count, segment, dtype)[0]
+            since = torch.arange(count * per_eviction, 0, -per_eviction, device=resets.device)  # from eviction i on
+            return torch.where(resets, since, OLD_DOCUMENT).amin(1)
+        return self._once(("restarted_steps", pos, c0, ev0, count, segment, dtype, per_eviction), make)
+
     def fresh(self, pos: int, n: int, segment: int, window: int) -> Tensor:
         """`(B, n)` bool: the span tokens whose document has nothing evicted yet (they read the initial memory)."""
         def make():
@@ -365,7 +377,14 @@ class Block(nn.Module):
             if dst is not None and evicts:  # write only the document of the segment's last token, from scratch
                 resets, doc_gates = docs.evictions(pos, c0, evicts[0], len(evicts), S, all_in.k.dtype)
                 init_w = self.memory.initial_weights(B, x.device)
-            read_states, written = [], []
+                # one view of them per eviction, unbound from one expand: backward then sums their gradients in
+                # one stack and one sum, not one accumulation per eviction and weight
+                init_each = list(zip(*(w.unsqueeze(1).expand(B, len(evicts), *w.shape[1:]).unbind(1)
+                                       for w in init_w)))
+                # every eviction writes as many tokens (one consolidation schedule): the step counters of the
+                # rows reset are set once after the writes, else before each write
+                steps_once = total_len is not None or len(evicts) == 1
+            read_states, written, n_written = [], [], []
             for s1 in bounds[1:]:
                 read_states.append(mem_state)
                 ev = s1 // S - 1 - w_seg
@@ -373,13 +392,21 @@ class Block(nn.Module):
                     e0 = ev * S - c0
                     seg = segments[e0 // S] if segments is not None else all_in.slice(slice(e0, e0 + S))
                     seq_len = total_len if total_len is not None else s1
-                    gates = None
-                    if init_w is not None:
+                    gates = reset = None
+                    if init_w is not None:  # the reset itself is folded into the write
                         i = ev - evicts[0]
-                        mem_state = _reset_rows(mem_state, resets[:, i], init_w)
-                        gates = doc_gates[:, i]
-                    mem_state, ws = self._evict(mem_state, seg, seq_len, gates)
+                        reset, gates = resets[:, i], doc_gates[:, i]
+                        if not steps_once:
+                            mem_state = MemoryState(mem_state.weights, mem_state.momentum,
+                                                    torch.where(reset, 0, mem_state.step))
+                    mem_state, ws, n_w = self._evict(mem_state, seg, seq_len, gates, reset,
+                                                     None if reset is None else list(init_each[i]))
                     written.append(ws)
+                    n_written.append(n_w)
+            if init_w is not None and steps_once:
+                assert len(set(n_written)) == 1, n_written
+                last = docs.restarted_steps(pos, c0, evicts[0], len(evicts), S, all_in.k.dtype, n_written[0])
+                mem_state = MemoryState(mem_state.weights, mem_state.momentum, torch.minimum(last, mem_state.step))
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
                 _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
@@ -423,17 +450,21 @@ class Block(nn.Module):
             return torch.get_autocast_dtype(dev)
         return None
 
-    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int,
-               gates: Tensor | None = None) -> tuple[MemoryState, WriteStats]:
+    def _evict(self, mem: MemoryState, ev: MemoryInputs, seq_len: int, gates: Tensor | None = None,
+               reset: Tensor | None = None, init_weights: list[Tensor] | None = None
+               ) -> tuple[MemoryState, WriteStats, int]:
         """Write one evicted segment (surprise-gated), then its consolidation passes. Returns (memory, the
-        first write's stats). `gates` `(B, S)` of 0/1 in ev's dtype (documents): only the tokens of gate 1 are
-        written and replayed (the others get gate 0, which leaves memory and momentum untouched) and ranked by the
-        hard keep."""
+        first write's stats, the number of tokens written). `gates` `(B, S)` of 0/1 in ev's dtype (documents):
+        only the tokens of gate 1 are written and replayed (the others get gate 0, which leaves memory and momentum
+        untouched) and ranked by the hard keep; `reset` `(B,)` bool (documents): those rows' first write starts
+        from `init_weights` and zero momentum (their step counter is the caller's)."""
         cfg = self.cfg
         keep = 1.0 if self.training else cfg.hard_keep_fraction
         rank = gates is not None and not self._soft_gate_only(keep)  # the hard keep ranks: it needs them as bool
         valid = gates > 0 if rank else None
-        mem, ws = self.memory.write(mem, ev, gates, **self._gate_kwargs(keep, ev.k.shape[2], valid))
+        mem, ws = self.memory.write(mem, ev, gates, reset=reset, init_weights=init_weights,
+                                    **self._gate_kwargs(keep, ev.k.shape[2], valid))
+        n_written = ev.k.shape[2]
         passes = consolidation_passes(cfg.consolidation, seq_len, cfg.window, self.training)
         if passes:
             replay, r_gates, r_valid = ev, gates, valid
@@ -447,7 +478,8 @@ class Block(nn.Module):
             for _ in range(passes):
                 mem, _ = self.memory.write(mem, replay, r_gates,
                                            **self._gate_kwargs(keep, replay.k.shape[2], r_valid))
-        return mem, ws
+                n_written += replay.k.shape[2]
+        return mem, ws, n_written
 
     def _soft_gate_only(self, keep: float) -> bool:
         """Whether the surprise gate is the learned soft gate alone (fused into the chunk step; no ranking)."""
@@ -606,15 +638,6 @@ def _document_key_pool(keys: Tensor, dst: Tensor, c0: int, P: int, bs: int,
     if not P:
         return pooled
     return torch.cat([block_pool(keys[:, :, :P], bs), pooled], 2)
-
-
-def _reset_rows(mem: MemoryState, rows: Tensor, init_weights: list[Tensor]) -> MemoryState:
-    """The memory of the sequences `rows` `(B,)` bool back at `init_weights` (`NeuralMemory.initial_weights`), zero
-    momentum, step 0: one op per state tensor (the initial weights are built once per span, not per reset; a
-    scalar where, not masked_fill, which is a copy and a fill)."""
-    r4 = rows[:, None, None, None]
-    return MemoryState([torch.where(r4, w0, w) for w0, w in zip(init_weights, mem.weights)],
-                       [torch.where(r4, 0.0, m) for m in mem.momentum], torch.where(rows, 0, mem.step))
 
 
 def _rank_valid(gn: Tensor, valid: Tensor) -> Tensor:

@@ -197,13 +197,11 @@ def test_training_step_passes_doc_ids():
     assert (old - want).abs() > 1e-4
 
 
-def test_eviction_masks_and_reset_equal_the_per_segment_formulas():
-    """What the memory loop derives once per span (`Documents.evictions`, `Documents.fresh`) and the reset with the
-    initial weights built once (`_reset_rows`, scalar wheres) equal the per-segment formulas they replaced:
-    masks exactly, the reset's values and gradients exactly (the initial weights' to rounding)."""
-    from memsparse.model import OLD_DOCUMENT, _reset_rows, document_starts
+def test_eviction_masks_equal_the_per_segment_formulas():
+    """What the memory loop derives once per span (`Documents.evictions`, `Documents.fresh`) equals the
+    per-segment formulas it replaced, exactly (the reset itself is folded into the write: tests/test_memory.py)."""
+    from memsparse.model import OLD_DOCUMENT, document_starts
 
-    g = torch.Generator().manual_seed(0)
     pos, cached, n = 96, 64, 160  # a span after a cache of two segments, prev document continued in row 0
     ids = torch.stack([doc_ids_from([5, 40, 70]), doc_ids_from([32, 33, 100])])[:, :n]
     docs = document_starts(ids, pos, prev_id=torch.tensor([0, 7]), prev_start=torch.tensor([50, 90]))
@@ -221,26 +219,52 @@ def test_eviction_masks_and_reset_equal_the_per_segment_formulas():
     t_abs = torch.arange(pos, pos + n)
     assert torch.equal(docs.fresh(pos, n, S, 64), docs.start >= (t_abs // S - 64 // S) * S)
 
-    mem = make_model().blocks[1].memory
-    st = mem.init_state(2)
-    state = type(st)([torch.randn(w.shape, dtype=w.dtype, generator=g).requires_grad_() for w in st.weights],
-                     [torch.randn(w.shape, dtype=w.dtype, generator=g).requires_grad_() for w in st.weights],
-                     torch.tensor([40, 72]))
-    rows = torch.tensor([True, False])
-    init = mem.init_state(2)
-    r4 = rows[:, None, None, None]
-    ref = type(st)([torch.where(r4, w0, w) for w0, w in zip(init.weights, state.weights)],
-                   [torch.where(r4, torch.zeros_like(m), m) for m in state.momentum],
-                   torch.where(rows, torch.zeros_like(state.step), state.step))
-    got = _reset_rows(state, rows, mem.initial_weights(2))
-    assert torch.equal(got.step, ref.step)
-    wrt = [*state.weights, *state.momentum, *mem.init_weights]
-    outs = []
-    for s in (got, ref):
-        for a, b in zip(s.weights + s.momentum, ref.weights + ref.momentum):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-        loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=torch.Generator().manual_seed(k))).sum()
-                   for k, t in enumerate(s.weights + s.momentum))
-        outs.append(torch.autograd.grad(loss, wrt))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+def _steps_reference(m, docs, total_length):
+    """The memory's step counter after a packed sequence, per row, by the per-eviction rule: 0 at each eviction
+    that resets the row, then + the tokens written (the segment and its consolidation replays)."""
+    from memsparse.consolidation import consolidation_passes
+    from memsparse.model import document_starts
+
+    cfg = m.config
+    w_seg, start = cfg.window // S, document_starts(docs).start
+    replay = min(cfg.consolidation.replay_tokens, S) if cfg.consolidation.replay == "surprising" else S
+    step = torch.zeros(docs.shape[0], dtype=torch.long)
+    for ev in range(docs.shape[1] // S - w_seg):
+        s1 = (ev + 1 + w_seg) * S
+        passes = consolidation_passes(cfg.consolidation, total_length or s1, cfg.window, m.training)
+        step = torch.where(start[:, ev * S + S - 1] >= ev * S, 0, step) + S + passes * replay
+    return step
+
+
+def test_memory_step_counts_from_the_last_document_reset():
+    """The step counters of the rows a document reset are set once per span (`Documents.restarted_steps`, a
+    minimum with the count without resets), or before each write where the evictions of a span write different
+    token counts: either way they equal the per-eviction rule, for a one-shot span (train: one unrolled pass per
+    eviction), two spans (rows without a reset in the second keep counting), a stream, and a span without a
+    declared length under a consolidation schedule (1, 2, 3, 3 passes)."""
+    ids = torch.stack([rand_ids(L, 40 + i) for i in range(3)])
+    docs = torch.stack([doc_ids_from([40]), doc_ids_from([5, 100]), doc_ids_from([170])])
+    m = make_model()
+
+    def step_of(state):
+        return state.layers[1].memory.step
+
+    m.train()
+    _, st = m._run(ids, m.init_state(3, total_length=L), {}, doc_ids=docs)
+    want = _steps_reference(m, docs, L)
+    assert torch.equal(step_of(st), want) and len(set(want.tolist())) == 3
+    m.eval()
+    with torch.no_grad():
+        want = _steps_reference(m, docs, L)
+        st = m.init_state(3, total_length=L)
+        for a, b in ((0, 96), (96, L)):
+            _, st = m._run(ids[:, a:b], st, {}, doc_ids=docs[:, a:b])
+        assert torch.equal(step_of(st), want)
+        _, st = m.stream(ids, m.init_state(3, total_length=L), return_logits="none", doc_ids=docs)
+        assert torch.equal(step_of(st), want)
+        m.set_consolidation(ConsolidationConfig(mode="schedule", a=2.0, n_max=3, replay="surprising",
+                                                replay_tokens=8))
+        _, st = m._run(ids, m.init_state(3), {}, doc_ids=docs)
+        want = _steps_reference(m, docs, None)
+        assert torch.equal(step_of(st), want) and len(set(want.tolist())) == 3

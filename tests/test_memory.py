@@ -459,3 +459,45 @@ def test_read_out_with_init_mask_equals_the_selected_reads(lengths):
                 if a is not None:
                     tol = 0 if i < 3 else 1e-6
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("gate", ["params", "fn", "none", "sequential"])
+def test_write_with_reset_equals_reset_then_write(gate):
+    """write(..., reset=rows) (packed documents: the rows' weights back at the initial weights inside the first
+    chunk's step, their momentum zeroed through the update's two (B, H) momentum factors) == replacing those rows'
+    weights and momentum first, then writing: the state exactly, gradients to rounding, over several chunks (the
+    reset acts on the first only), with gates 0 before the boundary; the step counter counts on (the caller's)."""
+    mem = _mem(chunk=4)
+    x = torch.randn(2, 10, 24, dtype=torch.float64, requires_grad=True)
+    gates = torch.ones(2, 10, dtype=torch.float64)
+    gates[0, :3] = 0.0
+    scale, bias = _gate_params(2)
+    kw = {"params": {"gate_params": (scale, bias)}, "none": {}, "sequential": {"impl": "sequential"},
+          "fn": {"gate_fn": lambda s: M.soft_gate(s.grad_norm, scale, bias)}}[gate]
+    reset = torch.tensor([True, False])
+    prior, _ = mem.write(mem.init_state(2), mem.project(torch.randn(2, 6, 24, dtype=torch.float64)))
+    prior.step = torch.tensor([6, 9])
+    r4 = reset[:, None, None, None]
+    manual = MemoryState([torch.where(r4, w0, w) for w0, w in zip(mem.initial_weights(2), prior.weights)],
+                         [torch.where(r4, 0.0, m) for m in prior.momentum], prior.step)
+    wrt = [x, scale, bias, *mem.parameters()]
+
+    def run(state, **extra):
+        st, _ = mem.write(state, mem.project(x), gates, **kw, **extra)
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+                   for t in st.weights + st.momentum)
+        return st, torch.autograd.grad(loss, wrt, allow_unused=True, retain_graph=True)
+
+    want, g_want = run(manual)
+    for extra in ({}, {"init_weights": mem.initial_weights(2)}):
+        got, g_got = run(prior, reset=reset, **extra)
+        torch.testing.assert_close(_flat(got), _flat(want), rtol=0, atol=0)
+        assert torch.equal(got.step, prior.step + 10)
+        for a, b in zip(g_got, g_want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    plain, _ = run(prior)
+    rows = [torch.cat([t.flatten(1) for t in s.weights + s.momentum], 1) for s in (plain, want)]
+    assert (rows[0][0] - rows[1][0]).abs().max() > 1e-3  # the reset matters in row 0, and only there
+    torch.testing.assert_close(rows[0][1], rows[1][1], rtol=0, atol=0)
