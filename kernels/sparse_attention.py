@@ -5,12 +5,15 @@
 environment variable MEMSPARSE_SPARSE_ATTENTION_IMPL (same three values) overrides the choice.
 Supported by the kernel: head dims 16/32/64/128, block sizes 16..256 (powers of two), fp16/bf16/fp32;
 anything else falls back to the reference with a one-time warning.
-`variant` (default "default": the kernels above, unchanged) picks an opt-in Hopper-oriented variant of the Triton
-path (`sparse_attention_hopper`: "persistent" or "dynamic", "tma", "ws", joined with "+"); the reference ignores it.
+`variant` picks an opt-in Hopper-oriented variant of the Triton path (`sparse_attention_hopper`: "persistent" or
+"dynamic", "tma", "ws", joined with "+"), "default" the kernels above; left as None it is the environment variable
+MEMSPARSE_SPARSE_ATTENTION_VARIANT when set (so a whole model can run a variant unchanged), else "default". The
+reference ignores it.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from torch import Tensor
@@ -21,6 +24,7 @@ from .dispatch import requested_impl
 from .sparse_attention_reference import check_sparse_attention_inputs, sparse_attention_reference
 
 ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_IMPL"
+VARIANT_ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_VARIANT"
 _warned: set[str] = set()
 
 
@@ -49,16 +53,19 @@ def resolve_impl(q: Tensor, block_size: int, impl: str = "auto") -> str:
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, block_counts: Tensor, *,
                      block_size: int, causal: bool = True, scale: float | None = None, return_lse: bool = False,
                      impl: str = "auto", key_start: Tensor | None = None, shared_keys: int = 0,
-                     variant: str = "default"):
+                     variant: str | None = None):
     """Block-sparse attention (contract in `sparse_attention_reference`): returns (B, Hq, Lq, D) [, lse].
 
     q `(B, Hq, Lq, D)`, k/v `(B, Hkv, Lk, D)`, block_indices int `(B, Hkv, ceil(Lq/bs), max_blocks)`
     sorted ascending per row, block_counts `(B, Hkv, ceil(Lq/bs))`. Gradients flow to q, k, v, also
     through the returned lse. `key_start` `(B, Lq)` (optional) masks keys of other documents: query i sees key j
     only when j >= key_start[b, i] or j < shared_keys (the persistent tokens). `variant`: "default" or an opt-in
-    variant of the Triton kernels (`sparse_attention_hopper.parse_variant`), e.g. "persistent+tma".
+    variant of the Triton kernels (`sparse_attention_hopper.parse_variant`), e.g. "dynamic+tma"; None: the
+    environment variable MEMSPARSE_SPARSE_ATTENTION_VARIANT, else "default".
     """
     check_sparse_attention_inputs(q, k, v, block_indices, block_counts, block_size, key_start, shared_keys)
+    if variant is None:
+        variant = os.environ.get(VARIANT_ENV_VAR, "").strip() or "default"
     variant_parts = _hop.parse_variant(variant)
     if not (k.device == q.device == v.device == block_indices.device == block_counts.device) or \
             (key_start is not None and key_start.device != q.device):

@@ -48,6 +48,7 @@ def _poison(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.delenv(tri.BWD_ENV_VAR, raising=False)
     monkeypatch.delenv(hop.PROGRAMS_ENV_VAR, raising=False)
+    monkeypatch.delenv("MEMSPARSE_SPARSE_ATTENTION_VARIANT", raising=False)
     monkeypatch.setattr(hop, "PERSISTENT_PROGRAMS", None)
 
 
@@ -259,3 +260,34 @@ def test_nan_in_one_kv_group_stays_there(variant):
         a0, b0 = a[:, 0], b[:, 0]
         assert torch.isfinite(b0).all() and torch.isfinite(a0).all(), name
         assert rel(a0, b0) <= 1e-5, name
+
+
+def test_variant_from_environment(monkeypatch):
+    """variant=None takes MEMSPARSE_SPARSE_ATTENTION_VARIANT (how a whole model runs a variant unchanged); an
+    explicit variant wins; unset, the default kernels run."""
+    from memsparse.kernels.sparse_attention import VARIANT_ENV_VAR
+
+    calls = []
+    real = hop.sparse_attention_variant
+
+    def spy(*a, **kw):
+        calls.append(kw["variant"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hop, "sparse_attention_variant", spy)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 32, 16, generator=gen)
+    idx, cnt = make_lists(1, 2, 32, 32, 16, "causal", gen)
+
+    def fn(**kw):
+        return sparse_attention(q, q, q, idx, cnt, block_size=16, impl="triton", **kw)
+
+    base = fn()
+    assert calls == []
+    monkeypatch.setenv(VARIANT_ENV_VAR, "dynamic+tma")
+    assert rel(fn(), base) <= 1e-5 and calls == ["dynamic+tma"]
+    fn(variant="default")
+    assert calls == ["dynamic+tma"]
+    monkeypatch.setenv(VARIANT_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="variant"):
+        fn()
