@@ -487,7 +487,8 @@ def occupancy(n_regs, shared, num_warps):
 def _config_dict(cfg):
     kw = getattr(cfg, "kwargs", {}) or {}
     return {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N"), "num_warps": getattr(cfg, "num_warps", None),
-            "num_stages": getattr(cfg, "num_stages", None), **({"WS": True} if kw.get("WS") else {})}
+            "num_stages": getattr(cfg, "num_stages", None),
+            **{k: True for k in ("WS", "FLATTEN") if kw.get(k)}}
 
 
 def _ms(v):
@@ -594,7 +595,7 @@ class KernelRecorder:
                 label = "fused"
             e = {"kernel": label, "ck": ck, "launches": 0, "programs": {},
                  "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED",
-                                                   "PERSISTENT", "TMA", "WS")
+                                                   "PERSISTENT", "TMA", "WS", "FLATTEN")
                                 if isinstance(kw.get(k), (int, bool))},
                  "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages")}
             self.compiled[id(ck)] = e
@@ -1217,7 +1218,7 @@ def selection_lines(results):
 
 def _cfg_str(c):
     return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps')} s{c.get('num_stages')}" + \
-        (" ws" if c.get("WS") else "")
+        (" ws" if c.get("WS") else "") + (" flat" if c.get("FLATTEN") else "")
 
 
 def _uniq(vals, f=str):
@@ -1242,7 +1243,7 @@ def _matching(compiled, kernel, G, cfg):
     return [v for v in compiled if v["kernel"] == kernel and str(v.get("G")) == str(G)
             and v.get("BLOCK_M") == cfg.get("BLOCK_M") and v.get("BLOCK_N") == cfg.get("BLOCK_N")
             and v.get("num_warps") == cfg.get("num_warps") and v.get("num_stages") == cfg.get("num_stages")
-            and bool(v.get("WS")) == bool(cfg.get("WS"))]
+            and bool(v.get("WS")) == bool(cfg.get("WS")) and bool(v.get("FLATTEN")) == bool(cfg.get("FLATTEN"))]
 
 
 def report_lines(report, results):

@@ -16,8 +16,9 @@ plan (`sparse_attention_plan`: clamped counts, unmasked prefixes, the launch ord
   tensor descriptors (`tl.make_tensor_descriptor`, 4-D over (B, H, L, D) with each tensor's own strides, so a
   tile past L is zero-filled by the hardware instead of masked); on NVIDIA GPUs that is a TMA load. The
   descriptors need a global scratch allocation: `triton.set_allocator` is set once, to torch's allocator.
-- `ws`: adds autotune configs that mark the key-tile loops `tl.range(..., warp_specialize=True)` and vary
-  `num_stages` (software pipelining depth), beside the variant's plain configs.
+- `ws`: adds autotune configs that mark the key-tile loops `tl.range(..., warp_specialize=True)`, vary
+  `num_stages` (software pipelining depth) and, for `persistent`, flatten the work-item loop with its key-tile
+  loops (`tl.range(..., flatten=True)`), beside the variant's plain configs.
 
 The variants run the same two-loop structure (unmasked prefix, masked rest), the same -inf bias for invalid and
 duplicate slots, the same fp32 online softmax and the same backward (delta prep, dQ, dK/dV through the reverse
@@ -218,7 +219,7 @@ if HAS_TRITON:
                         G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                         UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
-                        WS: tl.constexpr):
+                        WS: tl.constexpr, FLATTEN: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         if TMA:
             dk_ = tl.make_tensor_descriptor(K, shape=[B, Hkv, Lk, D], strides=[skb, skh, skn, 1],
@@ -237,7 +238,7 @@ if HAS_TRITON:
                           G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
                 w = tl.atomic_add(CTR, 1)
         elif PERSISTENT == 1:  # static: items sorted heaviest first; program p takes p, p + P, ...
-            for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0)):
+            for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0), flatten=FLATTEN):
                 _fwd_item(w, Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
                           sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                           Hkv, Lq, Lk, NQ, NK, MB, qk_scale, NSHARED,
@@ -354,7 +355,7 @@ if HAS_TRITON:
                        G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                        UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
-                       WS: tl.constexpr):
+                       WS: tl.constexpr, FLATTEN: tl.constexpr):
         NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         if TMA:
             dk_ = tl.make_tensor_descriptor(K, shape=[B, Hkv, Lk, D], strides=[skb, skh, skn, 1],
@@ -373,7 +374,7 @@ if HAS_TRITON:
                          G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
                 w = tl.atomic_add(CTR, 1)
         elif PERSISTENT == 1:
-            for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0)):
+            for w in tl.range(tl.program_id(0), N_WORK * NRT, tl.num_programs(0), flatten=FLATTEN):
                 _dq_item(w, Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
                          sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                          Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
@@ -481,7 +482,7 @@ if HAS_TRITON:
                          G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                          UPCAST: tl.constexpr, DOC: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr,
-                         WS: tl.constexpr):
+                         WS: tl.constexpr, FLATTEN: tl.constexpr):
         NSUB: tl.constexpr = BS // BLOCK_N
         HB: tl.constexpr = BLOCK_M // BS if BLOCK_M > BS else 1  # heads per row tile
         RB: tl.constexpr = BS if BLOCK_M > BS else BLOCK_M  # queries per head in a row tile
@@ -502,7 +503,7 @@ if HAS_TRITON:
                            G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
                 w = tl.atomic_add(CTR, 1)
         elif PERSISTENT == 1:
-            for w in tl.range(tl.program_id(0), N_WORK * NSUB, tl.num_programs(0)):
+            for w in tl.range(tl.program_id(0), N_WORK * NSUB, tl.num_programs(0), flatten=FLATTEN):
                 _dkdv_item(w, Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER, KS, dq_, ddo_,
                            sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                            sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
@@ -513,8 +514,8 @@ if HAS_TRITON:
                        sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
                        G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
 
-    def _cfg(bm, bn, w, s, ws=False):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=s)
+    def _cfg(bm, bn, w, s, ws=False, flat=False):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws, "FLATTEN": flat}, num_warps=w, num_stages=s)
 
     # Each variant kernel's plain configs are the default kernel's (same tiles, warps, stages); "ws" adds the
     # warp-specialized loops and deeper/shallower pipelines on the tiles the default autotuner picked on the H100.
@@ -527,14 +528,18 @@ if HAS_TRITON:
     }
     _WS = {
         "fwd": [_cfg(128, 128, 8, 3, True), _cfg(128, 64, 4, 3, True), _cfg(128, 128, 8, 2, True),
-                _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 5)],
-        "dq": [_cfg(128, 64, 8, 3, True), _cfg(64, 64, 4, 3, True), _cfg(128, 64, 8, 4), _cfg(64, 32, 4, 5)],
-        "dkdv": [_cfg(64, 128, 8, 2, True), _cfg(32, 128, 8, 3, True), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 5)],
+                _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 5), _cfg(128, 128, 8, 3, flat=True)],
+        "dq": [_cfg(128, 64, 8, 3, True), _cfg(64, 64, 4, 3, True), _cfg(128, 64, 8, 4), _cfg(64, 32, 4, 5),
+               _cfg(128, 64, 8, 3, flat=True)],
+        "dkdv": [_cfg(64, 128, 8, 2, True), _cfg(32, 128, 8, 3, True), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 5),
+                 _cfg(64, 128, 8, 2, flat=True)],
     }
 
     def _prune(configs, named_args, **kwargs):
+        """Key tiles no wider than a block; FLATTEN only where there is a static persistent loop to flatten."""
         bs = kwargs.get("BS", named_args.get("BS"))
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bs]
+        static = kwargs.get("PERSISTENT", named_args.get("PERSISTENT")) == 1
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bs and (static or not c.kwargs["FLATTEN"])]
         return kept or [_cfg(64, bs, 4, 2)]
 
     _KEY = ["D", "BS", "G", "CAUSAL", "DOC", "PERSISTENT", "TMA"]
@@ -571,8 +576,8 @@ def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args
         bm, bn, warps, stages = ((*INTERPRET_CONFIG[name], 4, 1) if interpreting() else _tri.FIXED_CONFIG[name])
         bn = min(bn, meta["BS"])
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn}
-        _KERNELS[name][grid(cfg)](*args, BLOCK_M=bm, BLOCK_N=bn, WS="ws" in parts, num_warps=warps,
-                                  num_stages=stages, **meta)
+        _KERNELS[name][grid(cfg)](*args, BLOCK_M=bm, BLOCK_N=bn, WS="ws" in parts, FLATTEN=False,
+                                  num_warps=warps, num_stages=stages, **meta)
     else:
         _TUNED[(name, "ws" in parts)][lambda cfg: grid(cfg)](*args, **meta)
 
