@@ -102,9 +102,10 @@ def _ensure_allocator(device: torch.device) -> None:
 
 
 def _tma_ready(t: Tensor) -> Tensor:
-    """A tensor a 4-D descriptor can address: last dim contiguous, 16-byte aligned base and strides."""
+    """A tensor a 4-D descriptor can address: last dim contiguous, 16-byte aligned base, positive 16-byte multiple
+    strides (an expanded dim's stride 0 is not a TMA stride)."""
     es = t.element_size()
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:-1])
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 

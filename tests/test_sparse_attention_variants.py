@@ -195,6 +195,9 @@ def test_tma_ready_keeps_aligned_views_and_copies_the_rest():
     odd = torch.randn(2 * 3 * 5 * 16 + 1)[1:].view(2, 3, 5, 16)  # base 4 bytes past an allocation: misaligned
     fixed = hop._tma_ready(odd)
     assert fixed is not odd and fixed.is_contiguous() and fixed.data_ptr() % 16 == 0 and torch.equal(fixed, odd)
+    expanded = torch.randn(1, 1, 5, 16).expand(1, 3, 5, 16)  # stride 0 over heads
+    fixed = hop._tma_ready(expanded)
+    assert fixed.stride(1) > 0 and torch.equal(fixed, expanded)
 
 
 def test_non_contiguous_inputs_through_descriptors():
