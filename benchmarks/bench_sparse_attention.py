@@ -488,7 +488,8 @@ def _config_dict(cfg):
     kw = getattr(cfg, "kwargs", {}) or {}
     return {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N"), "num_warps": getattr(cfg, "num_warps", None),
             "num_stages": getattr(cfg, "num_stages", None),
-            **{k: True for k in ("WS", "FLATTEN") if kw.get(k)}}
+            **{k: True for k in ("WS", "FLATTEN") if kw.get(k)},
+            **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})}
 
 
 def _ms(v):
@@ -597,7 +598,7 @@ class KernelRecorder:
                  "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED",
                                                    "PERSISTENT", "TMA", "WS", "FLATTEN")
                                 if isinstance(kw.get(k), (int, bool))},
-                 "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages")}
+                 "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages"), "maxnreg": kw.get("maxnreg")}
             self.compiled[id(ck)] = e
         e["launches"] += 1
         if self.context not in e["programs"]:
@@ -657,7 +658,8 @@ class KernelRecorder:
             variants.append({"kernel": e["kernel"], **e["constexprs"], "num_warps": nw, "num_stages": ns,
                              "n_regs": res["n_regs"], "n_spills": res["n_spills"], "shared": res["shared"],
                              "name": res["name"], "occupancy": occupancy(res["n_regs"], res["shared"], nw),
-                             "launches": e["launches"], "programs": dict(e["programs"])})
+                             "launches": e["launches"], "programs": dict(e["programs"]),
+                             **({"maxnreg": e["maxnreg"]} if e.get("maxnreg") else {})})
         return {"device": dev, "tuning": list(self.tuned.values()), "compiled": variants, "errors": self.errors}
 
 
@@ -1218,7 +1220,8 @@ def selection_lines(results):
 
 def _cfg_str(c):
     return f"{c.get('BLOCK_M')}x{c.get('BLOCK_N')} w{c.get('num_warps')} s{c.get('num_stages')}" + \
-        (" ws" if c.get("WS") else "") + (" flat" if c.get("FLATTEN") else "")
+        (" ws" if c.get("WS") else "") + (" flat" if c.get("FLATTEN") else "") + \
+        (f" maxnreg{c['maxnreg']}" if c.get("maxnreg") else "")
 
 
 def _uniq(vals, f=str):
@@ -1243,7 +1246,8 @@ def _matching(compiled, kernel, G, cfg):
     return [v for v in compiled if v["kernel"] == kernel and str(v.get("G")) == str(G)
             and v.get("BLOCK_M") == cfg.get("BLOCK_M") and v.get("BLOCK_N") == cfg.get("BLOCK_N")
             and v.get("num_warps") == cfg.get("num_warps") and v.get("num_stages") == cfg.get("num_stages")
-            and bool(v.get("WS")) == bool(cfg.get("WS")) and bool(v.get("FLATTEN")) == bool(cfg.get("FLATTEN"))]
+            and bool(v.get("WS")) == bool(cfg.get("WS")) and bool(v.get("FLATTEN")) == bool(cfg.get("FLATTEN"))
+            and v.get("maxnreg") == cfg.get("maxnreg")]
 
 
 def report_lines(report, results):

@@ -14,11 +14,12 @@ plan (`sparse_attention_plan`: clamped counts, unmasked prefixes, the launch ord
   static stride can leave one program with more work than another.
 - `tma`: K/V tiles in the forward and dQ kernels, Q/dO tiles in the dK/dV kernel, loaded through on-device
   tensor descriptors (`tl.make_tensor_descriptor`, 4-D over (B, H, L, D) with each tensor's own strides, so a
-  tile past L is zero-filled by the hardware instead of masked); on NVIDIA GPUs that is a TMA load. The
+  tile past L is zero-filled by the hardware instead of masked); on Hopper and later that is a TMA load. The
   descriptors need a global scratch allocation: `triton.set_allocator` is set once, to torch's allocator.
 - `ws`: adds autotune configs that mark the key-tile loops `tl.range(..., warp_specialize=True)`, vary
   `num_stages` (software pipelining depth) and, for `persistent`, flatten the work-item loop with its key-tile
-  loops (`tl.range(..., flatten=True)`), beside the variant's plain configs.
+  loops (`tl.range(..., flatten=True)`) and cap an 8-warp tile at 128 registers a thread (`maxnreg`, two CTAs an
+  SM), beside the variant's plain configs.
 
 The variants run the same two-loop structure (unmasked prefix, masked rest), the same -inf bias for invalid and
 duplicate slots, the same fp32 online softmax and the same backward (delta prep, dQ, dK/dV through the reverse
@@ -515,11 +516,14 @@ if HAS_TRITON:
                        sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
                        G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
 
-    def _cfg(bm, bn, w, s, ws=False, flat=False):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws, "FLATTEN": flat}, num_warps=w, num_stages=s)
+    def _cfg(bm, bn, w, s, ws=False, flat=False, maxnreg=None):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws, "FLATTEN": flat}, num_warps=w, num_stages=s,
+                             maxnreg=maxnreg)
 
     # Each variant kernel's plain configs are the default kernel's (same tiles, warps, stages); "ws" adds the
-    # warp-specialized loops and deeper/shallower pipelines on the tiles the default autotuner picked on the H100.
+    # warp-specialized loops and deeper/shallower pipelines on the tiles the default autotuner picked on the H100,
+    # the flattened persistent loop, and an 8-warp tile capped at 128 registers a thread (maxnreg), so that two
+    # CTAs fit an SM (the default's chosen tiles ran at 255 registers, one CTA an SM, on the H100).
     _PLAIN = {
         "fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3),
                 _cfg(128, 64, 8, 2)],
@@ -529,11 +533,12 @@ if HAS_TRITON:
     }
     _WS = {
         "fwd": [_cfg(128, 128, 8, 3, True), _cfg(128, 64, 4, 3, True), _cfg(128, 128, 8, 2, True),
-                _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 5), _cfg(128, 128, 8, 3, flat=True)],
+                _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(64, 64, 4, 5), _cfg(128, 128, 8, 3, flat=True),
+                _cfg(128, 64, 8, 2, maxnreg=128)],
         "dq": [_cfg(128, 64, 8, 3, True), _cfg(64, 64, 4, 3, True), _cfg(128, 64, 8, 4), _cfg(64, 32, 4, 5),
-               _cfg(128, 64, 8, 3, flat=True)],
+               _cfg(128, 64, 8, 3, flat=True), _cfg(128, 64, 8, 2, maxnreg=128)],
         "dkdv": [_cfg(64, 128, 8, 2, True), _cfg(32, 128, 8, 3, True), _cfg(64, 128, 8, 3), _cfg(32, 64, 4, 5),
-                 _cfg(64, 128, 8, 2, flat=True)],
+                 _cfg(64, 128, 8, 2, flat=True), _cfg(64, 128, 8, 2, maxnreg=128)],
     }
 
     def _prune(configs, named_args, **kwargs):
