@@ -572,21 +572,38 @@ class NeuralMemory(nn.Module):
         the projection's input dtype together) between the reads and the output projection. `init_mask`
         `(B, sum n_i)` bool (packed documents): those tokens read the initial memory instead (their document has
         nothing written yet); `init_weights` (optional) are those of `initial_weights`, `all_queries` (optional)
-        the queries' concatenation, when the caller has them (saves building them again)."""
-        y = self._read_pieces(states, queries)
-        if init_mask is not None:
+        the queries' concatenation, when the caller has them (saves building them again). With n > 1 pieces of
+        equal length, the initial memory is read in the pieces' batched call (`_read_with_initial`)."""
+        if init_mask is not None and len(queries) > 1 and len({q.shape[2] for q in queries}) == 1:
+            y = self._read_with_initial(states, queries, init_mask, init_weights, all_queries)
+        else:
+            y = self._read_pieces(states, queries)
+        if init_mask is not None and y.dim() == 4:
             q = all_queries if all_queries is not None else torch.cat(queries, 2) if len(queries) > 1 else queries[0]
             init_weights = self.initial_weights(q.shape[0], q.device) if init_weights is None else init_weights
-            y0 = self._read_weights(init_weights, q)                                   # (B, H, N, D)
-            if y.dim() == 5:  # the selection in the batched read's layout: still one copy after it
-                B, n, H, m, D = y.shape
-                y = torch.where(init_mask.view(B, n, 1, m, 1), y0.view(B, H, n, m, D).transpose(1, 2), y)
-            else:
-                y = torch.where(init_mask[:, None, :, None], y0, y)
+            y = torch.where(init_mask[:, None, :, None], self._read_weights(init_weights, q), y)
         if y.dim() == 5:  # (B, n, H, m, D): the batched read of n equal pieces of m tokens
             B, n, H, m, D = y.shape
             return self.out(self._to_proj_input(y.permute(0, 1, 3, 2, 4)).view(B, n * m, H * D))
         return self.merge_heads(y)
+
+    def _read_with_initial(self, states: list[MemoryState], queries: list[Tensor], init_mask: Tensor,
+                           init_weights: list[Tensor] | None, all_queries: Tensor | None) -> Tensor:
+        """n pieces of m tokens read with their states, and every token read with the initial weights, in one
+        batched call of 2n weight sets (the initial weights stacked n times: views unbound from one expand, so
+        backward sums their gradients in one stack and one sum); each token keeps the initial read where
+        init_mask `(B, n * m)` says so. `(B, n, H, m, D)` fp32, the batched read's layout (`_read_pieces`)."""
+        B, H, m, D = queries[0].shape
+        n = len(queries)
+        q = all_queries if all_queries is not None else torch.cat(queries, 2)
+        init_weights = self.initial_weights(B, q.device) if init_weights is None else init_weights
+        weights = [torch.stack([s.weights[j] for s in states] + list(w0.unsqueeze(1).expand(B, n, *w0.shape[1:])
+                                                                     .unbind(1)), 1).flatten(0, 1)
+                   for j, w0 in enumerate(init_weights)]                                # (B * 2n, H, d_in, d_out)
+        # the queries in the pieces' layout, twice: one copy, whose backward is one sum
+        q2 = q.unflatten(2, (n, m)).transpose(1, 2).unsqueeze(1).expand(B, 2, n, H, m, D).reshape(B * 2 * n, H, m, D)
+        y = self._read_weights(weights, q2).unflatten(0, (B, 2, n))                     # (B, 2, n, H, m, D)
+        return torch.where(init_mask.view(B, n, 1, m, 1), y[:, 1], y[:, 0])
 
     def _to_proj_input(self, y: Tensor) -> Tensor:
         """y contiguous in the dtype the output projection computes in (autocast's, else its weight's)."""

@@ -433,10 +433,11 @@ def test_read_out_is_the_merged_projection_of_the_reads(lengths):
 
 @pytest.mark.parametrize("lengths", [[4, 4, 4], [3, 4, 4, 2], [5]])
 def test_read_out_with_init_mask_equals_the_selected_reads(lengths):
-    """read_out with init_mask (packed documents; the selection made in the batched read's layout, the initial
-    weights and the whole queries optionally given) = merge_heads(where(mask, read of the initial state, the
-    segment reads)): values exactly; gradients of the queries and the states exactly, of the parameters to
-    rounding (the initial weights' gradient is summed in another order)."""
+    """read_out with init_mask (packed documents; with equal pieces the initial memory is read in the pieces'
+    batched call and selected in its layout, the initial weights and the whole queries optionally given) =
+    merge_heads(where(mask, read of the initial state, the segment reads)): values exactly; gradients of the
+    queries and the states exactly, of the parameters to rounding (the initial weights' gradient is summed in
+    another order)."""
     mem, inp, states = _pieces_and_states(lengths)
     q_all = inp.q.detach().requires_grad_()
     qs = list(q_all.split(lengths, dim=2))
