@@ -13,7 +13,9 @@ writes doc_masks_<device>.json and .md (tokens/s per length with and without doc
 `--graph` times the CUDA-graph training step (GraphedLoss) instead of the eager one; `--tiny` is a CPU smoke
 run (tiny model, short lengths; tests/test_bench_doc_masks.py). `--profile N` then profiles N eager training
 steps of each path at every length (torch.profiler) and adds, per length, the kernels (CPU ops on CPU) whose
-self time differs most between the two, to say where the cost of doc_ids goes.
+self time differs most between the two, to say where the cost of doc_ids goes. `--count-ops 2,4` instead counts,
+on the CPU, the compute ops of one eager training forward + backward with and without doc_ids (a small mac model of
+that depth, `count_ops`): the number of small ops doc_ids adds, a proxy for its kernel launches.
 """
 
 from __future__ import annotations
@@ -197,6 +199,58 @@ def profile_steps(model, opt, ids, labels, docs, steps, device) -> dict[str, dic
     return out
 
 
+# aten ops that launch no compute of their own (views, allocations, dispatch-only wrappers)
+NOT_COMPUTE = {"aten::" + n for n in (
+    "as_strided view unsqueeze expand slice select transpose reshape squeeze narrow unbind split split_with_sizes t "
+    "permute flatten unflatten alias detach _unsafe_view empty empty_like empty_strided resolve_conj resolve_neg to "
+    "contiguous lift_fresh chunk _reshape_alias view_as expand_as size stride result_type is_nonzero movedim "
+    "numpy_T matrix_H mT pad _has_compatible_shallow_copy_type scalar_tensor resize_ zeros_like ones_like zeros "
+    "full full_like new_zeros new_empty").split()}
+
+
+def count_ops(depth: int, length: int = 2048, top: int = 0) -> dict:
+    """Leaf compute ops (aten ops with no compute op below them; `NOT_COMPUTE` left out) of one eager training
+    forward + backward on the CPU, without and with doc_ids: mac, dim 64, 4 heads (2 KV) of 16, block 64, segment
+    128, window 512, 64 persistent tokens, budget fixed:3, a depth-2 memory (4 heads of 16, chunk 128) in layers 1
+    and 3 below `depth`; one row of `length` tokens packing documents of log-normal lengths (median 300, sigma
+    1.2; 5 documents at 2048). Returns the counts, the documents and the `top` ops that differ most."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=1024, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128,
+                      block_size=64, segment=128, window=512, persistent_tokens=64, budget="fixed:3", variant="mac",
+                      memory_layers=[i for i in (1, 3) if i < depth],
+                      memory=MemoryConfig(heads=4, head_dim=16, depth=2, expansion=4, chunk_size=128))
+    model = MemSparseLM(cfg).train()
+    ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(1))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    docs, lens = packed_doc_ids(1, length, 300.0, 1.2, length)
+
+    def step(d):
+        model(ids, labels, return_logits=False, doc_ids=d).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def compute(e):
+        return e.name.startswith("aten::") and e.name not in NOT_COMPUTE
+
+    out: dict = {"depth": depth, "length": length, "documents": len(lens)}
+    leaves = {}
+    for label, d in (("no_doc_ids", None), ("doc_ids", docs)):
+        step(d)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(d)
+        leaves[label] = Counter(e.name for e in prof.events()
+                                if compute(e) and not any(compute(c) for c in e.cpu_children))
+        out[f"{label}_ops"] = sum(leaves[label].values())
+    out["added_by_doc_ids"] = out["doc_ids_ops"] - out["no_doc_ids_ops"]
+    a, b = leaves["no_doc_ids"], leaves["doc_ids"]
+    out["top"] = [{"op": k, "without": a[k], "with": b[k]}
+                  for k in sorted(set(a) | set(b), key=lambda k: -abs(b[k] - a[k]))[:top] if a[k] != b[k]]
+    return out
+
+
 def profile_diff(base: dict, docs: dict, top: int = 25) -> list[dict]:
     """The `top` names with the largest |ms with doc_ids - ms without|, largest first."""
     names = set(base) | set(docs)
@@ -225,9 +279,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N eager steps of each path per length (0: off)")
+    ap.add_argument("--count-ops", default="", metavar="DEPTHS",
+                    help="CPU op counts of one training step with and without doc_ids at these depths (count_ops); "
+                         "no timing")
+    ap.add_argument("--count-length", type=int, default=2048)
     ap.add_argument("--name", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
+    if args.count_ops:
+        rows = [count_ops(int(d), args.count_length, top=12) for d in args.count_ops.split(",")]
+        for r in rows:
+            print(json.dumps(r), file=sys.stderr)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name or 'doc_op_counts'}.json").write_text(json.dumps(rows, indent=2))
+        return {"op_counts": rows}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {dev_name}", file=sys.stderr)
