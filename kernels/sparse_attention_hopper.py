@@ -162,6 +162,25 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
+    def _query_rows(w, ORDER, KS, Hkv, Lq, Lk, NQ, G: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    DOC: tl.constexpr):
+        """Row tile w % NRT of the query block ORDER[w // NRT]: its flat (b, hkv, query block) index, b, hkv, the
+        query index, validity, position and head of each row, and each row's document start (KS; DOC only)."""
+        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
+        flat = tl.load(ORDER + w // NRT)
+        bh = flat // NQ
+        b = bh // Hkv
+        hkv = bh % Hkv
+        r = (w % NRT) * BLOCK_M + tl.arange(0, BLOCK_M)
+        qi = (flat % NQ) * BS + r % BS
+        row_ok = (r < G * BS) & (qi < Lq)
+        if DOC:
+            ks = tl.load(KS + b * Lq + qi, mask=row_ok, other=0)
+        else:
+            ks = qi  # unused
+        return flat, b, hkv, qi, row_ok, Lk - Lq + qi, hkv * G + r // BS, ks
+
+    @triton.jit
     def _fwd_item(w, Q, K, V, O, LSE, IDX, CNT, NFULL, ORDER, KS, dk_, dv_,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                   Hkv, Lq, Lk, NQ, NK, MB, qk_scale, NSHARED,
@@ -169,25 +188,9 @@ if HAS_TRITON:
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                   UPCAST: tl.constexpr, DOC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
         """One work item: row tile w % NRT of the query block ORDER[w // NRT]."""
-        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         NSUB: tl.constexpr = BS // BLOCK_N
-        flat = tl.load(ORDER + w // NRT)
-        rt = w % NRT
-        bh = flat // NQ
-        m = flat % NQ
-        b = bh // Hkv
-        hkv = bh % Hkv
-        r = rt * BLOCK_M + tl.arange(0, BLOCK_M)
-        g = r // BS
-        qi = m * BS + r % BS
-        row_ok = (r < G * BS) & (qi < Lq)
-        qpos = Lk - Lq + qi
+        flat, b, hkv, qi, row_ok, qpos, head, ks = _query_rows(w, ORDER, KS, Hkv, Lq, Lk, NQ, G, BS, BLOCK_M, DOC)
         offs_d = tl.arange(0, D)
-        head = hkv * G + g
-        if DOC:
-            ks = tl.load(KS + b * Lq + qi, mask=row_ok, other=0)
-        else:
-            ks = qi  # unused
         q = tl.load(Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         k_base = K + b * skb + hkv * skh
@@ -307,25 +310,9 @@ if HAS_TRITON:
                  G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
                  UPCAST: tl.constexpr, DOC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-        NRT: tl.constexpr = (G * BS + BLOCK_M - 1) // BLOCK_M
         NSUB: tl.constexpr = BS // BLOCK_N
-        flat = tl.load(ORDER + w // NRT)
-        rt = w % NRT
-        bh = flat // NQ
-        m = flat % NQ
-        b = bh // Hkv
-        hkv = bh % Hkv
-        r = rt * BLOCK_M + tl.arange(0, BLOCK_M)
-        g = r // BS
-        qi = m * BS + r % BS
-        row_ok = (r < G * BS) & (qi < Lq)
-        qpos = Lk - Lq + qi
+        flat, b, hkv, qi, row_ok, qpos, head, ks = _query_rows(w, ORDER, KS, Hkv, Lq, Lk, NQ, G, BS, BLOCK_M, DOC)
         offs_d = tl.arange(0, D)
-        head = hkv * G + g
-        if DOC:
-            ks = tl.load(KS + b * Lq + qi, mask=row_ok, other=0)
-        else:
-            ks = qi  # unused
         q = tl.load(Q + b * sqb + head[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + b * sdob + head[:, None] * sdoh + qi[:, None] * sdom + offs_d[None, :],
