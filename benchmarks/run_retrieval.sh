@@ -9,6 +9,8 @@
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
 #   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
 #   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
+#   STAGES="1 3" / STAGES="1 3 4" ...                stage 3 from stage 1's copy model, without stage 2
+#                                                    (recipes/overlays/stage3_from_copy.yaml; memory model only)
 #                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
@@ -41,6 +43,10 @@ for s in $STAGES; do
     4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
     *) echo "unknown stage $s (1, 2, 3 or 4)"; exit 2 ;; esac
   CFG=(--config "recipes/$C.yaml" "${CFG[@]}")
+  if [ "$s" = 3 ] && [[ " $STAGES " == *" 1 "* ]] && [[ " $STAGES " != *" 2 "* ]]; then
+    [ "$MEM" = 1 ] || { echo "STAGES without 2 (stage 3 from the copy model) is for the memory model only"; exit 2; }
+    CFG+=(--config recipes/overlays/stage3_from_copy.yaml)
+  fi
   if [ "${KEYS:-uniform}" = balanced ]; then
     OV="recipes/overlays/balanced_keys_stage$(( s < 4 ? s : 3 )).yaml"
     # ASKS=n: stages 3-4 ask every sample's question n times (recipes/overlays/balanced_keys_asks<n>_stage3.yaml)
