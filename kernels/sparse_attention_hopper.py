@@ -51,7 +51,6 @@ VARIANT_PARTS = ("persistent", "dynamic", "tma", "ws")
 # CPU tests give every program several items). MEMSPARSE_SPARSE_ATTENTION_PROGRAMS overrides it.
 PERSISTENT_PROGRAMS: int | None = None
 PROGRAMS_ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_PROGRAMS"
-_allocator_set = False
 
 
 def parse_variant(variant: str) -> frozenset[str]:
@@ -89,17 +88,24 @@ def persistent_programs(device: torch.device) -> int:
 
 
 def _ensure_allocator(device: torch.device) -> None:
-    """On-device tensor descriptors need global scratch memory (Triton >= 3.3: triton.set_allocator), on the
-    device of the launch (the current CUDA device)."""
-    global _allocator_set
-    if _allocator_set or device.type != "cuda":
+    """On-device tensor descriptors need global scratch memory (Triton >= 3.3: `triton.set_allocator`). Triton keeps
+    the allocator in a ContextVar, so one set in the forward's thread is unset in autograd's backward thread (the
+    first GPU run of the TMA variants failed there): check at every TMA launch, and set torch's allocator where the
+    calling context has none (a user's own allocator is kept)."""
+    if device.type != "cuda":
         return
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
 
     def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device="cuda", dtype=torch.int8)
+        return torch.empty(size, device=device, dtype=torch.int8)
 
     triton.set_allocator(alloc)
-    _allocator_set = True
 
 
 def _tma_ready(t: Tensor) -> Tensor:

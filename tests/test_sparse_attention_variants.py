@@ -228,7 +228,7 @@ def test_persistent_order_is_longest_row_first():
     the query lists by kept-block count, descending; the reverse lists' order for dK/dV likewise."""
     gen = torch.Generator().manual_seed(4)
     Lq, Lk, bs = 100, 130, 16
-    idx, cnt = make_lists(2, 3, Lq, Lk, bs, "random", gen)
+    idx, cnt = (t.to(DEV) for t in make_lists(2, 3, Lq, Lk, bs, "random", gen))
     cnt_c, _, order, keys, npart = tri.sparse_attention_plan(idx, cnt, Lq, Lk, bs, True)
     assert sorted(order.tolist()) == list(range(cnt_c.numel()))
     c = cnt_c[order.long()]
@@ -279,8 +279,8 @@ def test_variant_from_environment(monkeypatch):
 
     monkeypatch.setattr(hop, "sparse_attention_variant", spy)
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 2, 32, 16, generator=gen)
-    idx, cnt = make_lists(1, 2, 32, 32, 16, "causal", gen)
+    q = torch.randn(1, 2, 32, 16, generator=gen).to(DEV)
+    idx, cnt = (t.to(DEV) for t in make_lists(1, 2, 32, 32, 16, "causal", gen))
 
     def fn(**kw):
         return sparse_attention(q, q, q, idx, cnt, block_size=16, impl="triton", **kw)
@@ -294,3 +294,40 @@ def test_variant_from_environment(monkeypatch):
     monkeypatch.setenv(VARIANT_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="variant"):
         fn()
+
+
+def test_tma_allocator_is_set_in_every_thread_context():
+    """Triton keeps its scratch allocator in a ContextVar: one set in the forward's thread is unset in autograd's
+    backward thread (the TMA variants' first GPU run failed so). Each context that launches gets one; a user's own
+    allocator is kept. (Only the bookkeeping: nothing is allocated on the CPU.)"""
+    import contextvars
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    def in_fresh_context(fn):
+        box = []
+        t = threading.Thread(target=lambda: box.append(contextvars.Context().run(fn)))
+        t.start()
+        t.join()
+        return box[0]
+
+    def launch_then_get():
+        hop._ensure_allocator(torch.device("cuda"))
+        return _allocation._allocator.get()
+
+    first, second = in_fresh_context(launch_then_get), in_fresh_context(launch_then_get)
+    assert not isinstance(first, _allocation.NullAllocator) and not isinstance(second, _allocation.NullAllocator)
+
+    def user_allocator_kept():
+        def mine(size, alignment, stream):
+            raise AssertionError("not called here")
+
+        triton.set_allocator(mine)
+        hop._ensure_allocator(torch.device("cuda"))
+        return _allocation._allocator.get() is mine
+
+    assert in_fresh_context(user_allocator_kept)
+    assert in_fresh_context(lambda: (hop._ensure_allocator(torch.device("cpu")), _allocation._allocator.get())[1]) \
+        is _allocation._NULL_ALLOCATOR
