@@ -12,12 +12,28 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.mark.slow  # ~10 s on one core (the interpreter at D=128, block 128)
-def test_bench_variants_check_only_runs_tiny(tmp_path):
+def _bench():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse_attention.py"
     spec = importlib.util.spec_from_file_location("bench_sparse_attention", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_small_checks_stop_at_their_deadline():
+    """No odd-shape check starts past `stop_at`: each is listed as skipped instead (on an H100 five variants'
+    checks took all of a run's time, 2026-12-05)."""
+    mod = _bench()
+    lines, skipped = [], []
+    out = mod.small_checks(lines.append, variants=("default", "dynamic"), cases=mod.TINY_SMALL_CASES, stop_at=0.0,
+                           skipped=skipped)
+    assert out == [] and len(skipped) == 2 * len(mod.TINY_SMALL_CASES) and len(lines) == len(skipped)
+    assert [c["variant"] for c in skipped[:2]] == ["default", "dynamic"] and "skipped" in lines[0]
+
+
+@pytest.mark.slow  # ~10 s on one core (the interpreter at D=128, block 128)
+def test_bench_variants_check_only_runs_tiny(tmp_path):
+    mod = _bench()
     try:
         doc = mod.main(["--check-only", "--device", "cpu", "--lengths", "128", "--heads", "1/1", "--masks",
                         "window+random", "--variants", "default,persistent+tma", "--out", str(tmp_path),
