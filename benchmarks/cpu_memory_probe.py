@@ -8,6 +8,10 @@ inside the window (distance 8-24), beyond one window but within reach of attenti
 (40-90: layer 0 at a position inside the question's window still saw the key), and beyond any attention path
 (112-160: only the memory holds it). Chance is 1/20.
 
+`--key-length N` makes the key N letters ("K=QDAIS;", answered by N tokens, each labelled): a cell's accuracy is
+then the exact match of all N letters by argmax at each answer position given the true letters before it
+(teacher-forced, as the training loss sees them), and `tok_*` is the per-letter accuracy.
+
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
 
@@ -28,25 +32,28 @@ FILLER = "the sky is blue. "
 VOCAB = 128  # ASCII
 
 
-def sample(g: torch.Generator, distance: int, length: int) -> tuple[list[int], int, int]:
-    """(ids of `length` tokens, answer id, index of the question's last token): key at the start, filler of
-    `distance` characters, then the question; padded with filler so that every sample is `length` long."""
-    key = KEYS[int(torch.randint(len(KEYS), (1,), generator=g))]
+def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1) -> tuple[list[int], list[int], int]:
+    """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
+    `distance` characters, then the question and the key; padded with filler so that every sample is `length`
+    long. The key is `key_length` letters (with repeats)."""
+    key = "".join(KEYS[int(torch.randint(len(KEYS), (1,), generator=g))] for _ in range(key_length))
     start = int(torch.randint(len(FILLER), (1,), generator=g))
     fill = (FILLER * (distance // len(FILLER) + 2))[start:start + distance]
     text = f"K={key};" + fill + "?K="
     ids = [ord(c) for c in text]
     q = len(ids) - 1
-    ids = ids + [ord(key)] + [ord(c) for c in (FILLER * (length // len(FILLER) + 1))][: max(0, length - len(ids) - 1)]
-    return ids[:length], ord(key), q
+    ans = [ord(c) for c in key]
+    ids = ids + ans + [ord(c) for c in (FILLER * (length // len(FILLER) + 1))][: max(0, length - len(ids) - len(ans))]
+    return ids[:length], ans, q
 
 
-def batch(g, n: int, lo: int, hi: int, length: int):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length) for _ in range(n)]
+def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1):
+    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
-        labels[i, q] = ans  # the model's output at position q predicts token q + 1: the answer
+        # the model's output at position q + j predicts token q + j + 1: the key's letter j
+        labels[i, q:q + len(ans)] = torch.tensor(ans)
     return ids, labels, [(ans, q) for _, ans, q in rows]
 
 
@@ -62,12 +69,17 @@ def build(memory: bool, seed: int, train_passes: int = 0) -> MemSparseLM:
 
 
 @torch.no_grad()
-def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200) -> float:
+def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
+             per_token: bool = False):
+    """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
+    with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length)
-    logits = model(ids).logits
+    ids, _, ans = batch(g, n, lo, hi, length, key_length)
+    pred = model(ids).logits.argmax(-1)
     model.train()
-    return sum(int(logits[i, q].argmax()) == a for i, (a, q) in enumerate(ans)) / n
+    hits = [[int(pred[i, q + j]) == t for j, t in enumerate(a)] for i, (a, q) in enumerate(ans)]
+    exact = sum(all(h) for h in hits) / n
+    return (exact, sum(map(sum, hits)) / (n * key_length)) if per_token else exact
 
 
 def train(memory: bool, args) -> dict:
@@ -84,8 +96,9 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = batch(g, args.batch, 8, 160, args.length) if step % 3 else batch(g, args.batch, 8, 24,
-                                                                                           args.length)
+        kl = getattr(args, "key_length", 1)
+        ids, labels, _ = (batch(g, args.batch, 8, 160, args.length, kl) if step % 3 else
+                          batch(g, args.batch, 8, 24, args.length, kl))
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -94,10 +107,12 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         if step % args.eval_every == 0 or step == args.steps:
             ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
-            row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1),
-                   "acc_in_window": accuracy(model, ge, 8, 24, args.length, n),
-                   "acc_relay": accuracy(model, ge, 40, 90, args.length, n),
-                   "acc_beyond_attention": accuracy(model, ge, 112, 160, args.length, n)}
+            row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
+            for band, lo, hi in (("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)):
+                if kl == 1:  # the committed runs' rows, unchanged
+                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n)
+                else:
+                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -112,11 +127,14 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--key-length", type=int, default=1, help="letters in the key (each one a labelled token)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.key_length < 1:
+        ap.error(f"--key-length must be >= 1, got {args.key_length}")
     torch.set_num_threads(args.threads)
     runs = [train(True, args), train(False, args)]
-    result = {"args": vars(args), "chance": 1 / len(KEYS), "runs": runs, "torch": torch.__version__,
+    result = {"args": vars(args), "chance": 1 / len(KEYS) ** args.key_length, "runs": runs, "torch": torch.__version__,
               "device": "cpu"}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -27,3 +27,22 @@ def test_memory_carries_the_key_beyond_attention_and_no_memory_does_not():
     assert with_memory["acc_in_window"] >= 0.9 and without["acc_in_window"] >= 0.9
     assert with_memory["acc_beyond_attention"] >= 0.8  # measured 1.0 (benchmarks/results/cpu_memory_probe.json)
     assert without["acc_beyond_attention"] <= 0.25     # chance is 0.05
+
+
+def test_multi_letter_key_samples_label_every_letter_after_the_question():
+    """--key-length N: the key follows the question, each of its N letters labelled at the position before it;
+    N = 1 draws exactly the committed runs' samples."""
+    import torch
+
+    ids, labels, ans = probe.batch(torch.Generator().manual_seed(0), 4, 8, 24, 64, key_length=5)
+    for row, lab, (key, q) in zip(ids.tolist(), labels, ans):
+        text = "".join(map(chr, row))
+        assert len(key) == 5 and text.startswith("K=" + "".join(map(chr, key)) + ";")
+        assert text[q - 2:q + 1] == "?K=" and row[q + 1:q + 6] == key
+        assert lab[q:q + 5].tolist() == key and int((lab != -100).sum()) == 5
+    one = probe.batch(torch.Generator().manual_seed(3), 4, 8, 24, 64)
+    assert [len(a) for a, _ in one[2]] == [1] * 4 and int((one[1] != -100).sum()) == 4
+    first = probe.sample(torch.Generator().manual_seed(7), 20, 64)
+    g = torch.Generator().manual_seed(7)  # the one-letter draw order: key letter, then the filler's start
+    key = probe.KEYS[int(torch.randint(len(probe.KEYS), (1,), generator=g))]
+    assert first[1] == [ord(key)]
