@@ -102,8 +102,8 @@ def _ensure_allocator(device: torch.device) -> None:
     except (ImportError, AttributeError):  # another Triton layout: set ours
         pass
 
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device=device, dtype=torch.int8)
+    def alloc(size: int, alignment: int, stream):  # on the current CUDA device, where Triton launches
+        return torch.empty(size, device="cuda", dtype=torch.int8)
 
     triton.set_allocator(alloc)
 
