@@ -1,0 +1,78 @@
+"""Learning curves of benchmarks/cpu_memory_probe.py runs side by side: exact match by distance band against
+training step, one panel per band, one line per (run, model).
+
+    python benchmarks/plot_memory_probe.py benchmarks/results/cpu_memory_probe.json \\
+        benchmarks/results/cpu_memory_probe_key_length/key5_1200.json --out DIR
+
+Each run is labelled by its key length (`args.key_length`, 1 when absent: runs from before the option). Writes
+DIR/memory_probe_curves.png and DIR/memory_probe_curves.csv (run, key_length, model, step, band, accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+BANDS = (("in_window", "key 8-24 back (in the window)"), ("relay", "40-90 back (attention relayed)"),
+         ("beyond_attention", "112-160 back (memory only)"))
+
+
+def rows(paths: list[str]) -> list[dict]:
+    """One row per (run, model, step, band)."""
+    out = []
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        kl = doc["args"].get("key_length", 1)
+        for run in doc["runs"]:
+            model = "memory" if run["memory_layers"] else "no memory"
+            for point in run["curve"]:
+                for band, _ in BANDS:
+                    out.append({"run": Path(p).stem, "key_length": kl, "model": model, "step": point["step"],
+                                "band": band, "accuracy": point[f"acc_{band}"]})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", nargs="+", help="cpu_memory_probe.py --out JSON files")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    data = rows(args.results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "memory_probe_curves.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(data[0]))
+        w.writeheader()
+        w.writerows(data)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BANDS), figsize=(5 * len(BANDS), 3.8), sharey=True)
+    runs = sorted({(r["key_length"], r["run"]) for r in data})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (band, title) in zip(axes, BANDS):
+        for i, (kl, run) in enumerate(runs):
+            for model, style in (("memory", "-"), ("no memory", ":")):
+                pts = [(r["step"], r["accuracy"]) for r in data
+                       if r["run"] == run and r["model"] == model and r["band"] == band]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[i % len(colors)],
+                            label=f"key of {kl} letter{'s' if kl > 1 else ''}, {model}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact match (whole key)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("CPU memory probe: MAC memory vs no memory, by key length", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out / "memory_probe_curves.png", dpi=120)
+    print(f"wrote {out / 'memory_probe_curves.png'} and {out / 'memory_probe_curves.csv'}")
+
+
+if __name__ == "__main__":
+    main()

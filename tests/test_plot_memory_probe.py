@@ -1,0 +1,36 @@
+"""benchmarks/plot_memory_probe.py: one CSV row per (run, model, step, band), key length 1 for runs without it."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+_path = Path(__file__).parent.parent / "benchmarks" / "plot_memory_probe.py"
+_spec = importlib.util.spec_from_file_location("plot_memory_probe", _path)
+plot = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plot)
+
+
+def _run(tmp_path, name, args, accs):
+    curve = [{"step": s, "acc_in_window": a, "acc_relay": a / 2, "acc_beyond_attention": a / 4} for s, a in accs]
+    doc = {"args": args, "runs": [{"memory_layers": [1], "curve": curve}, {"memory_layers": [], "curve": curve[:1]}]}
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def test_curves_csv_and_png(tmp_path):
+    old = _run(tmp_path, "old", {"steps": 100}, [(50, 0.4), (100, 0.8)])
+    new = _run(tmp_path, "key5", {"steps": 100, "key_length": 5}, [(50, 0.2), (100, 1.0)])
+    plot.main([old, new, "--out", str(tmp_path / "o")])
+    rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
+    assert len(rows) == 2 * (2 + 1) * 3  # two files x (2 memory points + 1 no-memory point) x 3 bands
+    assert {r["key_length"] for r in rows if r["run"] == "old"} == {"1"}
+    beyond = [r for r in rows if r["run"] == "key5" and r["model"] == "memory" and r["band"] == "beyond_attention"]
+    assert [(r["step"], float(r["accuracy"])) for r in beyond] == [("50", 0.05), ("100", 0.25)]
+    assert (tmp_path / "o" / "memory_probe_curves.png").stat().st_size > 10_000
