@@ -66,7 +66,7 @@ def score(model, setting: str, band: tuple, n: int, seed: int, chunk: int, repla
     t0, right = time.perf_counter(), 0
     for i in range(0, n, chunk):
         logits = model(ids[i:i + chunk]).logits
-        right += sum(int(logits[j, q].argmax()) == a for j, (a, q) in enumerate(ans[i:i + chunk]))
+        right += sum(all(h) for h in probe.key_hits(logits, ans[i:i + chunk]))
     wall = time.perf_counter() - t0
     passes = consolidation_passes(model.config.consolidation, length, model.config.window, training=False)
     return {"band": label, "length": length, "setting": setting, "passes": passes, "n": n,

@@ -68,6 +68,13 @@ def build(memory: bool, seed: int, train_passes: int = 0) -> MemSparseLM:
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
+def key_hits(logits, ans) -> list[list[bool]]:
+    """Per sample, per key letter: is the argmax at the answer position right (teacher-forced)? `logits` (n, L, V)
+    of a batch's `ids`, `ans` its [(key ids, question index)]."""
+    pred = logits.argmax(-1)
+    return [[int(pred[i, q + j]) == t for j, t in enumerate(a)] for i, (a, q) in enumerate(ans)]
+
+
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
              per_token: bool = False):
@@ -75,9 +82,8 @@ def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: 
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
     ids, _, ans = batch(g, n, lo, hi, length, key_length)
-    pred = model(ids).logits.argmax(-1)
+    hits = key_hits(model(ids).logits, ans)
     model.train()
-    hits = [[int(pred[i, q + j]) == t for j, t in enumerate(a)] for i, (a, q) in enumerate(ans)]
     exact = sum(all(h) for h in hits) / n
     return (exact, sum(map(sum, hits)) / (n * key_length)) if per_token else exact
 
@@ -94,9 +100,9 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
+    kl = getattr(args, "key_length", 1)
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        kl = getattr(args, "key_length", 1)
         ids, labels, _ = (batch(g, args.batch, 8, 160, args.length, kl) if step % 3 else
                           batch(g, args.batch, 8, 24, args.length, kl))
         loss = model(ids, labels=labels).loss

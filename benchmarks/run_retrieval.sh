@@ -9,9 +9,9 @@
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
 #   STAGES="1 2 3" / STAGES=3 ...                    stage 3: recipes/retrieval_small_long.yaml (4-6K samples)
 #   STAGES="1 2 3 4" / STAGES=4 ...                  stage 4: stage 3 again from its own export
+#                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
 #   STAGES="1 3" / STAGES="1 3 4" ...                stage 3 from stage 1's copy model, without stage 2
 #                                                    (recipes/overlays/stage3_from_copy.yaml; memory model only)
-#                                                    (recipes/overlays/continue_retrieval_small_long.yaml)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
 #                                                    recipes/overlays/balanced_keys_stage{1,2,3}.yaml); eval stays uniform

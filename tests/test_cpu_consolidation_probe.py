@@ -49,3 +49,29 @@ def test_bad_settings_are_one_line_errors():
 def test_surprising_replay_reaches_the_model():
     c = cons.consolidation("fixed:2", "surprising", 4)
     assert (c.mode, c.passes, c.replay, c.replay_tokens) == ("fixed", 2, "surprising", 4)
+
+
+def test_score_counts_a_model_that_answers_every_key():
+    """A model whose logits put the next token first scores 1.0 (and 0.0 when they point one token off): the
+    band's answers are scored through the memory probe's `key_hits`."""
+    import types
+
+    import torch
+
+    real = cons.probe.build(True, 0)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift: int):
+            super().__init__()
+            self.config, self.shift = real.config, shift
+
+        def set_consolidation(self, cfg):
+            self.config = real.config
+
+        def forward(self, ids):
+            nxt = torch.roll(ids, -self.shift, dims=1)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, 128).float())
+
+    band = cons.BANDS[0]
+    assert cons.score(Oracle(1), "off", band, n=6, seed=0, chunk=3)["accuracy"] == 1.0
+    assert cons.score(Oracle(2), "off", band, n=6, seed=0, chunk=3)["accuracy"] == 0.0
