@@ -1,10 +1,13 @@
 """Whole-model training throughput, side by side in one run: memsparse MAC vs titans-pytorch MAC vs a dense GPT.
 
-Same shape as BENCHMARKS.md section 2 (dim 512, depth 8, memory in 3 layers), B=1, AdamW, bf16 autocast;
-tokens/s (median of timed steps) and peak GPU memory per sequence length. titans-pytorch comes from the
-`bench` extra (carried as wheels to the GPU machine); a system that runs out of memory is recorded as OOM.
+Same shape as BENCHMARKS.md section 2 (dim 512, depth 8, memory in 3 layers), B=1 (`--batch`), AdamW, bf16
+autocast; tokens/s (median of timed steps, B x L tokens a step) and peak GPU memory per sequence length.
+titans-pytorch comes from the `bench` extra (carried as wheels to the GPU machine); a system that runs out of
+memory is recorded as OOM.
 
     python benchmarks/bench_model.py --lengths 2048,8192,32768 --out benchmarks/results
+    python benchmarks/bench_model.py --systems memsparse-graph --lengths 2048 --batch 16,32,64 --vocab 16384 \
+        --segment 256 --window 512 --budget length_scaled:c=12,min_tokens=512    # the retrieval recipes' step
 
 System `memsparse-graph` is the same model trained through `memsparse.cuda_graph.GraphedLoss` (forward +
 backward replayed as one CUDA graph); before timing it, the graphed step is checked against the eager one on
@@ -29,7 +32,7 @@ from memsparse.config import MemoryConfig, ModelConfig
 from memsparse.cuda_graph import GraphedLoss
 from memsparse.model import MemSparseLM
 
-VOCAB = 256
+VOCAB = 256  # --vocab sets it
 
 
 class DenseGPT(nn.Module):
@@ -160,18 +163,20 @@ def write_table(out: dict, path: Path) -> None:
     for r in out["rows"]:  # results from before OOM was recognised inside wrapped errors
         if r["status"].startswith("error") and "out of memory" in r["status"].lower():
             r["status"] = "OOM"
-    lines = [f"Training step (fwd+bwd+AdamW), B=1, bf16 autocast, {out['device']}, torch {out['torch']}, "
+    lines = [f"Training step (fwd+bwd+AdamW), bf16 autocast, vocabulary {out.get('vocab', 256)}, {out['device']}, "
+             f"torch {out['torch']}, "
              f"memsparse budget {out['budget']}, float32 matmuls {out.get('float32_matmul_precision', 'highest')}",
              *([f"Kernel-path overrides: {', '.join(f'{k}={v}' for k, v in out['environment'].items())}"]
                if out.get("environment") else []),
-             "", "| system | L | params (M) | tokens/s | peak GiB |",
-             "|---|---|---|---|---|"]
+             "", "| system | L | B | params (M) | step ms | tokens/s | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         if r["status"] == "ok":
-            lines.append(f"| {r['system']} | {r['L']} | {r['params_M']:.1f} | {r['tokens_per_s']:,.0f} | "
-                         f"{r['peak_gib']:.1f} |")
+            lines.append(f"| {r['system']} | {r['L']} | {r.get('batch', 1)} | {r['params_M']:.1f} | "
+                         f"{1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} |")
         else:
-            lines.append(f"| {r['system']} | {r['L']} | {r.get('params_M', float('nan')):.1f} | {r['status']} | |")
+            lines.append(f"| {r['system']} | {r['L']} | {r.get('batch', 1)} | {r.get('params_M', float('nan')):.1f} "
+                         f"| | {r['status']} | |")
     chk = out.get("graph_check")
     if chk:
         errs = ", ".join(f"{b['grad_rel_err']:.1e}" for b in chk["batches"])
@@ -183,11 +188,11 @@ def write_table(out: dict, path: Path) -> None:
     print("\n".join(lines))
 
 
-def bench(name, L, args):
+def bench(name, L, args, B=1):
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    row = {"system": name, "L": L}
+    row = {"system": name, "L": L, "batch": B}
     try:
         t_build = time.perf_counter()
         model, loss_fn = step_fns(name, L, args)
@@ -197,7 +202,7 @@ def bench(name, L, args):
         times, warm = [], []
         t_start = time.perf_counter()
         for i in range(args.warmup + args.steps):
-            ids = torch.randint(0, VOCAB, (1, L + 1), device="cuda")
+            ids = torch.randint(0, VOCAB, (B, L + 1), device="cuda")
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", torch.bfloat16):
@@ -209,7 +214,7 @@ def bench(name, L, args):
             (times if i >= args.warmup else warm).append(time.perf_counter() - t0)
         t = sorted(times)[len(times) // 2]
         # start-up: model build + the warm-up steps (compilation, graph capture, autotuning), seconds
-        row.update(status="ok", step_s=t, tokens_per_s=L / t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+        row.update(status="ok", step_s=t, tokens_per_s=B * L / t, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                    loss=float(loss), warmup_steps_s=[round(w, 3) for w in warm],
                    startup_s=round(t_start - t_build + sum(warm), 3))
     except torch.OutOfMemoryError:
@@ -237,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (memory MLPs)")
     ap.add_argument("--inductor", default="", help="inductor options of the compiled functions (memory, pointwise), "
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
+    ap.add_argument("--batch", default="1", help="sequences a step, comma-separated for several (e.g. 16,32,64)")
+    ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (the retrieval recipes: 16384)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -246,6 +253,11 @@ def main(argv=None):
         p = Path(args.retable)
         write_table(json.loads(p.read_text()), p.with_suffix(".md"))
         return
+    global VOCAB
+    VOCAB = args.vocab
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.vocab < 2 or min(batches) < 1:
+        raise SystemExit(f"--vocab must be >= 2 and --batch >= 1, got {args.vocab} and {args.batch}")
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
@@ -260,9 +272,9 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; choose from {sorted(names)}")
     check = check_graph(args.check_length, args) if "memsparse-graph" in systems and args.check_length else None
-    rows = [bench(names[s], int(L), args) for L in args.lengths.split(",") for s in systems]
+    rows = [bench(names[s], int(L), args, B) for L in args.lengths.split(",") for B in batches for s in systems]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
-           "batch": 1, "precision": "bf16 autocast, AdamW",
+           "batch": batches, "vocab": VOCAB, "precision": "bf16 autocast, AdamW",
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "command": " ".join(sys.argv),
            "inductor_options": dict(memory_module.INDUCTOR_OPTIONS),
            # kernel-path overrides in force (MEMSPARSE_*_IMPL and friends), so a table says which path it timed
