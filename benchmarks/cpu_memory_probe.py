@@ -8,6 +8,10 @@ inside the window (distance 8-24), beyond one window but within reach of attenti
 (40-90: layer 0 at a position inside the question's window still saw the key), and beyond any attention path
 (112-160: only the memory holds it). Chance is 1/20.
 
+`--far LO,HI` adds a band of keys LO-HI tokens back (training distances then reach HI; `--length` must hold them),
+and `--filler random` replaces the repeated sentence by random lowercase letters and spaces (every filler token
+unpredictable, as a real haystack is: the memory's surprise-driven writes then see noise at every step).
+
 `--key-length N` makes the key N letters ("K=QDAIS;", answered by N tokens, each labelled): a cell's accuracy is
 then the exact match of all N letters by argmax at each answer position given the true letters before it
 (teacher-forced, as the training loss sees them), and `tok_*` is the per-letter accuracy.
@@ -29,26 +33,40 @@ from memsparse.model import MemSparseLM
 
 KEYS = "ABCDEFGHIJKLMNOPQRSU"
 FILLER = "the sky is blue. "
+RANDOM_FILLER = "abcdefghijklmnopqrstuvwxyz  "  # --filler random draws from these (keys are upper case)
 VOCAB = 128  # ASCII
 
 
-def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1) -> tuple[list[int], list[int], int]:
+def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
+           filler: str = "sky") -> tuple[list[int], list[int], int]:
     """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
     `distance` characters, then the question and the key; padded with filler so that every sample is `length`
-    long. The key is `key_length` letters (with repeats)."""
+    long. The key is `key_length` letters (with repeats); `filler` "sky" repeats FILLER, "random" draws each
+    character from RANDOM_FILLER."""
     key = "".join(KEYS[int(torch.randint(len(KEYS), (1,), generator=g))] for _ in range(key_length))
-    start = int(torch.randint(len(FILLER), (1,), generator=g))
-    fill = (FILLER * (distance // len(FILLER) + 2))[start:start + distance]
-    text = f"K={key};" + fill + "?K="
+    if filler == "random":
+        def fill_text(n: int) -> str:
+            return "".join(RANDOM_FILLER[i] for i in torch.randint(len(RANDOM_FILLER), (n,), generator=g).tolist())
+    else:
+        start = int(torch.randint(len(FILLER), (1,), generator=g))
+
+        def fill_text(n: int) -> str:
+            return (FILLER * (n // len(FILLER) + 2))[start:start + n]
+    text = f"K={key};" + fill_text(distance) + "?K="
     ids = [ord(c) for c in text]
     q = len(ids) - 1
     ans = [ord(c) for c in key]
-    ids = ids + ans + [ord(c) for c in (FILLER * (length // len(FILLER) + 1))][: max(0, length - len(ids) - len(ans))]
+    pad = max(0, length - len(ids) - len(ans))
+    if filler == "random":
+        ids = ids + ans + [ord(c) for c in fill_text(pad)]
+    else:  # the committed runs' padding, unchanged
+        ids = ids + ans + [ord(c) for c in (FILLER * (length // len(FILLER) + 1))][:pad]
     return ids[:length], ans, q
 
 
-def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length) for _ in range(n)]
+def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky"):
+    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler)
+            for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
@@ -77,11 +95,11 @@ def key_hits(logits, ans) -> list[list[bool]]:
 
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
-             per_token: bool = False):
+             per_token: bool = False, filler: str = "sky"):
     """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length, key_length)
+    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler)
     hits = key_hits(model(ids).logits, ans)
     model.train()
     exact = sum(all(h) for h in hits) / n
@@ -101,10 +119,15 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     kl = getattr(args, "key_length", 1)
+    fl, far = getattr(args, "filler", "sky"), getattr(args, "far", None)
+    bands = [("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)]
+    if far:
+        bands.append(("far", *far))
+    top = max(hi for _, _, hi in bands)
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = (batch(g, args.batch, 8, 160, args.length, kl) if step % 3 else
-                          batch(g, args.batch, 8, 24, args.length, kl))
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl) if step % 3 else
+                          batch(g, args.batch, 8, 24, args.length, kl, fl))
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -114,11 +137,11 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
             ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
-            for band, lo, hi in (("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)):
+            for band, lo, hi in bands:
                 if kl == 1:  # the committed runs' rows, unchanged
-                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n)
+                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl)
                 else:
-                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True)
+                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -134,12 +157,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--key-length", type=int, default=1, help="letters in the key (each one a labelled token)")
+    ap.add_argument("--far", default=None, help="LO,HI: a band of keys LO-HI tokens back, trained and scored")
+    ap.add_argument("--filler", default="sky", choices=["sky", "random"],
+                    help="the haystack: a repeated sentence (sky) or random lowercase letters (random)")
+    ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
+    if args.far:
+        try:
+            args.far = [int(x) for x in args.far.split(",")]
+            ok = len(args.far) == 2 and 0 < args.far[0] <= args.far[1]
+        except ValueError:
+            ok = False
+        if not ok:
+            ap.error(f"--far must be LO,HI with 0 < LO <= HI, got {args.far!r}")
+        need = 3 + args.key_length + args.far[1] + 3 + args.key_length  # K=<key>; filler ?K=<key>
+        if args.length < need:
+            ap.error(f"--length {args.length} cannot hold a key {args.far[1]} tokens back: use --length >= {need}")
     torch.set_num_threads(args.threads)
-    runs = [train(True, args), train(False, args)]
+    runs = [train(True, args)] + ([] if args.no_baseline else [train(False, args)])
     result = {"args": vars(args), "chance": 1 / len(KEYS) ** args.key_length, "runs": runs, "torch": torch.__version__,
               "device": "cpu"}
     if args.out:

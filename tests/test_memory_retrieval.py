@@ -46,3 +46,23 @@ def test_multi_letter_key_samples_label_every_letter_after_the_question():
     g = torch.Generator().manual_seed(7)  # the one-letter draw order: key letter, then the filler's start
     key = probe.KEYS[int(torch.randint(len(probe.KEYS), (1,), generator=g))]
     assert first[1] == [ord(key)]
+
+
+def test_random_filler_samples_keep_the_layout_and_hide_no_key_letter():
+    """--filler random: the same layout (key, `distance` filler characters, question, key, padding to `length`),
+    the filler drawn from lowercase letters and spaces only, and different between samples."""
+    import torch
+
+    ids, labels, ans = probe.batch(torch.Generator().manual_seed(0), 6, 100, 140, 192, key_length=2, filler="random")
+    fills = []
+    for row, lab, (key, q) in zip(ids.tolist(), labels, ans):
+        text = "".join(map(chr, row))
+        assert len(row) == 192 and text.startswith("K=" + "".join(map(chr, key)) + ";")
+        assert text[q - 2:q + 1] == "?K=" and row[q + 1:q + 3] == key and lab[q:q + 2].tolist() == key
+        fill = text[5:q - 2]
+        assert 100 <= len(fill) <= 140 and set(fill) <= set(probe.RANDOM_FILLER)
+        assert set(text[q + 3:]) <= set(probe.RANDOM_FILLER)  # the padding too
+        fills.append(fill)
+    assert len(set(fills)) == len(fills)
+    sky = probe.batch(torch.Generator().manual_seed(0), 6, 100, 140, 192, key_length=2)
+    assert all("the sky is blue" in "".join(map(chr, r)) for r in sky[0].tolist())
