@@ -7,6 +7,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from memsparse.eval.harness import (
     EvalInputError,
     EvalPlan,
@@ -35,15 +40,142 @@ from memsparse.config import ConfigError
 class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every_n_train_steps` optimizer steps and at the end of training, whether or not
     validation ran (the best-by-val-loss checkpoint is a separate `ModelCheckpoint`). Never written on an
-    exception, so a run stopped by non-finite losses keeps its last good checkpoint."""
+    exception, so a run stopped by non-finite losses keeps its last good checkpoint.
+
+    A stop asked for from outside is not an exception: the first Ctrl-C (SIGINT; the handler is installed while
+    training runs, from the main thread, unless SIGINT is ignored) or a SIGTERM (Lightning's signal connector sets
+    `trainer.received_sigterm`) saves `last.ckpt` at the end of the current optimizer step (the last batch of a
+    gradient-accumulation cycle), where the periodic saves happen, so a resume from it is as exact as from those;
+    training stops there (`trainer.should_stop`) and `stopped_by` says why ("SIGINT" or "SIGTERM"). After a Ctrl-C
+    the fit returns; after a SIGTERM Lightning raises its `SIGTERMException`, after the step (its own check would
+    have stopped inside an accumulation cycle, without a checkpoint). No validation runs for the stop, except one
+    that Lightning's schedule has at that step anyway (after a Ctrl-C). A second Ctrl-C restores the previous
+    handler and raises KeyboardInterrupt: training stops at once, through Lightning's interrupt path, without
+    saving. With several processes the ranks agree on the step (any rank's signal counts), so all save there.
+    """
+
+    CTRL_C_MESSAGE = ("memsparse-train: Ctrl-C: stopping after this step and saving last.ckpt (Ctrl-C again to stop "
+                      "at once, without saving)")
 
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int = 500, verbose: bool = False) -> None:
         super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, verbose=verbose,
                          every_n_train_steps=every_n_train_steps)
+        self.stopped_by: str | None = None
+        self._sigint_requested = False
+        self._previous_sigint: Any = None
+        self._sigint_installed = False
+        self._announce = False
+        self._step_at_batch_start: int | None = None
+        self._sigterm_held = False
+
+    # ------------------------------------------------------------------------------------------- signals
+
+    def _install_sigint(self, trainer: pl.Trainer) -> None:
+        if self._sigint_installed or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):  # ignored (a background job) or not set from Python: leave it so
+            return
+        self._previous_sigint, self._sigint_installed = previous, True
+        self._announce = trainer.is_global_zero
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore_sigint(self) -> None:
+        if not self._sigint_installed:
+            return
+        self._sigint_installed = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._sigint_requested:  # the second Ctrl-C: stop now, through Lightning's KeyboardInterrupt path
+            self._restore_sigint()
+            raise KeyboardInterrupt
+        self._sigint_requested = True
+        if self._announce:
+            line = self.CTRL_C_MESSAGE + "\n"
+            try:
+                sys.stderr.write("\n" + line if _on_a_terminal(sys.stderr) else line)  # past a progress bar's line
+                sys.stderr.flush()
+            except (RuntimeError, OSError, ValueError):  # stderr busy in the interrupted frame: write to the fd
+                os.write(2, line.encode())
+
+    # -------------------------------------------------------------------------------------------- hooks
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.stopped_by, self._sigint_requested, self._sigterm_held = None, False, False
+        self._install_sigint(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        connector = getattr(trainer, "_signal_connector", None)
+        can_hold = hasattr(connector, "received_sigterm")
+        if trainer.global_step == self._step_at_batch_start:  # inside a gradient-accumulation cycle
+            if trainer.received_sigterm and can_hold:
+                # Lightning would raise its SIGTERMException after this batch, before the optimizer step, where no
+                # checkpoint resumes exactly: hold the flag until the step has ended (then it raises it there).
+                connector.received_sigterm, self._sigterm_held = False, True
+            return  # stop only where an optimizer step ended (on every rank alike)
+        several = trainer.world_size > 1  # then one decision for all ranks: all save (a collective) at this step
+
+        def any_rank(flag: bool) -> bool:
+            return bool(trainer.strategy.reduce_boolean_decision(flag, all=False)) if several else flag
+
+        got_sigterm = trainer.received_sigterm or self._sigterm_held
+        if not any_rank(self._sigint_requested or got_sigterm):
+            return
+        sigterm = any_rank(got_sigterm)
+        if sigterm and can_hold:  # Lightning raises SIGTERMException after this step, on every rank
+            connector.received_sigterm = True
+        self.stopped_by = "SIGTERM" if sigterm else "SIGINT"
+        # Lightning validates after a step that sets should_stop. Not for this stop, unless its schedule has a
+        # validation after this step anyway (Ctrl-C only: after a SIGTERM Lightning stops it after one batch). A
+        # resumed fit skips a validation due at the step of its checkpoint, so this one would otherwise be lost.
+        skip_validation = sigterm or not any_rank(self._validation_due(trainer))
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        trainer.should_stop = True
+        loop = trainer.fit_loop.epoch_loop
+        if skip_validation and hasattr(loop, "_skip_next_val"):
+            loop._skip_next_val = True
+        if not sigterm and not getattr(trainer.fit_loop, "_can_stop_early", True):
+            raise KeyboardInterrupt  # min_steps/min_epochs not met: Lightning would ignore should_stop
+
+    @staticmethod
+    def _validation_due(trainer: pl.Trainer) -> bool:
+        """Whether Lightning's schedule validates after this batch (asked before `should_stop` is set; the same
+        answer on every rank for a schedule in batches)."""
+        try:
+            return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except Exception:  # another Lightning version: no validation
+            return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
         if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        super().on_exception(trainer, pl_module, exception)  # saves only with save_on_exception (off)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+        super().teardown(trainer, pl_module, stage)
+
+
+def _on_a_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 class ResumeAwareProgressBar(TQDMProgressBar):
@@ -151,6 +283,7 @@ class PhaseTimes(Callback):
     synchronised at each phase boundary (a handful of times per validation, never inside the steady loop) so
     queued GPU work is charged to the phase that queued it.
 
+    A fit stopped by Ctrl-C or SIGTERM (`LastCheckpoint`) is recorded with `ended_by: "SIGINT"` or `"SIGTERM"`.
     A fit that `trainer.max_time` stopped before `trainer.max_steps` is recorded with `ended_by: "max_time"` and
     warned about: how many steps it trained then depends on the machine's speed and its compile times, and a
     recipe measured so does not reproduce (docs/training.md, "Stop by steps").
@@ -291,7 +424,8 @@ class PhaseTimes(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         by_time = self.stopped_by_time(trainer)
-        self._write(trainer, ended_by="max_time" if by_time else None)
+        by_signal = next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        self._write(trainer, ended_by="max_time" if by_time else by_signal)
         if by_time:
             rank_zero_warn(
                 f"trainer.max_time stopped this run at step {trainer.global_step} of trainer.max_steps "
@@ -303,7 +437,9 @@ class PhaseTimes(Callback):
         if isinstance(exception, ConfigError) and self._first_batch is None:
             return  # a setting that cannot work, found before training: nothing was measured
         if self._fit_start is not None:
-            self._write(trainer, ended_by=f"{type(exception).__name__}: {str(exception)[:200]}")
+            by = "SIGTERM" if isinstance(exception, SIGTERMException) else \
+                f"{type(exception).__name__}: {str(exception)[:200]}"
+            self._write(trainer, ended_by=by)
 
 
 class RetrievalEval(Callback):

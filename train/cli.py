@@ -7,7 +7,8 @@
 
 Defaults: W&B logging, offline unless the user has a key or set WANDB_MODE (runs under
 `<trainer.default_root_dir>/wandb/`); checkpoints in `<trainer.default_root_dir>/checkpoints`: the best by
-val/loss (`checkpoint.*`) and `last.ckpt` every `last_checkpoint.every_n_train_steps` steps and at the end;
+val/loss (`checkpoint.*`) and `last.ckpt` every `last_checkpoint.every_n_train_steps` steps, at the end, and at the
+end of the step during which a first Ctrl-C or a SIGTERM came (the run then stops: exit 130 or 143);
 the final model + tokenizer exported to `<trainer.default_root_dir>/export`. `model.config.vocab_size` is
 taken from the data's tokenizer.
 
@@ -30,6 +31,7 @@ from typing import Any, NoReturn
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from memsparse.config import ConfigError
 
@@ -307,22 +309,39 @@ class MemSparseCLI(LightningCLI):
         return trainer
 
     def fit(self, model: Any, **kwargs: Any) -> None:
-        """`trainer.fit`; after Ctrl-C (Lightning stops gracefully and exits), say how to resume."""
+        """`trainer.fit`, and how to resume when it was stopped from outside: the first Ctrl-C or a SIGTERM saves
+        `last.ckpt` at the end of the current step and stops (`LastCheckpoint`); a second Ctrl-C stops at once
+        (Lightning's graceful shutdown, which exits). Either way rank 0 prints the command that resumes the run, and
+        the exit status is 130 (Ctrl-C) or 143 (SIGTERM)."""
         try:
             self.trainer.fit(model, **kwargs)
-        except SystemExit:
-            if self.trainer.interrupted and self.trainer.is_global_zero:
-                print(self.resume_hint(), file=sys.stderr, flush=True)
-                raise SystemExit(130) from None
-            raise
+        except SystemExit as e:  # Lightning's exit after a KeyboardInterrupt, or its SIGTERMException
+            if not self.trainer.interrupted:
+                raise
+            sigterm = isinstance(e, SIGTERMException) or self._stopped_by() == "SIGTERM"
+            self._stop("SIGTERM" if sigterm else "SIGINT")
+        by = self._stopped_by()
+        if by is not None:  # a Ctrl-C stop after the step's save: the fit returned
+            self._stop(by)
 
-    def resume_hint(self) -> str:
-        """What to run to resume this interrupted fit (or that there is nothing to resume yet)."""
+    def _stopped_by(self) -> str | None:
+        last = next((cb for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        return None if last is None else last.stopped_by
+
+    def _stop(self, signal_name: str) -> NoReturn:
+        if self.trainer.is_global_zero:
+            print(self.resume_hint(signal_name), file=sys.stderr, flush=True)
+        raise SystemExit(143 if signal_name == "SIGTERM" else 130) from None
+
+    def resume_hint(self, signal_name: str | None = None) -> str:
+        """What to run to resume this interrupted fit (or that there is nothing to resume yet); `signal_name`
+        ("SIGINT", "SIGTERM") says what stopped it."""
         step = self.trainer.global_step
         last = next((cb for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        by = {"SIGINT": " (Ctrl-C)", "SIGTERM": " (SIGTERM)"}.get(signal_name or "", "")
         path = Path(last.last_model_path) if last is not None and last.last_model_path else None
         if path is None or not path.is_file():
-            return (f"{PROG}: interrupted at step {step}, before any checkpoint was written: nothing to resume "
+            return (f"{PROG}: interrupted at step {step}{by}, before any checkpoint was written: nothing to resume "
                     "(rerun the command to start again)")
         args = list(self._argv)
         for flag in ("--ckpt_path", "--overwrite"):
@@ -333,7 +352,7 @@ class MemSparseCLI(LightningCLI):
         saved = getattr(last, "_last_global_step_saved", None)
         at = f" (step {saved})" if saved else ""
         cmd = shlex.join([PROG, *args, "--ckpt_path", str(path)])
-        return (f"{PROG}: interrupted at step {step}; the last checkpoint is {path}{at}. Resume with:\n  {cmd}\n"
+        return (f"{PROG}: interrupted at step {step}{by}; the last checkpoint is {path}{at}. Resume with:\n  {cmd}\n"
                 f"  (or the same command with --ckpt_path last)")
 
     def before_fit(self) -> None:
