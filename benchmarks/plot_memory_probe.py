@@ -4,7 +4,8 @@ training step, one panel per band, one line per (run, model).
     python benchmarks/plot_memory_probe.py benchmarks/results/cpu_memory_probe.json \\
         benchmarks/results/cpu_memory_probe_key_length/key5_1200.json --out DIR
 
-Each run is labelled by its key length (`args.key_length`, 1 when absent: runs from before the option). Writes
+Runs with `--far LO,HI` get a fourth panel for that band (`far`). Each run is labelled by its file name and
+key length (`args.key_length`, 1 when absent: runs from before the option). Writes
 DIR/memory_probe_curves.png and DIR/memory_probe_curves.csv (run, key_length, model, step, band, accuracy).
 """
 
@@ -19,6 +20,14 @@ BANDS = (("in_window", "key 8-24 back (in the window)"), ("relay", "40-90 back (
          ("beyond_attention", "112-160 back (memory only)"))
 
 
+def bands(paths: list[str]) -> list[tuple[str, str]]:
+    """BANDS, plus ("far", its range) when a run was trained with `--far` (the widest range among them)."""
+    fars = [doc["args"]["far"] for doc in (json.loads(Path(p).read_text()) for p in paths) if doc["args"].get("far")]
+    if not fars:
+        return list(BANDS)
+    return [*BANDS, ("far", f"{min(f[0] for f in fars)}-{max(f[1] for f in fars)} back (memory only)")]
+
+
 def rows(paths: list[str]) -> list[dict]:
     """One row per (run, model, step, band)."""
     out = []
@@ -28,7 +37,9 @@ def rows(paths: list[str]) -> list[dict]:
         for run in doc["runs"]:
             model = "memory" if run["memory_layers"] else "no memory"
             for point in run["curve"]:
-                for band, _ in BANDS:
+                for band, _ in BANDS + (("far", ""),):
+                    if f"acc_{band}" not in point:
+                        continue
                     out.append({"run": Path(p).stem, "key_length": kl, "model": model, "step": point["step"],
                                 "band": band, "accuracy": point[f"acc_{band}"]})
     return out
@@ -51,24 +62,25 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(BANDS), figsize=(5 * len(BANDS), 3.8), sharey=True)
+    panels = bands(args.results)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), sharey=True)
     runs = sorted({(r["key_length"], r["run"]) for r in data})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (band, title) in zip(axes, BANDS):
+    for ax, (band, title) in zip(axes, panels):
         for i, (kl, run) in enumerate(runs):
             for model, style in (("memory", "-"), ("no memory", ":")):
                 pts = [(r["step"], r["accuracy"]) for r in data
                        if r["run"] == run and r["model"] == model and r["band"] == band]
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[i % len(colors)],
-                            label=f"key of {kl} letter{'s' if kl > 1 else ''}, {model}")
+                            label=f"{run}: key of {kl} letter{'s' if kl > 1 else ''}, {model}")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact match (whole key)")
     axes[-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("CPU memory probe: MAC memory vs no memory, by key length", fontsize=11)
+    fig.suptitle("CPU memory probe: MAC memory vs no memory, by run", fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "memory_probe_curves.png", dpi=120)
     print(f"wrote {out / 'memory_probe_curves.png'} and {out / 'memory_probe_curves.csv'}")
