@@ -16,6 +16,9 @@ unpredictable, as a real haystack is: the memory's surprise-driven writes then s
 then the exact match of all N letters by argmax at each answer position given the true letters before it
 (teacher-forced, as the training loss sees them), and `tok_*` is the per-letter accuracy.
 
+`--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans
+sec. 4.4): a memory key then sees the letters just before it.
+
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
 
@@ -75,14 +78,15 @@ def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler:
     return ids, labels, [(ans, q) for _, ans, q in rows]
 
 
-def build(memory: bool, seed: int, train_passes: int = 0) -> MemSparseLM:
-    """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training."""
+def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0) -> MemSparseLM:
+    """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
+    `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
         segment=16, window=32, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
-        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4),
+        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4, conv=conv),
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
@@ -114,7 +118,7 @@ def train(memory: bool, args) -> dict:
 def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     """(the trained model, {"memory_layers", "curve", "final"}): `args.steps` AdamW steps on the probe's samples,
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
-    model = build(memory, args.seed, getattr(args, "train_passes", 0))
+    model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
@@ -161,8 +165,12 @@ def main() -> None:
     ap.add_argument("--filler", default="sky", choices=["sky", "random"],
                     help="the haystack: a repeated sentence (sky) or random lowercase letters (random)")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
+    ap.add_argument("--memory-conv", type=int, default=0,
+                    help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.memory_conv < 0:
+        ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
     if args.far:

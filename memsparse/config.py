@@ -52,6 +52,7 @@ class MemoryConfig:
     forget_init: float = 1e-3           # alpha_t at init
     max_grad_norm: float = 1.0          # per-token surprise is clipped to this norm (bounds the update)
     qk_norm: bool = True                # L2-normalise memory keys and queries
+    conv: int = 0                       # causal depthwise conv of this many taps on q/k/v (Titans 4.4); 0: none
     compile: bool = False               # CUDA, training: chunk step and read under torch.compile (~2x, H100)
 
     def validate(self) -> MemoryConfig:
@@ -67,6 +68,8 @@ class MemoryConfig:
         _check(0 < self.momentum_init < 1, "memory.momentum_init", f"must be in (0, 1), got {self.momentum_init}")
         _check(0 < self.forget_init < 1, "memory.forget_init", f"must be in (0, 1), got {self.forget_init}")
         _check(self.max_grad_norm > 0, "memory.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        _check(isinstance(self.conv, int) and not isinstance(self.conv, bool) and self.conv >= 0, "memory.conv",
+               f"must be an integer >= 0 (taps; 0 = no convolution), got {self.conv!r}")
         return self
 
 

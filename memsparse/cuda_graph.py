@@ -205,11 +205,13 @@ def _flatten_layer(ls: LayerState) -> tuple[list[Tensor], tuple]:
     if mem is not None:
         n_w = len(mem.weights)
         out += [*mem.weights, *mem.momentum, mem.step]
-    return out, (mi is not None, mem is not None, n_w)
+    if ls.conv is not None:
+        out.append(ls.conv)
+    return out, (mi is not None, mem is not None, n_w, ls.conv is not None)
 
 
 def _unflatten_layer(ts: list[Tensor], spec: tuple) -> LayerState:
-    has_mi, has_mem, n_w = spec
+    has_mi, has_mem, n_w, has_conv = spec
     k, v, qp, qs = ts[:4]
     i = 4
     mi = None
@@ -219,7 +221,8 @@ def _unflatten_layer(ts: list[Tensor], spec: tuple) -> LayerState:
     mem = None
     if has_mem:
         mem = MemoryState(list(ts[i:i + n_w]), list(ts[i + n_w:i + 2 * n_w]), ts[i + 2 * n_w])
-    return LayerState(k, v, mi, mem, qp, qs)
+        i += 2 * n_w + 1
+    return LayerState(k, v, mi, mem, qp, qs, ts[i] if has_conv else None)
 
 
 class _SegmentStep:

@@ -354,6 +354,30 @@ def project_heads(qkv: Tensor, r: Tensor, heads: int, qk_norm: bool, lr_max: flo
     return q, k, v, torch.sigmoid(r_eta), lr_max * torch.sigmoid(r_theta), torch.sigmoid(r_alpha)
 
 
+def causal_depthwise_conv(x: Tensor, weight: Tensor, prev: Tensor | None = None, doc_start: Tensor | None = None,
+                          pos: int = 0) -> tuple[Tensor, Tensor]:
+    """y_t = sum_j weight[:, K-1-j] * x_{t-j} per channel, j = 0..K-1 (taps into `prev` before the span; a tap on a
+    token before `doc_start[b, t]`, another document, counts 0). x `(B, N, C)` of tokens [pos, pos+N), weight
+    `(C, K)`, prev `(B, K-1, C)` (None: zeros). Returns (y `(B, N, C)` in x's dtype, the last K-1 rows of x,
+    prev included, as the next span's prev)."""
+    B, N, C = x.shape
+    K = weight.shape[1]
+    if prev is None:
+        prev = x.new_zeros(B, K - 1, C)
+    if prev.shape != (B, K - 1, C):
+        raise ValueError(f"conv state must be (B, K-1, C) = {(B, K - 1, C)}, got {tuple(prev.shape)}")
+    ext = torch.cat([prev.to(x.dtype), x], 1)                           # (B, K-1+N, C): tokens pos-K+1 .. pos+N-1
+    w = weight.to(x.dtype)
+    y = None
+    for j in range(K):  # K is a handful: K shifted multiply-adds, no im2col
+        term = ext[:, K - 1 - j:K - 1 - j + N] * w[:, K - 1 - j]
+        if doc_start is not None and j:
+            t_abs = torch.arange(pos, pos + N, device=x.device)
+            term = term * ((t_abs - j)[None, :] >= doc_start).unsqueeze(-1).to(x.dtype)
+        y = term if y is None else y + term
+    return y, ext[:, ext.shape[1] - (K - 1):]
+
+
 def _up(t: Tensor) -> Tensor:
     """At least fp32 (float64 stays float64, for tests)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -524,6 +548,14 @@ class NeuralMemory(nn.Module):
         )
         self.gain = nn.Parameter(torch.full((H, D), 1 / math.sqrt(D)))
         self.out = nn.Linear(H * D, dim, bias=False)
+        # Titans (sec. 4.4) follows modern linear RNNs with a short depthwise convolution after the q/k/v
+        # projections: a key then also sees the tokens just before it, so "what came before" -> "what came next"
+        # is one association. Initialised to the identity (last tap 1): the model starts as without it.
+        self.conv_weight = None
+        if config.conv:
+            w = torch.zeros(3 * H * D, config.conv)
+            w[:, -1] = 1.0
+            self.conv_weight = nn.Parameter(w)
 
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> MemoryState:
@@ -540,12 +572,30 @@ class NeuralMemory(nn.Module):
 
     # -- projections ------------------------------------------------------------------------------------
     def project(self, x: Tensor) -> MemoryInputs:
-        """x `(B, N, dim)` -> MemoryInputs (keys/queries L2-normalised per head when qk_norm)."""
+        """x `(B, N, dim)` -> MemoryInputs (keys/queries L2-normalised per head when qk_norm), for tokens with
+        nothing before them (the short convolution, if any, sees zeros there)."""
+        return self.project_stream(x)[0]
+
+    def project_stream(self, x: Tensor, prev: Tensor | None = None, doc_start: Tensor | None = None,
+                       pos: int = 0) -> tuple[MemoryInputs, Tensor | None]:
+        """x `(B, N, dim)` = tokens [pos, pos+N) -> (MemoryInputs, conv state). With `memory.conv` = K taps:
+        prev `(B, K-1, 3*H*D)` is the state of the K-1 tokens before x (the last return; None: zeros), and
+        doc_start `(B, N)` (packed documents: each token's document's first absolute position) keeps a tap off
+        tokens of an earlier document. The returned state holds the K-1 last tokens' pre-convolution q/k/v;
+        None without a convolution."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, dim={self.dim}), got {tuple(x.shape)}")
+        qkv, state = self.to_qkv(x), None
+        if self.conv_weight is not None:
+            qkv, state = causal_depthwise_conv(qkv, self.conv_weight, prev, doc_start, pos)
         tail = compile_cached(project_heads) if self._compiled(x) else project_heads
-        return MemoryInputs(*tail(self.to_qkv(x), self.to_rates(x), self.heads, self.config.qk_norm,
-                                  self.config.lr_max))
+        return MemoryInputs(*tail(qkv, self.to_rates(x), self.heads, self.config.qk_norm, self.config.lr_max)), state
+
+    def conv_state(self, batch_size: int, device=None, dtype=torch.float32) -> Tensor | None:
+        """The convolution state before the first token: zeros `(B, K-1, 3*H*D)`; None without a convolution."""
+        if self.conv_weight is None:
+            return None
+        return torch.zeros(batch_size, self.config.conv - 1, self.conv_weight.shape[0], device=device, dtype=dtype)
 
     # -- read / write -----------------------------------------------------------------------------------
     def read(self, state: MemoryState, q: Tensor) -> Tensor:

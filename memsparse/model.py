@@ -170,13 +170,16 @@ class LayerState:
     memory: MemoryState | None
     q_pool_prev: Tensor             # (B, Hkv, D) mean selection query of the last complete block
     q_sum_cur: Tensor               # (B, Hkv, D) sum over the current, incomplete block
+    conv: Tensor | None = None      # (B, K-1, 3*Hm*Dm) the memory's short-convolution state (memory.conv)
 
     def detach(self) -> LayerState:
         mi = self.mem_inputs
         if mi is not None:
             mi = MemoryInputs(*(t.detach() for t in (mi.q, mi.k, mi.v, mi.eta, mi.theta, mi.alpha)))
         mem = None if self.memory is None else self.memory.detach()
-        return LayerState(self.k.detach(), self.v.detach(), mi, mem, self.q_pool_prev.detach(), self.q_sum_cur.detach())
+        conv = None if self.conv is None else self.conv.detach()
+        return LayerState(self.k.detach(), self.v.detach(), mi, mem, self.q_pool_prev.detach(),
+                          self.q_sum_cur.detach(), conv)
 
     def tensors(self) -> list[Tensor]:
         out = [self.k, self.v, self.q_pool_prev, self.q_sum_cur]
@@ -185,6 +188,8 @@ class LayerState:
             out += [mi.k, mi.v, mi.eta, mi.theta, mi.alpha]
         if self.memory is not None:
             out += [*self.memory.weights, *self.memory.momentum]
+        if self.conv is not None:
+            out.append(self.conv)
         return out
 
 
@@ -343,7 +348,8 @@ class Block(nn.Module):
             r = torch.zeros(batch, Hm, 0, device=device)
             mi = MemoryInputs(e, e, e, r, r, r)
         qz = torch.zeros(batch, cfg.kv_heads, cfg.head_dim, device=device, dtype=torch.float32)
-        return LayerState(z, z.clone(), mi, mem, qz, qz.clone())
+        conv = self.memory.conv_state(batch, device) if self.memory is not None else None
+        return LayerState(z, z.clone(), mi, mem, qz, qz.clone(), conv)
 
     # -- forward over a span ------------------------------------------------------------------------------
     def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict,
@@ -361,9 +367,9 @@ class Block(nn.Module):
             _autocast_input(self.norm1(x))
 
         # 1. memory: per segment, read with the state as it stands, then evict what leaves the window
-        mem_out, mem_state, mem_inputs = None, st.memory, st.mem_inputs
+        mem_out, mem_state, mem_inputs, conv = None, st.memory, st.mem_inputs, st.conv
         if self.memory is not None:
-            new_in = self.memory.project(h)
+            new_in, conv = self.memory.project_stream(h, st.conv, None if docs is None else docs.start, pos)
             all_in = _cat_inputs(st.mem_inputs, new_in)
             c0 = pos - st.k.shape[2]  # absolute position of the first cached token (a multiple of S)
             bounds = [pos, *range((pos // S + 1) * S, pos + n, S), pos + n]
@@ -439,7 +445,8 @@ class Block(nn.Module):
         if self.memory is not None:
             mem_inputs = all_in.slice(slice(cut, None))
             mem_inputs.q = mem_inputs.q[:, :, :0]
-        new_state = LayerState(new_k[:, :, cut:], new_v[:, :, cut:], mem_inputs, mem_state, q_pool_prev, q_sum_cur)
+        new_state = LayerState(new_k[:, :, cut:], new_v[:, :, cut:], mem_inputs, mem_state, q_pool_prev, q_sum_cur,
+                               conv)
         return x, new_state
 
     def _fuse_norms(self, x: Tensor) -> torch.dtype | None:
