@@ -16,8 +16,10 @@ unpredictable, as a real haystack is: the memory's surprise-driven writes then s
 then the exact match of all N letters by argmax at each answer position given the true letters before it
 (teacher-forced, as the training loss sees them), and `tok_*` is the per-letter accuracy.
 
-`--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans
-sec. 4.4): a memory key then sees the letters just before it.
+`--alphabet N` draws the key's letters from the first N of the 20 (fewer: a key repeats letters more often, as
+digits do in a number; a letter then has different successors inside one key). `--memory-conv K` gives the
+memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec. 4.4): a memory key then sees
+the letters just before it.
 
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
@@ -41,12 +43,12 @@ VOCAB = 128  # ASCII
 
 
 def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
-           filler: str = "sky") -> tuple[list[int], list[int], int]:
+           filler: str = "sky", alphabet: int = len(KEYS)) -> tuple[list[int], list[int], int]:
     """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
     `distance` characters, then the question and the key; padded with filler so that every sample is `length`
     long. The key is `key_length` letters (with repeats); `filler` "sky" repeats FILLER, "random" draws each
-    character from RANDOM_FILLER."""
-    key = "".join(KEYS[int(torch.randint(len(KEYS), (1,), generator=g))] for _ in range(key_length))
+    character from RANDOM_FILLER. The key's letters come from the first `alphabet` of KEYS."""
+    key = "".join(KEYS[int(torch.randint(alphabet, (1,), generator=g))] for _ in range(key_length))
     if filler == "random":
         def fill_text(n: int) -> str:
             return "".join(RANDOM_FILLER[i] for i in torch.randint(len(RANDOM_FILLER), (n,), generator=g).tolist())
@@ -67,8 +69,9 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
     return ids[:length], ans, q
 
 
-def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky"):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler)
+def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky",
+          alphabet: int = len(KEYS)):
+    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, alphabet)
             for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
@@ -99,11 +102,11 @@ def key_hits(logits, ans) -> list[list[bool]]:
 
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
-             per_token: bool = False, filler: str = "sky"):
+             per_token: bool = False, filler: str = "sky", alphabet: int = len(KEYS)):
     """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler)
+    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, alphabet)
     hits = key_hits(model(ids).logits, ans)
     model.train()
     exact = sum(all(h) for h in hits) / n
@@ -124,14 +127,15 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     t0, curve = time.time(), []
     kl = getattr(args, "key_length", 1)
     fl, far = getattr(args, "filler", "sky"), getattr(args, "far", None)
+    ab = getattr(args, "alphabet", len(KEYS))
     bands = [("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)]
     if far:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl) if step % 3 else
-                          batch(g, args.batch, 8, 24, args.length, kl, fl))
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab) if step % 3 else
+                          batch(g, args.batch, 8, 24, args.length, kl, fl, ab))
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -143,9 +147,10 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
             for band, lo, hi in bands:
                 if kl == 1:  # the committed runs' rows, unchanged
-                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl)
+                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, alphabet=ab)
                 else:
-                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl)
+                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl,
+                                                                       ab)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -165,10 +170,15 @@ def main() -> None:
     ap.add_argument("--filler", default="sky", choices=["sky", "random"],
                     help="the haystack: a repeated sentence (sky) or random lowercase letters (random)")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
+    ap.add_argument("--alphabet", type=int, default=len(KEYS),
+                    help=f"draw the key's letters from the first N of {KEYS} (default all {len(KEYS)}; fewer: more "
+                         "repeated letters in a key)")
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not 2 <= args.alphabet <= len(KEYS):
+        ap.error(f"--alphabet must be in [2, {len(KEYS)}], got {args.alphabet}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
     if args.key_length < 1:
@@ -186,8 +196,8 @@ def main() -> None:
             ap.error(f"--length {args.length} cannot hold a key {args.far[1]} tokens back: use --length >= {need}")
     torch.set_num_threads(args.threads)
     runs = [train(True, args)] + ([] if args.no_baseline else [train(False, args)])
-    result = {"args": vars(args), "chance": 1 / len(KEYS) ** args.key_length, "runs": runs, "torch": torch.__version__,
-              "device": "cpu"}
+    result = {"args": vars(args), "chance": 1 / args.alphabet ** args.key_length, "runs": runs,
+              "torch": torch.__version__, "device": "cpu"}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

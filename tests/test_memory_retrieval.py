@@ -66,3 +66,14 @@ def test_random_filler_samples_keep_the_layout_and_hide_no_key_letter():
     assert len(set(fills)) == len(fills)
     sky = probe.batch(torch.Generator().manual_seed(0), 6, 100, 140, 192, key_length=2)
     assert all("the sky is blue" in "".join(map(chr, r)) for r in sky[0].tolist())
+
+
+def test_alphabet_limits_the_key_letters_and_keeps_the_default_samples():
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    keys = ["".join(map(chr, probe.sample(g, 20, 64, key_length=5, alphabet=2)[1])) for _ in range(20)]
+    assert set("".join(keys)) == {"A", "B"}
+    full = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3)
+    same = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3, alphabet=len(probe.KEYS))
+    assert full == same
