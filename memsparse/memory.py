@@ -368,11 +368,11 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, prev: Tensor | None = None,
         raise ValueError(f"conv state must be (B, K-1, C) = {(B, K - 1, C)}, got {tuple(prev.shape)}")
     ext = torch.cat([prev.to(x.dtype), x], 1)                           # (B, K-1+N, C): tokens pos-K+1 .. pos+N-1
     w = weight.to(x.dtype)
+    t_abs = None if doc_start is None else torch.arange(pos, pos + N, device=x.device)
     y = None
     for j in range(K):  # K is a handful: K shifted multiply-adds, no im2col
         term = ext[:, K - 1 - j:K - 1 - j + N] * w[:, K - 1 - j]
-        if doc_start is not None and j:
-            t_abs = torch.arange(pos, pos + N, device=x.device)
+        if t_abs is not None and j:
             term = term * ((t_abs - j)[None, :] >= doc_start).unsqueeze(-1).to(x.dtype)
         y = term if y is None else y + term
     return y, ext[:, ext.shape[1] - (K - 1):]
