@@ -591,11 +591,11 @@ class NeuralMemory(nn.Module):
         tail = compile_cached(project_heads) if self._compiled(x) else project_heads
         return MemoryInputs(*tail(qkv, self.to_rates(x), self.heads, self.config.qk_norm, self.config.lr_max)), state
 
-    def conv_state(self, batch_size: int, device=None, dtype=torch.float32) -> Tensor | None:
+    def conv_state(self, batch_size: int, device=None) -> Tensor | None:
         """The convolution state before the first token: zeros `(B, K-1, 3*H*D)`; None without a convolution."""
         if self.conv_weight is None:
             return None
-        return torch.zeros(batch_size, self.config.conv - 1, self.conv_weight.shape[0], device=device, dtype=dtype)
+        return torch.zeros(batch_size, self.config.conv - 1, self.conv_weight.shape[0], device=device)
 
     # -- read / write -----------------------------------------------------------------------------------
     def read(self, state: MemoryState, q: Tensor) -> Tensor:

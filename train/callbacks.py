@@ -171,6 +171,11 @@ class LastCheckpoint(ModelCheckpoint):
         super().teardown(trainer, pl_module, stage)
 
 
+def last_checkpoint_of(trainer: pl.Trainer) -> LastCheckpoint | None:
+    """The trainer's `LastCheckpoint` callback (None without one)."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+
+
 def _on_a_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -424,7 +429,8 @@ class PhaseTimes(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         by_time = self.stopped_by_time(trainer)
-        by_signal = next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+        last = last_checkpoint_of(trainer)
+        by_signal = None if last is None else last.stopped_by
         self._write(trainer, ended_by="max_time" if by_time else by_signal)
         if by_time:
             rank_zero_warn(

@@ -41,6 +41,7 @@ from .callbacks import (
     ResumeAwareProgressBar,
     RunConfigCallback,
     SafeLearningRateMonitor,
+    last_checkpoint_of,
 )
 from .data import MemSparseDataModule, resolve_files
 from .module import UNREADABLE_CHECKPOINT, MemSparseLightningModule, NonFiniteTrainingError, unreadable_checkpoint
@@ -324,11 +325,8 @@ class MemSparseCLI(LightningCLI):
         if by is not None:  # a Ctrl-C stop after the step's save: the fit returned
             self._stop(by)
 
-    def _last_checkpoint(self) -> LastCheckpoint | None:
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
-
     def _stopped_by(self) -> str | None:
-        last = self._last_checkpoint()
+        last = last_checkpoint_of(self.trainer)
         return None if last is None else last.stopped_by
 
     def _stop(self, signal_name: str) -> NoReturn:
@@ -340,7 +338,7 @@ class MemSparseCLI(LightningCLI):
         """What to run to resume this interrupted fit (or that there is nothing to resume yet); `signal_name`
         ("SIGINT", "SIGTERM") says what stopped it."""
         step = self.trainer.global_step
-        last = self._last_checkpoint()
+        last = last_checkpoint_of(self.trainer)
         by = {"SIGINT": " (Ctrl-C)", "SIGTERM": " (SIGTERM)"}.get(signal_name or "", "")
         path = Path(last.last_model_path) if last is not None and last.last_model_path else None
         if path is None or not path.is_file():
