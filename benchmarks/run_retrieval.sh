@@ -13,8 +13,11 @@
 #   STAGES="1 3" / STAGES="1 3 4" ...                stage 3 from stage 1's copy model, without stage 2
 #                                                    (recipes/overlays/stage3_from_copy.yaml; memory model only)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
+#   TRAIN_ARGS2="--model.lr 1e-3" ...                extra arguments for one stage only (TRAIN_ARGS1 ... TRAIN_ARGS4),
+#                                                    after TRAIN_ARGS
 #   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
 #                                                    recipes/overlays/balanced_keys_stage{1,2,3}.yaml); eval stays uniform
+#   KEYS=balanced KEYS_STAGES="1 2" ...              balanced keys in those stages only (default: every stage run)
 #   KEYS=balanced ASKS=4 ...                         stages 3-4 also ask each sample's question 4 times
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
@@ -47,24 +50,26 @@ for s in $STAGES; do
     [ "$MEM" = 1 ] || { echo "STAGES without 2 (stage 3 from the copy model) is for the memory model only"; exit 2; }
     CFG+=(--config recipes/overlays/stage3_from_copy.yaml)
   fi
-  if [ "${KEYS:-uniform}" = balanced ]; then
+  if [ "${KEYS:-uniform}" = balanced ] && [[ " ${KEYS_STAGES:-$s} " == *" $s "* ]]; then
     OV="recipes/overlays/balanced_keys_stage$(( s < 4 ? s : 3 )).yaml"
     # ASKS=n: stages 3-4 ask every sample's question n times (recipes/overlays/balanced_keys_asks<n>_stage3.yaml)
     [ -n "${ASKS:-}" ] && [ "$s" -ge 3 ] && OV="recipes/overlays/balanced_keys_asks${ASKS}_stage3.yaml"
     [ -f "$OV" ] || { echo "no overlay $OV"; exit 2; }
     CFG+=(--config "$OV")
-  elif [ -n "${ASKS:-}" ]; then echo "ASKS needs KEYS=balanced (its overlays)"; exit 2; fi
-  log "stage $s: memsparse-train fit ${CFG[*]} ${TRAIN_ARGS:-}"
+  elif [ -n "${ASKS:-}" ] && [ "${KEYS:-uniform}" != balanced ]; then echo "ASKS needs KEYS=balanced (its overlays)"; exit 2
+  elif [ -n "${KEYS_STAGES:-}" ] && [ "${KEYS:-uniform}" != balanced ]; then echo "KEYS_STAGES needs KEYS=balanced"; exit 2; fi
+  STAGE_ARGS_NAME="TRAIN_ARGS$s"; STAGE_ARGS="${TRAIN_ARGS:-} ${!STAGE_ARGS_NAME:-}"
+  log "stage $s: memsparse-train fit ${CFG[*]} $STAGE_ARGS"
   t0=$(date +%s)
   N=$(case $s in 1) echo "${STEPS1:-}" ;; 2) echo "${STEPS2:-}" ;; 3) echo "${STEPS3:-}" ;; 4) echo "${STEPS4:-}" ;; esac)
   CAP=(); [ -n "$N" ] && CAP=(--trainer.max_steps "$N" --trainer.max_time null)
-  # shellcheck disable=SC2086  # TRAIN_ARGS is a list of arguments
-  python3 -m memsparse.train.cli fit "${CFG[@]}" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" ${TRAIN_ARGS:-} \
+  # shellcheck disable=SC2086  # STAGE_ARGS is a list of arguments
+  python3 -m memsparse.train.cli fit "${CFG[@]}" --overwrite true --trainer.enable_progress_bar false "${CAP[@]}" $STAGE_ARGS \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "outputs/$O/csv" \
     > "$D/train_$O.log" 2>&1
   log "stage $s: exit $? after $(( $(date +%s) - t0 )) s"
   tail -4 "$D/train_$O.log"
-  m=$(ls -t $(find "outputs/$O/csv" -name metrics.csv) 2>/dev/null | head -1)
+  m=$(find "outputs/$O/csv" -name metrics.csv -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -1 | cut -d' ' -f2-)
   [ -n "$m" ] && cp "$m" "$D/metrics_$O.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$O" --out "$D" \
     --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
   cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null

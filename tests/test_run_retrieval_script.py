@@ -1,0 +1,59 @@
+"""benchmarks/run_retrieval.sh builds each stage's memsparse-train command from its environment variables; the GPU
+runs it, here fake `python3` / `memsparse-eval` / `nvidia-smi` on PATH record the commands it would run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run_script(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
+    """(exit status, the recorded `python3 -m memsparse.train.cli fit` commands, stdout + stderr)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    for name in ("python3", "memsparse-eval", "nvidia-smi"):
+        script = fake / name
+        script.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{calls}"\n')
+        script.chmod(0o755)
+    full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "EVALS": "",
+            "NAME": "t", **env}
+    p = subprocess.run(["bash", "benchmarks/run_retrieval.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
+                       timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
+    return p.returncode, fits, p.stdout + p.stderr
+
+
+def test_balanced_keys_in_the_listed_stages_only(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="1 2 3", KEYS="balanced", KEYS_STAGES="1 2")
+    assert rc == 0, out
+    assert len(fits) == 3
+    assert "overlays/balanced_keys_stage1.yaml" in fits[0] and "overlays/balanced_keys_stage2.yaml" in fits[1]
+    assert "balanced" not in fits[2] and "recipes/retrieval_small_long.yaml" in fits[2]
+
+
+def test_balanced_keys_in_every_stage_by_default(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="1 2", KEYS="balanced")
+    assert rc == 0, out
+    assert all("balanced_keys_stage" in f for f in fits) and len(fits) == 2
+
+
+def test_stage_arguments_reach_their_stage_only(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="1 2", TRAIN_ARGS="--data.seed 1", TRAIN_ARGS2="--model.lr 1e-3")
+    assert rc == 0, out
+    assert all("--data.seed 1" in f for f in fits)
+    assert "--model.lr 1e-3" not in fits[0] and fits[1].rstrip().split(" --trainer.logger")[0].endswith(
+        "--data.seed 1 --model.lr 1e-3")
+
+
+def test_keys_stages_without_balanced_keys_is_refused(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="1", KEYS_STAGES="1")
+    assert rc == 2 and fits == [] and "KEYS_STAGES needs KEYS=balanced" in out
