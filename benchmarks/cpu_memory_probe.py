@@ -21,6 +21,11 @@ digits do in a number; a letter then has different successors inside one key). `
 memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec. 4.4): a memory key then sees
 the letters just before it.
 
+`--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
+of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
+output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
+appear in the filler, as input tokens only.
+
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
 
@@ -43,15 +48,20 @@ VOCAB = 128  # ASCII
 
 
 def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
-           filler: str = "sky", alphabet: int = len(KEYS)) -> tuple[list[int], list[int], int]:
+           filler: str = "sky", alphabet: int = len(KEYS), letters: str | None = None,
+           filler_extra: str = "") -> tuple[list[int], list[int], int]:
     """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
     `distance` characters, then the question and the key; padded with filler so that every sample is `length`
     long. The key is `key_length` letters (with repeats); `filler` "sky" repeats FILLER, "random" draws each
-    character from RANDOM_FILLER. The key's letters come from the first `alphabet` of KEYS."""
-    key = "".join(KEYS[int(torch.randint(alphabet, (1,), generator=g))] for _ in range(key_length))
+    character from RANDOM_FILLER + `filler_extra`. The key's letters come from `letters`, by default the first
+    `alphabet` of KEYS."""
+    letters = KEYS[:alphabet] if letters is None else letters
+    key = "".join(letters[int(torch.randint(len(letters), (1,), generator=g))] for _ in range(key_length))
     if filler == "random":
+        chars = RANDOM_FILLER + filler_extra
+
         def fill_text(n: int) -> str:
-            return "".join(RANDOM_FILLER[i] for i in torch.randint(len(RANDOM_FILLER), (n,), generator=g).tolist())
+            return "".join(chars[i] for i in torch.randint(len(chars), (n,), generator=g).tolist())
     else:
         start = int(torch.randint(len(FILLER), (1,), generator=g))
 
@@ -70,9 +80,9 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
 
 
 def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky",
-          alphabet: int = len(KEYS)):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, alphabet)
-            for _ in range(n)]
+          alphabet: int = len(KEYS), letters: str | None = None, filler_extra: str = ""):
+    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, alphabet,
+                   letters, filler_extra) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
@@ -102,11 +112,12 @@ def key_hits(logits, ans) -> list[list[bool]]:
 
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
-             per_token: bool = False, filler: str = "sky", alphabet: int = len(KEYS)):
+             per_token: bool = False, filler: str = "sky", alphabet: int = len(KEYS), letters: str | None = None,
+             filler_extra: str = ""):
     """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, alphabet)
+    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, alphabet, letters, filler_extra)
     hits = key_hits(model(ids).logits, ans)
     model.train()
     exact = sum(all(h) for h in hits) / n
@@ -128,14 +139,18 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     kl = getattr(args, "key_length", 1)
     fl, far = getattr(args, "filler", "sky"), getattr(args, "far", None)
     ab = getattr(args, "alphabet", len(KEYS))
+    # --unseen N: the alphabet's last N letters never appear in a training key; scored in bands of their own
+    unseen = getattr(args, "unseen", 0)
+    seen_letters, unseen_letters = KEYS[:ab - unseen], KEYS[ab - unseen:ab]
+    extra = unseen_letters if getattr(args, "unseen_in_filler", False) else ""
     bands = [("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)]
     if far:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab) if step % 3 else
-                          batch(g, args.batch, 8, 24, args.length, kl, fl, ab))
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, seen_letters, extra) if step % 3 else
+                          batch(g, args.batch, 8, 24, args.length, kl, fl, ab, seen_letters, extra))
         loss = model(ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -145,12 +160,16 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
             ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
-            for band, lo, hi in bands:
+            scored = [(b, lo, hi, seen_letters) for b, lo, hi in bands]
+            if unseen:
+                scored += [(f"unseen_{b}", lo, hi, unseen_letters) for b, lo, hi in bands if b != "relay"]
+            for band, lo, hi, letters in scored:
                 if kl == 1:  # the committed runs' rows, unchanged
-                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, alphabet=ab)
+                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, alphabet=ab,
+                                                  letters=letters, filler_extra=extra)
                 else:
                     row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl,
-                                                                       ab)
+                                                                       ab, letters, extra)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -175,8 +194,16 @@ def main() -> None:
                          "repeated letters in a key)")
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
+    ap.add_argument("--unseen", type=int, default=0,
+                    help="the alphabet's last N letters never appear in a training key (scored in unseen_* bands)")
+    ap.add_argument("--unseen-in-filler", action="store_true",
+                    help="with --filler random, the unseen letters appear in the filler (as input tokens only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not 0 <= args.unseen < args.alphabet:
+        ap.error(f"--unseen must be in [0, --alphabet), got {args.unseen}")
+    if args.unseen_in_filler and (args.filler != "random" or not args.unseen):
+        ap.error("--unseen-in-filler needs --filler random and --unseen N")
     if not 2 <= args.alphabet <= len(KEYS):
         ap.error(f"--alphabet must be in [2, {len(KEYS)}], got {args.alphabet}")
     if args.memory_conv < 0:

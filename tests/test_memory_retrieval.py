@@ -77,3 +77,21 @@ def test_alphabet_limits_the_key_letters_and_keeps_the_default_samples():
     full = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3)
     same = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3, alphabet=len(probe.KEYS))
     assert full == same
+
+
+def test_unseen_letters_stay_out_of_training_keys_and_get_bands_of_their_own():
+    """--unseen N: training keys use the alphabet's first letters only; the last N are scored in unseen_* bands
+    (keys made of them), and --unseen-in-filler puts them in the random filler (inputs, never labelled)."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    keys = "".join(chr(c) for _ in range(40) for c in probe.sample(g, 20, 64, 3, "random", letters="AB")[1])
+    assert set(keys) == {"A", "B"}
+    g = torch.Generator().manual_seed(4)
+    ids, _, ans = probe.batch(g, 8, 30, 40, 96, filler="random", letters="QRSU", filler_extra="QRSU")
+    filler = "".join(chr(c) for row, (_, q) in zip(ids.tolist(), ans) for c in row[4:q - 2])
+    assert set(filler) & set("QRSU")  # the unseen letters appear in the filler (the test fails without it)
+    args = argparse.Namespace(steps=1, batch=2, length=192, lr=1e-3, eval_every=1, seed=0, filler="random",
+                              unseen=4, unseen_in_filler=False, eval_samples=2)
+    row = probe.train(True, args)["final"]
+    assert {"acc_unseen_in_window", "acc_unseen_beyond_attention"} <= set(row) and "acc_unseen_relay" not in row
