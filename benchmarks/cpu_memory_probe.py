@@ -24,7 +24,7 @@ the letters just before it.
 `--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
-appear in the filler, as input tokens only.
+appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
 
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
@@ -91,6 +91,16 @@ def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler:
     return ids, labels, [(ans, q) for _, ans, q in rows]
 
 
+def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """The labels a training step uses: the batch's (the key's letters) for "answer", every next token for "all"
+    (label at position t = token t + 1, as the key's are)."""
+    if loss == "answer":
+        return labels
+    out = torch.full_like(ids, -100)
+    out[:, :-1] = ids[:, 1:]
+    return out
+
+
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs)."""
@@ -151,7 +161,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
         ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, seen_letters, extra) if step % 3 else
                           batch(g, args.batch, 8, 24, args.length, kl, fl, ab, seen_letters, extra))
-        loss = model(ids, labels=labels).loss
+        loss = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer"))).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -198,6 +208,8 @@ def main() -> None:
                     help="the alphabet's last N letters never appear in a training key (scored in unseen_* bands)")
     ap.add_argument("--unseen-in-filler", action="store_true",
                     help="with --filler random, the unseen letters appear in the filler (as input tokens only)")
+    ap.add_argument("--loss", default="answer", choices=["answer", "all"],
+                    help="train on the key's letters only (default), or on every next token (filler included)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not 0 <= args.unseen < args.alphabet:

@@ -95,3 +95,14 @@ def test_unseen_letters_stay_out_of_training_keys_and_get_bands_of_their_own():
                               unseen=4, unseen_in_filler=False, eval_samples=2)
     row = probe.train(True, args)["final"]
     assert {"acc_unseen_in_window", "acc_unseen_beyond_attention"} <= set(row) and "acc_unseen_relay" not in row
+
+
+def test_loss_all_labels_every_next_token_and_agrees_on_the_key():
+    import torch
+
+    ids, labels, _ = probe.batch(torch.Generator().manual_seed(5), 3, 8, 24, 64, key_length=2)
+    assert probe.training_labels(ids, labels, "answer") is labels
+    every = probe.training_labels(ids, labels, "all")
+    assert torch.equal(every[:, :-1], ids[:, 1:]) and (every[:, -1] == -100).all()
+    keyed = labels != -100
+    assert torch.equal(every[keyed], labels[keyed])
