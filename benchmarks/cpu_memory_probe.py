@@ -25,6 +25,7 @@ the letters just before it.
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
 appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
+`--unseen-share P` makes those letters rare instead of unseen: about P of the training keys' letters.
 
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
@@ -91,6 +92,15 @@ def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler:
     return ids, labels, [(ans, q) for _, ans, q in rows]
 
 
+def rare_mix(seen: str, rare: str, share: float) -> str:
+    """The letters a training key draws from (uniformly, so repeats weight them): `seen` only for share 0, else
+    `seen` repeated so that the `rare` letters make up about `share` of the draws."""
+    if share <= 0 or not rare:
+        return seen
+    k = max(1, round((len(rare) / share - len(rare)) / len(seen)))
+    return seen * k + rare
+
+
 def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
     """The labels a training step uses: the batch's (the key's letters) for "answer", every next token for "all"
     (label at position t = token t + 1, as the key's are)."""
@@ -152,6 +162,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     # --unseen N: the alphabet's last N letters never appear in a training key; scored in bands of their own
     unseen = getattr(args, "unseen", 0)
     seen_letters, unseen_letters = KEYS[:ab - unseen], KEYS[ab - unseen:ab]
+    train_letters = rare_mix(seen_letters, unseen_letters, getattr(args, "unseen_share", 0.0))
     extra = unseen_letters if getattr(args, "unseen_in_filler", False) else ""
     bands = [("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)]
     if far:
@@ -159,8 +170,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     top = max(hi for _, _, hi in bands)
     for step in range(1, args.steps + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, seen_letters, extra) if step % 3 else
-                          batch(g, args.batch, 8, 24, args.length, kl, fl, ab, seen_letters, extra))
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, train_letters, extra) if step % 3
+                          else batch(g, args.batch, 8, 24, args.length, kl, fl, ab, train_letters, extra))
         loss = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer"))).loss
         opt.zero_grad()
         loss.backward()
@@ -208,12 +219,16 @@ def main() -> None:
                     help="the alphabet's last N letters never appear in a training key (scored in unseen_* bands)")
     ap.add_argument("--unseen-in-filler", action="store_true",
                     help="with --filler random, the unseen letters appear in the filler (as input tokens only)")
+    ap.add_argument("--unseen-share", type=float, default=0.0,
+                    help="with --unseen N: those letters are rare instead, about this share of training key letters")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not 0 <= args.unseen < args.alphabet:
         ap.error(f"--unseen must be in [0, --alphabet), got {args.unseen}")
+    if not 0.0 <= args.unseen_share < 1.0 or (args.unseen_share and not args.unseen):
+        ap.error(f"--unseen-share needs --unseen N and a share in [0, 1), got {args.unseen_share}")
     if args.unseen_in_filler and (args.filler != "random" or not args.unseen):
         ap.error("--unseen-in-filler needs --filler random and --unseen N")
     if not 2 <= args.alphabet <= len(KEYS):

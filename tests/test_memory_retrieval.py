@@ -106,3 +106,11 @@ def test_loss_all_labels_every_next_token_and_agrees_on_the_key():
     assert torch.equal(every[:, :-1], ids[:, 1:]) and (every[:, -1] == -100).all()
     keyed = labels != -100
     assert torch.equal(every[keyed], labels[keyed])
+
+
+def test_rare_mix_gives_the_rare_letters_their_share():
+    assert probe.rare_mix("ABCD", "QR", 0.0) == "ABCD"
+    for share in (0.01, 0.05, 0.2):
+        mix = probe.rare_mix("ABCDEFGHIJKLMNOP", "QRSU", share)
+        got = sum(mix.count(c) for c in "QRSU") / len(mix)
+        assert abs(got - share) <= 0.2 * share and set(mix) == set("ABCDEFGHIJKLMNOPQRSU")
