@@ -4,7 +4,8 @@ training step, one panel per band, one line per (run, model).
     python benchmarks/plot_memory_probe.py benchmarks/results/cpu_memory_probe.json \\
         benchmarks/results/cpu_memory_probe_key_length/key5_1200.json --out DIR
 
-Runs with `--far LO,HI` get a fourth panel for that band (`far`). Each run is labelled by its file name and
+Runs with `--far LO,HI` get a fourth panel for that band (`far`), runs with `--unseen N` two panels for the
+held-out letters (`unseen_in_window`, `unseen_beyond_attention`). Each run is labelled by its file name and
 key length (`args.key_length`, 1 when absent: runs from before the option). Writes
 DIR/memory_probe_curves.png and DIR/memory_probe_curves.csv (run, key_length, model, step, band, accuracy).
 """
@@ -18,14 +19,21 @@ from pathlib import Path
 
 BANDS = (("in_window", "key 8-24 back (in the window)"), ("relay", "40-90 back (attention relayed)"),
          ("beyond_attention", "112-160 back (memory only)"))
+UNSEEN_BANDS = (("unseen_in_window", "held-out letters, 8-24 back"),
+                ("unseen_beyond_attention", "held-out letters, 112-160 back"))
 
 
 def bands(paths: list[str]) -> list[tuple[str, str]]:
-    """BANDS, plus ("far", its range) when a run was trained with `--far` (the widest range among them)."""
-    fars = [doc["args"]["far"] for doc in (json.loads(Path(p).read_text()) for p in paths) if doc["args"].get("far")]
-    if not fars:
-        return list(BANDS)
-    return [*BANDS, ("far", f"{min(f[0] for f in fars)}-{max(f[1] for f in fars)} back (memory only)")]
+    """BANDS, plus ("far", its range) when a run was trained with `--far` (the widest range among them), plus
+    UNSEEN_BANDS when one was trained with `--unseen`."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    fars = [doc["args"]["far"] for doc in docs if doc["args"].get("far")]
+    out = list(BANDS)
+    if fars:
+        out.append(("far", f"{min(f[0] for f in fars)}-{max(f[1] for f in fars)} back (memory only)"))
+    if any(doc["args"].get("unseen") for doc in docs):
+        out += UNSEEN_BANDS
+    return out
 
 
 def rows(paths: list[str]) -> list[dict]:
@@ -37,7 +45,7 @@ def rows(paths: list[str]) -> list[dict]:
         for run in doc["runs"]:
             model = "memory" if run["memory_layers"] else "no memory"
             for point in run["curve"]:
-                for band, _ in BANDS + (("far", ""),):
+                for band, _ in BANDS + (("far", ""),) + UNSEEN_BANDS:
                     if f"acc_{band}" not in point:
                         continue
                     out.append({"run": Path(p).stem, "key_length": kl, "model": model, "step": point["step"],

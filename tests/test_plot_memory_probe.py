@@ -34,3 +34,17 @@ def test_curves_csv_and_png(tmp_path):
     beyond = [r for r in rows if r["run"] == "key5" and r["model"] == "memory" and r["band"] == "beyond_attention"]
     assert [(r["step"], float(r["accuracy"])) for r in beyond] == [("50", 0.05), ("100", 0.25)]
     assert (tmp_path / "o" / "memory_probe_curves.png").stat().st_size > 10_000
+
+
+def test_unseen_bands_get_their_panels_and_rows(tmp_path):
+    seen = _run(tmp_path, "plain", {"steps": 100}, [(100, 1.0)])
+    p = tmp_path / "unseen.json"
+    curve = [{"step": 100, "acc_in_window": 1.0, "acc_relay": 1.0, "acc_beyond_attention": 1.0,
+              "acc_unseen_in_window": 0.0, "acc_unseen_beyond_attention": 0.5}]
+    p.write_text(json.dumps({"args": {"steps": 100, "unseen": 4}, "runs": [{"memory_layers": [1], "curve": curve}]}))
+    assert [b for b, _ in plot.bands([seen])] == ["in_window", "relay", "beyond_attention"]
+    assert [b for b, _ in plot.bands([seen, str(p)])][-2:] == ["unseen_in_window", "unseen_beyond_attention"]
+    plot.main([seen, str(p), "--out", str(tmp_path / "o")])
+    rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
+    unseen = {r["band"]: float(r["accuracy"]) for r in rows if r["run"] == "unseen" and r["band"].startswith("unseen")}
+    assert unseen == {"unseen_in_window": 0.0, "unseen_beyond_attention": 0.5}
