@@ -4,6 +4,10 @@
 
 Prints one row per (run, key): found / cells at each length, and with the key inside the window excluded
 (depths < 1). memsparse-eval uses the same seeds in every cell, so sample i is the same key at every length.
+
+`--tokenizer DIR` (the run's export) adds each key's tokens and the share of all keys that hold its rarest token
+(`rarest_share`, from benchmarks/key_tokenization.py), and a line per run with the hit rate by that share: a key
+token the model rarely answered in training is not copied (benchmarks/results/cpu_memory_probe_unseen_2026-12-05/).
 """
 
 from __future__ import annotations
@@ -28,30 +32,68 @@ def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[i
     return out
 
 
+SHARE_BINS = ((0.0, 1e-3, "< 0.1%"), (1e-3, 1e-2, "0.1-1%"), (1e-2, 1.1, ">= 1%"))
+
+
+def rarest_shares(tokenizer_dir: str, digits: int = 5) -> dict[str, tuple[list[str], float]]:
+    """{key: (its tokens, share of all `digits`-digit keys holding its rarest token)} under a saved tokenizer."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("key_tokenization", Path(__file__).with_name("key_tokenization.py"))
+    kt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kt)
+    from memsparse.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    stats, enc, share = kt.key_statistics(tok, digits)
+    return {str(k): ([tok.decode([t]) for t in ids], min(share[t] for t in ids) / stats["keys"])
+            for k, ids in enc.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=results.json")
     ap.add_argument("--lengths", default="", help="comma-separated lengths in tokens (default: all in each file)")
     ap.add_argument("--out", default="", help="also write the table as CSV here")
+    ap.add_argument("--tokenizer", default="", help="a saved tokenizer directory: add each key's rarest-token share")
+    ap.add_argument("--digits", type=int, default=5, help="the keys' digits (passkey: 5)")
     a = ap.parse_args(argv)
     lengths = {int(x) for x in a.lengths.split(",") if x} or None
-    rows = []
+    if a.tokenizer and not Path(a.tokenizer).is_dir():
+        print(f"passkey_by_key: --tokenizer {a.tokenizer!r} is not a directory", file=sys.stderr)
+        return 2
+    shares = rarest_shares(a.tokenizer, a.digits) if a.tokenizer else None
+    rows, summary = [], []
     for spec in a.runs:
         name, sep, p = spec.partition("=")
         if not sep or not Path(p).is_file():
             print(f"passkey_by_key: expected NAME=results.json with an existing file, got {spec!r}", file=sys.stderr)
             return 2
+        bins = {label: [0, 0] for _, _, label in SHARE_BINS}
         for key, by_len in sorted(hits_by_key(Path(p), lengths).items()):
             row = {"run": name, "key": key}
+            if shares is not None:
+                tokens, rarest = shares.get(key, ([], float("nan")))
+                row["tokens"], row["rarest_share"] = " ".join(repr(t) for t in tokens), f"{rarest:.5f}"
+                label = next((lb for lo, hi, lb in SHARE_BINS if lo <= rarest < hi), None)
+                if label is not None:
+                    found = [f for cells in by_len.values() for _, f in cells]
+                    bins[label][0] += sum(found)
+                    bins[label][1] += len(found)
             for n, cells in sorted(by_len.items()):
                 row[f"{n}"] = f"{sum(f for _, f in cells)}/{len(cells)}"
                 deep = [f for d, f in cells if d < 1]
                 row[f"{n}_depth<1"] = f"{sum(deep)}/{len(deep)}"
             rows.append(row)
+        if shares is not None:
+            summary.append(f"{name}: hits by the key's rarest-token share: " + ", ".join(
+                f"{lb} {h}/{n}" for lb, (h, n) in bins.items()))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(r.get(c, "-") for c in cols))
+    for line in summary:
+        print(line)
     if a.out:
         with open(a.out, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, restval="-")

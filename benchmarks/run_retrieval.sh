@@ -22,7 +22,8 @@
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
-# Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, logs) go to
+# Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, passkey hits per key and by
+# each key's rarest-token share (passkey_by_key.txt / .csv), logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -93,7 +94,10 @@ ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
 }
 for e in $EVALS; do
   case $e in
-    passkey) ev passkey --tasks passkey --lengths "$PASSKEY_LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
+    passkey) ev passkey --tasks passkey --lengths "$PASSKEY_LENGTHS" --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES"
+      # hits per key, and by the share of keys holding each key's rarest token (rare key tokens are not copied)
+      python3 benchmarks/passkey_by_key.py "$NAME=$D/eval_passkey/results.json" --tokenizer "$CK" \
+        --out "$D/passkey_by_key.csv" > "$D/passkey_by_key.txt" 2>&1; tail -3 "$D/passkey_by_key.txt"; pack ;;
     niah) ev niah --tasks niah_single,niah_multikey --lengths 8k,32k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
     nowrite) ev passkey_no_memory_writes --tasks passkey --lengths "${NOWRITE_LENGTHS:-1k,8k,32k}" \

@@ -38,3 +38,22 @@ def test_counts_per_key(tmp_path, capsys):
 def test_bad_argument_is_one_line(tmp_path, capsys):
     assert pbk.main([str(tmp_path / "missing.json")]) == 2
     assert "NAME=results.json" in capsys.readouterr().err
+
+
+def test_rarest_token_share_per_key_and_hits_by_share(tmp_path, capsys):
+    from memsparse.tokenizer import train_bpe
+
+    # a corpus that repeats " 123": one token no other 3-digit key holds (share 1/900)
+    tok = train_bpe(iter(["the value 123 and 123 again, 123 " * 50, "other words 4 5 6 7 8 9 0"]), 300,
+                    split_digits=False)
+    tok.save(tmp_path / "tok")
+    cells = [_cell(1024, 0.0, {"123": 0.0, "456": 1.0}), _cell(1024, 1.0, {"123": 0.0, "456": 1.0})]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"cells": cells}))
+    out = tmp_path / "t.csv"
+    assert pbk.main([f"run={p}", "--tokenizer", str(tmp_path / "tok"), "--digits", "3", "--out", str(out)]) == 0
+    rows = {r["key"]: r for r in csv.DictReader(open(out))}
+    assert float(rows["123"]["rarest_share"]) == round(1 / 900, 5) and rows["123"]["tokens"] == "' 123'"
+    assert float(rows["456"]["rarest_share"]) >= 0.01
+    assert "run: hits by the key's rarest-token share: < 0.1% 0/0, 0.1-1% 0/2, >= 1% 2/2" in capsys.readouterr().out
+    assert pbk.main([f"run={p}", "--tokenizer", str(tmp_path / "nope")]) == 2

@@ -57,3 +57,14 @@ def test_stage_arguments_reach_their_stage_only(tmp_path):
 def test_keys_stages_without_balanced_keys_is_refused(tmp_path):
     rc, fits, out = run_script(tmp_path, STAGES="1", KEYS_STAGES="1")
     assert rc == 2 and fits == [] and "KEYS_STAGES needs KEYS=balanced" in out
+
+
+def test_passkey_eval_is_followed_by_hits_per_key_with_the_tokenizer(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="2", EVALS="passkey", PASSKEY_LENGTHS="1k", SAMPLES="2")
+    assert rc == 0, out
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    ev = [c for c in calls if c.startswith("memsparse-eval")]
+    by_key = [c for c in calls if "benchmarks/passkey_by_key.py" in c]
+    assert len(ev) == 1 and "--checkpoint outputs/retrieval_small/export" in ev[0] and "--samples 2" in ev[0]
+    assert len(by_key) == 1 and "--tokenizer outputs/retrieval_small/export" in by_key[0]
+    assert f"t={tmp_path}/out/t/eval_passkey/results.json" in by_key[0]
