@@ -67,6 +67,9 @@ def _setup(case: str, tmp: Path) -> list[str]:
     if case == "seq_len_below_synthetic_lengths":
         cfg = str(recipe(tmp, synthetic=[{"task": "passkey", "proportion": 0.5, "lengths": [64]}]))
         return ["fit", "--config", cfg, "--data.seq_len", "48"]
+    if case == "synthetic_length_below_the_prompt":
+        cfg = str(recipe(tmp, synthetic=[{"task": "passkey", "proportion": 0.5, "lengths": [64]}]))
+        return ["fit", "--config", cfg]
     if case == "missing_data_path":
         return ["fit", "--config", cfg, "--data.files", f"[{tmp / 'nope' / 'corpus.jsonl'}]"]
     if case == "empty_data_dir":
@@ -115,6 +118,7 @@ CASES = {  # case: what the one line must say
     "unknown_task": ["data.synthetic[0].task: unknown task 'nope'; known tasks: ", "passkey"],
     "seq_len_below_synthetic_lengths": ["data.seq_len=48 is shorter than", "data.synthetic[0].lengths=[64]",
                                         "keep data.seq_len >= 64"],
+    "synthetic_length_below_the_prompt": ["data.synthetic[0]", "lengths [64] are too short; it needs at least"],
     "missing_data_path": ["data.files: no data file matches", "corpus.jsonl"],
     "empty_data_dir": ["data.files: the directory", "holds no data file (files ending in .txt"],
     "wrong_text_field": ["data.text_field 'text' is not a column of", "columns: ['content']"],
@@ -148,6 +152,21 @@ def test_a_mistake_is_one_line_and_exit_2(case, tmp_path, capsys):
     for part in CASES[case]:
         assert part in text, (part, err)
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+def test_a_data_mistake_creates_no_wandb_run(tmp_path, capsys, monkeypatch):
+    """Lightning creates the W&B run before the datamodule's setup; a single-process fit builds its datasets
+    first, so a synthetic length too short for its prompt is the only output and leaves no run directory."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = recipe(tmp_path, synthetic=[{"task": "passkey", "proportion": 0.5, "lengths": [64]}])
+    data = yaml.safe_load(cfg.read_text())
+    del data["trainer"]["logger"]  # the CLI's default: W&B
+    cfg.write_text(yaml.safe_dump(data))
+    with reused_parser(), pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "are too short" in err, err
+    assert not (tmp_path / "run" / "wandb").exists() and not list(tmp_path.rglob("wandb"))
 
 
 def test_debug_brings_the_traceback_back(tmp_path, monkeypatch):

@@ -357,7 +357,19 @@ class MemSparseCLI(LightningCLI):
                 f"  (or the same command with --ckpt_path last)")
 
     def before_fit(self) -> None:
-        """Fail before any work when a data file is missing."""
+        """Fail before any work when a data file is missing; a single-process fit also builds its datasets here,
+        so that a mistake in them (a synthetic length too short for its task's prompt) is reported before
+        Lightning's device lines and before a W&B run is created (Lightning creates it before the datamodule's
+        setup). With several processes the datasets wait for the fit: rank 0 trains the BPE while the others
+        wait at a barrier."""
+        self._check_data_files()
+        dm = self.datamodule
+        if self.subcommand == "fit" and self.trainer.world_size == 1 and isinstance(dm, MemSparseDataModule):
+            dm.trainer = self.trainer  # the tokenizer's default directory is under trainer.default_root_dir
+            dm.setup("fit")  # idempotent: Lightning's own call then returns at once
+
+    def _check_data_files(self) -> None:
+        """A missing data file is a one-line error before any work (and TF32 matmuls on a GPU)."""
         dm = self.datamodule
         for key, files in (("data.files", dm.files), ("data.val_files", dm.val_files)):
             if files:
@@ -367,7 +379,9 @@ class MemSparseCLI(LightningCLI):
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
 
-    before_validate = before_fit
+    def before_validate(self) -> None:
+        """As `fit`, without building the datasets early (Lightning's setup does)."""
+        self._check_data_files()
 
     def before_test(self) -> None:
         """`test` and `predict` need trained weights: refuse to evaluate a freshly initialised model."""
@@ -375,7 +389,7 @@ class MemSparseCLI(LightningCLI):
         if self.config[sub].get("ckpt_path") is None:
             raise UsageError(f"memsparse-train {sub} needs trained weights: pass --ckpt_path "
                              "(e.g. <trainer.default_root_dir>/checkpoints/last.ckpt)")
-        self.before_fit()
+        self._check_data_files()
 
     before_predict = before_test
 
