@@ -364,7 +364,7 @@ class MemSparseCLI(LightningCLI):
         wait at a barrier."""
         self._check_data_files()
         dm = self.datamodule
-        if self.subcommand == "fit" and self.trainer.world_size == 1 and isinstance(dm, MemSparseDataModule):
+        if self.trainer.world_size == 1 and isinstance(dm, MemSparseDataModule):
             dm.trainer = self.trainer  # the tokenizer's default directory is under trainer.default_root_dir
             dm.setup("fit")  # idempotent: Lightning's own call then returns at once
 
