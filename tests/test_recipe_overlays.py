@@ -77,3 +77,19 @@ def test_asks_overlay_is_the_balanced_stage_3_mixture_asking_four_times(name, ca
     for s in a["data"]["synthetic"]:
         s.pop("asks")
     assert a == b
+
+
+def test_copy_curve_overlay_changes_only_how_often_stage_1_decodes(capsys, monkeypatch):
+    """recipes/overlays/copy_curve.yaml: the stage-1 recipe with its RetrievalEval every 300 steps, 4 keys a cell;
+    everything else (schedule, data, model) is the recipe's, so its step-900 cell is the recipe's model."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / "retrieval_small_copy.yaml"
+    a = _resolved(capsys, base)
+    b = _resolved(capsys, base, RECIPES / "overlays" / "copy_curve.yaml")
+    (ra,), (rb,) = a["trainer"].pop("callbacks"), b["trainer"].pop("callbacks")
+    assert ra["class_path"] == rb["class_path"] == "memsparse.train.callbacks.RetrievalEval"
+    assert (rb["init_args"]["every_n_steps"], rb["init_args"]["samples"]) == (300, 4)
+    assert a["trainer"]["max_steps"] % 300 == 0  # the recipe's last step is one of the curve's
+    for key in ("every_n_steps", "samples"):
+        ra["init_args"].pop(key), rb["init_args"].pop(key)
+    assert ra == rb and a == b
