@@ -21,6 +21,10 @@ digits do in a number; a letter then has different successors inside one key). `
 memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec. 4.4): a memory key then sees
 the letters just before it.
 
+`--depth N` gives the model N layers instead of 2 (memory still in layer 1): attention relayed through N layers
+reaches about N windows back, so a band the 2-layer model can answer only from its memory may be within
+attention's reach, as the GPU curriculum's 2K samples are for its 8 layers of 512-token windows.
+
 `--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
@@ -111,12 +115,13 @@ def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
     return out
 
 
-def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0) -> MemSparseLM:
+def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
-    `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs)."""
+    `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
+    committed runs; more layers relay attention further back, as the GPU recipes' 8 do)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
-        vocab_size=VOCAB, dim=64, depth=2, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
+        vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
         segment=16, window=32, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
         memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4, conv=conv),
@@ -152,7 +157,8 @@ def train(memory: bool, args) -> dict:
 def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     """(the trained model, {"memory_layers", "curve", "final"}): `args.steps` AdamW steps on the probe's samples,
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
-    model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0))
+    model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0),
+                  getattr(args, "depth", 2))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
@@ -215,6 +221,8 @@ def main() -> None:
                          "repeated letters in a key)")
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
+    ap.add_argument("--depth", type=int, default=2,
+                    help="layers (memory in layer 1); each relays attention one window further back")
     ap.add_argument("--unseen", type=int, default=0,
                     help="the alphabet's last N letters never appear in a training key (scored in unseen_* bands)")
     ap.add_argument("--unseen-in-filler", action="store_true",
@@ -235,6 +243,8 @@ def main() -> None:
         ap.error(f"--alphabet must be in [2, {len(KEYS)}], got {args.alphabet}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.depth < 2:
+        ap.error(f"--depth must be >= 2 (the memory sits in layer 1), got {args.depth}")
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
     if args.far:

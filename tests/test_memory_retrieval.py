@@ -114,3 +114,11 @@ def test_rare_mix_gives_the_rare_letters_their_share():
         mix = probe.rare_mix("ABCDEFGHIJKLMNOP", "QRSU", share)
         got = sum(mix.count(c) for c in "QRSU") / len(mix)
         assert abs(got - share) <= 0.2 * share and set(mix) == set("ABCDEFGHIJKLMNOPQRSU")
+
+
+def test_depth_builds_that_many_layers_with_the_memory_in_layer_1():
+    """--depth N: N layers, the memory in layer 1 only; the default is the committed runs' 2-layer model."""
+    two, six = probe.build(True, 0), probe.build(True, 0, depth=6)
+    assert (two.config.depth, six.config.depth) == (2, 6)
+    assert two.config.memory_layers == six.config.memory_layers == [1]
+    assert probe.build(False, 0, depth=6).config.memory_layers == []
