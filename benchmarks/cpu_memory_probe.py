@@ -25,6 +25,9 @@ the letters just before it.
 reaches about N windows back, so a band the 2-layer model can answer only from its memory may be within
 attention's reach, as the GPU curriculum's 2K samples are for its 8 layers of 512-token windows.
 
+`--memory-lr-scale S` trains the memory's parameters (projections, rate heads, initial fast weights, surprise
+gate) at S x `--lr`, the rest at `--lr` (`model.memory_lr_scale` of memsparse-train).
+
 `--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
@@ -128,6 +131,18 @@ def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: 
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
+def probe_groups(model: MemSparseLM, lr: float, memory_lr_scale: float = 1.0) -> list[dict]:
+    """The probe's AdamW groups: every parameter at `lr` (the committed runs), or with `memory_lr_scale` != 1 the
+    memory's parameters (`memory_parameter_names`) at `lr * memory_lr_scale`, as `model.memory_lr_scale` does in
+    memsparse-train."""
+    if memory_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    memory = model.memory_parameter_names()
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if n not in memory]},
+            {"params": [p for n, p in named if n in memory], "lr": lr * memory_lr_scale}]
+
+
 def key_hits(logits, ans) -> list[list[bool]]:
     """Per sample, per key letter: is the argmax at the answer position right (teacher-forced)? `logits` (n, L, V)
     of a batch's `ids`, `ans` its [(key ids, question index)]."""
@@ -159,7 +174,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
     model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0),
                   getattr(args, "depth", 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(probe_groups(model, args.lr, getattr(args, "memory_lr_scale", 1.0)), lr=args.lr,
+                            weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     kl = getattr(args, "key_length", 1)
@@ -223,6 +239,8 @@ def main() -> None:
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
     ap.add_argument("--depth", type=int, default=2,
                     help="layers (memory in layer 1); each relays attention one window further back")
+    ap.add_argument("--memory-lr-scale", type=float, default=1.0,
+                    help="the memory's parameters train at this multiple of --lr (model.memory_lr_scale)")
     ap.add_argument("--unseen", type=int, default=0,
                     help="the alphabet's last N letters never appear in a training key (scored in unseen_* bands)")
     ap.add_argument("--unseen-in-filler", action="store_true",
@@ -243,6 +261,8 @@ def main() -> None:
         ap.error(f"--alphabet must be in [2, {len(KEYS)}], got {args.alphabet}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.memory_lr_scale <= 0:
+        ap.error(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}")
     if args.depth < 2:
         ap.error(f"--depth must be >= 2 (the memory sits in layer 1), got {args.depth}")
     if args.key_length < 1:

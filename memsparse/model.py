@@ -708,6 +708,17 @@ class MemSparseLM(nn.Module):
     def output_weight(self) -> Tensor:
         return self.embed.weight if self.head is None else self.head.weight
 
+    def memory_parameter_names(self) -> set[str]:
+        """Names (as in `named_parameters`) of the long-term memory's parameters: every memory layer's
+        projections, rate heads and initial fast weights, and its surprise gate. Empty without memory."""
+        names = set()
+        for i, blk in enumerate(self.blocks):
+            for part in ("memory", "gate"):
+                module = getattr(blk, part, None)
+                if module is not None:
+                    names.update(f"blocks.{i}.{part}.{n}" for n, _ in module.named_parameters())
+        return names
+
     # -- inference-time overrides (no retraining) ------------------------------------------------------
     def set_budget(self, spec: str) -> None:
         """Switch every layer's attention budget policy (e.g. 'dense', 'fixed:8', 'top_p:p=0.9')."""

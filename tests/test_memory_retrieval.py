@@ -122,3 +122,14 @@ def test_depth_builds_that_many_layers_with_the_memory_in_layer_1():
     assert (two.config.depth, six.config.depth) == (2, 6)
     assert two.config.memory_layers == six.config.memory_layers == [1]
     assert probe.build(False, 0, depth=6).config.memory_layers == []
+
+
+def test_memory_lr_scale_puts_the_memory_in_a_group_of_its_own():
+    model = probe.build(True, 0)
+    (one,) = probe.probe_groups(model, 1e-3)
+    assert len(one["params"]) == len(list(model.parameters())) and "lr" not in one
+    rest, memory = probe.probe_groups(model, 1e-3, 5.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in memory["params"]} == model.memory_parameter_names() != set()
+    assert memory["lr"] == 5e-3 and "lr" not in rest
+    assert len(rest["params"]) + len(memory["params"]) == len(names)

@@ -247,6 +247,21 @@ def test_exact_resume(stopped_run, tmp_path):
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
 
 
+def test_resume_keeps_the_memory_lr_scale_it_was_started_with(stopped_run, tmp_path, capsys):
+    """The optimizer's groups and the scheduler's base rates are the saved run's. memsparse-train takes a resumed
+    run's model hyperparameters from its checkpoint (LightningCLI), so the CLI resumes with the saved scale; a
+    module built with another scale and fitted from the checkpoint (the Python API) is refused."""
+    from memsparse.config import ConfigError, ModelConfig, from_dict
+
+    last = str(stopped_run / "checkpoints" / "last.ckpt")
+    main(["fit", "--config", str(tiny_config(tmp_path / "r")), "--model.memory_lr_scale", "4", "--ckpt_path", last])
+    assert "memory_lr_scale" not in capsys.readouterr().err
+    module = MemSparseLightningModule(from_dict(ModelConfig, {**TINY_MODEL, "vocab_size": 259}), total_steps=8,
+                                      memory_lr_scale=4.0)
+    with pytest.raises(ConfigError, match=r"last\.ckpt was trained with model\.memory_lr_scale=1; resume it with"):
+        _trainer(tmp_path / "api", 8).fit(module, datamodule=_datamodule(), ckpt_path=last)
+
+
 def test_corrupted_checkpoint_is_a_clear_error(stopped_run, tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
@@ -296,6 +311,39 @@ def test_weight_decay_groups():
     assert "blocks.1.memory.init_weights.0" in nd and "blocks.0.norm1.weight" in nd
     assert "blocks.0.wq.weight" in d and "blocks.0.mlp.w12.weight" in d and "blocks.1.memory.to_qkv.weight" in d
     assert d | nd == set(names.values()) and not d & nd
+
+
+def test_memory_lr_scale_gives_the_memory_its_own_groups_on_the_same_schedule():
+    module = _tiny_module(memory_lr_scale=4.0)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    memory = module.model.memory_parameter_names()
+    assert "blocks.1.memory.to_qkv.weight" in memory and "blocks.1.gate.scale" in memory
+    assert not any(n.startswith("blocks.0.") or n == "embed.weight" for n in memory)
+    opt_cfg = module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    assert len(groups) == 4 and groups[2] | groups[3] == memory and not (groups[0] | groups[1]) & memory
+    assert set().union(*groups) == set(names.values())
+    assert [g["weight_decay"] for g in opt.param_groups] == [module.weight_decay, 0.0, module.weight_decay, 0.0]
+    for _ in range(3):  # warmup, then the cosine: the memory's rate stays 4x the rest's
+        opt.step()
+        sched.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[0] > 0 and lrs[2] == pytest.approx(4 * lrs[0]) and lrs[3] == lrs[2] and lrs[1] == lrs[0]
+    plain = _tiny_module().configure_optimizers()["optimizer"]
+    assert len(plain.param_groups) == 2  # the default keeps checkpoints' optimizer layout
+
+
+@pytest.mark.parametrize("kw, words", [({"memory_lr_scale": 0.0}, "model.memory_lr_scale: must be > 0"),
+                                       ({"memory_lr_scale": 2.0, "no_memory": True}, "has no memory to scale")])
+def test_memory_lr_scale_errors(kw, words):
+    from memsparse.config import ConfigError, ModelConfig, from_dict
+
+    cfg = {**TINY_MODEL, "vocab_size": 259}
+    if kw.pop("no_memory", False):
+        cfg["memory_layers"] = []
+    with pytest.raises(ConfigError, match=words):
+        MemSparseLightningModule(from_dict(ModelConfig, cfg), **kw)
 
 
 def _trainer(root: Path, max_steps: int):

@@ -81,19 +81,31 @@ class WarmupCosine:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 memory_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices; none on norms, biases, gains, embeddings, persistent tokens, memory
-    initial weights."""
-    decay, no_decay = [], []
+    initial weights. With `memory_lr_scale` != 1 (and `lr`), the long-term memory's parameters
+    (`MemSparseLM.memory_parameter_names`) get groups of their own at `lr * memory_lr_scale`: four groups
+    (decay, no decay, memory decay, memory no decay) instead of two."""
+    split = memory_lr_scale != 1.0
+    if split and lr is None:
+        raise ValueError("param_groups: memory_lr_scale != 1 needs lr")
+    memory = model.memory_parameter_names() if split and hasattr(model, "memory_parameter_names") else set()
+    decay, no_decay, mem_decay, mem_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 2)
-        if p.ndim < 2 or any(k in part for part in leaf for k in _NO_DECAY_NAMES):
-            no_decay.append(p)
+        plain = p.ndim < 2 or any(k in part for part in leaf for k in _NO_DECAY_NAMES)
+        if name in memory:
+            (mem_no_decay if plain else mem_decay).append(p)
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if plain else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if split:
+        groups += [{"params": mem_decay, "weight_decay": weight_decay, "lr": lr * memory_lr_scale},
+                   {"params": mem_no_decay, "weight_decay": 0.0, "lr": lr * memory_lr_scale}]
+    return groups
 
 
 def tokenizer_payload(tokenizer: Any) -> dict[str, Any]:
@@ -151,6 +163,9 @@ class MemSparseLightningModule(pl.LightningModule):
         cuda_graph: replay each training step's forward + backward as one CUDA graph
             (`memsparse.cuda_graph.GraphedLoss`; CUDA only, not with FSDP or `compile`; validation stays eager).
         max_consecutive_nonfinite: stop the run after this many skipped (non-finite) steps in a row.
+        memory_lr_scale: the long-term memory's parameters (projections, rate heads, initial fast weights,
+            surprise gate) train at `lr * memory_lr_scale`, on the same warmup and cosine; 1.0: one learning
+            rate for all (the optimizer then has two groups, as checkpoints before this option).
     """
 
     def __init__(
@@ -167,6 +182,7 @@ class MemSparseLightningModule(pl.LightningModule):
         cuda_graph: bool = False,
         float32_matmul_precision: str | None = None,
         max_consecutive_nonfinite: int = 5,
+        memory_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
 
@@ -192,12 +208,17 @@ class MemSparseLightningModule(pl.LightningModule):
               "null, highest, high or medium", float32_matmul_precision)
         check(max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "an integer >= 1",
               max_consecutive_nonfinite)
+        check(memory_lr_scale > 0, "memory_lr_scale", "> 0", memory_lr_scale)
+        if memory_lr_scale != 1.0 and not cfg.memory_layer_ids():
+            raise ConfigError("has no memory to scale: model.config.memory_layers is empty (set it to 1.0)",
+                              key="model.memory_lr_scale")
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = asdict(cfg)  # plain dict: the checkpoint loads with weights_only=True
         self.model = MemSparseLM(cfg)
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
         self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
+        self.memory_lr_scale = memory_lr_scale
         self.cuda_graph, self.float32_matmul_precision = cuda_graph, float32_matmul_precision
         self._graphed: GraphedLoss | None = None
         self.nonfinite_steps = 0
@@ -527,7 +548,7 @@ class MemSparseLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------- optimizer
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = param_groups(self.model, self.weight_decay)
+        groups = param_groups(self.model, self.weight_decay, self.lr, self.memory_lr_scale)
         kwargs: dict[str, Any] = {"lr": self.lr, "betas": self.betas, "eps": self.eps}
         if self.device.type == "cuda":
             # foreach, not fused: Lightning refuses gradient clipping with fused optimizers under AMP
@@ -568,6 +589,12 @@ class MemSparseLightningModule(pl.LightningModule):
         """Check the checkpoint matches this model (clear error), restore counters and RNG states."""
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         check_checkpoint_matches(checkpoint, self.model, source=str(path or "checkpoint"))
+        saved_scale = float((checkpoint.get("hyper_parameters") or {}).get("memory_lr_scale", 1.0))
+        if checkpoint.get("optimizer_states") and saved_scale != self.memory_lr_scale:
+            # the optimizer's groups (and the scheduler's base rates) were built for the saved scale
+            raise ConfigError(f"{path or 'the checkpoint'} was trained with model.memory_lr_scale={saved_scale:g}; "
+                              f"resume it with that value, not {self.memory_lr_scale:g}",
+                              key="model.memory_lr_scale")
         meta = checkpoint.get(CKPT_KEY) or {}
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         self.consecutive_nonfinite = int(meta.get("consecutive_nonfinite", 0))
