@@ -332,6 +332,12 @@ def test_memory_lr_scale_gives_the_memory_its_own_groups_on_the_same_schedule():
         assert lrs[0] > 0 and lrs[2] == pytest.approx(4 * lrs[0]) and lrs[3] == lrs[2] and lrs[1] == lrs[0]
     plain = _tiny_module().configure_optimizers()["optimizer"]
     assert len(plain.param_groups) == 2  # the default keeps checkpoints' optimizer layout
+    from memsparse.config import ConfigError
+
+    wrapped = torch.nn.ModuleDict({"inner": module.model})  # names no longer match: an error, not one rate for all
+    wrapped.memory_parameter_names = module.model.memory_parameter_names
+    with pytest.raises(ConfigError, match="found none of the memory's parameters"):
+        param_groups(wrapped, 0.1, 1e-3, 4.0)
 
 
 @pytest.mark.parametrize("kw, words", [({"memory_lr_scale": 0.0}, "model.memory_lr_scale: must be > 0"),

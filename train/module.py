@@ -102,6 +102,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
         else:
             (no_decay if plain else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if split and not (mem_decay or mem_no_decay):  # e.g. names changed by a wrapper: never a silent single rate
+        raise ConfigError("found none of the memory's parameters by name in the model being optimized (wrapped "
+                          "or flattened?): train with memory_lr_scale 1.0 there", key="model.memory_lr_scale")
     if split:
         groups += [{"params": mem_decay, "weight_decay": weight_decay, "lr": lr * memory_lr_scale},
                    {"params": mem_no_decay, "weight_decay": 0.0, "lr": lr * memory_lr_scale}]
