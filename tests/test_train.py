@@ -255,11 +255,20 @@ def test_resume_keeps_the_memory_lr_scale_it_was_started_with(stopped_run, tmp_p
 
     last = str(stopped_run / "checkpoints" / "last.ckpt")
     main(["fit", "--config", str(tiny_config(tmp_path / "r")), "--model.memory_lr_scale", "4", "--ckpt_path", last])
-    assert "memory_lr_scale" not in capsys.readouterr().err
+    assert "ignored: model.memory_lr_scale=4.0 -> 1.0" in capsys.readouterr().err
     module = MemSparseLightningModule(from_dict(ModelConfig, {**TINY_MODEL, "vocab_size": 259}), total_steps=8,
                                       memory_lr_scale=4.0)
     with pytest.raises(ConfigError, match=r"last\.ckpt was trained with model\.memory_lr_scale=1; resume it with"):
         _trainer(tmp_path / "api", 8).fit(module, datamodule=_datamodule(), ckpt_path=last)
+
+
+def test_resume_names_the_model_settings_the_checkpoint_replaces(stopped_run, tmp_path, capsys):
+    last = str(stopped_run / "checkpoints" / "last.ckpt")
+    main(["fit", "--config", str(tiny_config(tmp_path / "same")), "--ckpt_path", last])
+    assert "warning: a resumed run keeps" not in capsys.readouterr().err
+    main(["fit", "--config", str(tiny_config(tmp_path / "lr")), "--model.lr", "0.01", "--ckpt_path", last])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "warning: a resumed run keeps" in ln]
+    assert len(lines) == 1 and lines[0].endswith("are ignored: model.lr=0.01 -> 0.003"), lines
 
 
 def test_corrupted_checkpoint_is_a_clear_error(stopped_run, tmp_path, capsys):

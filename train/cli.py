@@ -134,6 +134,23 @@ def check_config_files(args: list[str]) -> None:
                              f"{type(data).__name__}")
 
 
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A parsed config node (jsonargparse Namespace, dict, dataclass fields) as {dotted key: value}; lists and
+    tuples are compared as lists."""
+    if node is None:
+        return {}
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    elif hasattr(node, "__dataclass_fields__"):
+        node = {k: getattr(node, k) for k in node.__dataclass_fields__}
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): list(node) if isinstance(node, tuple) else node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
 def _checkpoint_dirs(cfg: Any, root: str) -> list[Path]:
     """Where this run's checkpoint callbacks write (`checkpoint.dirpath`, `last_checkpoint.dirpath`)."""
     dirs = []
@@ -192,7 +209,8 @@ class MemSparseCLI(LightningCLI):
         """`--ckpt_path last` -> this run's newest `last*.ckpt` (a UsageError when there is none: no silent fresh
         start); a path that does not exist is a UsageError listing the run's checkpoints. LightningCLI then reads
         the file's hyperparameters (the model config of a resumed run comes from the checkpoint): an unreadable
-        file is a CheckpointError naming it ("truncated, corrupted or not a torch checkpoint")."""
+        file is a CheckpointError naming it ("truncated, corrupted or not a torch checkpoint"). Model settings of
+        the config or command line that the checkpoint's replace are named in one warning line."""
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -214,10 +232,19 @@ class MemSparseCLI(LightningCLI):
                     have = _checkpoints_in(dirs)
                     known = f"; checkpoints of this run: {', '.join(str(h) for h in have[:4])}" if have else ""
                     raise UsageError(f"--ckpt_path {path}: no such file{known}")
+        before = _flat(cfg.get("model"))
         try:
             super()._parse_ckpt_path()
         except UNREADABLE_CHECKPOINT as e:
             raise unreadable_checkpoint(path, e) from None
+        after = _flat(self.config[sub].get("model"))
+        changed = [k for k in before if k in after and before[k] != after[k]]
+        if changed and rank_zero_only.rank == 0:
+            shown = ", ".join(f"model.{k}={before[k]!r} -> {after[k]!r}" for k in changed[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            who = "a resumed run keeps" if sub == "fit" else f"{sub} uses"
+            print(f"{PROG}: warning: {who} its checkpoint's model settings; these differ from the config or "
+                  f"command line and are ignored: {shown}{more}", file=sys.stderr, flush=True)
 
     def before_instantiate_classes(self) -> None:
         """Place checkpoints and W&B runs under `trainer.default_root_dir` unless configured otherwise; for `fit`,
