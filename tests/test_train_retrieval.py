@@ -176,6 +176,19 @@ def test_callback_in_a_tiny_fit(tmp_path):
     assert loss[0] == loss[1] and len(loss[0]) == 4
 
 
+@pytest.mark.parametrize("max_steps,at_end,steps", [(3, True, [2, 3]), (4, True, [2, 4]), (3, False, [2])])
+def test_callback_at_end(tmp_path, max_steps, at_end, steps):
+    """at_end: the grid also runs at the fit's last step unless the schedule just evaluated it (never twice); its
+    cells reach cells.csv and its metrics the CSV logger after training has ended."""
+    cb = RetrievalEval(**{**GRID, "lengths": [256]}, at_end=at_end)
+    pl.seed_everything(0)
+    _trainer(tmp_path, max_steps=max_steps, callbacks=[cb]).fit(_module(), datamodule=_datamodule(synthetic=[]))
+    cells = list(csv.DictReader(open(tmp_path / "retrieval" / "cells.csv")))
+    assert [int(c["step"]) for c in cells] == [s for s in steps for _ in range(2)]  # 2 depths a step
+    assert [int(r["step"]) for r in _metrics(tmp_path) if r.get("retrieval/acc")] == steps
+    assert cb.last_step == steps[-1]
+
+
 def test_callback_from_the_recipe_yaml(tmp_path):
     """The recipes' form (trainer.callbacks class_path/init_args) through memsparse-train, beside the default
     callbacks (PhaseTimes still writes its file); with gradient accumulation the evaluation runs once per step."""
@@ -203,6 +216,7 @@ def test_callback_from_the_recipe_yaml(tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"tasks": "passkey,nope"}, "unknown task 'nope'"),
+    ({"at_end": "yes"}, "at_end must be true or false"),
     ({"lengths": "1k,3q"}, "cannot parse length '3q'"),
     ({"depths": "0,2"}, "outside [0, 1]"),
     ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),

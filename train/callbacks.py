@@ -474,6 +474,8 @@ class RetrievalEval(Callback):
         seed: base seed of the samples (fixed across evaluations, so the curves compare like with like).
         output_dir: where the CSV/JSONL and heatmaps go; None: `<trainer.default_root_dir>/retrieval`.
         chunk_tokens: prompt tokens per streaming call (`stream_decode`).
+        at_end: also run the grid when training ends (`max_steps`, `max_time`, early stopping) at a step the
+            schedule did not already evaluate, so a run of any length reports its final model.
     """
 
     CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
@@ -482,7 +484,7 @@ class RetrievalEval(Callback):
     def __init__(self, every_n_steps: int = 500, tasks: str | list[str] = "passkey",
                  lengths: str | list[int | str] = "1k,4k", depths: str | list[float] = "0,0.5,1", samples: int = 2,
                  max_new_tokens: int | None = None, seed: int = 0, output_dir: str | None = None,
-                 chunk_tokens: int = 8192) -> None:
+                 chunk_tokens: int = 8192, at_end: bool = False) -> None:
         try:
             self.tasks, self.lengths, self.depths = parse_tasks(tasks), parse_lengths(lengths), parse_depths(depths)
         except EvalInputError as e:
@@ -493,6 +495,9 @@ class RetrievalEval(Callback):
                 raise ConfigError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
         self.every_n_steps, self.samples, self.seed = every_n_steps, samples, int(seed)
         self.max_new_tokens, self.output_dir, self.chunk_tokens = max_new_tokens, output_dir, chunk_tokens
+        if not isinstance(at_end, bool):
+            raise ConfigError(f"RetrievalEval: at_end must be true or false, got {at_end!r}")
+        self.at_end = at_end
         self.last_step: int | None = None
         self._off: str | None = None
         self._tokenizer: Any = None
@@ -532,6 +537,13 @@ class RetrievalEval(Callback):
         if self._off or step == 0 or step % self.every_n_steps or step == self.last_step:
             return
         self.last_step = step  # micro-batches of the next optimizer step see the same global step
+        self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not self.at_end or self._off or step == 0 or step == self.last_step:
+            return
+        self.last_step = step
         self.evaluate(trainer, pl_module)
 
     def output_path(self, trainer: pl.Trainer) -> Path:
