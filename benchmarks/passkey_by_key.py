@@ -4,6 +4,9 @@
 
 Prints one row per (run, key): found / cells at each length, and with the key inside the window excluded
 (depths < 1). memsparse-eval uses the same seeds in every cell, so sample i is the same key at every length.
+Where the results hold each sample's needle distance (memsparse-eval from 2026-12-06 on), a `beyond_window` column
+per key and a line per run count the prompts whose key lies more than the cell's attention window before the
+prompt's end (only the memory, or attention relayed through the layers, can reach it there) apart from the rest.
 
 `--tokenizer DIR` (the run's export) adds each key's tokens and the share of all keys that hold its rarest token
 (`rarest_share`, from benchmarks/key_tokenization.py), and a line per run with the hit rate by that share: a key
@@ -19,16 +22,22 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+Hit = tuple[float, bool, bool | None]  # (depth, found, beyond the window: None where the file does not say)
 
-def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[int, list[tuple[float, bool]]]]:
-    """{key: {length: [(depth, found), ...]}} from one memsparse-eval results.json (task passkey)."""
-    cells = json.loads(path.read_text())["cells"]
-    out: dict[str, dict[int, list[tuple[float, bool]]]] = defaultdict(lambda: defaultdict(list))
-    for c in cells:
+
+def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[int, list[Hit]]]:
+    """{key: {length: [(depth, found, beyond_window), ...]}} from one memsparse-eval results.json (task passkey);
+    beyond_window: the key's distance from the prompt's end exceeds the cell's window (None without distances)."""
+    data = json.loads(path.read_text())
+    out: dict[str, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
+    for c in data["cells"]:
         if c["task"] != "passkey" or (lengths and c["length"] not in lengths):
             continue
+        window = c.get("window") or data.get("meta", {}).get("window")
         for s in c["samples"]:
-            out[str(s["answer"])][int(c["length"])].append((float(c["depth"]), float(s["score"]) >= 1.0))
+            dist = s.get("needle_distances")
+            beyond = None if not dist or not window else min(dist) > int(window)
+            out[str(s["answer"])][int(c["length"])].append((float(c["depth"]), float(s["score"]) >= 1.0, beyond))
     return out
 
 
@@ -70,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"passkey_by_key: expected NAME=results.json with an existing file, got {spec!r}", file=sys.stderr)
             return 2
         bins = {label: [0, 0] for _, _, label in SHARE_BINS}
+        where = {True: [0, 0], False: [0, 0]}  # beyond the window / inside: [hits, prompts]
         for key, by_len in sorted(hits_by_key(Path(p), lengths).items()):
             row = {"run": name, "key": key}
             if shares is not None:
@@ -77,14 +87,23 @@ def main(argv: list[str] | None = None) -> int:
                 row["tokens"], row["rarest_share"] = " ".join(repr(t) for t in tokens), f"{rarest:.5f}"
                 label = next((lb for lo, hi, lb in SHARE_BINS if lo <= rarest < hi), None)
                 if label is not None:
-                    found = [f for cells in by_len.values() for _, f in cells]
+                    found = [f for cells in by_len.values() for _, f, _ in cells]
                     bins[label][0] += sum(found)
                     bins[label][1] += len(found)
             for n, cells in sorted(by_len.items()):
-                row[f"{n}"] = f"{sum(f for _, f in cells)}/{len(cells)}"
-                deep = [f for d, f in cells if d < 1]
+                row[f"{n}"] = f"{sum(f for _, f, _ in cells)}/{len(cells)}"
+                deep = [f for d, f, _ in cells if d < 1]
                 row[f"{n}_depth<1"] = f"{sum(deep)}/{len(deep)}"
+            far = [(f, b) for cells in by_len.values() for _, f, b in cells if b is not None]
+            if far:
+                row["beyond_window"] = f"{sum(f for f, b in far if b)}/{sum(b for _, b in far)}"
+                for f, b in far:
+                    where[b][0] += f
+                    where[b][1] += 1
             rows.append(row)
+        if where[True][1] or where[False][1]:
+            summary.append(f"{name}: key beyond the attention window {where[True][0]}/{where[True][1]}, "
+                           f"inside it {where[False][0]}/{where[False][1]}")
         if shares is not None:
             summary.append(f"{name}: hits by the key's rarest-token share: " + ", ".join(
                 f"{lb} {h}/{n}" for lb, (h, n) in bins.items()))

@@ -604,6 +604,9 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
         score = float(task.score(pred, sample))
         scores.append(score)
         detail = {"seed": s, "prediction": pred, "answer": sample.answer, "score": score, "new_tokens": len(out)}
+        if "needle_positions" in sample.meta:  # tokens after each needle's last: beyond the window when > window
+            detail["needle_distances"] = [length - p - n for p, n in
+                                          zip(sample.meta["needle_positions"], sample.meta["needle_lengths"])]
         if res.tf_pred is not None:
             correct, exact = teacher_forced_scores(res.tf_pred, sample.answer_ids)
             tf_correct, tf_tokens, tf_exact = tf_correct + correct, tf_tokens + len(sample.answer_ids), tf_exact + exact

@@ -140,6 +140,10 @@ def test_end_to_end_grid(tmp_path, ckpt):
         s = c["samples"][0]
         sample = get_task(c["task"]).generate(c["length"], c["depth"], s["seed"], ByteTokenizer())
         assert s["answer"] == sample.answer and s["score"] == get_task(c["task"]).score(s["prediction"], sample)
+        (d,), (n,) = s["needle_distances"], sample.meta["needle_lengths"]  # one needle in both tasks
+        needle = sample.prompt_ids[c["length"] - d - n: c["length"] - d]
+        assert ByteTokenizer().decode(needle) == sample.meta["needle_texts"][0] and d > 0
+        assert (d > 1024 // 2) == (c["length"] == 1024 and c["depth"] == 0.0)  # only then beyond 512 tokens
     assert data["meta"]["lengths"] == [512, 1024] and data["meta"]["tokenizer"] == str(ckpt)
     for task in ("passkey", "niah_single"):
         png = out / f"heatmap_{task}.png"

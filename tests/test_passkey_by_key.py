@@ -57,3 +57,25 @@ def test_rarest_token_share_per_key_and_hits_by_share(tmp_path, capsys):
     assert float(rows["456"]["rarest_share"]) >= 0.01
     assert "run: hits by the key's rarest-token share: < 0.1% 0/0, 0.1-1% 0/2, >= 1% 2/2" in capsys.readouterr().out
     assert pbk.main([f"run={p}", "--tokenizer", str(tmp_path / "nope")]) == 2
+
+
+def test_beyond_the_window_from_needle_distances(tmp_path, capsys):
+    """Samples with needle distances are split at the cell's window: a `beyond_window` column per key and a line
+    per run; a file without distances (older memsparse-eval) shows neither."""
+    def cell(d, found):  # found: {key: (score, distance)}
+        return {"task": "passkey", "length": 1024, "depth": d, "window": 512,
+                "samples": [{"answer": k, "score": s, "needle_distances": [dist]} for k, (s, dist) in found.items()]}
+
+    cells = [cell(0.0, {"111": (1.0, 1000), "222": (0.0, 990)}), cell(0.5, {"111": (0.0, 513), "222": (1.0, 512)}),
+             cell(1.0, {"111": (1.0, 10), "222": (1.0, 12)})]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"meta": {"window": 512}, "cells": cells}))
+    out = tmp_path / "t.csv"
+    assert pbk.main([f"run={p}", "--out", str(out)]) == 0
+    assert "run: key beyond the attention window 1/3, inside it 3/3" in capsys.readouterr().out
+    rows = {r["key"]: r for r in csv.DictReader(open(out))}
+    assert rows["111"]["beyond_window"] == "1/2" and rows["222"]["beyond_window"] == "0/1"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"cells": [_cell(1024, 0.0, {"111": 1.0})]}))
+    assert pbk.main([f"old={old}"]) == 0
+    assert "beyond" not in capsys.readouterr().out
