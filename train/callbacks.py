@@ -533,15 +533,18 @@ class RetrievalEval(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if self._off or step == 0 or step % self.every_n_steps or step == self.last_step:
-            return
-        self.last_step = step  # micro-batches of the next optimizer step see the same global step
-        self.evaluate(trainer, pl_module)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._evaluate_once(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_end:
+            self._evaluate_once(trainer, pl_module)
+
+    def _evaluate_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate at this global step unless off, at step 0 or already done at it (micro-batches of the next
+        optimizer step, and the end of a fit that stopped on a scheduled step, see the same global step)."""
         step = trainer.global_step
-        if not self.at_end or self._off or step == 0 or step == self.last_step:
+        if self._off or step == 0 or step == self.last_step:
             return
         self.last_step = step
         self.evaluate(trainer, pl_module)
