@@ -28,6 +28,10 @@ attention's reach, as the GPU curriculum's 2K samples are for its 8 layers of 51
 `--memory-lr-scale S` trains the memory's parameters (projections, rate heads, initial fast weights, surprise
 gate) at S x `--lr`, the rest at `--lr` (`model.memory_lr_scale` of memsparse-train).
 
+`--copy-steps N` trains N steps on keys inside the window only before the `--steps` of the mixed schedule (as
+stage 1 of the GPU curriculum teaches the copy before stage 2 needs the memory): does a longer copying start
+slow the memory's carry? Steps in the curve count from the first copy step.
+
 `--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
@@ -190,16 +194,20 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     if far:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
-    for step in range(1, args.steps + 1):
-        # a third of the samples inside the window: the copy is learned there, then needed beyond it
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, train_letters, extra) if step % 3
+    copy = getattr(args, "copy_steps", 0)
+    total = copy + args.steps
+    for step in range(1, total + 1):
+        # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
+        # them during the --copy-steps first steps)
+        mixed = step > copy and (step - copy) % 3
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, train_letters, extra) if mixed
                           else batch(g, args.batch, 8, 24, args.length, kl, fl, ab, train_letters, extra))
         loss = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer"))).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % args.eval_every == 0 or step == args.steps:
+        if step % args.eval_every == 0 or step == total:
             ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
@@ -221,6 +229,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--copy-steps", type=int, default=0,
+                    help="steps on in-window keys only, before the --steps of the mixed schedule")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=192)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -265,6 +275,8 @@ def main() -> None:
         ap.error(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}")
     if args.depth < 2:
         ap.error(f"--depth must be >= 2 (the memory sits in layer 1), got {args.depth}")
+    if args.copy_steps < 0:
+        ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
     if args.far:

@@ -133,3 +133,19 @@ def test_memory_lr_scale_puts_the_memory_in_a_group_of_its_own():
     assert {names[id(p)] for p in memory["params"]} == model.memory_parameter_names() != set()
     assert memory["lr"] == 5e-3 and "lr" not in rest
     assert len(rest["params"]) + len(memory["params"]) == len(names)
+
+
+def test_copy_steps_train_in_the_window_first_and_count_in_the_curve(monkeypatch):
+    """--copy-steps N: the first N training batches hold in-window keys only (8-24 tokens back), then the mixed
+    schedule's `--steps` follow (two of three batches reach the farthest band); the curve counts both."""
+    calls, real = [], probe.batch
+
+    def batch(g, n, lo, hi, *a, **k):
+        calls.append((lo, hi))
+        return real(g, n, lo, hi, *a, **k)
+    monkeypatch.setattr(probe, "batch", batch)
+    args = argparse.Namespace(steps=3, batch=2, length=192, lr=1e-3, eval_every=100, seed=0, copy_steps=3,
+                              eval_samples=2)
+    row = probe.train(True, args)["final"]
+    assert row["step"] == 6
+    assert calls[:6] == [(8, 24)] * 3 + [(8, 160), (8, 160), (8, 24)]
