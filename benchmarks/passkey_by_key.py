@@ -7,6 +7,10 @@ Prints one row per (run, key): found / cells at each length, and with the key in
 Where the results hold each sample's needle distance (memsparse-eval from 2026-12-06 on), a `beyond_window` column
 per key and a line per run count the prompts whose key lies more than the cell's attention window before the
 prompt's end (only the memory, or attention relayed through the layers, can reach it there) apart from the rest.
+Where the results hold teacher-forced scores (`tf_exact`), a second line per run gives the teacher-forced exact
+match beyond and inside the window, and counts the prompts right when teacher-forced but wrong when decoded,
+and of them those that run on: the key's digits, then more ("555443" for 55544), a model that found the key but
+did not stop after it (exact match needs a word boundary after the key).
 
 `--tokenizer DIR` (the run's export) adds each key's tokens and the share of all keys that hold its rarest token
 (`rarest_share`, from benchmarks/key_tokenization.py), and a line per run with the hit rate by that share: a key
@@ -22,12 +26,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-Hit = tuple[float, bool, bool | None]  # (depth, found, beyond the window: None where the file does not say)
+# (depth, found, beyond the window, teacher-forced exact, ran on past the key): None where the file does not say
+Hit = tuple[float, bool, bool | None, bool | None, bool]
 
 
 def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[int, list[Hit]]]:
-    """{key: {length: [(depth, found, beyond_window), ...]}} from one memsparse-eval results.json (task passkey);
-    beyond_window: the key's distance from the prompt's end exceeds the cell's window (None without distances)."""
+    """{key: {length: [(depth, found, beyond_window, tf_exact, ran_on), ...]}} from one memsparse-eval results.json
+    (task passkey); beyond_window: the key's distance from the prompt's end exceeds the cell's window (None without
+    distances); tf_exact: the teacher-forced exact match (None without it); ran_on: not found, though the decoded
+    text starts with the key (more digits followed it)."""
     data = json.loads(path.read_text())
     out: dict[str, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
     for c in data["cells"]:
@@ -37,7 +44,10 @@ def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[i
         for s in c["samples"]:
             dist = s.get("needle_distances")
             beyond = None if not dist or not window else min(dist) > int(window)
-            out[str(s["answer"])][int(c["length"])].append((float(c["depth"]), float(s["score"]) >= 1.0, beyond))
+            found = float(s["score"]) >= 1.0
+            tf = None if "tf_exact" not in s else float(s["tf_exact"]) >= 1.0
+            ran_on = not found and str(s.get("prediction", "")).strip().startswith(str(s["answer"]))
+            out[str(s["answer"])][int(c["length"])].append((float(c["depth"]), found, beyond, tf, ran_on))
     return out
 
 
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         bins = {label: [0, 0] for _, _, label in SHARE_BINS}
         where = {True: [0, 0], False: [0, 0]}  # beyond the window / inside: [hits, prompts]
+        forced = {True: [0, 0], False: [0, 0]}  # the same, teacher-forced exact: [hits, prompts]
+        lost = [0, 0]  # right when teacher-forced, wrong when decoded: [prompts, of them ran on past the key]
         for key, by_len in sorted(hits_by_key(Path(p), lengths).items()):
             row = {"run": name, "key": key}
             if shares is not None:
@@ -87,14 +99,21 @@ def main(argv: list[str] | None = None) -> int:
                 row["tokens"], row["rarest_share"] = " ".join(repr(t) for t in tokens), f"{rarest:.5f}"
                 label = next((lb for lo, hi, lb in SHARE_BINS if lo <= rarest < hi), None)
                 if label is not None:
-                    found = [f for cells in by_len.values() for _, f, _ in cells]
+                    found = [h[1] for cells in by_len.values() for h in cells]
                     bins[label][0] += sum(found)
                     bins[label][1] += len(found)
             for n, cells in sorted(by_len.items()):
-                row[f"{n}"] = f"{sum(f for _, f, _ in cells)}/{len(cells)}"
-                deep = [f for d, f, _ in cells if d < 1]
+                row[f"{n}"] = f"{sum(h[1] for h in cells)}/{len(cells)}"
+                deep = [h[1] for h in cells if h[0] < 1]
                 row[f"{n}_depth<1"] = f"{sum(deep)}/{len(deep)}"
-            far = [(f, b) for cells in by_len.values() for _, f, b in cells if b is not None]
+            for _, f, b, tf, ran_on in (h for cells in by_len.values() for h in cells):
+                if tf is not None and b is not None:
+                    forced[b][0] += tf
+                    forced[b][1] += 1
+                if tf and not f:
+                    lost[0] += 1
+                    lost[1] += ran_on
+            far = [(h[1], h[2]) for cells in by_len.values() for h in cells if h[2] is not None]
             if far:
                 row["beyond_window"] = f"{sum(f for f, b in far if b)}/{sum(b for _, b in far)}"
                 for f, b in far:
@@ -104,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if where[True][1] or where[False][1]:
             summary.append(f"{name}: key beyond the attention window {where[True][0]}/{where[True][1]}, "
                            f"inside it {where[False][0]}/{where[False][1]}")
+        if forced[True][1] or forced[False][1]:
+            summary.append(f"{name}: teacher-forced, beyond the window {forced[True][0]}/{forced[True][1]}, inside "
+                           f"{forced[False][0]}/{forced[False][1]}; right teacher-forced but not decoded {lost[0]}, "
+                           f"of them {lost[1]} ran on past the key (its digits, then more)")
         if shares is not None:
             summary.append(f"{name}: hits by the key's rarest-token share: " + ", ".join(
                 f"{lb} {h}/{n}" for lb, (h, n) in bins.items()))

@@ -79,3 +79,24 @@ def test_beyond_the_window_from_needle_distances(tmp_path, capsys):
     old.write_text(json.dumps({"cells": [_cell(1024, 0.0, {"111": 1.0})]}))
     assert pbk.main([f"old={old}"]) == 0
     assert "beyond" not in capsys.readouterr().out
+
+
+def test_teacher_forced_split_and_keys_that_run_on(tmp_path, capsys):
+    """With tf_exact in the samples: a line per run with the teacher-forced exact match beyond / inside the window,
+    the prompts right teacher-forced but not decoded, and of them those whose decoded text is the key then more."""
+    def s(k, score, tf, dist, pred):
+        return {"answer": k, "score": score, "tf_exact": tf, "needle_distances": [dist], "prediction": pred}
+
+    cells = [{"task": "passkey", "length": 1024, "depth": 0.0, "window": 512,
+              "samples": [s("111", 0.0, 1.0, 1000, " 1119"), s("222", 0.0, 1.0, 990, " 229"),
+                          s("333", 1.0, 1.0, 900, " 333")]},
+             {"task": "passkey", "length": 1024, "depth": 1.0, "window": 512,
+              "samples": [s("111", 0.0, 0.0, 10, " 1110"), s("222", 1.0, 1.0, 12, " 222.")]}]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"cells": cells}))
+    assert pbk.main([f"run={p}"]) == 0
+    out = capsys.readouterr().out
+    assert "run: key beyond the attention window 1/3, inside it 1/2" in out
+    # " 1110" ran on but was wrong teacher-forced too: not counted; " 229" is wrong, not a run-on
+    assert ("run: teacher-forced, beyond the window 3/3, inside 1/2; right teacher-forced but not decoded 2, "
+            "of them 1 ran on past the key (its digits, then more)") in out
