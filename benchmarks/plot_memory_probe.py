@@ -8,6 +8,8 @@ Runs with `--far LO,HI` get a fourth panel for that band (`far`), runs with `--u
 held-out letters (`unseen_in_window`, `unseen_beyond_attention`). Each run is labelled by its file name and
 key length (`args.key_length`, 1 when absent: runs from before the option). Writes
 DIR/memory_probe_curves.png and DIR/memory_probe_curves.csv (run, key_length, model, step, band, accuracy).
+Runs with `--copy-steps N` are shifted by N: their steps count from the start of the mixed schedule (the copy
+steps before it are negative), so runs with and without a copying start line up where the memory is needed.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ def rows(paths: list[str]) -> list[dict]:
     for p in paths:
         doc = json.loads(Path(p).read_text())
         kl = doc["args"].get("key_length", 1)
+        shift = doc["args"].get("copy_steps", 0)
         for run in doc["runs"]:
             model = "memory" if run["memory_layers"] else "no memory"
             for point in run["curve"]:
                 for band, _ in BANDS + (("far", ""),) + UNSEEN_BANDS:
                     if f"acc_{band}" not in point:
                         continue
-                    out.append({"run": Path(p).stem, "key_length": kl, "model": model, "step": point["step"],
+                    out.append({"run": Path(p).stem, "key_length": kl, "model": model, "step": point["step"] - shift,
                                 "band": band, "accuracy": point[f"acc_{band}"]})
     return out
 
@@ -71,6 +74,7 @@ def main(argv=None) -> None:
     import matplotlib.pyplot as plt
 
     panels = bands(args.results)
+    copying = any(json.loads(Path(p).read_text())["args"].get("copy_steps") for p in args.results)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), sharey=True)
     runs = sorted({(r["key_length"], r["run"]) for r in data})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -83,7 +87,7 @@ def main(argv=None) -> None:
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[i % len(colors)],
                             label=f"{run}: key of {kl} letter{'s' if kl > 1 else ''}, {model}")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training step")
+        ax.set_xlabel("step of the mixed schedule (after --copy-steps)" if copying else "training step")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact match (whole key)")

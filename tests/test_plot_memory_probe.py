@@ -48,3 +48,11 @@ def test_unseen_bands_get_their_panels_and_rows(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
     unseen = {r["band"]: float(r["accuracy"]) for r in rows if r["run"] == "unseen" and r["band"].startswith("unseen")}
     assert unseen == {"unseen_in_window": 0.0, "unseen_beyond_attention": 0.5}
+
+
+def test_copy_steps_shift_the_curve_to_the_mixed_schedule(tmp_path):
+    """A run with --copy-steps N is plotted from the start of its mixed schedule: step - N."""
+    copy = _run(tmp_path, "copy300", {"steps": 600, "copy_steps": 300}, [(200, 1.0), (400, 1.0)])
+    plot.main([copy, "--out", str(tmp_path / "o")])
+    rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
+    assert sorted({int(r["step"]) for r in rows if r["model"] == "memory"}) == [-100, 100]
