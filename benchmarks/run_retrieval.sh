@@ -15,6 +15,10 @@
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   TRAIN_ARGS2="--model.lr 1e-3" ...                extra arguments for one stage only (TRAIN_ARGS1 ... TRAIN_ARGS4),
 #                                                    after TRAIN_ARGS
+#   STAGES=2 TRAIN_ARGS2="--data.seed 1" NAME=...    stage 2 again from the stage-1 export on the machine, with
+#                                                    another data order. Stages 2-4 take their weights from an
+#                                                    export, so seed_everything changes nothing there (stage 2 repeated
+#                                                    bit for bit, H200 2026-12-06): a repeat varies data.seed
 #   KEYS=balanced ...                                train on token-balanced passkeys (`passkey_balanced`, the overlays
 #                                                    recipes/overlays/balanced_keys_stage{1,2,3}.yaml); eval stays uniform
 #   KEYS=balanced KEYS_STAGES="1 2" ...              balanced keys in those stages only (default: every stage run)
