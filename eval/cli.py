@@ -163,15 +163,15 @@ def log_wandb(args, out_dir: Path, rows: list[dict], summary: list[dict], meta: 
         run = wandb.init(project=args.wandb_project, name=name, dir=str(out_dir), mode=mode, job_type="eval",
                          config={k: v for k, v in meta.items() if k != "environment"}, reinit="finish_previous")
         table = wandb.Table(columns=CSV_COLUMNS, data=[[r.get(c) for c in CSV_COLUMNS] for r in rows])
-        scols = ["sweep_value", "task", "length", "accuracy", "tf_token_acc", "tf_exact", "attn_flops_per_token",
-                 "consolidation_passes"]
+        scols = ["sweep_value", "task", "length", "accuracy", "tf_token_acc", "tf_exact", "tf_stop",
+                 "attn_flops_per_token", "consolidation_passes"]
         stable = wandb.Table(columns=scols, data=[[s.get(c) for c in scols] for s in summary])
         run.log({"results": table, "summary": stable, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in images}})
         for s in summary:
             suffix = f"/{s['task']}/{format_length(s['length'])}"
             if s["sweep_value"] is not None:
                 suffix += f"/{s['sweep_value']}"
-            for metric in ("accuracy", "tf_token_acc", "tf_exact"):
+            for metric in ("accuracy", "tf_token_acc", "tf_exact", "tf_stop"):
                 if s.get(metric) is not None:
                     run.summary[metric + suffix] = s[metric]
         run_dir = getattr(run, "dir", None)
@@ -187,14 +187,18 @@ def log_wandb(args, out_dir: Path, rows: list[dict], summary: list[dict], meta: 
 
 def print_summary(summary: list[dict]) -> None:
     """Mean over depths per (setting, task, length): decoded accuracy, and beside it the teacher-forced exact match
-    and token accuracy at the answer positions (high teacher-forced with low decoded accuracy: the decoding path
-    differs from training; both low: the model did not learn the task)."""
+    and token accuracy at the answer positions, and how often the model ends a complete answer (`tf_stop`). High
+    teacher-forced with low decoded accuracy: the model does not stop after the answer (low tf_stop: the decoded
+    answer runs on, "555443" for 55544) or the decoding path differs from training; both low: the model did not
+    learn the task."""
     for s in summary:
         setting = f"[{s['sweep_value']}] " if s["sweep_value"] is not None else ""
         flops = f"  attn FLOPs/token {s['attn_flops_per_token']:.3g}" if s["attn_flops_per_token"] else ""
         tf = ""
         if s.get("tf_exact") is not None:
             tf = f"  tf_exact {s['tf_exact']:.3f}  tf_token_acc {s['tf_token_acc']:.3f}"
+            if s.get("tf_stop") is not None:
+                tf += f"  tf_stop {s['tf_stop']:.3f}"
         print(f"{setting}{s['task']:<22} {format_length(s['length']):>6}  acc {s['accuracy']:.3f}{tf}"
               f"  passes {s['consolidation_passes']}{flops}")
 

@@ -432,12 +432,15 @@ class AttentionStats:
 @dataclass
 class Decoded:
     """What `stream_decode` returns: the greedy continuation `new_ids` (B, m), the stream state after it, and, when
-    answer ids were given, the teacher-forced argmax at each answer position `tf_pred` (n,) and its time `tf_s`."""
+    answer ids were given, the teacher-forced argmax at each answer position `tf_pred` (n,), the argmax after the
+    whole answer `tf_next` (what the model says once the answer is complete: `<eos>` for a model that stops) and
+    their time `tf_s`."""
 
     new_ids: torch.Tensor
     state: object
     tf_pred: list[int] | None = None
     tf_s: float = 0.0
+    tf_next: int | None = None
 
 
 def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
@@ -448,10 +451,11 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     decode greedily: the same segment-by-segment computation as `model.generate(ids)`, with flat memory at any L.
 
     With `teacher_ids` (the answer's n token ids), a branch from the state at the prompt's last segment boundary
-    streams the rest of the prompt and then the answer tokens but the last, teacher-forced: `tf_pred[j]` is the
-    argmax after prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to
-    float rounding; the declared total length stays L). It costs under one segment plus n tokens per sample, and the
-    decoding is unchanged (the branch works on a copy of the state's statistics).
+    streams the rest of the prompt and then the answer tokens, teacher-forced: `tf_pred[j]` is the argmax after
+    prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to float rounding;
+    the declared total length stays L), and `tf_next` the argmax after the whole answer. It costs under one segment
+    plus n + 1 tokens per sample, and the decoding is unchanged (the branch works on a copy of the state's
+    statistics).
 
     `on_tokens(done, total)`, if given, is called with the prompt tokens streamed so far: 0 first, then after
     each chunk, and `total` when the prompt is in (a progress bar inside a long sample)."""
@@ -470,7 +474,7 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     cut = (length - 1) // seg * seg  # the last segment boundary before the prompt's end: where the branch starts
     if cut > head:  # whole segments: the same spans generate would stream
         _, state = model.stream(ids[:, head:cut], state, return_logits="none")
-    tf_pred, tf_s = None, 0.0
+    tf_pred, tf_next, tf_s = None, None, 0.0
     if teacher_ids is not None and len(teacher_ids):
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
@@ -479,10 +483,11 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
         tail = ids[:, cut:]
         if tail.shape[1] > 1:
             _, branch = model.stream(tail[:, :-1], branch, return_logits="none")
-        answer = torch.as_tensor(list(teacher_ids), dtype=ids.dtype, device=ids.device)[None, :-1]
+        answer = torch.as_tensor(list(teacher_ids), dtype=ids.dtype, device=ids.device)[None, :]
         feed = torch.cat([tail[:, -1:], answer.expand(ids.shape[0], -1)], 1)
-        logits, _ = model.stream(feed, branch, return_logits="all")  # (B, n, V): position j predicts answer[j]
-        tf_pred = logits[0].float().argmax(-1).tolist()
+        # (B, n + 1, V): position j < n predicts answer[j], position n what follows the answer
+        logits, _ = model.stream(feed, branch, return_logits="all")
+        *tf_pred, tf_next = logits[0].float().argmax(-1).tolist()
         del logits, branch
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
@@ -490,7 +495,7 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     new_ids, state = model.generate(ids[:, cut:], max_new_tokens, eos_id=eos_id, state=state)
     if on_tokens is not None:
         on_tokens(length, length)
-    return Decoded(new_ids, state, tf_pred, tf_s)
+    return Decoded(new_ids, state, tf_pred, tf_s, tf_next)
 
 
 def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
@@ -499,6 +504,17 @@ def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int |
     memory at any length). Returns (new ids (B, m), state)."""
     out = stream_decode(model, ids, max_new_tokens, eos_id, chunk_tokens, streamer)
     return out.new_ids, out.state
+
+
+def stops_after_answer(next_id: int | None, sample, task, tokenizer, eos_id: int | None) -> float | None:
+    """1.0 if `next_id`, the model's argmax after the complete teacher-forced answer, ends it: `<eos>`, or a token
+    whose text after the answer keeps its score ("." after "71432"); 0.0 if it continues it ("7" after "71432": the
+    decoded answer then runs on and scores 0); None for a list answer or without a next token."""
+    if next_id is None or isinstance(sample.answer, list):
+        return None
+    if eos_id is not None and int(next_id) == int(eos_id):
+        return 1.0
+    return float(task.score(tokenizer.decode([*sample.answer_ids, int(next_id)]), sample) >= 1.0)
 
 
 def teacher_forced_scores(tf_pred: Sequence[int], answer_ids: Sequence[int]) -> tuple[int, bool]:
@@ -566,13 +582,16 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
              on_sample=None, chunk_tokens: int = 8192, streamer=None, teacher_forced: bool = True,
              max_new_tokens: int | None = None, on_tokens=None) -> dict:
     """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell; with
-    `teacher_forced`, also the teacher-forced accuracy at the answer positions (`stream_decode`). Decoding runs for
+    `teacher_forced`, also the teacher-forced accuracy at the answer positions (`stream_decode`) and whether the
+    model ends a complete answer (`tf_stop`: its next token after the teacher-forced answer is `<eos>` or keeps the
+    answer's score, e.g. "."; None for list answers). Decoding runs for
     `max_new_tokens` (default: the task's `max_answer_tokens`) or to `<eos>`. `on_tokens` goes to `stream_decode`
     for each sample. Returns the cell's row (one dict)."""
     max_new = task.max_answer_tokens(tokenizer) if max_new_tokens is None else int(max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     details, scores = [], []
     tf_correct = tf_tokens = tf_exact = 0
+    tf_stops: list[float] = []
     wall = tf_wall = 0.0
     if attn is not None:
         attn.reset()
@@ -612,6 +631,10 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
             tf_correct, tf_tokens, tf_exact = tf_correct + correct, tf_tokens + len(sample.answer_ids), tf_exact + exact
             detail.update({"tf_prediction": tokenizer.decode(res.tf_pred),
                            "tf_token_acc": correct / len(sample.answer_ids), "tf_exact": float(exact)})
+            stop = stops_after_answer(res.tf_next, sample, task, tokenizer, eos)
+            if stop is not None:
+                detail["tf_stop"] = stop
+                tf_stops.append(stop)
         details.append(detail)
         if on_sample is not None:
             on_sample()
@@ -622,6 +645,7 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
         "accuracy": sum(scores) / len(scores),
         "tf_token_acc": tf_correct / tf_tokens if tf_on else None,
         "tf_exact": tf_exact / samples if tf_on else None,
+        "tf_stop": sum(tf_stops) / len(tf_stops) if tf_on and tf_stops else None,
         "wall_s": wall,
         "tf_wall_s": tf_wall if tf_on else None,
         "tokens_per_s": samples * length / wall if wall > 0 else None,
@@ -722,9 +746,10 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
 
 # ----------------------------------------------------------------------------------------------- outputs
 CSV_COLUMNS = [
-    "task", "length", "depth", "n", "accuracy", "tf_token_acc", "tf_exact", "sweep_kind", "sweep_value", "budget",
-    "window", "consolidation", "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction", "attn_flops_per_token",
-    "wall_s", "tf_wall_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes", "mem_measure",
+    "task", "length", "depth", "n", "accuracy", "tf_token_acc", "tf_exact", "tf_stop", "sweep_kind", "sweep_value",
+    "budget", "window", "consolidation", "consolidation_passes", "attn_kept_blocks", "attn_kept_fraction",
+    "attn_flops_per_token", "wall_s", "tf_wall_s", "tokens_per_s", "peak_mem_bytes", "peak_mem_growth_bytes",
+    "mem_measure",
 ]
 
 
@@ -746,6 +771,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
                     "tf_token_acc": _mean([r.get("tf_token_acc") for r in rs]),
                     "tf_exact": _mean([r.get("tf_exact") for r in rs]),
+                    "tf_stop": _mean([r.get("tf_stop") for r in rs]),
                     "attn_flops_per_token": _mean([r.get("attn_flops_per_token") for r in rs]),
                     "consolidation_passes": rs[0].get("consolidation_passes"), "budget": rs[0].get("budget"),
                     "window": rs[0].get("window"), "consolidation": rs[0].get("consolidation")})

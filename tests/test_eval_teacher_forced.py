@@ -100,6 +100,7 @@ def test_teacher_forced_equals_the_training_forward(length, chunk, graphed):
         with torch.no_grad():
             logits = model(torch.tensor([s.prompt_ids + s.answer_ids])).logits[0]
         assert res.tf_pred == logits[length - 1:length - 1 + n].argmax(-1).tolist()
+        assert res.tf_next == int(logits[length - 1 + n].argmax())  # what follows the whole answer
         assert len(set(res.tf_pred)) > 1  # a random model's argmax varies: the comparison means something
         ref, _ = model.generate(ids, 8, state=model.init_state(1, total_length=length))
         assert torch.equal(res.new_ids, ref)
@@ -117,6 +118,32 @@ def test_oracle_scores_one_and_an_off_by_one_scores_zero():
         assert r["tf_exact"] == 0.0 and r["tf_token_acc"] <= 0.4 and r["accuracy"] == 0.0
 
 
+class RunOnOracle(PasskeyOracle):
+    """The oracle, except that after the complete answer it says `after` (a token id) instead of <eos>."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def predict(self, history: list[int]) -> int:
+        nxt = super().predict(history)
+        return self.after if nxt == TOK.eos_id else nxt
+
+
+def test_tf_stop_tells_a_model_that_runs_on_past_the_answer():
+    """tf_stop: the oracle ends every answer (<eos>); a twin that says "7" after the key is right teacher-forced
+    but decodes the key and more digits (exact match 0, tf_stop 0); one that says "." keeps the answer (1, 1)."""
+    assert all(r["tf_stop"] == 1.0 for r in _cell(PasskeyOracle()))
+    digit = _cell(RunOnOracle(TOK.encode("7")[0]), max_new_tokens=10)
+    for r in digit:
+        assert r["tf_exact"] == 1.0 and r["tf_stop"] == 0.0 and r["accuracy"] == 0.0
+        assert all(s["prediction"].startswith(" " + s["answer"] + "7") and s["tf_stop"] == 0.0 for s in r["samples"])
+    period = _cell(RunOnOracle(TOK.encode(".")[0]), max_new_tokens=10)
+    assert all(r["tf_exact"] == 1.0 and r["tf_stop"] == 1.0 and r["accuracy"] == 1.0 for r in period)
+    summary = harness.summarize(digit)
+    assert summary[0]["tf_stop"] == 0.0
+
+
 def test_random_model_is_near_zero():
     torch.manual_seed(0)
     rows = _cell(MemSparseLM(tiny_config()).eval(), samples=3)
@@ -128,6 +155,7 @@ def test_teacher_forcing_off_leaves_the_columns_empty():
     torch.manual_seed(0)
     rows = _cell(MemSparseLM(tiny_config()).eval(), depths=(0.5,), samples=1, teacher_forced=False)
     assert rows[0]["tf_token_acc"] is None and rows[0]["tf_exact"] is None and rows[0]["tf_wall_s"] is None
+    assert rows[0]["tf_stop"] is None
     assert "tf_prediction" not in rows[0]["samples"][0]
 
 
@@ -144,11 +172,11 @@ def test_cli_writes_teacher_forced_columns(tmp_path, monkeypatch, capsys):
     assert len(rows) == 4
     for r in rows:
         assert float(r["accuracy"]) == float(r["tf_token_acc"]) == float(r["tf_exact"]) == 1.0
-        assert float(r["tf_wall_s"]) > 0
+        assert float(r["tf_wall_s"]) > 0 and float(r["tf_stop"]) == 1.0
     data = json.loads((out / "results.json").read_text())
     assert all(s["tf_exact"] == 1.0 and s["tf_token_acc"] == 1.0 for s in data["summary"])
     printed = capsys.readouterr().out
-    assert printed.count("tf_exact 1.000  tf_token_acc 1.000") == 2
+    assert printed.count("tf_exact 1.000  tf_token_acc 1.000  tf_stop 1.000") == 2
     assert (out / "heatmap_passkey.png").stat().st_size > 1000
 
 

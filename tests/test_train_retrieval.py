@@ -151,7 +151,7 @@ def test_callback_in_a_tiny_fit(tmp_path):
     keys = {k for r in rows for k, v in r.items() if v}
     for key in ("retrieval/passkey/256/acc", "retrieval/passkey/384/acc", "retrieval/passkey/256/tf_exact",
                 "retrieval/passkey/384/tf_token_acc", "retrieval/acc", "retrieval/tf_exact", "retrieval/tf_token_acc",
-                "retrieval/wall_s"):
+                "retrieval/passkey/256/tf_stop", "retrieval/tf_stop", "retrieval/wall_s"):
         assert key in keys, key
     evals = [r for r in rows if r.get("retrieval/acc")]
     assert [int(r["step"]) for r in evals] == [2, 4]

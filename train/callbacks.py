@@ -454,9 +454,10 @@ class RetrievalEval(Callback):
     graphs: a CUDA-graph training step stays as captured), in float32 with autocast off as `memsparse-eval` runs an
     export, under `torch.no_grad`, in eval mode, then back to train mode. Decoded accuracy and the teacher-forced
     accuracy at the answer positions are logged per (task, length) and overall to the run's loggers
-    (`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc`, `retrieval/acc|tf_exact|tf_token_acc`,
-    `retrieval/wall_s`); every cell is appended to `<output_dir>/cells.csv` and `cells.jsonl` (with the per-sample
-    predictions), and a heatmap per task is written as `<output_dir>/heatmap_<task>_step<N>.png` (also logged as an
+    (`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc|tf_stop`, `retrieval/acc|tf_exact|tf_token_acc|tf_stop`,
+    `retrieval/wall_s`; tf_stop: how often the model ends a complete teacher-forced answer, see `run_cell`);
+    every cell is appended to `<output_dir>/cells.csv` and `cells.jsonl` (with the per-sample predictions), and a
+    heatmap per task is written as `<output_dir>/heatmap_<task>_step<N>.png` (also logged as an
     image to W&B). `output_dir` defaults to `<default_root_dir>/retrieval`.
 
     Only global rank 0 evaluates; the other ranks wait at a barrier (each rank takes the same decision from the
@@ -479,7 +480,7 @@ class RetrievalEval(Callback):
     """
 
     CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
-                  "wall_s", "tf_wall_s", "tokens_per_s"]
+                  "tf_stop", "wall_s", "tf_wall_s", "tokens_per_s"]
 
     def __init__(self, every_n_steps: int = 500, tasks: str | list[str] = "passkey",
                  lengths: str | list[int | str] = "1k,4k", depths: str | list[float] = "0,0.5,1", samples: int = 2,
@@ -595,20 +596,23 @@ class RetrievalEval(Callback):
                     lg.log_image(key=f"retrieval/heatmap_{task}", images=[str(path)], step=step)
         parts = [f"{k.removeprefix('retrieval/')} {v:.2f}" for k, v in metrics.items() if k.endswith("/acc")]
         rank_zero_info(f"retrieval at step {step} ({wall:.1f}s): " + ", ".join(parts) +
-                       f"; tf_exact {metrics.get('retrieval/tf_exact', float('nan')):.2f}")
+                       f"; tf_exact {metrics.get('retrieval/tf_exact', float('nan')):.2f}"
+                       f", tf_stop {metrics.get('retrieval/tf_stop', float('nan')):.2f}")
         return rows
 
     @staticmethod
     def metrics(rows: list[dict]) -> dict[str, float]:
-        """`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc` (mean over depths) and the means over all cells."""
+        """`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc|tf_stop` (mean over depths) and the means over all
+        cells."""
         out: dict[str, float] = {}
         for s in summarize(rows):
             key = f"retrieval/{s['task']}/{_length_key(s['length'])}"
             out[f"{key}/acc"] = s["accuracy"]
-            for m in ("tf_exact", "tf_token_acc"):
+            for m in ("tf_exact", "tf_token_acc", "tf_stop"):
                 if s.get(m) is not None:
                     out[f"{key}/{m}"] = s[m]
-        for name, m in (("acc", "accuracy"), ("tf_exact", "tf_exact"), ("tf_token_acc", "tf_token_acc")):
+        for name, m in (("acc", "accuracy"), ("tf_exact", "tf_exact"), ("tf_token_acc", "tf_token_acc"),
+                        ("tf_stop", "tf_stop")):
             vals = [r[m] for r in rows if r.get(m) is not None]
             if vals:
                 out[f"retrieval/{name}"] = sum(vals) / len(vals)
