@@ -460,14 +460,17 @@ KERNELS = {"_fwd_kernel": "fwd", "_dq_kernel": "dq", "_dkdv_kernel": "dkdv", "_p
 TUNERS = {"_fwd_tuned": "fwd", "_dq_tuned": "dq", "_dkdv_tuned": "dkdv", "_fused_tuned": "fused"}
 # The opt-in variants' kernels (kernels/sparse_attention_hopper.py); a compiled one is labelled e.g.
 # "fwd[persistent+tma]" from its PERSISTENT (0 one program per item, 1 persistent, 2 dynamic) / TMA constexprs.
-VAR_KERNELS = {"_fwd_var_kernel": "fwd", "_dq_var_kernel": "dq", "_dkdv_var_kernel": "dkdv"}
+VAR_KERNELS = {"_fwd_var_kernel": "fwd", "_dq_var_kernel": "dq", "_dkdv_var_kernel": "dkdv",
+               "_bwd_merged_kernel": "bwd"}
 
 
 def var_label(name, mode, tma):
+    if name == "bwd":  # the merged backward (dK/dV and dQ programs in one launch)
+        return f"bwd[merged{'+tma' if str(tma) == 'True' else ''}]"
     mode = int(mode) if str(mode).isdigit() else int(str(mode) == "True")
     sched = {1: "persistent", 2: "dynamic"}.get(mode)
     return f"{name}[{'+'.join(p for p in (sched, 'tma' if tma else None) if p)}]"
-KERNEL_ORDER = ("fwd", "dq", "dkdv", "fused", "plan", "prep")
+KERNEL_ORDER = ("fwd", "dq", "dkdv", "fused", "bwd", "plan", "prep")
 
 
 def occupancy(n_regs, shared, num_warps):
@@ -494,7 +497,9 @@ def occupancy(n_regs, shared, num_warps):
 
 def _config_dict(cfg):
     kw = getattr(cfg, "kwargs", {}) or {}
-    return {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N"), "num_warps": getattr(cfg, "num_warps", None),
+    tiles = ({k: kw.get(k) for k in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")} if "BLOCK_M1" in kw
+             else {"BLOCK_M": kw.get("BLOCK_M"), "BLOCK_N": kw.get("BLOCK_N")})
+    return {**tiles, "num_warps": getattr(cfg, "num_warps", None),
             "num_stages": getattr(cfg, "num_stages", None),
             **{k: True for k in ("WS", "FLATTEN") if kw.get(k)},
             **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})}
@@ -580,6 +585,8 @@ class KernelRecorder:
         out = [(label, getattr(self.tri, attr, None), label) for attr, label in TUNERS.items()]
         for (name, ws), t in (getattr(self.hop, "_TUNED", {}) or {}).items():
             out.append((f"{name}_var{'_ws' if ws else ''}", t, None))
+        if getattr(self.hop, "_MERGED_TUNED", None) is not None:
+            out.append(("bwd_merged", self.hop._MERGED_TUNED, "bwd[merged]"))
         return out
 
     def _wrap(self, orig, label, variant=False):
@@ -603,7 +610,8 @@ class KernelRecorder:
             if kw.get("FUSED"):
                 label = "fused"
             e = {"kernel": label, "ck": ck, "launches": 0, "programs": {},
-                 "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "R", "CAUSAL", "FUSED",
+                 "constexprs": {k: kw[k] for k in ("G", "BS", "D", "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1",
+                                                   "BLOCK_M2", "BLOCK_N2", "R", "CAUSAL", "FUSED",
                                                    "PERSISTENT", "TMA", "WS", "FLATTEN")
                                 if isinstance(kw.get(k), (int, bool))},
                  "num_warps": kw.get("num_warps"), "num_stages": kw.get("num_stages"), "maxnreg": kw.get("maxnreg")}

@@ -16,6 +16,11 @@ plan (`sparse_attention_plan`: clamped counts, unmasked prefixes, the launch ord
   tensor descriptors (`tl.make_tensor_descriptor`, 4-D over (B, H, L, D) with each tensor's own strides, so a
   tile past L is zero-filled by the hardware instead of masked); on Hopper and later that is a TMA load. The
   descriptors need a global scratch allocation: `triton.set_allocator` is set once, to torch's allocator.
+- `merged`: the backward's dK/dV and dQ work in one launch, as FlexAttention's backward kernel does: programs
+  [0, n_kv) take the key tiles (longest reverse list first), the rest the query row tiles, each with its own tile
+  shape (BLOCK_M1 x BLOCK_N1 for dK/dV, BLOCK_M2 x BLOCK_N2 for dQ) under one num_warps / num_stages; the two
+  roles' programs share the GPU instead of the dQ kernel waiting for the dK/dV kernel's tail. The forward is the
+  default grid. Combines with `tma` only.
 - `ws`: adds autotune configs that mark the key-tile loops `tl.range(..., warp_specialize=True)`, vary
   `num_stages` (software pipelining depth) and, for `persistent`, flatten the work-item loop with its key-tile
   loops (`tl.range(..., flatten=True)`) and cap an 8-warp tile at 128 registers a thread (`maxnreg`, two CTAs an
@@ -46,7 +51,7 @@ if HAS_TRITON:
 else:  # pragma: no cover - depends on the machine
     tl = None
 
-VARIANT_PARTS = ("persistent", "dynamic", "tma", "ws")
+VARIANT_PARTS = ("persistent", "dynamic", "tma", "ws", "merged")
 # Number of programs of a persistent launch: None = the device's SM count (GPU) or 3 under the interpreter (so the
 # CPU tests give every program several items). MEMSPARSE_SPARSE_ATTENTION_PROGRAMS overrides it.
 PERSISTENT_PROGRAMS: int | None = None
@@ -69,6 +74,8 @@ def parse_variant(variant: str) -> frozenset[str]:
         raise ValueError("variant 'ws' adds configs to another variant: use e.g. 'persistent+ws'")
     if {"persistent", "dynamic"} <= parts:
         raise ValueError("variant: 'persistent' (static schedule) and 'dynamic' exclude each other")
+    if "merged" in parts and parts - {"merged", "tma"}:
+        raise ValueError(f"variant 'merged' combines with 'tma' only, got {variant!r}")
     return parts
 
 
@@ -509,6 +516,61 @@ if HAS_TRITON:
                        sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
                        G, BS, D, BLOCK_M, BLOCK_N, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, WS)
 
+    @triton.jit
+    def _bwd_merged_kernel(Q, K, V, DO, DQ, DK, DV, LSE2, DELTA, IDX, CNT, NFULL, ORDER_Q,
+                           REV_OFF, REV_PERM, REV_NPART, ORDER_K, KS,
+                           sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                           sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                           B, Hkv, Lq, Lk, NQ, NK, MB, N_KWORK, qk_scale, scale, NSHARED,
+                           G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                           BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                           CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DOC: tl.constexpr,
+                           TMA: tl.constexpr):
+        """Programs [0, N_KWORK * BS / BLOCK_N1): one key tile's dK/dV each; the rest: one query row tile's dQ."""
+        NSUB1: tl.constexpr = BS // BLOCK_N1
+        HB: tl.constexpr = BLOCK_M1 // BS if BLOCK_M1 > BS else 1
+        RB: tl.constexpr = BS if BLOCK_M1 > BS else BLOCK_M1
+        if TMA:
+            dq_ = tl.make_tensor_descriptor(Q, shape=[B, Hkv * G, Lq, D], strides=[sqb, sqh, sqm, 1],
+                                            block_shape=[1, HB, RB, D])
+            ddo_ = tl.make_tensor_descriptor(DO, shape=[B, Hkv * G, Lq, D], strides=[sdob, sdoh, sdom, 1],
+                                             block_shape=[1, HB, RB, D])
+            dk_ = tl.make_tensor_descriptor(K, shape=[B, Hkv, Lk, D], strides=[skb, skh, skn, 1],
+                                            block_shape=[1, 1, BLOCK_N2, D])
+            dv_ = tl.make_tensor_descriptor(V, shape=[B, Hkv, Lk, D], strides=[svb, svh, svn, 1],
+                                            block_shape=[1, 1, BLOCK_N2, D])
+        else:
+            dq_, ddo_, dk_, dv_ = Q, DO, K, V  # unused
+        w = tl.program_id(0)
+        n_kv = N_KWORK * NSUB1
+        if w < n_kv:
+            _dkdv_item(w, Q, K, V, DO, DK, DV, LSE2, DELTA, REV_OFF, REV_PERM, REV_NPART, ORDER_K, KS, dq_, ddo_,
+                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                       sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
+                       G, BS, D, BLOCK_M1, BLOCK_N1, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, False)
+        else:
+            _dq_item(w - n_kv, Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, NFULL, ORDER_Q, KS, dk_, dv_,
+                     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+                     Hkv, Lq, Lk, NQ, NK, MB, qk_scale, scale, NSHARED,
+                     G, BS, D, BLOCK_M2, BLOCK_N2, CAUSAL, DOT_PREC, UPCAST, DOC, TMA, False)
+
+    def _mcfg(m1, n1, m2, n2, w, s):
+        return triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w,
+                             num_stages=s)
+
+    # The split kernels' configs paired (dK/dV tile, dQ tile) at one num_warps / num_stages, FlexAttention's
+    # backward defaults for D=128 on Hopper among them (64 x 128 and 128 x 64, 8 warps).
+    _MERGED = [_mcfg(64, 128, 128, 64, 8, 2), _mcfg(64, 128, 128, 64, 8, 3), _mcfg(32, 128, 128, 64, 8, 3),
+               _mcfg(64, 64, 64, 64, 4, 3), _mcfg(32, 64, 64, 32, 4, 3), _mcfg(64, 64, 128, 64, 8, 3)]
+
+    def _mprune(configs, named_args, **kwargs):
+        bs = kwargs.get("BS", named_args.get("BS"))
+        kept = [c for c in configs if c.kwargs["BLOCK_N1"] <= bs and c.kwargs["BLOCK_N2"] <= bs]
+        return kept or [_mcfg(64, bs, 64, bs, 4, 2)]
+
+    _MERGED_TUNED = triton.autotune(_MERGED, key=["D", "BS", "G", "CAUSAL", "DOC", "TMA"],
+                                    prune_configs_by={"early_config_prune": _mprune})(_bwd_merged_kernel)
+
     def _cfg(bm, bn, w, s, ws=False, flat=False, maxnreg=None):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws, "FLATTEN": flat}, num_warps=w, num_stages=s,
                              maxnreg=maxnreg)
@@ -552,7 +614,7 @@ if HAS_TRITON:
 
 
 # Tile sizes under the interpreter (tests change them to reach every tiling regime).
-INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}
+INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}  # "merged": the dkdv and dq tiles
 
 
 def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args, **meta):
@@ -579,6 +641,29 @@ def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args
                                   num_warps=warps, num_stages=stages, **meta)
     else:
         _TUNED[(name, "ws" in parts)][lambda cfg: grid(cfg)](*args, **meta)
+
+
+def _launch_merged(parts: frozenset, device: torch.device, n_qwork: int, n_kwork: int, *args, **meta):
+    """The merged backward: n_kwork * (bs / BLOCK_N1) dK/dV programs, then n_qwork * ceil(G * bs / BLOCK_M2) dQ
+    programs, in one launch (autotuned on a GPU; under the interpreter the dkdv and dq tiles of
+    INTERPRET_CONFIG)."""
+    G, bs = meta["G"], meta["BS"]
+
+    def grid(cfg):
+        return (n_kwork * (bs // cfg["BLOCK_N1"]) + n_qwork * triton.cdiv(G * bs, cfg["BLOCK_M2"]),)
+
+    if "tma" in parts:
+        _ensure_allocator(device)
+    if interpreting() or not _tri.AUTOTUNE:
+        if interpreting():
+            (m1, n1), (m2, n2), warps, stages = INTERPRET_CONFIG["dkdv"], INTERPRET_CONFIG["dq"], 4, 1
+        else:
+            m1, n1, warps, stages = _tri.FIXED_CONFIG["dkdv"]
+            m2, n2 = _tri.FIXED_CONFIG["dq"][:2]
+        cfg = {"BLOCK_M1": m1, "BLOCK_N1": min(n1, bs), "BLOCK_M2": m2, "BLOCK_N2": min(n2, bs)}
+        _bwd_merged_kernel[grid(cfg)](*args, **cfg, num_warps=warps, num_stages=stages, **meta)
+    else:
+        _MERGED_TUNED[lambda cfg: grid(cfg)](*args, **meta)
 
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt_c: Tensor, nfull: Tensor, order: Tensor,
@@ -630,6 +715,19 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     prec, up, doc = _tri._dot_prec(q.dtype), _tri._upcast(q.dtype), key_start is not None
     ks = _tri._ks_arg(key_start, cnt_c)
     n_qwork = B * Hkv * NQ
+    n_kwork = B * Hkv * NK
+    if "merged" in parts:
+        _launch_merged(parts, q.device, n_qwork, n_kwork,
+                       q, k, v, do, dq, dk, dv, lse2, delta, idx, cnt_c, nfull, order_q,
+                       rev_off, rev_perm, rev_npart, order_k, ks,
+                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                       dq.stride(0), dq.stride(1), dq.stride(2),
+                       dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                       B, Hkv, Lq, Lk, NQ, NK, MB, n_kwork, scale * LOG2E, scale, shared_keys,
+                       G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=up, DOC=doc,
+                       TMA="tma" in parts)
+        return dq, dk, dv
     _launch("dq", parts, lambda c: n_qwork * triton.cdiv(G * block_size, c["BLOCK_M"]), q.device,
             q, k, v, do, dq, lse2, delta, idx, cnt_c, nfull, order_q, ks,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -637,7 +735,6 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
             dq.stride(0), dq.stride(1), dq.stride(2),
             B, Hkv, Lq, Lk, NQ, NK, MB, n_qwork, scale * LOG2E, scale, shared_keys,
             G=G, BS=block_size, D=D, CAUSAL=causal, DOT_PREC=prec, UPCAST=up, DOC=doc)
-    n_kwork = B * Hkv * NK
     _launch("dkdv", parts, lambda c: n_kwork * (block_size // c["BLOCK_N"]), q.device,
             q, k, v, do, dk, dv, lse2, delta, rev_off, rev_perm, rev_npart, order_k, ks,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

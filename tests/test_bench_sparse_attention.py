@@ -45,17 +45,17 @@ def test_bench_variants_check_only_runs_tiny(tmp_path):
     mod = _bench()
     try:
         doc = mod.main(["--check-only", "--device", "cpu", "--lengths", "128", "--heads", "1/1", "--masks",
-                        "window+random", "--variants", "default,persistent+tma", "--out", str(tmp_path),
+                        "window+random", "--variants", "default,persistent+tma,merged", "--out", str(tmp_path),
                         "--name", "tiny"])
     finally:
         mod.DEV = "cuda"
     checks = doc["results"][0]["masks"]["window+random"]["checks"]
-    assert [c["variant"] for c in checks] == ["default", "persistent+tma"]
+    assert [c["variant"] for c in checks] == ["default", "persistent+tma", "merged"]
     for c in checks + doc["meta"]["small_checks"]:
         assert c["pass"] and c["finite"] and set(c["errors"]) == {"o", "lse", "dq", "dk", "dv"}
-    assert {c["variant"] for c in doc["meta"]["small_checks"]} == {"default", "persistent+tma"}
+    assert {c["variant"] for c in doc["meta"]["small_checks"]} == {"default", "persistent+tma", "merged"}
     saved = json.loads((tmp_path / "tiny.json").read_text())
-    assert saved["meta"]["variants"] == ["default", "persistent+tma"]
+    assert saved["meta"]["variants"] == ["default", "persistent+tma", "merged"]
     assert "| 128 | 1/1 | window+random | persistent+tma | default |" in (tmp_path / "tiny.md").read_text()
     with pytest.raises(ValueError, match="variant"):
         mod.main(["--check-only", "--device", "cpu", "--variants", "default,fastest", "--out", str(tmp_path)])

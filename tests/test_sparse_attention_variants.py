@@ -27,7 +27,7 @@ from memsparse.kernels.sparse_attention import ENV_VAR, sparse_attention  # noqa
 from test_sparse_attention_kernel import check_case, fwd_bwd, make_lists, rel  # noqa: E402
 
 DEV = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE", "cpu")
-VARIANTS = ["persistent", "tma", "persistent+tma"]
+VARIANTS = ["persistent", "tma", "persistent+tma", "merged", "merged+tma"]
 
 
 def _skip_reason(variant: str) -> str | None:
@@ -109,6 +109,8 @@ def test_variant_tilings(monkeypatch, tiles, bs, G):
         pytest.skip("tile sizes are fixed only under the interpreter (the GPU autotunes them)")
     monkeypatch.setattr(hop, "INTERPRET_CONFIG", {"fwd": tiles, "dq": tiles, "dkdv": tiles[::-1]})
     run((1, 2 * G, 2, 75, 99, 16, bs, "random"), "persistent+tma", seed=bs + G)
+    # the merged backward: dK/dV and dQ programs of different tile shapes in one launch
+    run((1, 2 * G, 2, 75, 99, 16, bs, "random"), "merged+tma", seed=bs + G)
 
 
 @pytest.mark.parametrize("programs", [1, 2, 5, 1000])
@@ -165,7 +167,8 @@ def test_parse_variant():
     assert hop.parse_variant("tma+persistent") == {"persistent", "tma"}
     assert hop.parse_variant("Persistent+TMA+ws") == {"persistent", "tma", "ws"}
     assert hop.parse_variant("dynamic+tma") == {"dynamic", "tma"}
-    for bad in ("warp", "persistent+x", "ws", "+", "persistent+dynamic"):
+    assert hop.parse_variant("merged+tma") == {"merged", "tma"}
+    for bad in ("warp", "persistent+x", "ws", "+", "persistent+dynamic", "merged+persistent", "merged+ws"):
         with pytest.raises(ValueError, match="variant"):
             hop.parse_variant(bad)
     q = torch.randn(1, 2, 32, 16)
