@@ -185,3 +185,15 @@ def test_teacher_forced_scores():
     assert harness.teacher_forced_scores([1, 5, 3], [1, 2, 3]) == (2, False)
     with pytest.raises(ValueError):
         harness.teacher_forced_scores([1, 2], [1, 2, 3])
+
+
+def test_stops_after_answer_none_for_list_answers_and_without_a_next_token():
+    """tf_stop is defined for single answers: a list answer (scored by the fraction found) or a missing next token
+    gives None, never a number that would enter the cell's mean."""
+    task = get_task("niah_multivalue")
+    s = task.generate(task.min_length(TOK), 0.5, 0, TOK)
+    assert isinstance(s.answer, list)
+    assert harness.stops_after_answer(TOK.encode("x")[0], s, task, TOK, TOK.eos_id) is None
+    p = get_task("passkey").generate(300, 0.5, 0, TOK)
+    assert harness.stops_after_answer(None, p, get_task("passkey"), TOK, TOK.eos_id) is None
+    assert harness.stops_after_answer(TOK.eos_id, p, get_task("passkey"), TOK, TOK.eos_id) == 1.0
