@@ -94,31 +94,34 @@ def main(argv: list[str] | None = None) -> int:
         lost = [0, 0]  # right when teacher-forced, wrong when decoded: [prompts, of them ran on past the key]
         for key, by_len in sorted(hits_by_key(Path(p), lengths).items()):
             row = {"run": name, "key": key}
+            hits = [h for cells in by_len.values() for h in cells]
             if shares is not None:
                 tokens, rarest = shares.get(key, ([], float("nan")))
                 row["tokens"], row["rarest_share"] = " ".join(repr(t) for t in tokens), f"{rarest:.5f}"
                 label = next((lb for lo, hi, lb in SHARE_BINS if lo <= rarest < hi), None)
                 if label is not None:
-                    found = [h[1] for cells in by_len.values() for h in cells]
-                    bins[label][0] += sum(found)
-                    bins[label][1] += len(found)
+                    bins[label][0] += sum(h[1] for h in hits)
+                    bins[label][1] += len(hits)
             for n, cells in sorted(by_len.items()):
                 row[f"{n}"] = f"{sum(h[1] for h in cells)}/{len(cells)}"
                 deep = [h[1] for h in cells if h[0] < 1]
                 row[f"{n}_depth<1"] = f"{sum(deep)}/{len(deep)}"
-            for _, f, b, tf, ran_on in (h for cells in by_len.values() for h in cells):
-                if tf is not None and b is not None:
-                    forced[b][0] += tf
-                    forced[b][1] += 1
+            far = [0, 0]  # this key beyond the window: [hits, prompts]
+            for _, f, b, tf, ran_on in hits:
+                if b is not None:
+                    where[b][0] += f
+                    where[b][1] += 1
+                    if b:
+                        far[0] += f
+                        far[1] += 1
+                    if tf is not None:
+                        forced[b][0] += tf
+                        forced[b][1] += 1
                 if tf and not f:
                     lost[0] += 1
                     lost[1] += ran_on
-            far = [(h[1], h[2]) for cells in by_len.values() for h in cells if h[2] is not None]
-            if far:
-                row["beyond_window"] = f"{sum(f for f, b in far if b)}/{sum(b for _, b in far)}"
-                for f, b in far:
-                    where[b][0] += f
-                    where[b][1] += 1
+            if any(h[2] is not None for h in hits):
+                row["beyond_window"] = f"{far[0]}/{far[1]}"
             rows.append(row)
         if where[True][1] or where[False][1]:
             summary.append(f"{name}: key beyond the attention window {where[True][0]}/{where[True][1]}, "
