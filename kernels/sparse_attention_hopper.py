@@ -558,8 +558,7 @@ if HAS_TRITON:
         return triton.Config({"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2}, num_warps=w,
                              num_stages=s)
 
-    # The split kernels' configs paired (dK/dV tile, dQ tile) at one num_warps / num_stages, FlexAttention's
-    # backward defaults for D=128 on Hopper among them (64 x 128 and 128 x 64, 8 warps).
+    # The split kernels' configs paired (dK/dV tile, dQ tile) at one num_warps / num_stages.
     _MERGED = [_mcfg(64, 128, 128, 64, 8, 2), _mcfg(64, 128, 128, 64, 8, 3), _mcfg(32, 128, 128, 64, 8, 3),
                _mcfg(64, 64, 64, 64, 4, 3), _mcfg(32, 64, 64, 32, 4, 3), _mcfg(64, 64, 128, 64, 8, 3)]
 
