@@ -68,3 +68,47 @@ def test_passkey_eval_is_followed_by_hits_per_key_with_the_tokenizer(tmp_path):
     assert len(ev) == 1 and "--checkpoint outputs/retrieval_small/export" in ev[0] and "--samples 2" in ev[0]
     assert len(by_key) == 1 and "--tokenizer outputs/retrieval_small/export" in by_key[0]
     assert f"t={tmp_path}/out/t/eval_passkey/results.json" in by_key[0]
+
+
+def run_seeds(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
+    """benchmarks/run_retrieval_seeds.sh from a directory holding a stage-1 export: (exit status, the recorded
+    `python3 -m memsparse.train.cli fit` commands, each prefixed by the directory it ran in, stdout + stderr)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    for name in ("python3", "memsparse-eval", "nvidia-smi"):
+        script = fake / name
+        script.write_text(f'#!/usr/bin/env bash\necho "$(pwd) {name} $*" >> "{calls}"\n')
+        script.chmod(0o755)
+    here = tmp_path / "repo"
+    (here / "outputs" / "retrieval_small_copy" / "export").mkdir(parents=True, exist_ok=True)
+    for d in ("recipes", "benchmarks"):
+        if not (here / d).exists():
+            (here / d).symlink_to(ROOT / d)
+    full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": "out", "EVALS": "", "NAME": "t",
+            "WORK": str(tmp_path / "work"), **env}
+    p = subprocess.run(["bash", "benchmarks/run_retrieval_seeds.sh"], cwd=here, env=full, capture_output=True,
+                       text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return p.returncode, sorted(ln for ln in lines if " python3 -m memsparse.train.cli fit" in ln), p.stdout + p.stderr
+
+
+def test_seeds_run_stage_two_once_per_data_seed_each_in_its_own_directory(tmp_path):
+    rc, fits, out = run_seeds(tmp_path, SEEDS="0 3", TRAIN_ARGS2="--model.lr 1e-3", STEPS2="50")
+    assert rc == 0, out
+    assert len(fits) == 2
+    for f, s in zip(fits, ("0", "3")):
+        assert f.startswith(f"{tmp_path}/work/data_seed{s} ") and "recipes/retrieval_small.yaml" in f
+        assert f"--data.seed {s} --model.lr 1e-3" in f and "--trainer.max_steps 50" in f
+    for s in ("0", "3"):  # stage 1's export reached through a link; results under OUT, named by seed
+        assert (tmp_path / "work" / f"data_seed{s}" / "outputs" / "retrieval_small_copy" / "export").is_dir()
+        assert (tmp_path / "repo" / "out" / f"t_data_seed{s}" / "steps.log").exists()
+
+
+def test_seeds_refuse_stage_one_and_a_missing_export(tmp_path):
+    rc, fits, out = run_seeds(tmp_path, STAGES="1 2")
+    assert rc == 2 and fits == [] and "run STAGES=1" in out
+    rc, fits, out = run_seeds(tmp_path, SEEDS="x")
+    assert rc == 2 and fits == [] and "non-negative integers" in out
+    rc, fits, out = run_seeds(tmp_path, MEM="0")
+    assert rc == 2 and fits == [] and "no outputs/ablation_retrieval_no_memory_copy/export" in out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Stage 2 of the retrieval curriculum (or stages 2-4) once per data seed, all from one stage-1 export, the runs side by
+# side on one GPU (a stage-2 run keeps an H200 far from busy):
+#   STAGES=1 EVALS= bash benchmarks/run_retrieval.sh          stage 1 once (its export stays in outputs/)
+#   SEEDS="0 1" bash benchmarks/run_retrieval_seeds.sh        then stage 2 with --data.seed 0 and --data.seed 1
+# Every other variable goes to benchmarks/run_retrieval.sh (STAGES, default 2; STEPS2, TRAIN_ARGS2, EVALS, MEM, ...);
+# each seed's TRAIN_ARGS2 starts with "--data.seed <s>". Stages 2-4 are deterministic given the export and data.seed
+# (docs/results.md), so the seeds are what varies. Each seed runs in its own directory ($WORK/data_seed<s>, holding
+# links to recipes/, benchmarks/ and stage 1's outputs) so the runs' outputs/ do not collide; results go to
+# $OUT/${NAME}_data_seed<s>/ (and .tgz) as run_retrieval.sh writes them, its log to $OUT/${NAME}_data_seed<s>.log.
+# Side by side the runs share the GPU: their wall times are not a solo run's.
+set -u
+ROOT=$(pwd)
+SEEDS=${SEEDS:-"0 1"}
+STAGES=${STAGES:-2}
+NAME=${NAME:-retrieval_small}
+WORK=${WORK:-/tmp/memsparse_seeds}
+if [ "${MEM:-1}" = 1 ]; then C1=retrieval_small_copy; else C1=ablation_retrieval_no_memory_copy; fi
+case " $STAGES " in *" 1 "*)
+  echo "run_retrieval_seeds.sh repeats stages 2-4 from stage 1's export: run STAGES=1 bash benchmarks/run_retrieval.sh first"
+  exit 2 ;; esac
+[ -d "outputs/$C1/export" ] || { echo "no outputs/$C1/export here: run STAGES=1 bash benchmarks/run_retrieval.sh first"; exit 2; }
+mkdir -p "${OUT:-benchmarks/results}"
+OUT=$(cd "${OUT:-benchmarks/results}" && pwd)  # absolute: each run starts in its own directory
+
+pids=()
+for s in $SEEDS; do
+  [[ "$s" =~ ^[0-9]+$ ]] || { echo "SEEDS holds '$s': data seeds are non-negative integers"; exit 2; }
+  W="$WORK/data_seed$s"
+  rm -rf "$W" && mkdir -p "$W/outputs"
+  ln -s "$ROOT/recipes" "$ROOT/benchmarks" "$W/"
+  ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"
+  (cd "$W" && OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$s" TRAIN_ARGS2="--data.seed $s ${TRAIN_ARGS2:-}" \
+    bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$s.log" 2>&1) &
+  pids+=($!)
+  echo "data seed $s: $W, log $OUT/${NAME}_data_seed$s.log"
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
