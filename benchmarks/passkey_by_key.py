@@ -1,6 +1,8 @@
 """Passkey hits per key across memsparse-eval runs: which keys a model finds, at which lengths and depths.
 
     python benchmarks/passkey_by_key.py NAME=path/to/results.json [NAME=...] [--lengths 1024,2048] [--out x.csv]
+    python benchmarks/passkey_by_key.py NAME=path/to/cells.jsonl@1900 ...   RetrievalEval's cells at step 1900
+                                                                            (without @STEP: the last step)
 
 Prints one row per (run, key): found / cells at each length, and with the key inside the window excluded
 (depths < 1). memsparse-eval uses the same seeds in every cell, so sample i is the same key at every length.
@@ -30,17 +32,36 @@ from pathlib import Path
 Hit = tuple[float, bool, bool | None, bool | None, bool]
 
 
-def hits_by_key(path: Path, lengths: set[int] | None = None) -> dict[str, dict[int, list[Hit]]]:
+def load_cells(path: Path, step: int | None = None) -> tuple[list[dict], dict]:
+    """(cells, meta) of a memsparse-eval results.json, or of one step of a RetrievalEval cells.jsonl (the callback's
+    grid while training: one cell a line, each with its `step`; `step` None: the last). A step the file does not
+    hold is a ValueError naming the steps it does."""
+    if path.suffix != ".jsonl":
+        data = json.loads(path.read_text())
+        return data["cells"], data.get("meta", {})
+    cells = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = sorted({int(c["step"]) for c in cells})
+    if not steps:
+        raise ValueError(f"{path} holds no cells")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise ValueError(f"{path} holds steps {', '.join(map(str, steps))}, not {step}")
+    return [c for c in cells if int(c["step"]) == step], {}
+
+
+def hits_by_key(path: Path, lengths: set[int] | None = None,
+                step: int | None = None) -> dict[str, dict[int, list[Hit]]]:
     """{key: {length: [(depth, found, beyond_window, tf_exact, ran_on), ...]}} from one memsparse-eval results.json
-    (task passkey); beyond_window: the key's distance from the prompt's end exceeds the cell's window (None without
-    distances); tf_exact: the teacher-forced exact match (None without it); ran_on: not found, though the decoded
-    text starts with the key (more digits followed it)."""
-    data = json.loads(path.read_text())
+    or one step of a RetrievalEval cells.jsonl (task passkey); beyond_window: the key's distance from the prompt's end
+    exceeds the cell's window (None without distances); tf_exact: the teacher-forced exact match (None without it);
+    ran_on: not found, though the decoded text starts with the key (more digits followed it)."""
+    cells, meta = load_cells(path, step)
     out: dict[str, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
-    for c in data["cells"]:
+    for c in cells:
         if c["task"] != "passkey" or (lengths and c["length"] not in lengths):
             continue
-        window = c.get("window") or data.get("meta", {}).get("window")
+        window = c.get("window") or meta.get("window")
         for s in c["samples"]:
             dist = s.get("needle_distances")
             beyond = None if not dist or not window else min(dist) > int(window)
@@ -71,7 +92,7 @@ def rarest_shares(tokenizer_dir: str, digits: int = 5) -> dict[str, tuple[list[s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="NAME=results.json")
+    ap.add_argument("runs", nargs="+", help="NAME=results.json, or NAME=cells.jsonl[@STEP]")
     ap.add_argument("--lengths", default="", help="comma-separated lengths in tokens (default: all in each file)")
     ap.add_argument("--out", default="", help="also write the table as CSV here")
     ap.add_argument("--tokenizer", default="", help="a saved tokenizer directory: add each key's rarest-token share")
@@ -85,14 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = [], []
     for spec in a.runs:
         name, sep, p = spec.partition("=")
+        step = None
+        if p.rpartition("@")[2].isdigit() and p.rpartition("@")[0].endswith(".jsonl"):
+            p, step = p.rpartition("@")[0], int(p.rpartition("@")[2])
         if not sep or not Path(p).is_file():
-            print(f"passkey_by_key: expected NAME=results.json with an existing file, got {spec!r}", file=sys.stderr)
+            print(f"passkey_by_key: expected NAME=results.json or NAME=cells.jsonl[@STEP] with an existing file, got "
+                  f"{spec!r}", file=sys.stderr)
+            return 2
+        try:
+            by_key = hits_by_key(Path(p), lengths, step)
+        except ValueError as e:
+            print(f"passkey_by_key: {e}", file=sys.stderr)
             return 2
         bins = {label: [0, 0] for _, _, label in SHARE_BINS}
         where = {True: [0, 0], False: [0, 0]}  # beyond the window / inside: [hits, prompts]
         forced = {True: [0, 0], False: [0, 0]}  # the same, teacher-forced exact: [hits, prompts]
         lost = [0, 0]  # right when teacher-forced, wrong when decoded: [prompts, of them ran on past the key]
-        for key, by_len in sorted(hits_by_key(Path(p), lengths).items()):
+        for key, by_len in sorted(by_key.items()):
             row = {"run": name, "key": key}
             hits = [h for cells in by_len.values() for h in cells]
             if shares is not None:

@@ -24,7 +24,7 @@
 #   KEYS=balanced KEYS_STAGES="1 2" ...              balanced keys in those stages only (default: every stage run)
 #   KEYS=balanced ASKS=4 ...                         stages 3-4 also ask each sample's question 4 times
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
-#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 1,900 / 1,000 /
+#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, passkey hits per key and by
 # each key's rarest-token share (passkey_by_key.txt / .csv), logs) go to
@@ -78,7 +78,8 @@ for s in $STAGES; do
   [ -n "$m" ] && cp "$m" "$D/metrics_$O.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$O" --out "$D" \
     --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
   cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null
-  grep -q '"ended_by": "max_time"' "outputs/$O/phase_times.json" 2>/dev/null && \
+  # the top-level ended_by (the latest invocation's; a resumed run's "segments" keep the earlier ones')
+  grep -q '^ "ended_by": "max_time"' "outputs/$O/phase_times.json" 2>/dev/null && \
     log "stage $s: stopped by trainer.max_time before max_steps (fewer steps than the recipe's; see its log)"
   [ -d "outputs/$O/retrieval" ] && cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
   pack

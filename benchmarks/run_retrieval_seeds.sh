@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 2 of the retrieval curriculum (or stages 2-4) once per data seed, all from one stage-1 export, the runs side by
-# side on one GPU (a stage-2 run keeps an H200 far from busy):
+# side on one GPU in one call (no faster than one after the other: a stage-2 run alone keeps an H100 busy, two side by
+# side made 0.23 s a step each against 0.12 alone; benchmarks/results/retrieval_stage2_steps_h100_2026-12-06/):
 #   STAGES=1 EVALS= bash benchmarks/run_retrieval.sh          stage 1 once (its export stays in outputs/)
 #   SEEDS="0 1" bash benchmarks/run_retrieval_seeds.sh        then stage 2 with --data.seed 0 and --data.seed 1
 # Every other variable goes to benchmarks/run_retrieval.sh (STAGES, default 2; STEPS2, TRAIN_ARGS2, EVALS, MEM, ...);
@@ -8,6 +9,7 @@
 # (docs/results.md), so the seeds are what varies. Each seed runs in its own directory ($WORK/data_seed<s>, holding
 # links to recipes/, benchmarks/ and stage 1's outputs) so the runs' outputs/ do not collide; results go to
 # $OUT/${NAME}_data_seed<s>/ (and .tgz) as run_retrieval.sh writes them, its log to $OUT/${NAME}_data_seed<s>.log.
+# RESUME=1 keeps those directories: with TRAIN_ARGS2="--ckpt_path last" and a larger STEPS2 each seed's run goes on.
 # Side by side the runs share the GPU: their wall times are not a solo run's.
 set -u
 ROOT=$(pwd)
@@ -27,9 +29,13 @@ pids=()
 for s in $SEEDS; do
   [[ "$s" =~ ^[0-9]+$ ]] || { echo "SEEDS holds '$s': data seeds are non-negative integers"; exit 2; }
   W="$WORK/data_seed$s"
-  rm -rf "$W" && mkdir -p "$W/outputs"
-  ln -s "$ROOT/recipes" "$ROOT/benchmarks" "$W/"
-  ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"
+  if [ "${RESUME:-0}" = 1 ]; then  # the seeds' earlier runs go on: TRAIN_ARGS2="--ckpt_path last" STEPS2=<more>
+    [ -d "$W/outputs" ] || { echo "RESUME=1: no earlier run in $W"; exit 2; }
+  else
+    rm -rf "$W" && mkdir -p "$W/outputs"
+    ln -s "$ROOT/recipes" "$ROOT/benchmarks" "$W/"
+    ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"
+  fi
   (cd "$W" && OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$s" TRAIN_ARGS2="--data.seed $s ${TRAIN_ARGS2:-}" \
     bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$s.log" 2>&1) &
   pids+=($!)

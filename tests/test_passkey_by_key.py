@@ -100,3 +100,19 @@ def test_teacher_forced_split_and_keys_that_run_on(tmp_path, capsys):
     # " 1110" ran on but was wrong teacher-forced too: not counted; " 229" is wrong, not a run-on
     assert ("run: teacher-forced, beyond the window 3/3, inside 1/2; right teacher-forced but not decoded 2, "
             "of them 1 ran on past the key (its digits, then more)") in out
+
+
+def test_retrieval_eval_cells_by_step(tmp_path, capsys):
+    """RetrievalEval's cells.jsonl: @STEP picks one evaluation, none the last; an absent step names those held."""
+    def cell(step, found):
+        c = _cell(1024, 0.0, {"111": found})
+        c["samples"][0]["needle_distances"], c["window"], c["step"] = [900], 512, step
+        return json.dumps(c)
+
+    p = tmp_path / "cells.jsonl"
+    p.write_text("\n".join([cell(10, 0.0), cell(20, 1.0)]) + "\n")
+    assert pbk.main([f"a={p}@10", f"b={p}"]) == 0
+    out = capsys.readouterr().out
+    assert "a: key beyond the attention window 0/1" in out and "b: key beyond the attention window 1/1" in out
+    assert pbk.main([f"a={p}@30"]) == 2
+    assert "holds steps 10, 20, not 30" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""Passkey retrieval against training steps, from RetrievalEval's cells.jsonl of one or more runs: per run and step,
+decoded accuracy per length, keys found with the key beyond / inside the attention window (decoded and
+teacher-forced), and tf_stop; a table (.md), the figures (.json) and a plot of the counts against steps (.png).
+
+    python benchmarks/retrieval_by_step.py seed0=.../cells.jsonl seed1=.../cells.jsonl --name X --out DIR \
+        --device "NVIDIA H100 80GB HBM3"
+
+The window split uses each sample's needle distance (passkey_by_key.py); a resumed run's cells.jsonl holds the
+evaluations of all its invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("passkey_by_key", Path(__file__).with_name("passkey_by_key.py"))
+pbk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pbk)
+
+
+def steps_of(path: Path) -> list[int]:
+    """The steps a cells.jsonl holds evaluations of, ascending."""
+    return sorted({int(json.loads(line)["step"]) for line in path.read_text().splitlines() if line.strip()})
+
+
+def by_step(path: Path) -> list[dict]:
+    """One row per evaluated step: {step, acc_<length>, beyond, beyond_n, inside, inside_n, tf_beyond, tf_inside,
+    tf_stop} (counts of prompts; tf_stop the mean over the passkey cells that report it, else None)."""
+    rows = []
+    for step in steps_of(path):
+        cells, _ = pbk.load_cells(path, step)
+        row: dict = {"step": step}
+        for c in cells:
+            if c["task"] == "passkey":
+                row.setdefault(f"acc_{c['length']}", []).append(float(c["accuracy"]))
+        for k in [k for k in row if k.startswith("acc_")]:
+            row[k] = round(sum(row[k]) / len(row[k]), 4)
+        stops = [float(c["tf_stop"]) for c in cells if c["task"] == "passkey" and c.get("tf_stop") is not None]
+        row["tf_stop"] = round(sum(stops) / len(stops), 4) if stops else None
+        count = {True: [0, 0, 0], False: [0, 0, 0]}  # beyond / inside: [decoded hits, teacher-forced hits, prompts]
+        for cells_by_len in pbk.hits_by_key(path, None, step).values():
+            for hits in cells_by_len.values():
+                for _, found, beyond, tf, _ in hits:
+                    if beyond is not None:
+                        count[beyond][0] += found
+                        count[beyond][1] += bool(tf)
+                        count[beyond][2] += 1
+        row.update(beyond=count[True][0], tf_beyond=count[True][1], beyond_n=count[True][2],
+                   inside=count[False][0], tf_inside=count[False][1], inside_n=count[False][2])
+        rows.append(row)
+    return rows
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: one line per run and step."""
+    lengths = sorted({int(k[4:]) for rows in runs.values() for r in rows for k in r if k.startswith("acc_")})
+    head = ["run", "step"] + [f"acc {n}" for n in lengths] + [
+        "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_stop"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in runs.items():
+        for r in rows:
+            cells = [name, str(r["step"])] + [f"{r[f'acc_{n}']:.2f}" if f"acc_{n}" in r else "-" for n in lengths]
+            cells += [f"{r['beyond']} / {r['tf_beyond']} of {r['beyond_n']}",
+                      f"{r['inside']} / {r['tf_inside']} of {r['inside_n']}",
+                      "-" if r["tf_stop"] is None else f"{r['tf_stop']:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[dict]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, where in zip(axes, ("beyond", "inside")):
+        for name, rows in runs.items():
+            steps = [r["step"] for r in rows]
+            ax.plot(steps, [r[where] / max(r[f"{where}_n"], 1) for r in rows], marker="o", label=name)
+        ax.set_title(f"key {where} the attention window")
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("passkey exact match (decoded)")
+    axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="NAME=cells.jsonl (RetrievalEval's, under the run's retrieval/)")
+    ap.add_argument("--name", default="retrieval_by_step")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--device", default="", help="the GPU the runs trained on (for the plot's title)")
+    a = ap.parse_args(argv)
+    runs: dict[str, list[dict]] = {}
+    for spec in a.runs:
+        name, sep, p = spec.partition("=")
+        if not sep or not Path(p).is_file() or not p.endswith(".jsonl"):
+            print(f"retrieval_by_step: expected NAME=cells.jsonl with an existing file, got {spec!r}", file=sys.stderr)
+            return 2
+        try:
+            runs[name] = by_step(Path(p))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            print(f"retrieval_by_step: {p}: not RetrievalEval cells ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(runs)
+    (out / f"{a.name}.md").write_text(md)
+    (out / f"{a.name}.json").write_text(json.dumps({"device": a.device, "runs": runs}, indent=1) + "\n")
+    plot(runs, f"passkey by training step ({a.device})" if a.device else "passkey by training step",
+         out / f"{a.name}.png")
+    print(md, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/retrieval_by_step.py: RetrievalEval's cells.jsonl counted per step, beyond / inside the window."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("retrieval_by_step", REPO / "benchmarks" / "retrieval_by_step.py")
+rbs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rbs)
+
+
+def _cell(step, length, distance, scores, tf):
+    return {"task": "passkey", "length": length, "depth": 0.0, "window": 512, "step": step,
+            "accuracy": sum(scores) / len(scores), "tf_stop": 1.0,
+            "samples": [{"answer": str(100 + i), "prediction": " x", "score": s, "tf_exact": t,
+                         "needle_distances": [distance]} for i, (s, t) in enumerate(zip(scores, tf))]}
+
+
+def test_counts_per_step(tmp_path, capsys):
+    p = tmp_path / "cells.jsonl"
+    rows = [_cell(10, 1024, 900, [0.0, 0.0], [0.0, 1.0]), _cell(10, 2048, 100, [1.0, 0.0], [1.0, 0.0]),
+            _cell(20, 1024, 900, [1.0, 1.0], [1.0, 1.0]), _cell(20, 2048, 100, [1.0, 1.0], [1.0, 1.0])]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert rbs.main([f"a={p}", "--name", "t", "--out", str(tmp_path / "o")]) == 0
+    got = json.loads((tmp_path / "o" / "t.json").read_text())["runs"]["a"]
+    assert [r["step"] for r in got] == [10, 20]
+    first = got[0]
+    assert (first["beyond"], first["tf_beyond"], first["beyond_n"]) == (0, 1, 2)
+    assert (first["inside"], first["tf_inside"], first["inside_n"]) == (1, 1, 2)
+    assert first["acc_1024"] == 0.0 and first["acc_2048"] == 0.5
+    assert got[1]["beyond"] == 2 and got[1]["inside"] == 2
+    assert (tmp_path / "o" / "t.png").stat().st_size > 0
+    assert "| a | 10 | 0.00 | 0.50 | 0 / 1 of 2 | 1 / 1 of 2 | 1.00 |" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert rbs.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "NAME=cells.jsonl" in capsys.readouterr().err
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"task": "passkey"}\n')
+    assert rbs.main([f"a={p}", "--out", str(tmp_path)]) == 2
+    assert "not RetrievalEval cells" in capsys.readouterr().err
