@@ -1,7 +1,7 @@
 """Block-sparse attention on the GPU: our Triton kernel vs FlexAttention vs dense SDPA flash, one run.
 
 Same inputs and the same block lists for every variant (BENCHMARKS.md section 1): B=1, 16 query heads,
-D=128, bf16, causal 128-blocks, per query block the 8 most recent blocks (window 1024, diagonal
+D=128 (`--head-dim`), bf16, causal 128-blocks, per query block the 8 most recent blocks (window 1024, diagonal
 included) + 16 pseudo-random earlier blocks + block 0; and a dense (full causal) list beside SDPA.
 Before timing, each kernel output and gradient is checked against an fp32 PyTorch computation of the
 same function (all query blocks at 8K; a subset of query blocks, and the key blocks whose every query
@@ -70,6 +70,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 BS = 128
 DEV = "cuda"
+HEAD_DIM = 128  # --head-dim
 
 
 def import_kernels():
@@ -746,8 +747,9 @@ def item_fits(now_s: float, est_s: float, deadline_s: float, started: bool) -> b
     return not deadline_s or not started or now_s + est_s <= deadline_s
 
 
-def make_inputs(L, Hq, Hkv, D=128):
-    """Deterministic per (L, Hkv), so every item of one (L, heads) sees the same tensors."""
+def make_inputs(L, Hq, Hkv, D=None):
+    """Deterministic per (L, Hkv), so every item of one (L, heads) sees the same tensors; D: HEAD_DIM if None."""
+    D = HEAD_DIM if D is None else D
     gen = torch.Generator(device=DEV).manual_seed(L + Hkv)
     q = torch.randn(1, Hq, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
@@ -1468,9 +1470,9 @@ def _val(v, bid):
 
 def markdown(results, meta, report=None, failures=()):
     lines = [f"# Block-sparse attention: our Triton kernel vs FlexAttention vs SDPA flash ({meta['device']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D=128, causal, block 128; "
-             f"`do_bench` medians in ms (each timed twice, the lower shown; once above {SLOW_MS:.0f} ms); graph = "
-             f"CUDA-graph replays (GPU-only, no host launch cost, no L2 flush); TFLOP/s on kept work "
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D={meta.get('head_dim', 128)}, causal, "
+             f"block 128; `do_bench` medians in ms (each timed twice, the lower shown; once above {SLOW_MS:.0f} ms); "
+             f"graph = CUDA-graph replays (GPU-only, no host launch cost, no L2 flush); TFLOP/s on kept work "
              f"(fwd 4*kept*D, fwd+bwd 3.5x); ideal = SDPA time x density. Command: `{meta['command']}`", ""]
     lines += main_tables(results)
     lines += variants_lines(results)
@@ -1548,9 +1550,9 @@ def check_only(args, lengths, heads, masks, variants, modes, log):
 
 def check_only_lines(results, meta):
     lines = [f"# Block-sparse attention kernel checks, no timing ({meta['device']})", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D=128, causal, block 128; rel. errors "
-             f"against an fp32 computation (pass: every value finite and each <= 1e-2). Command: "
-             f"`{meta['command']}`", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D={meta.get('head_dim', 128)}, causal, "
+             f"block 128; rel. errors against an fp32 computation (pass: every value finite and each <= 1e-2). "
+             f"Command: `{meta['command']}`", "",
              "| L | heads q/kv | mask | variant | bwd | o | lse | dq | dk | dv | check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted_rows(results):
@@ -1568,7 +1570,7 @@ def check_only_lines(results, meta):
 
 
 def main(argv=None):
-    global DEV
+    global DEV, HEAD_DIM
     t_proc = process_start_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -1590,6 +1592,7 @@ def main(argv=None):
     ap.add_argument("--persistent-programs", type=int, default=0,
                     help="programs of a persistent variant's launch (0: the SM count)")
     ap.add_argument("--check-only", action="store_true", help="only the checks (every variant and bwd mode)")
+    ap.add_argument("--head-dim", type=int, default=128, help="D of q, k, v (the GPU recipes use 64)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu with --check-only (needs TRITON_INTERPRET=1)")
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="start a work item only if its estimated end is within this many seconds of the process "
@@ -1605,13 +1608,16 @@ def main(argv=None):
     if args.persistent_programs:
         hop.PERSISTENT_PROGRAMS = args.persistent_programs
     DEV = args.device
+    if args.head_dim not in tri.SUPPORTED_HEAD_DIMS:
+        raise SystemExit(f"--head-dim {args.head_dim}: the kernels take {tri.SUPPORTED_HEAD_DIMS}")
+    HEAD_DIM = args.head_dim
     if DEV != "cuda" and not (args.check_only and DEV == "cpu" and tri.interpreting()):
         raise SystemExit("--device cpu runs only with --check-only and TRITON_INTERPRET=1")
     meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "command": "python " + " ".join(sys.argv if argv is None else
                                                                                  [sys.argv[0], *argv]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants, "head_dim": HEAD_DIM}
     log_f = open(out / f"{args.name}.log", "a")
 
     def log(msg):
@@ -1707,7 +1713,7 @@ def main(argv=None):
             attempted = True
             res = next((r for r in results if (r["L"], r["Hq"], r["Hkv"]) == (L, Hq, Hkv)), None)
             if res is None:
-                res = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": 128, "block_size": BS, "masks": {}}
+                res = {"L": L, "Hq": Hq, "Hkv": Hkv, "D": HEAD_DIM, "block_size": BS, "masks": {}}
                 results.append(res)
             if recorder is not None:
                 recorder.context = _item_str(it)

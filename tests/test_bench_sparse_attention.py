@@ -59,3 +59,21 @@ def test_bench_variants_check_only_runs_tiny(tmp_path):
     assert "| 128 | 1/1 | window+random | persistent+tma | default |" in (tmp_path / "tiny.md").read_text()
     with pytest.raises(ValueError, match="variant"):
         mod.main(["--check-only", "--device", "cpu", "--variants", "default,fastest", "--out", str(tmp_path)])
+
+
+def test_head_dim_reaches_the_inputs_and_the_report(tmp_path):
+    """--head-dim 32 (the recipes use 64): the checked tensors have it, the JSON rows and the report say it; a head
+    dim the kernels do not take is one line."""
+    mod = _bench()
+    try:
+        doc = mod.main(["--check-only", "--device", "cpu", "--lengths", "128", "--heads", "2/1", "--masks",
+                        "window+random", "--variants", "default,merged", "--no-small-checks", "--head-dim", "32",
+                        "--out", str(tmp_path), "--name", "d32"])
+    finally:
+        mod.DEV, mod.HEAD_DIM = "cuda", 128
+    row = doc["results"][0]
+    assert row["D"] == 32 and doc["meta"]["head_dim"] == 32
+    assert all(c["pass"] for c in row["masks"]["window+random"]["checks"])
+    assert "D=32" in (tmp_path / "d32.md").read_text()
+    with pytest.raises(SystemExit, match="head-dim 48"):
+        mod.main(["--check-only", "--device", "cpu", "--head-dim", "48", "--out", str(tmp_path)])
