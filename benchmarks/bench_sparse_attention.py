@@ -1,8 +1,9 @@
 """Block-sparse attention on the GPU: our Triton kernel vs FlexAttention vs dense SDPA flash, one run.
 
 Same inputs and the same block lists for every variant (BENCHMARKS.md section 1): B=1, 16 query heads,
-D=128 (`--head-dim`), bf16, causal 128-blocks, per query block the 8 most recent blocks (window 1024, diagonal
-included) + 16 pseudo-random earlier blocks + block 0; and a dense (full causal) list beside SDPA.
+D=128 (`--head-dim`), bf16, causal 128-blocks (`--block-size`), per query block the 8 most recent blocks
+(window 1024, diagonal included) + 16 pseudo-random earlier blocks + block 0; and a dense (full causal) list
+beside SDPA.
 Before timing, each kernel output and gradient is checked against an fp32 PyTorch computation of the
 same function (all query blocks at 8K; a subset of query blocks, and the key blocks whose every query
 block is in it, at longer lengths). Writes JSON + a markdown table to --out (default $OUT).
@@ -68,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-BS = 128
+BS = 128  # --block-size
 DEV = "cuda"
 HEAD_DIM = 128  # --head-dim
 
@@ -1049,7 +1050,7 @@ def breakdown(L, Hq, Hkv, log):
     """Where our fwd+bwd time goes on the window+random mask: host planning, each kernel, host (CPU) time."""
     from memsparse.kernels import sparse_attention_triton as tri
 
-    D, nq = 128, L // BS
+    D, nq = HEAD_DIM, L // BS
     gen = torch.Generator(device=DEV).manual_seed(L)
     q = torch.randn(1, Hq, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, Hkv, L, D, device=DEV, dtype=torch.bfloat16, generator=gen)
@@ -1471,7 +1472,8 @@ def _val(v, bid):
 def markdown(results, meta, report=None, failures=()):
     lines = [f"# Block-sparse attention: our Triton kernel vs FlexAttention vs SDPA flash ({meta['device']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D={meta.get('head_dim', 128)}, causal, "
-             f"block 128; `do_bench` medians in ms (each timed twice, the lower shown; once above {SLOW_MS:.0f} ms); "
+             f"block {meta.get('block_size', 128)}; `do_bench` medians in ms (each timed twice, the lower shown; "
+             f"once above {SLOW_MS:.0f} ms); "
              f"graph = CUDA-graph replays (GPU-only, no host launch cost, no L2 flush); TFLOP/s on kept work "
              f"(fwd 4*kept*D, fwd+bwd 3.5x); ideal = SDPA time x density. Command: `{meta['command']}`", ""]
     lines += main_tables(results)
@@ -1551,7 +1553,8 @@ def check_only(args, lengths, heads, masks, variants, modes, log):
 def check_only_lines(results, meta):
     lines = [f"# Block-sparse attention kernel checks, no timing ({meta['device']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, bf16, B=1, D={meta.get('head_dim', 128)}, causal, "
-             f"block 128; rel. errors against an fp32 computation (pass: every value finite and each <= 1e-2). "
+             f"block {meta.get('block_size', 128)}; rel. errors against an fp32 computation (pass: every value finite "
+             f"and each <= 1e-2). "
              f"Command: `{meta['command']}`", "",
              "| L | heads q/kv | mask | variant | bwd | o | lse | dq | dk | dv | check |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -1570,7 +1573,7 @@ def check_only_lines(results, meta):
 
 
 def main(argv=None):
-    global DEV, HEAD_DIM
+    global DEV, HEAD_DIM, BS
     t_proc = process_start_time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -1593,6 +1596,8 @@ def main(argv=None):
                     help="programs of a persistent variant's launch (0: the SM count)")
     ap.add_argument("--check-only", action="store_true", help="only the checks (every variant and bwd mode)")
     ap.add_argument("--head-dim", type=int, default=128, help="D of q, k, v (the GPU recipes use 64)")
+    ap.add_argument("--block-size", type=int, default=128,
+                    help="tokens a block (the GPU recipes use 64; the masks' window and extra blocks stay counts)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu with --check-only (needs TRITON_INTERPRET=1)")
     ap.add_argument("--deadline-s", type=float, default=0.0,
                     help="start a work item only if its estimated end is within this many seconds of the process "
@@ -1611,13 +1616,17 @@ def main(argv=None):
     if args.head_dim not in tri.SUPPORTED_HEAD_DIMS:
         raise SystemExit(f"--head-dim {args.head_dim}: the kernels take {tri.SUPPORTED_HEAD_DIMS}")
     HEAD_DIM = args.head_dim
+    if args.block_size not in (16, 32, 64, 128, 256):
+        raise SystemExit(f"--block-size {args.block_size}: the kernels take 16 to 256, a power of two")
+    BS = args.block_size
     if DEV != "cuda" and not (args.check_only and DEV == "cpu" and tri.interpreting()):
         raise SystemExit("--device cpu runs only with --check-only and TRITON_INTERPRET=1")
     meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "command": "python " + " ".join(sys.argv if argv is None else
                                                                                  [sys.argv[0], *argv]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants, "head_dim": HEAD_DIM}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants, "head_dim": HEAD_DIM,
+            "block_size": BS}
     log_f = open(out / f"{args.name}.log", "a")
 
     def log(msg):

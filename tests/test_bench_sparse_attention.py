@@ -61,19 +61,25 @@ def test_bench_variants_check_only_runs_tiny(tmp_path):
         mod.main(["--check-only", "--device", "cpu", "--variants", "default,fastest", "--out", str(tmp_path)])
 
 
-def test_head_dim_reaches_the_inputs_and_the_report(tmp_path):
-    """--head-dim 32 (the recipes use 64): the checked tensors have it, the JSON rows and the report say it; a head
-    dim the kernels do not take is one line."""
+def test_head_dim_and_block_size_reach_the_inputs_and_the_report(tmp_path):
+    """--head-dim 32 --block-size 32 (the recipes use 64 / 64): the checked tensors and block lists have them, the
+    JSON rows and the report say them; a size the kernels do not take is one line."""
     mod = _bench()
     try:
         doc = mod.main(["--check-only", "--device", "cpu", "--lengths", "128", "--heads", "2/1", "--masks",
                         "window+random", "--variants", "default,merged", "--no-small-checks", "--head-dim", "32",
-                        "--out", str(tmp_path), "--name", "d32"])
+                        "--block-size", "32", "--out", str(tmp_path), "--name", "d32"])
     finally:
-        mod.DEV, mod.HEAD_DIM = "cuda", 128
+        mod.DEV, mod.HEAD_DIM, mod.BS = "cuda", 128, 128
     row = doc["results"][0]
-    assert row["D"] == 32 and doc["meta"]["head_dim"] == 32
-    assert all(c["pass"] for c in row["masks"]["window+random"]["checks"])
-    assert "D=32" in (tmp_path / "d32.md").read_text()
-    with pytest.raises(SystemExit, match="head-dim 48"):
-        mod.main(["--check-only", "--device", "cpu", "--head-dim", "48", "--out", str(tmp_path)])
+    assert row["D"] == 32 and row["block_size"] == 32 and doc["meta"]["head_dim"] == 32
+    checks = row["masks"]["window+random"]["checks"]
+    assert [c["variant"] for c in checks] == ["default", "merged"] and all(c["pass"] for c in checks)
+    assert "D=32, causal, block 32;" in (tmp_path / "d32.md").read_text()
+    try:
+        with pytest.raises(SystemExit, match="head-dim 48"):
+            mod.main(["--check-only", "--device", "cpu", "--head-dim", "48", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match="block-size 96"):
+            mod.main(["--check-only", "--device", "cpu", "--block-size", "96", "--out", str(tmp_path)])
+    finally:
+        mod.DEV, mod.HEAD_DIM, mod.BS = "cuda", 128, 128
