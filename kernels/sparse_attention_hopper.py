@@ -616,6 +616,12 @@ if HAS_TRITON:
 INTERPRET_CONFIG = {"fwd": (64, 64), "dq": (64, 64), "dkdv": (64, 64)}  # "merged": the dkdv and dq tiles
 
 
+def _fixed_config(name: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` when nothing autotunes: the interpreter's small
+    tile, or the GPU's fixed config (`MEMSPARSE_SPARSE_ATTENTION_AUTOTUNE=0`)."""
+    return (*INTERPRET_CONFIG[name], 4, 1) if interpreting() else _tri.FIXED_CONFIG[name]
+
+
 def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args, **meta):
     """Autotuned on a GPU (with the ws configs when asked); under the interpreter (or with autotuning off) one
     fixed tile, its loops marked warp-specialized when "ws" is asked (the interpreter ignores the mark).
@@ -633,7 +639,7 @@ def _launch(name: str, parts: frozenset, n_items_fn, device: torch.device, *args
     if "tma" in parts:
         _ensure_allocator(device)
     if interpreting() or not _tri.AUTOTUNE:
-        bm, bn, warps, stages = ((*INTERPRET_CONFIG[name], 4, 1) if interpreting() else _tri.FIXED_CONFIG[name])
+        bm, bn, warps, stages = _fixed_config(name)
         bn = min(bn, meta["BS"])
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn}
         _KERNELS[name][grid(cfg)](*args, BLOCK_M=bm, BLOCK_N=bn, WS="ws" in parts, FLATTEN=False,
@@ -654,11 +660,8 @@ def _launch_merged(parts: frozenset, device: torch.device, n_qwork: int, n_kwork
     if "tma" in parts:
         _ensure_allocator(device)
     if interpreting() or not _tri.AUTOTUNE:
-        if interpreting():
-            (m1, n1), (m2, n2), warps, stages = INTERPRET_CONFIG["dkdv"], INTERPRET_CONFIG["dq"], 4, 1
-        else:
-            m1, n1, warps, stages = _tri.FIXED_CONFIG["dkdv"]
-            m2, n2 = _tri.FIXED_CONFIG["dq"][:2]
+        m1, n1, warps, stages = _fixed_config("dkdv")  # one launch: the dK/dV kernel's warps and stages
+        m2, n2 = _fixed_config("dq")[:2]
         cfg = {"BLOCK_M1": m1, "BLOCK_N1": min(n1, bs), "BLOCK_M2": m2, "BLOCK_N2": min(n2, bs)}
         _bwd_merged_kernel[grid(cfg)](*args, **cfg, num_warps=warps, num_stages=stages, **meta)
     else:
