@@ -25,24 +25,27 @@ UNSEEN_BANDS = (("unseen_in_window", "held-out letters, 8-24 back"),
                 ("unseen_beyond_attention", "held-out letters, 112-160 back"))
 
 
-def bands(paths: list[str]) -> list[tuple[str, str]]:
+def load(paths: list[str]) -> dict[str, dict]:
+    """{path: its cpu_memory_probe.py JSON}, each file read once."""
+    return {p: json.loads(Path(p).read_text()) for p in paths}
+
+
+def bands(docs: dict[str, dict]) -> list[tuple[str, str]]:
     """BANDS, plus ("far", its range) when a run was trained with `--far` (the widest range among them), plus
     UNSEEN_BANDS when one was trained with `--unseen`."""
-    docs = [json.loads(Path(p).read_text()) for p in paths]
-    fars = [doc["args"]["far"] for doc in docs if doc["args"].get("far")]
+    fars = [doc["args"]["far"] for doc in docs.values() if doc["args"].get("far")]
     out = list(BANDS)
     if fars:
         out.append(("far", f"{min(f[0] for f in fars)}-{max(f[1] for f in fars)} back (memory only)"))
-    if any(doc["args"].get("unseen") for doc in docs):
+    if any(doc["args"].get("unseen") for doc in docs.values()):
         out += UNSEEN_BANDS
     return out
 
 
-def rows(paths: list[str]) -> list[dict]:
+def rows(docs: dict[str, dict]) -> list[dict]:
     """One row per (run, model, step, band)."""
     out = []
-    for p in paths:
-        doc = json.loads(Path(p).read_text())
+    for p, doc in docs.items():
         kl = doc["args"].get("key_length", 1)
         shift = doc["args"].get("copy_steps", 0)
         for run in doc["runs"]:
@@ -61,7 +64,8 @@ def main(argv=None) -> None:
     ap.add_argument("results", nargs="+", help="cpu_memory_probe.py --out JSON files")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    data = rows(args.results)
+    docs = load(args.results)
+    data = rows(docs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "memory_probe_curves.csv", "w", newline="") as f:
@@ -73,8 +77,8 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = bands(args.results)
-    copying = any(json.loads(Path(p).read_text())["args"].get("copy_steps") for p in args.results)
+    panels = bands(docs)
+    copying = any(doc["args"].get("copy_steps") for doc in docs.values())
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), sharey=True)
     runs = sorted({(r["key_length"], r["run"]) for r in data})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

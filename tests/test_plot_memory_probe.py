@@ -42,8 +42,9 @@ def test_unseen_bands_get_their_panels_and_rows(tmp_path):
     curve = [{"step": 100, "acc_in_window": 1.0, "acc_relay": 1.0, "acc_beyond_attention": 1.0,
               "acc_unseen_in_window": 0.0, "acc_unseen_beyond_attention": 0.5}]
     p.write_text(json.dumps({"args": {"steps": 100, "unseen": 4}, "runs": [{"memory_layers": [1], "curve": curve}]}))
-    assert [b for b, _ in plot.bands([seen])] == ["in_window", "relay", "beyond_attention"]
-    assert [b for b, _ in plot.bands([seen, str(p)])][-2:] == ["unseen_in_window", "unseen_beyond_attention"]
+    assert [b for b, _ in plot.bands(plot.load([seen]))] == ["in_window", "relay", "beyond_attention"]
+    assert [b for b, _ in plot.bands(plot.load([seen, str(p)]))][-2:] == ["unseen_in_window",
+                                                                          "unseen_beyond_attention"]
     plot.main([seen, str(p), "--out", str(tmp_path / "o")])
     rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
     unseen = {r["band"]: float(r["accuracy"]) for r in rows if r["run"] == "unseen" and r["band"].startswith("unseen")}
