@@ -390,7 +390,7 @@ class Block(nn.Module):
                 # every eviction writes as many tokens (one consolidation schedule): the step counters of the
                 # rows reset are set once after the writes, else before each write
                 steps_once = total_len is not None or len(evicts) == 1
-            read_states, written, n_written = [], [], []
+            read_states, written, n_written, written_in = [], [], [], []
             for s1 in bounds[1:]:
                 read_states.append(mem_state)
                 ev = s1 // S - 1 - w_seg
@@ -408,6 +408,7 @@ class Block(nn.Module):
                     mem_state, ws, n_w = self._evict(mem_state, seg, seq_len, gates, reset,
                                                      None if reset is None else list(init_each[i]))
                     written.append(ws)
+                    written_in.append(seg)
                     n_written.append(n_w)
             if init_w is not None and steps_once:
                 assert len(set(n_written)) == 1, n_written
@@ -416,6 +417,7 @@ class Block(nn.Module):
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
                 _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
+                _acc_rates(stats, written_in, written)
             if dst is None:
                 mem_out = self.memory.read_out(read_states, list(q_parts))
             else:  # a token whose document has nothing evicted yet reads the initial memory
@@ -667,6 +669,20 @@ def _acc(stats: dict, key: str, value: Tensor, weight: int = 1) -> None:
     """Running weighted (sum, count) of a scalar statistic: constant memory however long the stream."""
     total, n = stats.get(key, (0.0, 0))
     stats[key] = (total + value.detach().float() * weight, n + weight)
+
+
+def _acc_rates(stats: dict, inputs: list, written: list) -> None:
+    """The learned write rates of evicted segments (Titans eq. 13-14): `memory_lr` (theta) and `memory_forget`
+    (alpha) per token, and `memory_keep_1k`, the share of the fast weights a run of 1,024 tokens at those forget
+    rates keeps, exp(1024 * mean log(1 - g * alpha)) with g the surprise gate (1 without one): a learned forget
+    rate, not the overwriting by new writes, that caps how far back the memory can reach."""
+    alpha = torch.cat([m.alpha for m in inputs], -1).float()
+    gate = [w.gate for w in written]
+    eff = alpha if any(g is None for g in gate) else alpha * torch.cat(gate, -1).float()
+    n = len(written)
+    _acc(stats, "memory_lr", torch.cat([m.theta for m in inputs], -1).float().mean(), n)
+    _acc(stats, "memory_forget", alpha.mean(), n)
+    _acc(stats, "memory_keep_1k", torch.exp(1024 * torch.log1p(-eff.clamp_max(1 - 1e-6)).mean()), n)
 
 
 def stat_means(stats: dict) -> dict[str, Tensor]:

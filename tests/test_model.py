@@ -1,5 +1,7 @@
 """The hybrid model: streaming == one-shot, eviction, gating, consolidation, learning, config/input errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -251,6 +253,27 @@ def test_stream_stats_are_running_means_in_constant_memory():
     assert all(st.stats[k][1] > n_entries[k] for k in n_entries)  # accumulated, one scalar per key
     means = st.stat_means()
     assert 0 < float(means["attn_kept_fraction"]) <= 1 and float(means["memory_gate"]) > 0
+
+
+def test_write_rate_statistics_follow_the_learned_rates():
+    """memory_forget / memory_lr are the rates the writes used; memory_keep_1k is (1 - g * alpha) ** 1024 with g
+    the surprise gate: with the rate net's input weights zeroed, alpha and theta are the sigmoid of their biases."""
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 300), generator=torch.Generator().manual_seed(2))
+    for alpha in (1e-4, 1e-2):
+        for mem in [m for m in model.modules() if hasattr(m, "to_rates")]:
+            rates = mem.to_rates
+            with torch.no_grad():
+                rates.weight.zero_()
+                rates.bias.view(3, -1)[2].fill_(math.log(alpha / (1 - alpha)))
+            theta = mem.config.lr_max * torch.sigmoid(rates.bias.view(3, -1)[1].mean())
+        _, st = model.stream(ids)
+        m = st.stat_means()
+        assert float(m["memory_forget"]) == pytest.approx(alpha, rel=1e-5)  # rates in fp32
+        assert float(m["memory_lr"]) == pytest.approx(float(theta), rel=1e-5)
+        g = float(m["memory_gate"])  # gates vary per token: the keep lies between the extremes of g in [0, 1]
+        assert (1 - alpha) ** 1024 <= float(m["memory_keep_1k"]) <= 1.0
+        assert float(m["memory_keep_1k"]) == pytest.approx((1 - g * alpha) ** 1024, rel=0.05 if alpha > 1e-3 else 1e-3)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
