@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Stage 2 of the retrieval curriculum (or stages 2-4) once per data seed, all from one stage-1 export, the runs side by
-# side on one GPU in one call (no faster than one after the other: a stage-2 run alone keeps an H100 busy, two side by
-# side made 0.23 s a step each against 0.12 alone; benchmarks/results/retrieval_stage2_steps_h100_2026-12-06/):
+# Stage 2 of the retrieval curriculum (or stages 2-4) once per data seed, all from one stage-1 export, one seed after
+# the other (PARALLEL=1: side by side on one GPU, no faster: a stage-2 run alone keeps an H100 busy, two side by side
+# made 0.23 s a step each against 0.12 alone, benchmarks/results/retrieval_stage2_steps_h100_2026-12-06/; their wall
+# times are then not a solo run's):
 #   STAGES=1 EVALS= bash benchmarks/run_retrieval.sh          stage 1 once (its export stays in outputs/)
 #   SEEDS="0 1" bash benchmarks/run_retrieval_seeds.sh        then stage 2 with --data.seed 0 and --data.seed 1
 # Every other variable goes to benchmarks/run_retrieval.sh (STAGES, default 2; STEPS2, TRAIN_ARGS2, EVALS, MEM, ...);
@@ -10,7 +11,6 @@
 # links to recipes/, benchmarks/ and stage 1's outputs) so the runs' outputs/ do not collide; results go to
 # $OUT/${NAME}_data_seed<s>/ (and .tgz) as run_retrieval.sh writes them, its log to $OUT/${NAME}_data_seed<s>.log.
 # RESUME=1 keeps those directories: with TRAIN_ARGS2="--ckpt_path last" and a larger STEPS2 each seed's run goes on.
-# Side by side the runs share the GPU: their wall times are not a solo run's.
 set -u
 ROOT=$(pwd)
 SEEDS=${SEEDS:-"0 1"}
@@ -25,22 +25,26 @@ case " $STAGES " in *" 1 "*)
 mkdir -p "${OUT:-benchmarks/results}"
 OUT=$(cd "${OUT:-benchmarks/results}" && pwd)  # absolute: each run starts in its own directory
 
-pids=()
 for s in $SEEDS; do
   [[ "$s" =~ ^[0-9]+$ ]] || { echo "SEEDS holds '$s': data seeds are non-negative integers"; exit 2; }
+  [ "${RESUME:-0}" != 1 ] || [ -d "$WORK/data_seed$s/outputs" ] || { echo "RESUME=1: no earlier run in $WORK/data_seed$s"; exit 2; }
+done
+
+run() {  # run SEED: run_retrieval.sh in the seed's directory
+  (cd "$WORK/data_seed$1" && OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$1" \
+    TRAIN_ARGS2="--data.seed $1 ${TRAIN_ARGS2:-}" bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$1.log" 2>&1)
+}
+pids=()
+rc=0
+for s in $SEEDS; do
   W="$WORK/data_seed$s"
-  if [ "${RESUME:-0}" = 1 ]; then  # the seeds' earlier runs go on: TRAIN_ARGS2="--ckpt_path last" STEPS2=<more>
-    [ -d "$W/outputs" ] || { echo "RESUME=1: no earlier run in $W"; exit 2; }
-  else
+  if [ "${RESUME:-0}" != 1 ]; then  # RESUME=1: the seeds' earlier runs go on (TRAIN_ARGS2="--ckpt_path last")
     rm -rf "$W" && mkdir -p "$W/outputs"
     ln -s "$ROOT/recipes" "$ROOT/benchmarks" "$W/"
     ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"
   fi
-  (cd "$W" && OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$s" TRAIN_ARGS2="--data.seed $s ${TRAIN_ARGS2:-}" \
-    bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$s.log" 2>&1) &
-  pids+=($!)
   echo "data seed $s: $W, log $OUT/${NAME}_data_seed$s.log"
+  if [ "${PARALLEL:-0}" = 1 ]; then run "$s" & pids+=($!); else run "$s" || rc=1; fi
 done
-rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
 exit $rc

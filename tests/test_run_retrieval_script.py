@@ -112,3 +112,16 @@ def test_seeds_refuse_stage_one_and_a_missing_export(tmp_path):
     assert rc == 2 and fits == [] and "non-negative integers" in out
     rc, fits, out = run_seeds(tmp_path, MEM="0")
     assert rc == 2 and fits == [] and "no outputs/ablation_retrieval_no_memory_copy/export" in out
+
+
+def test_seeds_side_by_side_and_resumed(tmp_path):
+    """PARALLEL=1 runs the same commands at once; RESUME=1 needs each seed's earlier directory and keeps it."""
+    rc, fits, out = run_seeds(tmp_path, SEEDS="0 1", PARALLEL="1")
+    assert rc == 0 and len(fits) == 2, out
+    marker = tmp_path / "work" / "data_seed1" / "outputs" / "kept"
+    marker.write_text("x")
+    rc, fits, out = run_seeds(tmp_path, SEEDS="1", RESUME="1", TRAIN_ARGS2="--ckpt_path last")
+    assert rc == 0 and marker.exists(), out
+    assert any("--data.seed 1 --ckpt_path last" in f for f in fits)
+    rc, _, out = run_seeds(tmp_path, SEEDS="1 7", RESUME="1")
+    assert rc == 2 and "RESUME=1: no earlier run in" in out and "data_seed7" in out
