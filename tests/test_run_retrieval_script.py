@@ -14,22 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run_script(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
-    """(exit status, the recorded `python3 -m memsparse.train.cli fit` commands, stdout + stderr)."""
+def run_faked(script: str, cwd: Path, tmp_path: Path, prefix: str, env: dict) -> tuple[int, list[str], str]:
+    """Run a benchmarks/ script under bash with fake `python3` / `memsparse-eval` / `nvidia-smi` on PATH, each
+    recording `prefix` (evaluated by bash) and its command line: (exit status, the recorded lines, output)."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     for name in ("python3", "memsparse-eval", "nvidia-smi"):
-        script = fake / name
-        script.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{calls}"\n')
-        script.chmod(0o755)
-    full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "EVALS": "",
-            "NAME": "t", **env}
-    p = subprocess.run(["bash", "benchmarks/run_retrieval.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
-                       timeout=60)
-    lines = calls.read_text().splitlines() if calls.exists() else []
-    fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
-    return p.returncode, fits, p.stdout + p.stderr
+        fake_cmd = fake / name
+        fake_cmd.write_text(f'#!/usr/bin/env bash\necho "{prefix}{name} $*" >> "{calls}"\n')
+        fake_cmd.chmod(0o755)
+    full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "EVALS": "", "NAME": "t", **env}
+    p = subprocess.run(["bash", script], cwd=cwd, env=full, capture_output=True, text=True, timeout=60)
+    return p.returncode, calls.read_text().splitlines() if calls.exists() else [], p.stdout + p.stderr
+
+
+def run_script(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
+    """(exit status, the recorded `python3 -m memsparse.train.cli fit` commands, stdout + stderr)."""
+    rc, lines, out = run_faked("benchmarks/run_retrieval.sh", ROOT, tmp_path, "",
+                               {"OUT": str(tmp_path / "out"), **env})
+    return rc, [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")], out
 
 
 def test_balanced_keys_in_the_listed_stages_only(tmp_path):
@@ -73,24 +77,14 @@ def test_passkey_eval_is_followed_by_hits_per_key_with_the_tokenizer(tmp_path):
 def run_seeds(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
     """benchmarks/run_retrieval_seeds.sh from a directory holding a stage-1 export: (exit status, the recorded
     `python3 -m memsparse.train.cli fit` commands, each prefixed by the directory it ran in, stdout + stderr)."""
-    fake = tmp_path / "bin"
-    fake.mkdir(exist_ok=True)
-    calls = tmp_path / "calls.txt"
-    for name in ("python3", "memsparse-eval", "nvidia-smi"):
-        script = fake / name
-        script.write_text(f'#!/usr/bin/env bash\necho "$(pwd) {name} $*" >> "{calls}"\n')
-        script.chmod(0o755)
     here = tmp_path / "repo"
     (here / "outputs" / "retrieval_small_copy" / "export").mkdir(parents=True, exist_ok=True)
     for d in ("recipes", "benchmarks"):
         if not (here / d).exists():
             (here / d).symlink_to(ROOT / d)
-    full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": "out", "EVALS": "", "NAME": "t",
-            "WORK": str(tmp_path / "work"), **env}
-    p = subprocess.run(["bash", "benchmarks/run_retrieval_seeds.sh"], cwd=here, env=full, capture_output=True,
-                       text=True, timeout=60)
-    lines = calls.read_text().splitlines() if calls.exists() else []
-    return p.returncode, sorted(ln for ln in lines if " python3 -m memsparse.train.cli fit" in ln), p.stdout + p.stderr
+    rc, lines, out = run_faked("benchmarks/run_retrieval_seeds.sh", here, tmp_path, "$(pwd) ",
+                               {"OUT": "out", "WORK": str(tmp_path / "work"), **env})
+    return rc, sorted(ln for ln in lines if " python3 -m memsparse.train.cli fit" in ln), out
 
 
 def test_seeds_run_stage_two_once_per_data_seed_each_in_its_own_directory(tmp_path):
