@@ -674,8 +674,8 @@ def _acc(stats: dict, key: str, value: Tensor, weight: int = 1) -> None:
 def _acc_rates(stats: dict, inputs: list, written: list) -> None:
     """The learned write rates of evicted segments (Titans eq. 13-14): `memory_lr` (theta) and `memory_forget`
     (alpha) per token, and `memory_keep_1k`, the share of the fast weights a run of 1,024 tokens at those forget
-    rates keeps, exp(1024 * mean log(1 - g * alpha)) with g the surprise gate (1 without one): a learned forget
-    rate, not the overwriting by new writes, that caps how far back the memory can reach."""
+    rates keeps, exp(1024 * mean log(1 - g * alpha)) with g the surprise gate (1 without one). It shows how far back
+    forgetting alone lets the memory reach (later writes overwriting a trace are not counted)."""
     alpha = torch.cat([m.alpha for m in inputs], -1).float()
     gate = [w.gate for w in written]
     eff = alpha if any(g is None for g in gate) else alpha * torch.cat(gate, -1).float()
