@@ -32,14 +32,16 @@ from pathlib import Path
 Hit = tuple[float, bool, bool | None, bool | None, bool]
 
 
-def load_cells(path: Path, step: int | None = None) -> tuple[list[dict], dict]:
+def load_cells(path: Path, step: int | None = None, writes: bool = True) -> tuple[list[dict], dict]:
     """(cells, meta) of a memsparse-eval results.json, or of one step of a RetrievalEval cells.jsonl (the callback's
-    grid while training: one cell a line, each with its `step`; `step` None: the last). A step the file does not
-    hold is a ValueError naming the steps it does."""
+    grid while training: one cell a line, each with its `step`; `step` None: the last; `writes` False: the cells
+    its `no_writes` pass evaluated with the memory's writes off). A step the file does not hold is a ValueError
+    naming the steps it does."""
     if path.suffix != ".jsonl":
         data = json.loads(path.read_text())
         return data["cells"], data.get("meta", {})
     cells = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cells = [c for c in cells if c.get("memory_writes", True) == writes]
     steps = sorted({int(c["step"]) for c in cells})
     if not steps:
         raise ValueError(f"{path} holds no cells")
@@ -50,13 +52,13 @@ def load_cells(path: Path, step: int | None = None) -> tuple[list[dict], dict]:
     return [c for c in cells if int(c["step"]) == step], {}
 
 
-def hits_by_key(path: Path, lengths: set[int] | None = None,
-                step: int | None = None) -> dict[str, dict[int, list[Hit]]]:
+def hits_by_key(path: Path, lengths: set[int] | None = None, step: int | None = None,
+                writes: bool = True) -> dict[str, dict[int, list[Hit]]]:
     """{key: {length: [(depth, found, beyond_window, tf_exact, ran_on), ...]}} from one memsparse-eval results.json
     or one step of a RetrievalEval cells.jsonl (task passkey); beyond_window: the key's distance from the prompt's end
     exceeds the cell's window (None without distances); tf_exact: the teacher-forced exact match (None without it);
     ran_on: not found, though the decoded text starts with the key (more digits followed it)."""
-    cells, meta = load_cells(path, step)
+    cells, meta = load_cells(path, step, writes)
     out: dict[str, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["task"] != "passkey" or (lengths and c["length"] not in lengths):
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="also write the table as CSV here")
     ap.add_argument("--tokenizer", default="", help="a saved tokenizer directory: add each key's rarest-token share")
     ap.add_argument("--digits", type=int, default=5, help="the keys' digits (passkey: 5)")
+    ap.add_argument("--no-writes", action="store_true",
+                    help="cells.jsonl inputs: the cells RetrievalEval evaluated with the memory's writes off")
     a = ap.parse_args(argv)
     lengths = {int(x) for x in a.lengths.split(",") if x} or None
     if a.tokenizer and not Path(a.tokenizer).is_dir():
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec!r}", file=sys.stderr)
             return 2
         try:
-            by_key = hits_by_key(Path(p), lengths, step)
+            by_key = hits_by_key(Path(p), lengths, step, writes=not a.no_writes)
         except ValueError as e:
             print(f"passkey_by_key: {e}", file=sys.stderr)
             return 2

@@ -1,6 +1,9 @@
 """Passkey retrieval against training steps, from RetrievalEval's cells.jsonl of one or more runs: per run and step,
 decoded accuracy per length, keys found with the key beyond / inside the attention window (decoded and
 teacher-forced), and tf_stop; a table (.md), the figures (.json) and a plot of the counts against steps (.png).
+Where the cells hold RetrievalEval's `no_writes` pass (the grid again with the memory's writes off), each row also
+counts the keys found without the memory's writes (`beyond_no_writes`, `inside_no_writes`), drawn dashed: keys
+beyond the window found only with the writes on are the memory's.
 
     python benchmarks/retrieval_by_step.py seed0=.../cells.jsonl seed1=.../cells.jsonl --name X --out DIR \
         --device "NVIDIA H100 80GB HBM3"
@@ -23,8 +26,22 @@ _spec.loader.exec_module(pbk)
 
 
 def steps_of(path: Path) -> list[int]:
-    """The steps a cells.jsonl holds evaluations of, ascending."""
-    return sorted({int(json.loads(line)["step"]) for line in path.read_text().splitlines() if line.strip()})
+    """The steps a cells.jsonl holds evaluations of (with the memory's writes on), ascending."""
+    return sorted({int(c["step"]) for c in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+                   if c.get("memory_writes", True)})
+
+
+def found(path: Path, step: int, writes: bool) -> dict[bool, list[int]]:
+    """{beyond the window: [decoded hits, teacher-forced hits, prompts]} at one step (prompts with distances only)."""
+    count = {True: [0, 0, 0], False: [0, 0, 0]}
+    for cells_by_len in pbk.hits_by_key(path, None, step, writes).values():
+        for hits in cells_by_len.values():
+            for _, hit, beyond, tf, _ in hits:
+                if beyond is not None:
+                    count[beyond][0] += hit
+                    count[beyond][1] += bool(tf)
+                    count[beyond][2] += 1
+    return count
 
 
 def by_step(path: Path) -> list[dict]:
@@ -41,16 +58,15 @@ def by_step(path: Path) -> list[dict]:
             row[k] = round(sum(row[k]) / len(row[k]), 4)
         stops = [float(c["tf_stop"]) for c in cells if c["task"] == "passkey" and c.get("tf_stop") is not None]
         row["tf_stop"] = round(sum(stops) / len(stops), 4) if stops else None
-        count = {True: [0, 0, 0], False: [0, 0, 0]}  # beyond / inside: [decoded hits, teacher-forced hits, prompts]
-        for cells_by_len in pbk.hits_by_key(path, None, step).values():
-            for hits in cells_by_len.values():
-                for _, found, beyond, tf, _ in hits:
-                    if beyond is not None:
-                        count[beyond][0] += found
-                        count[beyond][1] += bool(tf)
-                        count[beyond][2] += 1
+        count = found(path, step, True)
         row.update(beyond=count[True][0], tf_beyond=count[True][1], beyond_n=count[True][2],
                    inside=count[False][0], tf_inside=count[False][1], inside_n=count[False][2])
+        try:
+            off = found(path, step, False)
+        except ValueError:  # no no_writes pass at this step
+            off = None
+        if off is not None and off[True][2] + off[False][2]:
+            row.update(beyond_no_writes=off[True][0], inside_no_writes=off[False][0])
         rows.append(row)
     return rows
 
@@ -58,8 +74,10 @@ def by_step(path: Path) -> list[dict]:
 def table(runs: dict[str, list[dict]]) -> str:
     """Markdown: one line per run and step."""
     lengths = sorted({int(k[4:]) for rows in runs.values() for r in rows for k in r if k.startswith("acc_")})
+    writes_off = any("beyond_no_writes" in r for rows in runs.values() for r in rows)
     head = ["run", "step"] + [f"acc {n}" for n in lengths] + [
-        "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_stop"]
+        "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_stop"] + (
+        ["memory writes off: beyond / inside (decoded)"] if writes_off else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in runs.items():
         for r in rows:
@@ -67,6 +85,8 @@ def table(runs: dict[str, list[dict]]) -> str:
             cells += [f"{r['beyond']} / {r['tf_beyond']} of {r['beyond_n']}",
                       f"{r['inside']} / {r['tf_inside']} of {r['inside_n']}",
                       "-" if r["tf_stop"] is None else f"{r['tf_stop']:.2f}"]
+            if writes_off:
+                cells.append(f"{r['beyond_no_writes']} / {r['inside_no_writes']}" if "beyond_no_writes" in r else "-")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -79,9 +99,14 @@ def plot(runs: dict[str, list[dict]], title: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, where in zip(axes, ("beyond", "inside")):
-        for name, rows in runs.items():
+        for i, (name, rows) in enumerate(runs.items()):
+            color = f"C{i}"
             steps = [r["step"] for r in rows]
-            ax.plot(steps, [r[where] / max(r[f"{where}_n"], 1) for r in rows], marker="o", label=name)
+            ax.plot(steps, [r[where] / max(r[f"{where}_n"], 1) for r in rows], marker="o", color=color, label=name)
+            off = [r for r in rows if f"{where}_no_writes" in r]
+            if off:
+                ax.plot([r["step"] for r in off], [r[f"{where}_no_writes"] / max(r[f"{where}_n"], 1) for r in off],
+                        "--", marker="x", color=color, label=f"{name}, memory writes off")
         ax.set_title(f"key {where} the attention window")
         ax.set_xlabel("training step")
         ax.set_ylim(-0.03, 1.03)

@@ -116,3 +116,14 @@ def test_retrieval_eval_cells_by_step(tmp_path, capsys):
     assert "a: key beyond the attention window 0/1" in out and "b: key beyond the attention window 1/1" in out
     assert pbk.main([f"a={p}@30"]) == 2
     assert "holds steps 10, 20, not 30" in capsys.readouterr().err
+
+
+def test_no_writes_reads_the_writes_off_cells(tmp_path, capsys):
+    c = _cell(1024, 0.0, {"111": 1.0})
+    c["samples"][0]["needle_distances"], c["window"], c["step"] = [900], 512, 5
+    p = tmp_path / "cells.jsonl"
+    p.write_text(json.dumps(c) + "\n" + json.dumps({**c, "memory_writes": False,
+                                                    "samples": [{**c["samples"][0], "score": 0.0}]}) + "\n")
+    assert pbk.main([f"on={p}"]) == 0 and pbk.main([f"off={p}", "--no-writes"]) == 0
+    out = capsys.readouterr().out
+    assert "on: key beyond the attention window 1/1" in out and "off: key beyond the attention window 0/1" in out

@@ -43,3 +43,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     p.write_text('{"task": "passkey"}\n')
     assert rbs.main([f"a={p}", "--out", str(tmp_path)]) == 2
     assert "not RetrievalEval cells" in capsys.readouterr().err
+
+
+def test_writes_off_cells_are_counted_apart(tmp_path, capsys):
+    """RetrievalEval's no_writes pass: its cells never enter the writes-on counts; they get their own columns."""
+    on = _cell(10, 1024, 900, [1.0, 1.0], [1.0, 1.0])
+    off = {**_cell(10, 1024, 900, [0.0, 1.0], [0.0, 1.0]), "memory_writes": False}
+    p = tmp_path / "cells.jsonl"
+    p.write_text(json.dumps(on) + "\n" + json.dumps(off) + "\n")
+    assert rbs.main([f"a={p}", "--name", "t", "--out", str(tmp_path / "o")]) == 0
+    (row,) = json.loads((tmp_path / "o" / "t.json").read_text())["runs"]["a"]
+    assert (row["beyond"], row["beyond_n"], row["acc_1024"]) == (2, 2, 1.0)
+    assert (row["beyond_no_writes"], row["inside_no_writes"]) == (1, 0)
+    assert "| 1 / 0 |" in capsys.readouterr().out

@@ -176,6 +176,50 @@ def test_callback_in_a_tiny_fit(tmp_path):
     assert loss[0] == loss[1] and len(loss[0]) == 4
 
 
+def test_callback_no_writes_runs_the_grid_again_with_the_memory_writes_off(tmp_path, monkeypatch):
+    """no_writes: each evaluation also runs with the memory's writes off (cells with memory_writes false, metrics
+    under retrieval/no_writes/, their own heatmap), predicting what memsparse-eval's --no-memory-writes path does on
+    the same weights; the writes are on again for training. A model without memory layers runs the grid once."""
+    import memsparse.train.callbacks as callbacks
+
+    seen, real = [], callbacks.run_eval
+
+    def spy(model, *a, **kw):  # the writes flag of every block while the grid runs
+        seen.append({blk.memory_writes for blk in model.blocks})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(callbacks, "run_eval", spy)
+    cb = RetrievalEval(**{**GRID, "lengths": [384]}, no_writes=True)
+    pl.seed_everything(0)
+    module = _module()
+    dm = _datamodule(synthetic=[])
+    _trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(module, datamodule=dm)
+    out = tmp_path / "retrieval"
+    cells = [json.loads(x) for x in (out / "cells.jsonl").read_text().splitlines()]
+    assert [c["memory_writes"] for c in cells] == [True, True, False, False]
+    assert [r["memory_writes"] for r in csv.DictReader(open(out / "cells.csv"))] == ["True", "True", "False", "False"]
+    keys = {k for r in _metrics(tmp_path) for k, v in r.items() if v}
+    assert {"retrieval/no_writes/acc", "retrieval/no_writes/passkey/384/acc", "retrieval/acc"} <= keys
+    assert (out / "heatmap_passkey_no_writes_step2.png").stat().st_size > 1000
+    model = module.model
+    assert seen == [{True}, {False}] and all(blk.memory_writes for blk in model.blocks)
+    from memsparse.eval.harness import run_eval
+
+    model.set_memory_writes(False)
+    again = run_eval(model, dm.tokenizer, cb.plan, torch.device("cpu"), progress=False, warmup=False,
+                     cuda_graph=False, teacher_forced=True, inference_mode=False, measure_memory=False)
+    model.set_memory_writes(True)
+    assert [s["tf_prediction"] for c in again for s in c["samples"]] == [
+        s["tf_prediction"] for c in cells[2:] for s in c["samples"]]
+
+    plain = RetrievalEval(**{**GRID, "lengths": [384]}, no_writes=True)
+    pl.seed_everything(0)
+    _trainer(tmp_path / "no_memory", max_steps=2, callbacks=[plain]).fit(_module(memory_layers=[]),
+                                                                         datamodule=_datamodule(synthetic=[]))
+    rows = list(csv.DictReader(open(tmp_path / "no_memory" / "retrieval" / "cells.csv")))
+    assert [r["memory_writes"] for r in rows] == ["True", "True"]
+
+
 @pytest.mark.parametrize("max_steps,at_end,steps", [(3, True, [2, 3]), (4, True, [2, 4]), (3, False, [2])])
 def test_callback_at_end(tmp_path, max_steps, at_end, steps):
     """at_end: the grid also runs at the fit's last step unless the schedule just evaluated it (never twice); its
@@ -217,6 +261,7 @@ def test_callback_from_the_recipe_yaml(tmp_path):
 @pytest.mark.parametrize("kwargs,message", [
     ({"tasks": "passkey,nope"}, "unknown task 'nope'"),
     ({"at_end": "yes"}, "at_end must be true or false"),
+    ({"no_writes": 1}, "no_writes must be true or false"),
     ({"lengths": "1k,3q"}, "cannot parse length '3q'"),
     ({"depths": "0,2"}, "outside [0, 1]"),
     ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),

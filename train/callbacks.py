@@ -477,15 +477,21 @@ class RetrievalEval(Callback):
         chunk_tokens: prompt tokens per streaming call (`stream_decode`).
         at_end: also run the grid when training ends (`max_steps`, `max_time`, early stopping) at a step the
             schedule did not already evaluate, so a run of any length reports its final model.
+        no_writes: also run the grid with the memory's writes off (`set_memory_writes(False)`, as
+            `memsparse-eval --no-memory-writes`): what the model finds without its memory, logged as
+            `retrieval/no_writes/...` and written as cells with `memory_writes` false (the heatmap
+            `heatmap_<task>_no_writes_step<N>.png`). A key beyond the window that is found only with the writes on
+            is carried by the memory; one found either way, by attention relayed through the layers. Doubles the
+            evaluation's time; a model without memory layers skips it.
     """
 
     CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
-                  "tf_stop", "wall_s", "tf_wall_s", "tokens_per_s"]
+                  "tf_stop", "wall_s", "tf_wall_s", "tokens_per_s", "memory_writes"]
 
     def __init__(self, every_n_steps: int = 500, tasks: str | list[str] = "passkey",
                  lengths: str | list[int | str] = "1k,4k", depths: str | list[float] = "0,0.5,1", samples: int = 2,
                  max_new_tokens: int | None = None, seed: int = 0, output_dir: str | None = None,
-                 chunk_tokens: int = 8192, at_end: bool = False) -> None:
+                 chunk_tokens: int = 8192, at_end: bool = False, no_writes: bool = False) -> None:
         try:
             self.tasks, self.lengths, self.depths = parse_tasks(tasks), parse_lengths(lengths), parse_depths(depths)
         except EvalInputError as e:
@@ -496,9 +502,10 @@ class RetrievalEval(Callback):
                 raise ConfigError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
         self.every_n_steps, self.samples, self.seed = every_n_steps, samples, int(seed)
         self.max_new_tokens, self.output_dir, self.chunk_tokens = max_new_tokens, output_dir, chunk_tokens
-        if not isinstance(at_end, bool):
-            raise ConfigError(f"RetrievalEval: at_end must be true or false, got {at_end!r}")
-        self.at_end = at_end
+        for name, flag in (("at_end", at_end), ("no_writes", no_writes)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"RetrievalEval: {name} must be true or false, got {flag!r}")
+        self.at_end, self.no_writes = at_end, no_writes
         self.last_step: int | None = None
         self._off: str | None = None
         self._tokenizer: Any = None
@@ -568,21 +575,26 @@ class RetrievalEval(Callback):
         step = trainer.global_step
         was_training = model.training
         t0 = time.perf_counter()
+        passes = [True] + ([False] if self.no_writes and model.config.memory_layers else [])
+        rows, metrics = [], {}
         try:
-            with torch.autocast(device.type, enabled=False):
-                rows = run_eval(model, self._tokenizer, self.plan, device, progress=False, warmup=False,
-                                cuda_graph=False, teacher_forced=True, max_new_tokens=self.max_new_tokens,
-                                inference_mode=False, measure_memory=False)
+            for writes in passes:
+                model.set_memory_writes(writes)
+                with torch.autocast(device.type, enabled=False):
+                    cells = run_eval(model, self._tokenizer, self.plan, device, progress=False, warmup=False,
+                                     cuda_graph=False, teacher_forced=True, max_new_tokens=self.max_new_tokens,
+                                     inference_mode=False, measure_memory=False)
+                for r in cells:
+                    r["step"], r["in_window"], r["memory_writes"] = step, r["length"] <= model.config.window, writes
+                metrics.update(self.metrics(cells, "retrieval" if writes else "retrieval/no_writes"))
+                rows += cells
         except Exception as e:  # a monitor: never stop the run over it
             rank_zero_warn(f"RetrievalEval at step {step} failed ({type(e).__name__}: {e}); training continues")
             return None
         finally:
+            model.set_memory_writes(True)
             model.train(was_training)
         wall = time.perf_counter() - t0
-        window = model.config.window
-        for r in rows:
-            r["step"], r["in_window"] = step, r["length"] <= window
-        metrics = self.metrics(rows)
         metrics["retrieval/wall_s"] = wall
         try:
             images = self._write(trainer, rows)
@@ -594,19 +606,22 @@ class RetrievalEval(Callback):
             if isinstance(lg, WandbLogger):
                 for task, path in images.items():
                     lg.log_image(key=f"retrieval/heatmap_{task}", images=[str(path)], step=step)
-        parts = [f"{k.removeprefix('retrieval/')} {v:.2f}" for k, v in metrics.items() if k.endswith("/acc")]
+        parts = [f"{k.removeprefix('retrieval/')} {v:.2f}" for k, v in metrics.items()
+                 if k.endswith("/acc") and not k.startswith("retrieval/no_writes/")]
+        no_writes = metrics.get("retrieval/no_writes/acc")
         rank_zero_info(f"retrieval at step {step} ({wall:.1f}s): " + ", ".join(parts) +
                        f"; tf_exact {metrics.get('retrieval/tf_exact', float('nan')):.2f}"
-                       f", tf_stop {metrics.get('retrieval/tf_stop', float('nan')):.2f}")
+                       f", tf_stop {metrics.get('retrieval/tf_stop', float('nan')):.2f}" +
+                       ("" if no_writes is None else f"; memory writes off: acc {no_writes:.2f}"))
         return rows
 
     @staticmethod
-    def metrics(rows: list[dict]) -> dict[str, float]:
-        """`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc|tf_stop` (mean over depths) and the means over all
-        cells."""
+    def metrics(rows: list[dict], prefix: str = "retrieval") -> dict[str, float]:
+        """`<prefix>/<task>/<length>/acc|tf_exact|tf_token_acc|tf_stop` (mean over depths) and the means over all
+        cells (`<prefix>/acc`, ...)."""
         out: dict[str, float] = {}
         for s in summarize(rows):
-            key = f"retrieval/{s['task']}/{_length_key(s['length'])}"
+            key = f"{prefix}/{s['task']}/{_length_key(s['length'])}"
             out[f"{key}/acc"] = s["accuracy"]
             for m in ("tf_exact", "tf_token_acc", "tf_stop"):
                 if s.get(m) is not None:
@@ -615,7 +630,7 @@ class RetrievalEval(Callback):
                         ("tf_stop", "tf_stop")):
             vals = [r[m] for r in rows if r.get(m) is not None]
             if vals:
-                out[f"retrieval/{name}"] = sum(vals) / len(vals)
+                out[f"{prefix}/{name}"] = sum(vals) / len(vals)
         return out
 
     def _write(self, trainer: pl.Trainer, rows: list[dict]) -> dict[str, Path]:
@@ -637,9 +652,12 @@ class RetrievalEval(Callback):
             for r in rows:
                 f.write(json.dumps(r, default=str) + "\n")
         images = {}
-        for task in dict.fromkeys(r["task"] for r in rows):
-            images[task] = heatmap(rows, task, out / f"heatmap_{slug(task)}_step{step}.png",
-                                   title=f"{task}, step {step}", metrics=("accuracy", "tf_exact"))
+        for writes, tag in ((True, ""), (False, "_no_writes")):
+            part = [r for r in rows if r.get("memory_writes", True) == writes]
+            for task in dict.fromkeys(r["task"] for r in part):
+                images[task + tag] = heatmap(part, task, out / f"heatmap_{slug(task)}{tag}_step{step}.png",
+                                             title=f"{task}{', memory writes off' if tag else ''}, step {step}",
+                                             metrics=("accuracy", "tf_exact"))
         return images
 
 
