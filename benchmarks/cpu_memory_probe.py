@@ -60,14 +60,12 @@ VOCAB = 128  # ASCII
 
 
 def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
-           filler: str = "sky", alphabet: int = len(KEYS), letters: str | None = None,
-           filler_extra: str = "") -> tuple[list[int], list[int], int]:
+           filler: str = "sky", letters: str = KEYS, filler_extra: str = "") -> tuple[list[int], list[int], int]:
     """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
     `distance` characters, then the question and the key; padded with filler so that every sample is `length`
     long. The key is `key_length` letters (with repeats); `filler` "sky" repeats FILLER, "random" draws each
-    character from RANDOM_FILLER + `filler_extra`. The key's letters come from `letters`, by default the first
-    `alphabet` of KEYS."""
-    letters = KEYS[:alphabet] if letters is None else letters
+    character from RANDOM_FILLER + `filler_extra`. The key's letters are drawn uniformly from `letters` (`--alphabet
+    N`: the first N of KEYS)."""
     key = "".join(letters[int(torch.randint(len(letters), (1,), generator=g))] for _ in range(key_length))
     if filler == "random":
         chars = RANDOM_FILLER + filler_extra
@@ -92,9 +90,9 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
 
 
 def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky",
-          alphabet: int = len(KEYS), letters: str | None = None, filler_extra: str = ""):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, alphabet,
-                   letters, filler_extra) for _ in range(n)]
+          letters: str = KEYS, filler_extra: str = ""):
+    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, letters,
+                   filler_extra) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
@@ -156,12 +154,11 @@ def key_hits(logits, ans) -> list[list[bool]]:
 
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
-             per_token: bool = False, filler: str = "sky", alphabet: int = len(KEYS), letters: str | None = None,
-             filler_extra: str = ""):
+             per_token: bool = False, filler: str = "sky", letters: str = KEYS, filler_extra: str = ""):
     """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, alphabet, letters, filler_extra)
+    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, letters, filler_extra)
     hits = key_hits(model(ids).logits, ans)
     model.train()
     exact = sum(all(h) for h in hits) / n
@@ -200,8 +197,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
         # them during the --copy-steps first steps)
         mixed = step > copy and (step - copy) % 3
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, ab, train_letters, extra) if mixed
-                          else batch(g, args.batch, 8, 24, args.length, kl, fl, ab, train_letters, extra))
+        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, train_letters, extra) if mixed
+                          else batch(g, args.batch, 8, 24, args.length, kl, fl, train_letters, extra))
         loss = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer"))).loss
         opt.zero_grad()
         loss.backward()
@@ -216,11 +213,11 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                 scored += [(f"unseen_{b}", lo, hi, unseen_letters) for b, lo, hi in bands if b != "relay"]
             for band, lo, hi, letters in scored:
                 if kl == 1:  # the committed runs' rows, unchanged
-                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, alphabet=ab,
-                                                  letters=letters, filler_extra=extra)
+                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, letters=letters,
+                                                  filler_extra=extra)
                 else:
                     row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl,
-                                                                       ab, letters, extra)
+                                                                       letters, extra)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}

@@ -72,10 +72,10 @@ def test_alphabet_limits_the_key_letters_and_keeps_the_default_samples():
     import torch
 
     g = torch.Generator().manual_seed(2)
-    keys = ["".join(map(chr, probe.sample(g, 20, 64, key_length=5, alphabet=2)[1])) for _ in range(20)]
+    keys = ["".join(map(chr, probe.sample(g, 20, 64, key_length=5, letters=probe.KEYS[:2])[1])) for _ in range(20)]
     assert set("".join(keys)) == {"A", "B"}
     full = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3)
-    same = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3, alphabet=len(probe.KEYS))
+    same = probe.sample(torch.Generator().manual_seed(7), 20, 64, key_length=3, letters=probe.KEYS)
     assert full == same
 
 
