@@ -28,6 +28,10 @@ attention's reach, as the GPU curriculum's 2K samples are for its 8 layers of 51
 `--memory-lr-scale S` trains the memory's parameters (projections, rate heads, initial fast weights, surprise
 gate) at S x `--lr`, the rest at `--lr` (`model.memory_lr_scale` of memsparse-train).
 
+`--chunk-size C` writes the memory in steps of C tokens (default 16, the segment): a key in a step of C tokens
+gets about 1/C of the write's gradient, so smaller steps should carry it sooner if dilution limits the memory
+(the GPU recipes write 256 tokens a step).
+
 `--copy-steps N` trains N steps on keys inside the window only before the `--steps` of the mixed schedule (as
 stage 1 of the GPU curriculum teaches the copy before stage 2 needs the memory): does a longer copying start
 slow the memory's carry? Steps in the curve count from the first copy step.
@@ -120,16 +124,18 @@ def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
     return out
 
 
-def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2) -> MemSparseLM:
+def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
+          chunk: int = 16) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
-    committed runs; more layers relay attention further back, as the GPU recipes' 8 do)."""
+    committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
+    step of the memory (16, the segment: the committed runs)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
         segment=16, window=32, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
-        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=16, forget_init=1e-4, conv=conv),
+        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=chunk, forget_init=1e-4, conv=conv),
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
@@ -174,7 +180,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     """(the trained model, {"memory_layers", "curve", "final"}): `args.steps` AdamW steps on the probe's samples,
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
     model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0),
-                  getattr(args, "depth", 2))
+                  getattr(args, "depth", 2), getattr(args, "chunk_size", 16))
     opt = torch.optim.AdamW(probe_groups(model, args.lr, getattr(args, "memory_lr_scale", 1.0)), lr=args.lr,
                             weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
@@ -256,6 +262,9 @@ def main() -> None:
                     help="with --unseen N: those letters are rare instead, about this share of training key letters")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
+    ap.add_argument("--chunk-size", type=int, default=16,
+                    help="tokens a write step of the memory takes (a divisor of the 16-token segment; the GPU "
+                         "recipes write 256-token segments in one step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not 0 <= args.unseen < args.alphabet:
@@ -272,6 +281,8 @@ def main() -> None:
         ap.error(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}")
     if args.depth < 2:
         ap.error(f"--depth must be >= 2 (the memory sits in layer 1), got {args.depth}")
+    if args.chunk_size < 1 or 16 % args.chunk_size:
+        ap.error(f"--chunk-size must divide the segment (16), got {args.chunk_size}")
     if args.copy_steps < 0:
         ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
     if args.key_length < 1:

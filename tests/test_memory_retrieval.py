@@ -118,6 +118,7 @@ def test_rare_mix_gives_the_rare_letters_their_share():
 
 def test_depth_builds_that_many_layers_with_the_memory_in_layer_1():
     """--depth N: N layers, the memory in layer 1 only; the default is the committed runs' 2-layer model."""
+    assert [probe.build(True, 0, **kw).config.memory.chunk_size for kw in ({}, {"chunk": 4})] == [16, 4]
     two, six = probe.build(True, 0), probe.build(True, 0, depth=6)
     assert (two.config.depth, six.config.depth) == (2, 6)
     assert two.config.memory_layers == six.config.memory_layers == [1]
