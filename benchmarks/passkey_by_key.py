@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"passkey_by_key: expected NAME=results.json or NAME=cells.jsonl[@STEP] with an existing file, got "
                   f"{spec!r}", file=sys.stderr)
             return 2
+        if a.no_writes and not p.endswith(".jsonl"):
+            print(f"passkey_by_key: --no-writes reads RetrievalEval's cells.jsonl; {p} is a memsparse-eval results "
+                  "file (run with --no-memory-writes, it is the writes-off grid itself: drop --no-writes)",
+                  file=sys.stderr)
+            return 2
         try:
             by_key = hits_by_key(Path(p), lengths, step, writes=not a.no_writes)
         except ValueError as e:

@@ -127,3 +127,7 @@ def test_no_writes_reads_the_writes_off_cells(tmp_path, capsys):
     assert pbk.main([f"on={p}"]) == 0 and pbk.main([f"off={p}", "--no-writes"]) == 0
     out = capsys.readouterr().out
     assert "on: key beyond the attention window 1/1" in out and "off: key beyond the attention window 0/1" in out
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"cells": [c]}))
+    assert pbk.main([f"x={results}", "--no-writes"]) == 2
+    assert "--no-writes reads RetrievalEval's cells.jsonl" in capsys.readouterr().err
