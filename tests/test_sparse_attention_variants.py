@@ -299,6 +299,32 @@ def test_variant_from_environment(monkeypatch):
         fn()
 
 
+def test_auto_variant_is_merged_with_grouped_query_heads_only(monkeypatch):
+    """variant "auto" (or MEMSPARSE_SPARSE_ATTENTION_VARIANT=auto): the merged backward where it was measured faster
+    (Hq > Hkv), the default kernels with as many KV heads as query heads."""
+    from memsparse.kernels.sparse_attention import VARIANT_ENV_VAR
+
+    calls = []
+    real = hop.sparse_attention_variant
+
+    def spy(*a, **kw):
+        calls.append(kw["variant"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hop, "sparse_attention_variant", spy)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 32, 16, generator=gen).to(DEV)
+    kv = torch.randn(1, 2, 32, 16, generator=gen).to(DEV)
+    idx, cnt = (t.to(DEV) for t in make_lists(1, 2, 32, 32, 16, "causal", gen))
+    gqa = sparse_attention(q, kv, kv, idx, cnt, block_size=16, impl="triton", variant="auto")
+    assert calls == ["merged"]
+    assert rel(gqa, sparse_attention(q, kv, kv, idx, cnt, block_size=16, impl="triton")) <= 1e-5
+    idx4, cnt4 = (t.to(DEV) for t in make_lists(1, 4, 32, 32, 16, "causal", gen))
+    monkeypatch.setenv(VARIANT_ENV_VAR, "auto")
+    sparse_attention(q, q, q, idx4, cnt4, block_size=16, impl="triton")
+    assert calls == ["merged"]  # Hq == Hkv: the default kernels
+
+
 def test_tma_allocator_is_set_in_every_thread_context():
     """Triton keeps its scratch allocator in a ContextVar: one set in the forward's thread is unset in autograd's
     backward thread (the TMA variants' first GPU run failed so). Each context that launches gets one; a user's own
