@@ -205,7 +205,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         mixed = step > copy and (step - copy) % 3
         ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, train_letters, extra) if mixed
                           else batch(g, args.batch, 8, 24, args.length, kl, fl, train_letters, extra))
-        loss = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer"))).loss
+        out = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer")))
+        loss = out.loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -214,6 +215,9 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
             ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
+            # the memory's learned write rates on this step's batch (train/memory_* of memsparse-train)
+            row.update({k: float(out.stats[k]) for k in ("memory_lr", "memory_forget", "memory_keep_1k")
+                        if k in out.stats})
             scored = [(b, lo, hi, seen_letters) for b, lo, hi in bands]
             if unseen:
                 scored += [(f"unseen_{b}", lo, hi, unseen_letters) for b, lo, hi in bands if b != "relay"]
