@@ -42,6 +42,9 @@ output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--fille
 appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
 `--unseen-share P` makes those letters rare instead of unseen: about P of the training keys' letters.
 
+Each curve row also holds the memory's write rates on that step's training batch (`memory_lr`, `memory_forget`,
+`memory_keep_1k`: the statistics `memsparse-train` logs as `train/memory_*`).
+
     python benchmarks/cpu_memory_probe.py --steps 600 --out benchmarks/results/cpu_memory_probe.json
 """
 
