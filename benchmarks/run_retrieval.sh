@@ -26,8 +26,9 @@
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
-# Results (loss curves, RetrievalEval cells, memsparse-eval results.json/csv and heatmaps, passkey hits per key and by
-# each key's rarest-token share (passkey_by_key.txt / .csv), logs) go to
+# Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
+# results.json/csv and heatmaps, passkey hits per key and by each key's rarest-token share (passkey_by_key.txt /
+# .csv), logs) go to
 # $OUT/<name>/ and are packed into $OUT/<name>.tgz after every step, so a cut-off run still brings back what it did.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -81,7 +82,12 @@ for s in $STAGES; do
   # the top-level ended_by (the latest invocation's; a resumed run's "segments" keep the earlier ones')
   grep -q '^ "ended_by": "max_time"' "outputs/$O/phase_times.json" 2>/dev/null && \
     log "stage $s: stopped by trainer.max_time before max_steps (fewer steps than the recipe's; see its log)"
-  [ -d "outputs/$O/retrieval" ] && cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
+  if [ -d "outputs/$O/retrieval" ]; then
+    cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
+    # keys found beyond / inside the window at each evaluation (and with the memory's writes off, when run)
+    python3 benchmarks/retrieval_by_step.py "$O=$D/retrieval_while_training_$O/cells.jsonl" --name "by_step_$O" \
+      --out "$D" --device "$DEV" > /dev/null 2>&1 && cat "$D/by_step_$O.md"
+  fi
   pack
 done
 

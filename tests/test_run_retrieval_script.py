@@ -119,3 +119,18 @@ def test_seeds_side_by_side_and_resumed(tmp_path):
     assert any("--data.seed 1 --ckpt_path last" in f for f in fits)
     rc, _, out = run_seeds(tmp_path, SEEDS="1 7", RESUME="1")
     assert rc == 2 and "RESUME=1: no earlier run in" in out and "data_seed7" in out
+
+
+def test_a_stage_with_retrieval_cells_gets_its_table_by_step(tmp_path):
+    """After a stage whose RetrievalEval wrote cells, run_retrieval.sh copies them and tabulates them by step."""
+    assert run_seeds(tmp_path, SEEDS="0")[0] == 0
+    cells = tmp_path / "work" / "data_seed0" / "outputs" / "retrieval_small" / "retrieval"
+    cells.mkdir(parents=True)
+    (cells / "cells.jsonl").write_text("{}\n")
+    rc, _, out = run_seeds(tmp_path, SEEDS="0", RESUME="1")
+    assert rc == 0, out
+    calls = (tmp_path / "calls.txt").read_text()
+    d = tmp_path / "repo" / "out" / "t_data_seed0"
+    assert f"benchmarks/retrieval_by_step.py retrieval_small={d}/retrieval_while_training_retrieval_small/cells.jsonl" \
+        f" --name by_step_retrieval_small --out {d}" in calls
+    assert (d / "retrieval_while_training_retrieval_small" / "cells.jsonl").exists()
