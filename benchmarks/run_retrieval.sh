@@ -14,7 +14,11 @@
 #                                                    (recipes/overlays/stage3_from_copy.yaml; memory model only)
 #   TRAIN_ARGS="--data.bpe_split_digits true" ...   extra arguments for every stage's memsparse-train fit
 #   TRAIN_ARGS2="--model.lr 1e-3" ...                extra arguments for one stage only (TRAIN_ARGS1 ... TRAIN_ARGS4),
-#                                                    after TRAIN_ARGS
+#                                                    after TRAIN_ARGS. A RetrievalEval grid of the stage's own, e.g.
+#                                                    "--trainer.callbacks.init_args.lengths [1024,2048]" (the last
+#                                                    callback: RetrievalEval); stages 2-3 also run it with the memory's
+#                                                    writes off (no_writes, twice the evaluation time; "...no_writes
+#                                                    false" turns it off)
 #   STAGES=2 TRAIN_ARGS2="--data.seed 1" NAME=...    stage 2 again from the stage-1 export on the machine, with
 #                                                    another data order. Stages 2-4 take their weights from an
 #                                                    export, so seed_everything changes nothing there (stage 2 repeated
