@@ -268,11 +268,9 @@ def test_nan_in_one_kv_group_stays_there(variant):
         assert rel(a0, b0) <= 1e-5, name
 
 
-def test_variant_from_environment(monkeypatch):
-    """variant=None takes MEMSPARSE_SPARSE_ATTENTION_VARIANT (how a whole model runs a variant unchanged); an
-    explicit variant wins; unset, the default kernels run."""
-    from memsparse.kernels.sparse_attention import VARIANT_ENV_VAR
-
+@pytest.fixture
+def variant_calls(monkeypatch) -> list[str]:
+    """The `variant` of every call that reaches the opt-in kernels (`sparse_attention_variant`), in order."""
     calls = []
     real = hop.sparse_attention_variant
 
@@ -281,6 +279,15 @@ def test_variant_from_environment(monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(hop, "sparse_attention_variant", spy)
+    return calls
+
+
+def test_variant_from_environment(monkeypatch, variant_calls):
+    """variant=None takes MEMSPARSE_SPARSE_ATTENTION_VARIANT (how a whole model runs a variant unchanged); an
+    explicit variant wins; unset, the default kernels run."""
+    from memsparse.kernels.sparse_attention import VARIANT_ENV_VAR
+
+    calls = variant_calls
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 32, 16, generator=gen).to(DEV)
     idx, cnt = (t.to(DEV) for t in make_lists(1, 2, 32, 32, 16, "causal", gen))
@@ -299,19 +306,12 @@ def test_variant_from_environment(monkeypatch):
         fn()
 
 
-def test_auto_variant_is_merged_with_grouped_query_heads_only(monkeypatch):
+def test_auto_variant_is_merged_with_grouped_query_heads_only(monkeypatch, variant_calls):
     """variant "auto" (or MEMSPARSE_SPARSE_ATTENTION_VARIANT=auto): the merged backward where it was measured faster
     (Hq > Hkv), the default kernels with as many KV heads as query heads."""
     from memsparse.kernels.sparse_attention import VARIANT_ENV_VAR
 
-    calls = []
-    real = hop.sparse_attention_variant
-
-    def spy(*a, **kw):
-        calls.append(kw["variant"])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(hop, "sparse_attention_variant", spy)
+    calls = variant_calls
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 32, 16, generator=gen).to(DEV)
     kv = torch.randn(1, 2, 32, 16, generator=gen).to(DEV)
