@@ -576,6 +576,7 @@ class RetrievalEval(Callback):
         was_training = model.training
         t0 = time.perf_counter()
         passes = [True] + ([False] if self.no_writes and model.config.memory_layers else [])
+        writes_before = [blk.memory_writes for blk in model.blocks]
         rows, metrics = [], {}
         try:
             for writes in passes:
@@ -592,7 +593,8 @@ class RetrievalEval(Callback):
             rank_zero_warn(f"RetrievalEval at step {step} failed ({type(e).__name__}: {e}); training continues")
             return None
         finally:
-            model.set_memory_writes(True)
+            for blk, w in zip(model.blocks, writes_before):
+                blk.memory_writes = w
             model.train(was_training)
         wall = time.perf_counter() - t0
         metrics["retrieval/wall_s"] = wall
