@@ -42,6 +42,9 @@ output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--fille
 appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
 `--unseen-share P` makes those letters rare instead of unseen: about P of the training keys' letters.
 
+`--eval-no-writes` scores every band again with the memory's writes off (`acc_<band>_no_writes`, the same prompts):
+a key found then is reached by attention, one found only with the writes on is carried by the memory.
+
 Each curve row also holds the memory's write rates on that step's training batch (`memory_lr`, `memory_forget`,
 `memory_keep_1k`: the statistics `memsparse-train` logs as `train/memory_*`).
 
@@ -231,6 +234,15 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                 else:
                     row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl,
                                                                        letters, extra)
+            if memory and getattr(args, "eval_no_writes", False):  # the same prompts, the memory's writes off
+                ge = torch.Generator().manual_seed(10_000)
+                model.set_memory_writes(False)
+                try:
+                    for band, lo, hi, letters in scored:
+                        acc = accuracy(model, ge, lo, hi, args.length, n, kl, kl > 1, fl, letters, extra)
+                        row[f"acc_{band}_no_writes"] = acc[0] if kl > 1 else acc
+                finally:
+                    model.set_memory_writes(True)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -269,6 +281,9 @@ def main() -> None:
                     help="with --unseen N: those letters are rare instead, about this share of training key letters")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
+    ap.add_argument("--eval-no-writes", action="store_true",
+                    help="also score every band with the memory's writes off (acc_<band>_no_writes; the same "
+                         "prompts): what attention alone finds, as RetrievalEval's no_writes on the GPU")
     ap.add_argument("--chunk-size", type=int, default=16,
                     help="tokens a write step of the memory takes (a divisor of the 16-token segment; the GPU "
                          "recipes write 256-token segments in one step)")

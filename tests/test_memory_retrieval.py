@@ -150,3 +150,22 @@ def test_copy_steps_train_in_the_window_first_and_count_in_the_curve(monkeypatch
     row = probe.train(True, args)["final"]
     assert row["step"] == 6
     assert calls[:6] == [(8, 24)] * 3 + [(8, 160), (8, 160), (8, 24)]
+
+
+def test_eval_no_writes_scores_the_same_prompts_with_the_writes_off(monkeypatch):
+    """--eval-no-writes: every band scored again with the memory's writes off (the flags restored after), on the
+    same prompts as the writes-on scores; the rows also hold the memory's write rates."""
+    flags, real = [], probe.accuracy
+
+    def accuracy(model, g, *a, **k):
+        flags.append((all(b.memory_writes for b in model.blocks), int(g.initial_seed())))
+        return real(model, g, *a, **k)
+    monkeypatch.setattr(probe, "accuracy", accuracy)
+    args = argparse.Namespace(steps=2, batch=2, length=192, lr=1e-3, eval_every=2, seed=0, eval_samples=2,
+                              eval_no_writes=True)
+    model, run = probe.fit(True, args)
+    row = run["final"]
+    assert {"acc_in_window_no_writes", "acc_relay_no_writes", "acc_beyond_attention_no_writes"} <= set(row)
+    assert {"memory_forget", "memory_keep_1k", "memory_lr"} <= set(row)
+    assert [f for f, _ in flags] == [True] * 3 + [False] * 3 and {s for _, s in flags} == {10_000}
+    assert all(b.memory_writes for b in model.blocks)
