@@ -416,8 +416,9 @@ class Block(nn.Module):
                 mem_state = MemoryState(mem_state.weights, mem_state.momentum, torch.minimum(last, mem_state.step))
             if written:  # one reduction per span, not per segment (each eviction writes S tokens: equal weights)
                 _acc(stats, "memory_surprise", torch.cat([w.grad_norm for w in written], -1).mean(), len(written))
-                _acc(stats, "memory_gate", torch.cat([w.gate for w in written], -1).mean(), len(written))
-                _acc_rates(stats, written_in, written)
+                gate = torch.cat([w.gate for w in written], -1)
+                _acc(stats, "memory_gate", gate.mean(), len(written))
+                _acc_rates(stats, written_in, gate, len(written))
             if dst is None:
                 mem_out = self.memory.read_out(read_states, list(q_parts))
             else:  # a token whose document has nothing evicted yet reads the initial memory
@@ -671,17 +672,15 @@ def _acc(stats: dict, key: str, value: Tensor, weight: int = 1) -> None:
     stats[key] = (total + value.detach().float() * weight, n + weight)
 
 
-def _acc_rates(stats: dict, inputs: list, written: list) -> None:
-    """The learned write rates of evicted segments (Titans eq. 13-14): `memory_lr` (theta) and `memory_forget`
-    (alpha) per token, and `memory_keep_1k`, the share of the fast weights a run of 1,024 tokens at those forget
-    rates keeps, exp(1024 * mean log(1 - g * alpha)) with g the surprise gate (1 without one). It shows how far back
-    forgetting alone lets the memory reach (later writes overwriting a trace are not counted)."""
+def _acc_rates(stats: dict, inputs: list, gate: Tensor, n: int) -> None:
+    """The learned write rates of `n` evicted segments (`inputs`; their surprise gates `gate` (B, H, n * S); Titans
+    eq. 13-14): `memory_lr` (theta) and `memory_forget` (alpha) per token, and `memory_keep_1k`, the share of the
+    fast weights a run of 1,024 tokens at those forget rates keeps, exp(1024 * mean log(1 - g * alpha)). It shows how
+    far back forgetting alone lets the memory reach (later writes overwriting a trace are not counted)."""
     alpha = torch.cat([m.alpha for m in inputs], -1).float()
-    gate = [w.gate for w in written]
-    eff = alpha if any(g is None for g in gate) else alpha * torch.cat(gate, -1).float()
-    n = len(written)
     _acc(stats, "memory_lr", torch.cat([m.theta for m in inputs], -1).float().mean(), n)
     _acc(stats, "memory_forget", alpha.mean(), n)
+    eff = alpha * gate.float()
     _acc(stats, "memory_keep_1k", torch.exp(1024 * torch.log1p(-eff.clamp_max(1 - 1e-6)).mean()), n)
 
 
