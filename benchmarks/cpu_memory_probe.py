@@ -218,7 +218,6 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == total:
-            ge = torch.Generator().manual_seed(10_000)
             n = getattr(args, "eval_samples", 200)
             row = {"step": step, "loss": float(loss.detach()), "wall_s": round(time.time() - t0, 1)}
             # the memory's learned write rates on this step's batch (train/memory_* of memsparse-train)
@@ -227,20 +226,21 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
             scored = [(b, lo, hi, seen_letters) for b, lo, hi in bands]
             if unseen:
                 scored += [(f"unseen_{b}", lo, hi, unseen_letters) for b, lo, hi in bands if b != "relay"]
-            for band, lo, hi, letters in scored:
-                if kl == 1:  # the committed runs' rows, unchanged
-                    row[f"acc_{band}"] = accuracy(model, ge, lo, hi, args.length, n, filler=fl, letters=letters,
-                                                  filler_extra=extra)
-                else:
-                    row[f"acc_{band}"], row[f"tok_{band}"] = accuracy(model, ge, lo, hi, args.length, n, kl, True, fl,
-                                                                       letters, extra)
-            if memory and getattr(args, "eval_no_writes", False):  # the same prompts, the memory's writes off
+            # --eval-no-writes: the same prompts again with the memory's writes off (acc_<band>_no_writes)
+            passes = [("", True)] + ([("_no_writes", False)] if memory and getattr(args, "eval_no_writes", False)
+                                     else [])
+            for suffix, writes in passes:
                 ge = torch.Generator().manual_seed(10_000)
-                model.set_memory_writes(False)
+                model.set_memory_writes(writes)
                 try:
                     for band, lo, hi, letters in scored:
                         acc = accuracy(model, ge, lo, hi, args.length, n, kl, kl > 1, fl, letters, extra)
-                        row[f"acc_{band}_no_writes"] = acc[0] if kl > 1 else acc
+                        if kl > 1:  # per-letter accuracy beside the exact match (a 1-letter key: the same)
+                            row[f"acc_{band}{suffix}"] = acc[0]
+                            if writes:
+                                row[f"tok_{band}"] = acc[1]
+                        else:
+                            row[f"acc_{band}{suffix}"] = acc
                 finally:
                     model.set_memory_writes(True)
             curve.append(row)
