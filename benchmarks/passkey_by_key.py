@@ -32,38 +32,48 @@ from pathlib import Path
 Hit = tuple[float, bool, bool | None, bool | None, bool]
 
 
-def load_cells(path: Path, step: int | None = None, writes: bool = True) -> tuple[list[dict], dict]:
-    """(cells, meta) of a memsparse-eval results.json, or of one step of a RetrievalEval cells.jsonl (the callback's
-    grid while training: one cell a line, each with its `step`; `step` None: the last; `writes` False: the cells
-    its `no_writes` pass evaluated with the memory's writes off). A step the file does not hold is a ValueError
-    naming the steps it does."""
+def read_cells(path: Path) -> tuple[list[dict], dict]:
+    """(every cell, meta) of a memsparse-eval results.json or a RetrievalEval cells.jsonl (one cell a line, each with
+    its `step` and, from its `no_writes` pass, `memory_writes`), the file read once."""
     if path.suffix != ".jsonl":
         data = json.loads(path.read_text())
         return data["cells"], data.get("meta", {})
-    cells = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {}
+
+
+def step_cells(cells: list[dict], step: int | None = None, writes: bool = True,
+               where: object = "the file") -> list[dict]:
+    """RetrievalEval cells of one step (None: the last) and pass (`writes` False: the memory's writes off). A step
+    the cells do not hold is a ValueError naming `where` and the steps they do."""
     cells = [c for c in cells if c.get("memory_writes", True) == writes]
     steps = sorted({int(c["step"]) for c in cells})
     if not steps:
-        raise ValueError(f"{path} holds no cells")
+        raise ValueError(f"{where} holds no cells")
     if step is None:
         step = steps[-1]
     if step not in steps:
-        raise ValueError(f"{path} holds steps {', '.join(map(str, steps))}, not {step}")
-    return [c for c in cells if int(c["step"]) == step], {}
+        raise ValueError(f"{where} holds steps {', '.join(map(str, steps))}, not {step}")
+    return [c for c in cells if int(c["step"]) == step]
 
 
-def hits_by_key(path: Path, lengths: set[int] | None = None, step: int | None = None,
-                writes: bool = True) -> dict[str, dict[int, list[Hit]]]:
-    """{key: {length: [(depth, found, beyond_window, tf_exact, ran_on), ...]}} from one memsparse-eval results.json
-    or one step of a RetrievalEval cells.jsonl (task passkey); beyond_window: the key's distance from the prompt's end
-    exceeds the cell's window (None without distances); tf_exact: the teacher-forced exact match (None without it);
-    ran_on: not found, though the decoded text starts with the key (more digits followed it)."""
-    cells, meta = load_cells(path, step, writes)
+def load_cells(path: Path, step: int | None = None, writes: bool = True) -> tuple[list[dict], dict]:
+    """(cells, meta) of a memsparse-eval results.json, or of one step of a RetrievalEval cells.jsonl (`step` None:
+    the last; `writes` False: the cells its `no_writes` pass evaluated with the memory's writes off)."""
+    cells, meta = read_cells(path)
+    return (cells, meta) if path.suffix != ".jsonl" else (step_cells(cells, step, writes, path), meta)
+
+
+def hits_from_cells(cells: list[dict], meta: dict | None = None,
+                    lengths: set[int] | None = None) -> dict[str, dict[int, list[Hit]]]:
+    """{key: {length: [(depth, found, beyond_window, tf_exact, ran_on), ...]}} of the passkey cells; beyond_window:
+    the key's distance from the prompt's end exceeds the cell's window (None without distances); tf_exact: the
+    teacher-forced exact match (None without it); ran_on: not found, though the decoded text starts with the key
+    (more digits followed it)."""
     out: dict[str, dict[int, list[Hit]]] = defaultdict(lambda: defaultdict(list))
     for c in cells:
         if c["task"] != "passkey" or (lengths and c["length"] not in lengths):
             continue
-        window = c.get("window") or meta.get("window")
+        window = c.get("window") or (meta or {}).get("window")
         for s in c["samples"]:
             dist = s.get("needle_distances")
             beyond = None if not dist or not window else min(dist) > int(window)
@@ -72,6 +82,13 @@ def hits_by_key(path: Path, lengths: set[int] | None = None, step: int | None = 
             ran_on = not found and str(s.get("prediction", "")).strip().startswith(str(s["answer"]))
             out[str(s["answer"])][int(c["length"])].append((float(c["depth"]), found, beyond, tf, ran_on))
     return out
+
+
+def hits_by_key(path: Path, lengths: set[int] | None = None, step: int | None = None,
+                writes: bool = True) -> dict[str, dict[int, list[Hit]]]:
+    """`hits_from_cells` of one memsparse-eval results.json or one step of a RetrievalEval cells.jsonl."""
+    cells, meta = load_cells(path, step, writes)
+    return hits_from_cells(cells, meta, lengths)
 
 
 SHARE_BINS = ((0.0, 1e-3, "< 0.1%"), (1e-3, 1e-2, "0.1-1%"), (1e-2, 1.1, ">= 1%"))
@@ -111,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.runs:
         name, sep, p = spec.partition("=")
         step = None
-        if p.rpartition("@")[2].isdigit() and p.rpartition("@")[0].endswith(".jsonl"):
-            p, step = p.rpartition("@")[0], int(p.rpartition("@")[2])
+        head, _, tail = p.rpartition("@")
+        if tail.isdigit() and head.endswith(".jsonl"):
+            p, step = head, int(tail)
         if not sep or not Path(p).is_file():
             print(f"passkey_by_key: expected NAME=results.json or NAME=cells.jsonl[@STEP] with an existing file, got "
                   f"{spec!r}", file=sys.stderr)

@@ -25,16 +25,11 @@ pbk = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pbk)
 
 
-def steps_of(path: Path) -> list[int]:
-    """The steps a cells.jsonl holds evaluations of (with the memory's writes on), ascending."""
-    return sorted({int(c["step"]) for c in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-                   if c.get("memory_writes", True)})
-
-
-def found(path: Path, step: int, writes: bool) -> dict[bool, list[int]]:
-    """{beyond the window: [decoded hits, teacher-forced hits, prompts]} at one step (prompts with distances only)."""
+def found(cells: list[dict]) -> dict[bool, list[int]]:
+    """{beyond the window: [decoded hits, teacher-forced hits, prompts]} over the passkey prompts of `cells` that
+    carry a needle distance."""
     count = {True: [0, 0, 0], False: [0, 0, 0]}
-    for cells_by_len in pbk.hits_by_key(path, None, step, writes).values():
+    for cells_by_len in pbk.hits_from_cells(cells).values():
         for hits in cells_by_len.values():
             for _, hit, beyond, tf, _ in hits:
                 if beyond is not None:
@@ -46,10 +41,13 @@ def found(path: Path, step: int, writes: bool) -> dict[bool, list[int]]:
 
 def by_step(path: Path) -> list[dict]:
     """One row per evaluated step: {step, acc_<length>, beyond, beyond_n, inside, inside_n, tf_beyond, tf_inside,
-    tf_stop} (counts of prompts; tf_stop the mean over the passkey cells that report it, else None)."""
+    tf_stop} (counts of prompts; tf_stop the mean over the passkey cells that report it, else None), and
+    beyond_no_writes / inside_no_writes where the step has a writes-off pass. The file is read once."""
+    all_cells, _ = pbk.read_cells(path)
+    passes = {w: [c for c in all_cells if c.get("memory_writes", True) == w] for w in (True, False)}
     rows = []
-    for step in steps_of(path):
-        cells, _ = pbk.load_cells(path, step)
+    for step in sorted({int(c["step"]) for c in passes[True]}):
+        cells, off_cells = ([c for c in passes[w] if int(c["step"]) == step] for w in (True, False))
         row: dict = {"step": step}
         for c in cells:
             if c["task"] == "passkey":
@@ -58,14 +56,11 @@ def by_step(path: Path) -> list[dict]:
             row[k] = round(sum(row[k]) / len(row[k]), 4)
         stops = [float(c["tf_stop"]) for c in cells if c["task"] == "passkey" and c.get("tf_stop") is not None]
         row["tf_stop"] = round(sum(stops) / len(stops), 4) if stops else None
-        count = found(path, step, True)
+        count = found(cells)
         row.update(beyond=count[True][0], tf_beyond=count[True][1], beyond_n=count[True][2],
                    inside=count[False][0], tf_inside=count[False][1], inside_n=count[False][2])
-        try:
-            off = found(path, step, False)
-        except ValueError:  # no no_writes pass at this step
-            off = None
-        if off is not None and off[True][2] + off[False][2]:
+        off = found(off_cells)
+        if off[True][2] + off[False][2]:
             row.update(beyond_no_writes=off[True][0], inside_no_writes=off[False][0])
         rows.append(row)
     return rows
