@@ -28,6 +28,8 @@
 #   KEYS=balanced KEYS_STAGES="1 2" ...              balanced keys in those stages only (default: every stage run)
 #   KEYS=balanced ASKS=4 ...                         stages 3-4 also ask each sample's question 4 times
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
+#   STAGES="1 2 3 4" TRAIN=0 EVALS=passkey ...       no training: the eval grids of the last listed stage's export on
+#                                                    the machine (a curriculum trained over several calls)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
@@ -51,6 +53,7 @@ pack() { tar -czf "$OUT/$NAME.tgz" -C "$OUT" "$NAME"; }
 log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
 
 for s in $STAGES; do
+  [ "${TRAIN:-1}" = 0 ] && continue  # TRAIN=0: evaluate the last listed stage's export on the machine only
   # stage 4 = stage 3 once more from its own export (an overlay recipe); O names the run's outputs/ directory
   CFG=(); case $s in 1) C=$C1; O=$C1 ;; 2) C=$C2; O=$C2 ;; 3) C=$C3; O=$C3 ;;
     4) C=$C3; O=${C3}_more; CFG=(--config "recipes/overlays/continue_$C3.yaml") ;;
@@ -84,7 +87,8 @@ for s in $STAGES; do
     --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
   cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null
   # the top-level ended_by (the latest invocation's; a resumed run's "segments" keep the earlier ones')
-  grep -q '^ "ended_by": "max_time"' "outputs/$O/phase_times.json" 2>/dev/null && \
+  python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("ended_by") != "max_time")' \
+    "outputs/$O/phase_times.json" 2>/dev/null && \
     log "stage $s: stopped by trainer.max_time before max_steps (fewer steps than the recipe's; see its log)"
   if [ -d "outputs/$O/retrieval" ]; then
     cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"

@@ -134,3 +134,11 @@ def test_a_stage_with_retrieval_cells_gets_its_table_by_step(tmp_path):
     assert f"benchmarks/retrieval_by_step.py retrieval_small={d}/retrieval_while_training_retrieval_small/cells.jsonl" \
         f" --name by_step_retrieval_small --out {d}" in calls
     assert (d / "retrieval_while_training_retrieval_small" / "cells.jsonl").exists()
+
+
+def test_train_0_evaluates_the_last_listed_stage_without_training(tmp_path):
+    rc, fits, out = run_script(tmp_path, STAGES="1 2 3 4", TRAIN="0", EVALS="passkey", PASSKEY_LENGTHS="8k")
+    assert rc == 0, out
+    assert fits == []
+    ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
+    assert len(ev) == 1 and "--checkpoint outputs/retrieval_small_long_more/export" in ev[0]
