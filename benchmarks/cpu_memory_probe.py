@@ -36,6 +36,11 @@ gets about 1/C of the write's gradient, so smaller steps should carry it sooner 
 stage 1 of the GPU curriculum teaches the copy before stage 2 needs the memory): does a longer copying start
 slow the memory's carry? Steps in the curve count from the first copy step.
 
+`--relay-steps N` then trains N steps whose keys lie at most as far back as attention relays (the relay band,
+40-90, beside the window's): a model that first learns to reach its keys by attention alone, as the GPU
+curriculum's stage 2 can (keys 512-2K back, all within reach of 8 layers of 512-token windows), before the full
+mix needs the memory. Does such a start keep the memory from taking over the keys beyond attention?
+
 `--unseen N` keeps the alphabet's last N letters out of every training key and scores keys made of them in bands
 of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy a token it was never trained to
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
@@ -203,13 +208,16 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     if far:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
-    copy = getattr(args, "copy_steps", 0)
-    total = copy + args.steps
+    copy, relay = getattr(args, "copy_steps", 0), getattr(args, "relay_steps", 0)
+    relay_top = max(hi for b, _, hi in bands if b == "relay")
+    total = copy + relay + args.steps
     for step in range(1, total + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
-        # them during the --copy-steps first steps)
+        # them during the --copy-steps first steps; during the --relay-steps after them the others reach only
+        # as far back as attention relays)
         mixed = step > copy and (step - copy) % 3
-        ids, labels, _ = (batch(g, args.batch, 8, top, args.length, kl, fl, train_letters, extra) if mixed
+        hi = relay_top if step <= copy + relay else top
+        ids, labels, _ = (batch(g, args.batch, 8, hi, args.length, kl, fl, train_letters, extra) if mixed
                           else batch(g, args.batch, 8, 24, args.length, kl, fl, train_letters, extra))
         out = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer")))
         loss = out.loss
@@ -253,6 +261,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--copy-steps", type=int, default=0,
                     help="steps on in-window keys only, before the --steps of the mixed schedule")
+    ap.add_argument("--relay-steps", type=int, default=0,
+                    help="steps after --copy-steps whose keys lie at most as far back as attention relays (the "
+                         "relay band), before the --steps of the full mix")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=192)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -307,6 +318,8 @@ def main() -> None:
         ap.error(f"--chunk-size must divide the segment (16), got {args.chunk_size}")
     if args.copy_steps < 0:
         ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
+    if args.relay_steps < 0:
+        ap.error(f"--relay-steps must be >= 0, got {args.relay_steps}")
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
     if args.far:

@@ -487,4 +487,30 @@ def test_built_from_yaml_by_jsonargparse(tmp_path):
     )
     dm = parser.instantiate_classes(cfg).data
     assert dm.seq_len == 64 and dm.synthetic == [SyntheticSpec("passkey", 0.25, [64])]
-    assert dm.hparams["synthetic"] == [{"task": "passkey", "proportion": 0.25, "lengths": [64], "asks": 1}]
+    assert dm.hparams["synthetic"] == [{"task": "passkey", "proportion": 0.25, "lengths": [64], "asks": 1,
+                                        "depths": [0.0, 1.0]}]
+
+
+@needs_registry
+def test_synthetic_depths_range_places_every_needle_in_it():
+    tok = ByteTokenizer()
+    full = SyntheticTaskDataset("passkey", 40, [1024], 1024, tok, seed=3, source=1)
+    far = SyntheticTaskDataset("passkey", 40, [1024], 1024, tok, seed=3, source=1, depths=(0.0, 0.25))
+    explicit = SyntheticTaskDataset("passkey", 40, [1024], 1024, tok, seed=3, source=1, depths=(0.0, 1.0))
+    assert all(torch.equal(full[i]["input_ids"], explicit[i]["input_ids"]) for i in range(5))  # default unchanged
+    d_full = [full.params(i)[1] for i in range(40)]
+    d_far = [far.params(i)[1] for i in range(40)]
+    assert max(d_far) <= 0.25 and max(d_full) > 0.5
+    assert d_far == pytest.approx([0.25 * d for d in d_full])  # the same draws, scaled into the range
+    pos = []
+    for i in range(10):
+        text = tok.decode(far[i]["input_ids"].tolist())
+        pos.append(text.index("is the pass key.") / len(text))
+    assert max(pos) < 0.35  # every needle in the first part of the haystack
+
+
+def test_synthetic_depths_out_of_range_are_a_config_error(tmp_path):
+    with pytest.raises(DataConfigError, match=r"data\.synthetic\[0\]\.depths.*0 <= lo <= hi <= 1"):
+        _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], depths=[0.5, 0.2])])
+    with pytest.raises(DataConfigError, match=r"data\.synthetic\[0\]\.depths"):
+        _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], depths=[0.0])])

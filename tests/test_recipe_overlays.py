@@ -93,3 +93,16 @@ def test_copy_curve_overlay_changes_only_how_often_stage_1_decodes(capsys, monke
     for key in ("every_n_steps", "samples"):
         ra["init_args"].pop(key), rb["init_args"].pop(key)
     assert ra == rb and a == b
+
+
+@pytest.mark.parametrize("name", ["retrieval_small", "ablation_retrieval_no_memory"])
+def test_far_keys_overlay_moves_part_of_the_passkey_share_only(name, capsys, monkeypatch):
+    """recipes/overlays/far_keys_stage2.yaml: the stage-2 mixture with 0.2 of passkey's 0.5 at depths 0-0.25."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    a = _resolved(capsys, RECIPES / f"{name}.yaml")
+    b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "far_keys_stage2.yaml")
+    sa, sb = a["data"].pop("synthetic"), b["data"].pop("synthetic")
+    assert a == b
+    assert [s for s in sb if s["depths"] == [0.0, 1.0]] == [dict(sa[0], proportion=0.3), *sa[1:]]
+    far = [s for s in sb if s["depths"] != [0.0, 1.0]]
+    assert far == [dict(sa[0], proportion=0.2, lengths=[2048], depths=[0.0, 0.25])]

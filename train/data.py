@@ -59,13 +59,16 @@ class SyntheticSpec:
     what the tasks leave); lengths: sequence lengths (tokens, <= seq_len) drawn uniformly per sample
     (empty: [seq_len], which fills every sequence exactly); asks: how often a sample asks its question (> 1: the
     question and its answer are also inserted asks - 1 times between the last needle and the end, each answer
-    labelled, so a long row trains several answers at several distances).
+    labelled, so a long row trains several answers at several distances); depths: [lo, hi], the range the needle's
+    depth is drawn from uniformly (0: the start of the haystack, farthest from the question; 1: its end); [0, 0.25]
+    at 2K puts every key 1.5-2K tokens back, beyond what attention relays through the retrieval recipes' layers.
     """
 
     task: str
     proportion: float
     lengths: list[int] = field(default_factory=list)
     asks: int = 1
+    depths: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
 class DataConfigError(ConfigError):
@@ -337,7 +340,7 @@ class MemSparseDataModule(LightningDataModule):
             try:
                 specs.append(s if isinstance(s, SyntheticSpec) else SyntheticSpec(**s))
             except TypeError as e:
-                raise DataConfigError(f"expected task, proportion, lengths and asks ({e})",
+                raise DataConfigError(f"expected task, proportion, lengths, asks and depths ({e})",
                                       key=f"data.synthetic[{k}]") from None
         for k, s in enumerate(specs):
             where = f"data.synthetic[{k}]"
@@ -346,6 +349,10 @@ class MemSparseDataModule(LightningDataModule):
                   "a list of integers >= 2", s.lengths)
             check(isinstance(s.asks, int) and not isinstance(s.asks, bool) and s.asks >= 1, f"synthetic[{k}].asks",
                   "an integer >= 1", s.asks)
+            d = s.depths
+            check(isinstance(d, (list, tuple)) and len(d) == 2
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d)
+                  and 0.0 <= d[0] <= d[1] <= 1.0, f"synthetic[{k}].depths", "[lo, hi] with 0 <= lo <= hi <= 1", d)
             if s.lengths and max(s.lengths) > seq_len:
                 raise DataConfigError(
                     f"data.seq_len={seq_len} is shorter than the samples of synthetic task {s.task!r} "
@@ -572,7 +579,8 @@ class MemSparseDataModule(LightningDataModule):
                 try:
                     parts.append(SyntheticTaskDataset(
                         task, n, spec.lengths or [self.seq_len], self.seq_len, tok, self.seed, source=1 + k,
-                        stream=stream, loss=self.synthetic_loss, vary_by_epoch=stream == 0, asks=spec.asks))
+                        stream=stream, loss=self.synthetic_loss, vary_by_epoch=stream == 0, asks=spec.asks,
+                        depths=(float(spec.depths[0]), float(spec.depths[1]))))
                 except ValueError as e:  # a sample that cannot fit its lengths: the user's setting, one line
                     raise DataConfigError(str(e), key=f"data.synthetic[{k}]") from None
             return parts

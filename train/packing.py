@@ -97,7 +97,7 @@ class PackedTextDataset(Dataset):
 class SyntheticTaskDataset(Dataset):
     """`num_samples` samples of one long-context task, generated lazily and deterministically per index.
 
-    Sample (index, epoch) draws its length from `lengths`, its depth in [0, 1] and its task seed from
+    Sample (index, epoch) draws its length from `lengths`, its depth in `depths` ([0, 1]) and its task seed from
     `np.random.default_rng([seed, stream, source, index, epoch])`; the tokens are prompt + answer + eos,
     exactly `length + 1` of them, i.e. `length` labelled positions (length == seq_len fills the sequence;
     shorter samples are padded).
@@ -120,11 +120,14 @@ class SyntheticTaskDataset(Dataset):
         loss: str = "answer",
         vary_by_epoch: bool = True,
         asks: int = 1,
+        depths: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         if loss not in ("answer", "all"):
             raise ValueError(f"synthetic_loss must be 'answer' or 'all', got {loss!r}")
         if isinstance(asks, bool) or not isinstance(asks, int) or asks < 1:
             raise ValueError(f"asks must be an integer >= 1, got {asks!r}")
+        if not 0.0 <= depths[0] <= depths[1] <= 1.0:
+            raise ValueError(f"depths must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(depths)}")
         bad = [n for n in lengths if not 2 <= n <= seq_len]
         if not lengths or bad:
             raise ValueError(f"synthetic lengths must be in [2, seq_len={seq_len}], got {list(lengths)}")
@@ -135,6 +138,7 @@ class SyntheticTaskDataset(Dataset):
         self.num_samples, self.lengths = int(num_samples), [int(n) for n in lengths]
         self.seq_len, self.tokenizer, self.seed, self.source, self.stream = seq_len, tokenizer, seed, source, stream
         self.loss, self.vary_by_epoch, self.asks = loss, vary_by_epoch, asks
+        self.depth_lo, self.depth_span = float(depths[0]), float(depths[1]) - float(depths[0])
         # The prompt must leave room for the answer: check the task's bounds once, up front.
         min_len = getattr(self._task, "min_length", lambda tok: 1)(tokenizer)
         max_ans = getattr(self._task, "max_answer_tokens", lambda tok: 0)(tokenizer)
@@ -182,7 +186,7 @@ class SyntheticTaskDataset(Dataset):
         epoch, i = divmod(int(index), self.num_samples)
         rng = np.random.default_rng([self.seed, self.stream, self.source, i, epoch if self.vary_by_epoch else 0])
         length = self.lengths[int(rng.integers(len(self.lengths)))]
-        depth = float(rng.random())
+        depth = self.depth_lo + self.depth_span * float(rng.random())  # (0, 1): rng.random() as drawn
         task_seed = int(rng.integers(2**31 - 1))
         return length, depth, task_seed
 
