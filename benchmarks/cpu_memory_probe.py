@@ -30,7 +30,9 @@ gate) at S x `--lr`, the rest at `--lr` (`model.memory_lr_scale` of memsparse-tr
 
 `--chunk-size C` writes the memory in steps of C tokens (default 16, the segment): a key in a step of C tokens
 gets about 1/C of the write's gradient, so smaller steps should carry it sooner if dilution limits the memory
-(the GPU recipes write 256 tokens a step).
+(the GPU recipes write 256 tokens a step). `--scale S` multiplies the window, the segment (and so the default write
+step), the bands' distances and the sample length by S: at S = 4 a write step of the whole segment holds 64 tokens,
+and `--scale 4 --chunk-size 16` is the same model writing in steps of 16.
 
 `--copy-steps N` trains N steps on keys inside the window only before the `--steps` of the mixed schedule (as
 stage 1 of the GPU curriculum teaches the copy before stage 2 needs the memory): does a longer copying start
@@ -136,7 +138,7 @@ def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
 
 
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
-          chunk: int = 16) -> MemSparseLM:
+          chunk: int = 16, scale: int = 1) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
     committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
@@ -144,7 +146,7 @@ def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: 
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
-        segment=16, window=32, persistent_tokens=8, budget="dense", variant="mac",
+        segment=16 * scale, window=32 * scale, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
         memory=MemoryConfig(heads=4, head_dim=16, chunk_size=chunk, forget_init=1e-4, conv=conv),
         consolidation=ConsolidationConfig(train_passes=train_passes)))
@@ -191,7 +193,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     """(the trained model, {"memory_layers", "curve", "final"}): `args.steps` AdamW steps on the probe's samples,
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
     model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0),
-                  getattr(args, "depth", 2), getattr(args, "chunk_size", 16))
+                  getattr(args, "depth", 2), getattr(args, "chunk_size", None) or 16 * getattr(args, "scale", 1),
+                  getattr(args, "scale", 1))
     opt = torch.optim.AdamW(probe_groups(model, args.lr, getattr(args, "memory_lr_scale", 1.0)), lr=args.lr,
                             weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
@@ -204,7 +207,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     seen_letters, unseen_letters = KEYS[:ab - unseen], KEYS[ab - unseen:ab]
     train_letters = rare_mix(seen_letters, unseen_letters, getattr(args, "unseen_share", 0.0))
     extra = unseen_letters if getattr(args, "unseen_in_filler", False) else ""
-    bands = [("in_window", 8, 24), ("relay", 40, 90), ("beyond_attention", 112, 160)]
+    sc = getattr(args, "scale", 1)  # --scale S: window, segment and the bands' distances S times the committed runs'
+    bands = [("in_window", 8 * sc, 24 * sc), ("relay", 40 * sc, 90 * sc), ("beyond_attention", 112 * sc, 160 * sc)]
     if far:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
@@ -217,8 +221,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # as far back as attention relays)
         mixed = step > copy and (step - copy) % 3
         hi = relay_top if step <= copy + relay else top
-        ids, labels, _ = (batch(g, args.batch, 8, hi, args.length, kl, fl, train_letters, extra) if mixed
-                          else batch(g, args.batch, 8, 24, args.length, kl, fl, train_letters, extra))
+        ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra) if mixed
+                          else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters, extra))
         out = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer")))
         loss = out.loss
         opt.zero_grad()
@@ -265,7 +269,10 @@ def main() -> None:
                     help="steps after --copy-steps whose keys lie at most as far back as attention relays (the "
                          "relay band), before the --steps of the full mix")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--length", type=int, default=192)
+    ap.add_argument("--length", type=int, default=None, help="tokens a sample (default 192 x --scale)")
+    ap.add_argument("--scale", type=int, default=1,
+                    help="window, segment, the bands' distances and the default length S times the committed runs' "
+                         "(32 / 16 / 8-160 / 192): a write step of the whole segment then holds 16 x S tokens")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -295,7 +302,7 @@ def main() -> None:
     ap.add_argument("--eval-no-writes", action="store_true",
                     help="also score every band with the memory's writes off (acc_<band>_no_writes; the same "
                          "prompts): what attention alone finds, as RetrievalEval's no_writes on the GPU")
-    ap.add_argument("--chunk-size", type=int, default=16,
+    ap.add_argument("--chunk-size", type=int, default=None,
                     help="tokens a write step of the memory takes (a divisor of the 16-token segment; the GPU "
                          "recipes write 256-token segments in one step)")
     ap.add_argument("--out", default=None)
@@ -314,8 +321,12 @@ def main() -> None:
         ap.error(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}")
     if args.depth < 2:
         ap.error(f"--depth must be >= 2 (the memory sits in layer 1), got {args.depth}")
-    if args.chunk_size < 1 or 16 % args.chunk_size:
-        ap.error(f"--chunk-size must divide the segment (16), got {args.chunk_size}")
+    if args.scale < 1:
+        ap.error(f"--scale must be >= 1, got {args.scale}")
+    args.length = args.length or 192 * args.scale
+    args.chunk_size = args.chunk_size or 16 * args.scale
+    if args.chunk_size < 1 or (16 * args.scale) % args.chunk_size:
+        ap.error(f"--chunk-size must divide the segment ({16 * args.scale}), got {args.chunk_size}")
     if args.copy_steps < 0:
         ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
     if args.relay_steps < 0:

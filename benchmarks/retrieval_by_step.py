@@ -10,6 +10,11 @@ beyond the window found only with the writes on are the memory's.
 
 The window split uses each sample's needle distance (passkey_by_key.py); a resumed run's cells.jsonl holds the
 evaluations of all its invocations.
+
+`--memory-gate N` (runs with the writes-off pass): after writing the outputs, exit 3 if at the last evaluated
+step of any run the memory carries fewer than N keys past the window (found with its writes minus found without):
+`run_retrieval.sh MEMORY_GATE=N` stops the curriculum there instead of training stages 3-4 on a model whose keys
+past the window are attention's.
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ def by_step(path: Path) -> list[dict]:
     return rows
 
 
+def memory_keys(rows: list[dict]) -> tuple[int, dict] | None:
+    """(keys past the window found with the memory's writes minus without, the row) at the last step that has a
+    writes-off pass; None if no step has one."""
+    off = [r for r in rows if "beyond_no_writes" in r]
+    return (off[-1]["beyond"] - off[-1]["beyond_no_writes"], off[-1]) if off else None
+
+
 def table(runs: dict[str, list[dict]]) -> str:
     """Markdown: one line per run and step."""
     lengths = sorted({int(k[4:]) for rows in runs.values() for r in rows for k in r if k.startswith("acc_")})
@@ -120,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="retrieval_by_step")
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="", help="the GPU the runs trained on (for the plot's title)")
+    ap.add_argument("--memory-gate", type=int, default=None, metavar="N",
+                    help="exit 3 if at the last writes-off evaluation of a run the memory carries fewer than N keys "
+                         "past the window (found with its writes minus without)")
     a = ap.parse_args(argv)
     runs: dict[str, list[dict]] = {}
     for spec in a.runs:
@@ -140,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     plot(runs, f"passkey by training step ({a.device})" if a.device else "passkey by training step",
          out / f"{a.name}.png")
     print(md, end="")
+    if a.memory_gate is not None:
+        for name, rows in runs.items():
+            got = memory_keys(rows)
+            if got is None:
+                print(f"retrieval_by_step: {name}: no writes-off evaluation (RetrievalEval no_writes): the memory "
+                      "gate cannot be read", file=sys.stderr)
+                return 2
+            n, r = got
+            if n < a.memory_gate:
+                print(f"retrieval_by_step: {name} at step {r['step']}: the memory carries {n} keys past the window "
+                      f"({r['beyond']} found with its writes, {r['beyond_no_writes']} without), fewer than "
+                      f"--memory-gate {a.memory_gate}", file=sys.stderr)
+                return 3
     return 0
 
 

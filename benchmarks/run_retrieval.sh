@@ -30,6 +30,10 @@
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STAGES="1 2 3 4" TRAIN=0 EVALS=passkey ...       no training: the eval grids of the last listed stage's export on
 #                                                    the machine (a curriculum trained over several calls)
+#   MEMORY_GATE=5 ...                                 stop after stage 2 (exit 3, stages 3-4 and evals skipped) if its last
+#                                                    RetrievalEval finds fewer than 5 more keys past the window with the
+#                                                    memory's writes than without (retrieval_by_step.py --memory-gate):
+#                                                    stages 3-4 learned nothing from such a model (H200, 2026-12-06)
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
@@ -93,8 +97,14 @@ for s in $STAGES; do
   if [ -d "outputs/$O/retrieval" ]; then
     cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
     # keys found beyond / inside the window at each evaluation (and with the memory's writes off, when run)
+    GATE=(); [ -n "${MEMORY_GATE:-}" ] && [ "$s" = 2 ] && GATE=(--memory-gate "$MEMORY_GATE")
     python3 benchmarks/retrieval_by_step.py "$O=$D/retrieval_while_training_$O/cells.jsonl" --name "by_step_$O" \
-      --out "$D" --device "$DEV" > /dev/null 2>&1 && cat "$D/by_step_$O.md"
+      --out "$D" --device "$DEV" "${GATE[@]}" > "$D/by_step_$O.log" 2>&1; rc=$?
+    cat "$D/by_step_$O.md" 2>/dev/null
+    if [ "$rc" = 3 ]; then  # MEMORY_GATE=N: the memory carries fewer than N keys past the window after stage 2
+      tail -1 "$D/by_step_$O.log"; log "stage $s: MEMORY_GATE=$MEMORY_GATE not met; later stages and evals skipped"
+      pack; exit 3
+    fi
   fi
   pack
 done

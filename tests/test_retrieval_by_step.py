@@ -56,3 +56,19 @@ def test_writes_off_cells_are_counted_apart(tmp_path, capsys):
     assert (row["beyond"], row["beyond_n"], row["acc_1024"]) == (2, 2, 1.0)
     assert (row["beyond_no_writes"], row["inside_no_writes"]) == (1, 0)
     assert "| 1 / 0 |" in capsys.readouterr().out
+
+
+def test_memory_gate(tmp_path, capsys):
+    """--memory-gate N: exit 3 when the memory adds fewer than N keys past the window at the last writes-off step;
+    2 when there is no writes-off pass to read."""
+    on = _cell(10, 1024, 900, [1.0, 1.0], [1.0, 1.0])
+    off = {**_cell(10, 1024, 900, [0.0, 1.0], [0.0, 1.0]), "memory_writes": False}
+    p = tmp_path / "cells.jsonl"
+    p.write_text(json.dumps(on) + "\n" + json.dumps(off) + "\n")
+    args = [f"a={p}", "--name", "t", "--out", str(tmp_path / "o"), "--memory-gate"]
+    assert rbs.main([*args, "1"]) == 0  # 2 found with the writes, 1 without: the memory carries 1
+    assert rbs.main([*args, "2"]) == 3
+    assert "the memory carries 1 keys past the window (2 found with its writes, 1 without)" in capsys.readouterr().err
+    p.write_text(json.dumps(on) + "\n")
+    assert rbs.main([*args, "1"]) == 2
+    assert "no writes-off evaluation" in capsys.readouterr().err

@@ -14,15 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run_faked(script: str, cwd: Path, tmp_path: Path, prefix: str, env: dict) -> tuple[int, list[str], str]:
+def run_faked(script: str, cwd: Path, tmp_path: Path, prefix: str, env: dict,
+              exit_3_on: str | None = None) -> tuple[int, list[str], str]:
     """Run a benchmarks/ script under bash with fake `python3` / `memsparse-eval` / `nvidia-smi` on PATH, each
-    recording `prefix` (evaluated by bash) and its command line: (exit status, the recorded lines, output)."""
+    recording `prefix` (evaluated by bash) and its command line: (exit status, the recorded lines, output). With
+    `exit_3_on`, the fake `python3` exits 3 when its command line holds that string."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     for name in ("python3", "memsparse-eval", "nvidia-smi"):
         fake_cmd = fake / name
-        fake_cmd.write_text(f'#!/usr/bin/env bash\necho "{prefix}{name} $*" >> "{calls}"\n')
+        gate = f'[[ "$*" == *"{exit_3_on}"* ]] && exit 3\n' if exit_3_on and name == "python3" else ""
+        fake_cmd.write_text(f'#!/usr/bin/env bash\necho "{prefix}{name} $*" >> "{calls}"\n{gate}')
         fake_cmd.chmod(0o755)
     full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "EVALS": "", "NAME": "t", **env}
     p = subprocess.run(["bash", script], cwd=cwd, env=full, capture_output=True, text=True, timeout=60)
@@ -142,3 +145,22 @@ def test_train_0_evaluates_the_last_listed_stage_without_training(tmp_path):
     assert fits == []
     ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
     assert len(ev) == 1 and "--checkpoint outputs/retrieval_small_long_more/export" in ev[0]
+
+
+def test_memory_gate_stops_after_stage_two_when_not_met(tmp_path):
+    """MEMORY_GATE=N: retrieval_by_step.py --memory-gate N after stage 2; its exit 3 skips stages 3-4 and the evals."""
+    here = tmp_path / "repo"
+    (here / "outputs" / "retrieval_small" / "retrieval").mkdir(parents=True)
+    (here / "outputs" / "retrieval_small" / "retrieval" / "cells.jsonl").write_text("{}\n")
+    for d in ("recipes", "benchmarks"):
+        (here / d).symlink_to(ROOT / d)
+    env = {"OUT": "out", "STAGES": "2 3", "EVALS": "passkey", "MEMORY_GATE": "5"}
+    rc, lines, out = run_faked("benchmarks/run_retrieval.sh", here, tmp_path, "", env, exit_3_on="--memory-gate 5")
+    fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
+    assert rc == 3 and len(fits) == 1 and "retrieval_small.yaml" in fits[0], out
+    assert not any(ln.startswith("memsparse-eval") for ln in lines)
+    assert "MEMORY_GATE=5 not met" in (here / "out" / "t" / "steps.log").read_text()
+    (tmp_path / "calls.txt").unlink()
+    rc, lines, out = run_faked("benchmarks/run_retrieval.sh", here, tmp_path, "", env)  # gate met: on to stage 3
+    fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
+    assert rc == 0 and len(fits) == 2 and "retrieval_small_long.yaml" in fits[1], out
