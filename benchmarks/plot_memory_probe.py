@@ -30,15 +30,27 @@ def load(paths: list[str]) -> dict[str, dict]:
     return {p: json.loads(Path(p).read_text()) for p in paths}
 
 
+def scaled(title: str, scale: int) -> str:
+    """A band title with its distances times `scale` (`cpu_memory_probe.py --scale`): "40-90 back" -> "80-180 back"."""
+    if scale == 1:
+        return title
+    import re
+
+    return re.sub(r"(\d+)-(\d+) back", lambda m: f"{int(m[1]) * scale}-{int(m[2]) * scale} back", title)
+
+
 def bands(docs: dict[str, dict]) -> list[tuple[str, str]]:
     """BANDS, plus ("far", its range) when a run was trained with `--far` (the widest range among them), plus
-    UNSEEN_BANDS when one was trained with `--unseen`."""
+    UNSEEN_BANDS when one was trained with `--unseen`; distances times the runs' `--scale` when they share one."""
     fars = [doc["args"]["far"] for doc in docs.values() if doc["args"].get("far")]
-    out = list(BANDS)
+    scales = {doc["args"].get("scale", 1) for doc in docs.values()}
+    mixed = len(scales) > 1
+    scale = 1 if mixed else scales.pop()
+    out = [(b, scaled(t, scale) + (" (x each run's --scale)" if mixed else "")) for b, t in BANDS]
     if fars:
         out.append(("far", f"{min(f[0] for f in fars)}-{max(f[1] for f in fars)} back (memory only)"))
     if any(doc["args"].get("unseen") for doc in docs.values()):
-        out += UNSEEN_BANDS
+        out += [(b, scaled(t, scale)) for b, t in UNSEEN_BANDS]
     return out
 
 

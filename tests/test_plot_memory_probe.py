@@ -57,3 +57,11 @@ def test_copy_steps_shift_the_curve_to_the_mixed_schedule(tmp_path):
     plot.main([copy, "--out", str(tmp_path / "o")])
     rows = list(csv.DictReader(open(tmp_path / "o" / "memory_probe_curves.csv")))
     assert sorted({int(r["step"]) for r in rows if r["model"] == "memory"}) == [-100, 100]
+
+
+def test_band_titles_follow_the_runs_scale():
+    one = {"args": {"key_length": 2}, "runs": []}
+    two = {"args": {"key_length": 2, "scale": 2}, "runs": []}
+    assert dict(plot.bands({"a": one}))["relay"] == "40-90 back (attention relayed)"
+    assert dict(plot.bands({"a": two}))["beyond_attention"] == "224-320 back (memory only)"
+    assert "x each run's --scale" in dict(plot.bands({"a": one, "b": two}))["relay"]
