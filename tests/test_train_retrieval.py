@@ -119,6 +119,43 @@ def test_validation_answer_accuracy_matches_full_logits(tmp_path):
     assert not module.model.norm._forward_hooks
 
 
+def test_validation_with_the_memory_writes_off(tmp_path):
+    """model.val_no_writes: val/no_writes/* are the loss and answer accuracy of the same batches with every memory's
+    writes off (checked against the full logits); the writes are on again after; a model without memory logs none."""
+    torch.manual_seed(0)
+    dm = _datamodule()
+    module = _module(window=64)  # 256-token samples: segments leave the window and are written into the memory
+    module.val_no_writes = True
+    trainer = _trainer(tmp_path, limit_val_batches=1.0)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    logged = trainer.callback_metrics
+    assert all(blk.memory_writes for blk in module.model.blocks)
+    correct = tokens = 0
+    losses = []
+    module.eval()
+    module.model.set_memory_writes(False)
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            out = module.model(batch["input_ids"], labels=batch["labels"])
+            losses.append((float(out.loss), int((batch["labels"] != -100).sum())))
+            mask = (batch["labels"] != -100) & (batch["labels"] != dm.tokenizer.eos_id) & (batch["source"][:, None] > 0)
+            ok = out.logits.argmax(-1) == batch["labels"]
+            correct, tokens = correct + int((ok & mask).sum()), tokens + int(mask.sum())
+    module.model.set_memory_writes(True)
+    assert tokens > 0
+    assert float(logged["val/no_writes/answer_token_acc/passkey"]) == pytest.approx(correct / tokens)
+    mean = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+    off, on = float(logged["val/no_writes/loss"]), float(logged["val/loss"])
+    assert off != on and abs(off - mean) < abs(off - on) / 10  # the writes-off loss, not the writes-on one
+    plain = _module(memory_layers=[])
+    plain_module = MemSparseLightningModule(plain.model.config, lr=3e-3, warmup_steps=1, total_steps=8,
+                                            val_no_writes=True)
+    assert not plain_module.val_no_writes
+    trainer = _trainer(tmp_path / "plain", limit_val_batches=1.0)
+    trainer.validate(plain_module, datamodule=dm, verbose=False)
+    assert not [k for k in trainer.callback_metrics if "no_writes" in k]
+
+
 def test_no_answer_accuracy_without_answer_masks(tmp_path):
     trainer = _trainer(tmp_path, limit_val_batches=2)
     trainer.validate(_module(), datamodule=_datamodule(synthetic_loss="all"), verbose=False)

@@ -169,6 +169,9 @@ class MemSparseLightningModule(pl.LightningModule):
         memory_lr_scale: the long-term memory's parameters (projections, rate heads, initial fast weights,
             surprise gate) train at `lr * memory_lr_scale`, on the same warmup and cosine; 1.0: one learning
             rate for all (the optimizer then has two groups, as checkpoints before this option).
+        val_no_writes: validation also runs each batch with the memory's writes off and logs `val/no_writes/loss`,
+            `val/no_writes/answer_token_acc` and `val/no_writes/answer_exact` (per task too): answers the model finds
+            only with the writes on are the memory's. Twice the validation time; nothing without memory layers.
     """
 
     def __init__(
@@ -186,6 +189,7 @@ class MemSparseLightningModule(pl.LightningModule):
         float32_matmul_precision: str | None = None,
         max_consecutive_nonfinite: int = 5,
         memory_lr_scale: float = 1.0,
+        val_no_writes: bool = False,
     ) -> None:
         super().__init__()
 
@@ -222,6 +226,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
         self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
         self.memory_lr_scale = memory_lr_scale
+        self.val_no_writes = bool(val_no_writes) and bool(cfg.memory_layer_ids())
         self.cuda_graph, self.float32_matmul_precision = cuda_graph, float32_matmul_precision
         self._graphed: GraphedLoss | None = None
         self.nonfinite_steps = 0
@@ -235,6 +240,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self._answer_pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (labels, source) of this forward
         self._answer_names: list[str] | None = None  # synthetic task per source 1 + k, when answers are tracked
         self._answer_counts: torch.Tensor | None = None
+        self._answer_counts_no_writes: torch.Tensor | None = None
         self._answer_eos: int | None = None
 
     @property
@@ -397,13 +403,17 @@ class MemSparseLightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------- evaluation
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    def _forward_counted(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The model's output on `batch`, its answer positions counted into `_answer_counts` by `_answer_hook`."""
         if self._answer_counts is not None and "source" in batch:
             self._answer_pending = (batch["labels"], batch["source"])  # counted by `_answer_hook` in the forward
         try:
-            out = self(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
+            return self(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
         finally:
             self._answer_pending = None
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+        out = self._forward_counted(batch)
         n_tok = max(1, int((batch["labels"] != -100).sum()))
         if torch.isfinite(out.loss):
             self._eval_sum += float(out.loss) * n_tok
@@ -415,7 +425,25 @@ class MemSparseLightningModule(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, "val")
+        loss = self._eval_step(batch, "val")
+        if self.val_no_writes:
+            self._no_writes_step(batch)
+        return loss
+
+    def _no_writes_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """The batch again with every memory's writes off (`val_no_writes`): its loss, and its answer positions
+        counted apart; each block's write switch is restored after."""
+        before = [blk.memory_writes for blk in self.model.blocks]
+        counts, self._answer_counts = self._answer_counts, self._answer_counts_no_writes
+        self.model.set_memory_writes(False)
+        try:
+            out = self._forward_counted(batch)
+        finally:
+            for blk, on in zip(self.model.blocks, before):
+                blk.memory_writes = on
+            self._answer_counts_no_writes, self._answer_counts = self._answer_counts, counts
+        n_tok = max(1, int((batch["labels"] != -100).sum()))
+        self.log("val/no_writes/loss", out.loss, on_step=False, on_epoch=True, batch_size=n_tok, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The validation step, plus the loss per source (text, each synthetic task): a batch of one source
@@ -460,6 +488,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self._answer_names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
         self._answer_eos = int(tok.eos_id)
         self._answer_counts = torch.zeros(4, 1 + len(names), dtype=torch.float64, device=self.device)
+        self._answer_counts_no_writes = torch.zeros_like(self._answer_counts) if self.val_no_writes else None
         if self._answer_hook_handle is None:
             self._answer_hook_handle = self.model.norm.register_forward_hook(self._answer_hook)
 
@@ -479,6 +508,13 @@ class MemSparseLightningModule(pl.LightningModule):
             self._answer_hook_handle.remove()
             self._answer_hook_handle = None
         counts, self._answer_counts = self._answer_counts, None
+        no_writes, self._answer_counts_no_writes = self._answer_counts_no_writes, None
+        self._log_answer_counts(counts, prefix)
+        if prefix == "val":
+            self._log_answer_counts(no_writes, "val/no_writes")
+
+    def _log_answer_counts(self, counts: torch.Tensor | None, prefix: str) -> None:
+        """`<prefix>/answer_token_acc` and `<prefix>/answer_exact`, overall and per task, from `counts`."""
         if counts is None:
             return
         c = self.trainer.strategy.reduce(counts, reduce_op="sum")
