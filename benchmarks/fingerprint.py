@@ -9,8 +9,10 @@ another checkout:
 
     git worktree add /tmp/old ee328e4
     (cd /tmp/old && PYTHONPATH=/tmp/old python /path/to/benchmarks/fingerprint.py --work /tmp/fp_old) > old.json
-    PYTHONPATH=. python benchmarks/fingerprint.py --work /tmp/fp_new > new.json
+    python benchmarks/fingerprint.py --work /tmp/fp_new > new.json
     diff old.json new.json && echo same
+
+It says on stderr which checkout's `memsparse` and `train/data.py` it used (the one PYTHONPATH puts first).
 
 Equal output: the two commits compute the same function on these inputs and train on the same batches.
 """
@@ -22,6 +24,7 @@ import hashlib
 import inspect
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -63,9 +66,25 @@ def training_trace(doc_ids: bool, steps: int = 10) -> list[list[str]]:
     return out
 
 
+def data_module():
+    """The `train/data.py` module of the checkout `memsparse` was imported from (PYTHONPATH picks the checkout; an
+    editable install would otherwise map `memsparse.train` to the installed one)."""
+    import importlib
+    import sys
+
+    import memsparse
+
+    root = Path(memsparse.__file__).resolve().parents[1]
+    if (root / "train" / "data.py").is_file():
+        sys.path.insert(0, str(root))
+        return importlib.import_module("train.data")
+    return importlib.import_module("memsparse.train.data")
+
+
 def data_hash(tokenizer: str, work: Path) -> str:
     """SHA-256 of the first 5 training batches (input_ids, labels, doc_ids) of stage 3's mixture."""
-    from train.data import MemSparseDataModule, SyntheticSpec
+    data = data_module()
+    MemSparseDataModule, SyntheticSpec = data.MemSparseDataModule, data.SyntheticSpec
 
     kw = dict(stdlib_limit=20, tokenizer=tokenizer, seq_len=6144, batch_size=12, val_fraction=0.05, seed=0,
               synthetic=[SyntheticSpec(task="passkey", proportion=0.5, lengths=[1024, 4096, 5120, 6144, 6144]),
@@ -99,10 +118,14 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     torch.set_num_threads(1)
+    import memsparse
+
+    print(f"fingerprint: memsparse from {Path(memsparse.__file__).resolve().parent}", file=sys.stderr)
     result = {"train": training_trace(False), "train_doc_ids": training_trace(True)}
     if not args.no_data:
         result["data_byte"] = data_hash("byte", work)
         result["data_bpe"] = data_hash("bpe", work)
+        print(f"fingerprint: data from {data_module().__file__}", file=sys.stderr)
     print(json.dumps(result, indent=1))
 
 
