@@ -1,6 +1,11 @@
 """Summarise a training run logged with CSVLogger: loss curve PNG + JSON/markdown (tokens/s, peak memory).
 
     python benchmarks/plot_train_run.py RUN_DIR/.../metrics.csv --name mac_small_h100 --out benchmarks/results
+
+A run that logged validation answer accuracy (`val/answer_token_acc`, per task `.../<task>`) gets a second panel of
+it against the step, and, where it also logged `val/no_writes/...` (`model.val_no_writes`), the same curves with the
+memory's writes off, dashed: where the two coincide the memory carries nothing. The JSON then holds the series
+(`answer_token_acc`: {metric: [[step, value], ...]}).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ def main(argv=None):
     series = load_run(args.metrics_csv)
     loss, val = series.get("train/loss", []), series.get("val/loss", [])
     summary = {"name": args.name, "device": args.device, "command": args.command, **summarise(series)}
+    answers = {k: v for k, v in sorted(series.items())
+               if k.startswith(("val/answer_token_acc", "val/no_writes/answer_token_acc"))}
+    if answers:
+        summary["answer_token_acc"] = {k: [list(p) for p in v] for k, v in answers.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
@@ -31,7 +40,8 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if answers else 1, figsize=(13 if answers else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if loss:
         ax.plot(*zip(*loss), label="train loss", lw=1)
     if val:
@@ -41,6 +51,20 @@ def main(argv=None):
     ax.set_title(f"{args.name} ({args.device})")
     ax.legend()
     ax.grid(alpha=0.3)
+    if answers:
+        acc = axes[0][1]
+        on = [k for k in answers if not k.startswith("val/no_writes/")]
+        for i, k in enumerate(on):
+            label = k.removeprefix("val/answer_token_acc").lstrip("/") or "all tasks"
+            acc.plot(*zip(*answers[k]), "o-", color=f"C{i}", label=label)
+            off = answers.get(k.replace("val/", "val/no_writes/", 1))
+            if off:
+                acc.plot(*zip(*off), "x--", color=f"C{i}", label=f"{label}, memory writes off")
+        acc.set_xlabel("step")
+        acc.set_ylabel("val answer-token accuracy (teacher-forced)")
+        acc.set_ylim(-0.03, 1.03)
+        acc.legend(fontsize=7)
+        acc.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / f"{args.name}_loss.png", dpi=120)
     print(json.dumps(summary, indent=2))

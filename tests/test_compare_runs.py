@@ -87,3 +87,23 @@ def test_metric_is_plotted_and_recorded_per_run_and_a_missing_one_is_an_error(cr
     with pytest.raises(SystemExit):
         cr.main([f"a={a}", "--name", "m", "--out", str(tmp_path / "o"), "--metric", "val/answer_token_acc"])
     assert "not logged by run(s) a" in capsys.readouterr().err
+
+
+def test_plot_train_run_plots_answer_accuracy_with_and_without_memory_writes(cr, tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_train_run", BENCH / "plot_train_run.py")
+    ptr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptr)
+    keys = ["epoch", "step", "train/loss", "val/loss", "val/answer_token_acc/passkey",
+            "val/no_writes/answer_token_acc/passkey"]
+    m = tmp_path / "m.csv"
+    with m.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for step in range(6):
+            w.writerow({"epoch": 0, "step": step, "train/loss": 3.0})
+        w.writerow({"epoch": 0, "step": 5, "val/loss": 2.0, "val/answer_token_acc/passkey": 0.8,
+                    "val/no_writes/answer_token_acc/passkey": 0.3})
+    ptr.main([str(m), "--name", "r", "--out", str(tmp_path / "o")])
+    got = json.loads((tmp_path / "o" / "r.json").read_text())["answer_token_acc"]
+    assert got == {"val/answer_token_acc/passkey": [[5, 0.8]], "val/no_writes/answer_token_acc/passkey": [[5, 0.3]]}
+    assert (tmp_path / "o" / "r_loss.png").stat().st_size > 1000
