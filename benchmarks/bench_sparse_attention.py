@@ -975,6 +975,13 @@ def derived_graph(r):
         r["launch_overhead_share"] = max(0.0, 1 - min(og) / min(r["ours_fwdbwd_ms"]))
 
 
+def flex_kernel_options() -> dict | None:
+    """FlexAttention's tile for block masks finer than its default 128-token tile: its forward refuses a block size
+    its BLOCK_M / BLOCK_N do not divide ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N", H200 at
+    block 64, 2026-12-06); its backward skips such configs by itself. None (its defaults) from 128 up."""
+    return {"BLOCK_M": BS, "BLOCK_N": BS} if BS < 128 else None
+
+
 def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
     """FlexAttention (compiled) on the same kept blocks: output agreement with ours, then timings.
     Returns its fwd+bwd callable (for the graph / profiler passes)."""
@@ -982,7 +989,7 @@ def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
     bm = flex_block_mask(blk, G, x.L)
 
     def flex_f(q_, k_, v_, bm=bm):
-        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
+        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1, kernel_options=flex_kernel_options())
 
     with torch.no_grad():
         r["flex_vs_ours_out_rel_err"] = rel(flex_f(x.q, x.k, x.v), ours_fwd())
@@ -1031,7 +1038,7 @@ def bench_selection(x, flex_compiled, log):
         sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, impl="triton").backward(do)
 
     def flex_fb():
-        flex_compiled(qg, kg, vg, block_mask=bm, enable_gqa=G > 1).backward(do)
+        flex_compiled(qg, kg, vg, block_mask=bm, enable_gqa=G > 1, kernel_options=flex_kernel_options()).backward(do)
 
     out = {"available": True, "policy": policy, "mean_blocks": float(cnt.float().mean()),
            "density": kept_pairs(blk, G) / (x.Hq * x.L * (x.L + 1) / 2),

@@ -83,3 +83,12 @@ def test_head_dim_and_block_size_reach_the_inputs_and_the_report(tmp_path):
             mod.main(["--check-only", "--device", "cpu", "--block-size", "96", "--out", str(tmp_path)])
     finally:
         mod.DEV, mod.HEAD_DIM, mod.BS = "cuda", 128, 128
+
+
+def test_flex_gets_a_tile_that_divides_a_finer_block_size(monkeypatch):
+    """At --block-size 64 FlexAttention's default 128 tile refuses the mask (H200, 2026-12-06): 64 x 64 then."""
+    mod = _bench()
+    monkeypatch.setattr(mod, "BS", 64)
+    assert mod.flex_kernel_options() == {"BLOCK_M": 64, "BLOCK_N": 64}
+    monkeypatch.setattr(mod, "BS", 128)
+    assert mod.flex_kernel_options() is None
