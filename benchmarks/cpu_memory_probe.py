@@ -243,8 +243,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                                      else [])
             for suffix, writes in passes:
                 ge = torch.Generator().manual_seed(10_000)
-                model.set_memory_writes(writes)
-                try:
+                with model.memory_writes_as(writes):
                     for band, lo, hi, letters in scored:
                         acc = accuracy(model, ge, lo, hi, args.length, n, kl, kl > 1, fl, letters, extra)
                         if kl > 1:  # per-letter accuracy beside the exact match (a 1-letter key: the same)
@@ -253,8 +252,6 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                                 row[f"tok_{band}"] = acc[1]
                         else:
                             row[f"acc_{band}{suffix}"] = acc
-                finally:
-                    model.set_memory_writes(True)
             curve.append(row)
             print(("memory   " if memory else "no memory"), json.dumps(row), flush=True)
     return model, {"memory_layers": [1] if memory else [], "curve": curve, "final": curve[-1]}
@@ -303,8 +300,8 @@ def main() -> None:
                     help="also score every band with the memory's writes off (acc_<band>_no_writes; the same "
                          "prompts): what attention alone finds, as RetrievalEval's no_writes on the GPU")
     ap.add_argument("--chunk-size", type=int, default=None,
-                    help="tokens a write step of the memory takes (a divisor of the 16-token segment; the GPU "
-                         "recipes write 256-token segments in one step)")
+                    help="tokens a write step of the memory takes (a divisor of the segment, 16 x --scale; default: "
+                         "the segment; the GPU recipes write 256-token segments in one step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not 0 <= args.unseen < args.alphabet:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -747,6 +749,18 @@ class MemSparseLM(nn.Module):
         stream evicts (reads still run): the inference-time ablation that shows what the memory carries."""
         for blk in self.blocks:
             blk.memory_writes = bool(enabled)
+
+    @contextmanager
+    def memory_writes_as(self, enabled: bool) -> Iterator[MemSparseLM]:
+        """`set_memory_writes(enabled)` inside the `with` block; each block's own switch is restored after it, also
+        when the block raises."""
+        before = [blk.memory_writes for blk in self.blocks]
+        self.set_memory_writes(enabled)
+        try:
+            yield self
+        finally:
+            for blk, on in zip(self.blocks, before):
+                blk.memory_writes = on
 
     def set_window(self, window: int) -> None:
         """Switch the attention window (tokens; a multiple of `segment`, at least one segment) for streams started

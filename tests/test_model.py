@@ -84,6 +84,23 @@ def test_memory_writes_off_keeps_the_initial_memory():
     torch.testing.assert_close(model.stream(ids)[0], full_on, rtol=0, atol=0)
 
 
+def test_memory_writes_as_restores_each_blocks_switch():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (1, 112), generator=torch.Generator().manual_seed(2))
+    model.blocks[0].memory_writes = False  # a mixed setting, as a caller may leave it
+    with model.memory_writes_as(False):
+        _, st = model.stream(ids)
+        assert not any(blk.memory_writes for blk in model.blocks)
+    torch.testing.assert_close(mem_flat(st), mem_flat(model.init_state(1)), rtol=0, atol=0)
+    assert [blk.memory_writes for blk in model.blocks] == [False] + [True] * (len(model.blocks) - 1)
+    try:
+        with model.memory_writes_as(True):
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert [blk.memory_writes for blk in model.blocks] == [False] + [True] * (len(model.blocks) - 1)
+
+
 def test_zero_surprise_gates_never_change_memory():
     model = tiny_model()
     with torch.no_grad():

@@ -576,12 +576,10 @@ class RetrievalEval(Callback):
         was_training = model.training
         t0 = time.perf_counter()
         passes = [True] + ([False] if self.no_writes and model.config.memory_layers else [])
-        writes_before = [blk.memory_writes for blk in model.blocks]
         rows, metrics = [], {}
         try:
             for writes in passes:
-                model.set_memory_writes(writes)
-                with torch.autocast(device.type, enabled=False):
+                with model.memory_writes_as(writes), torch.autocast(device.type, enabled=False):
                     cells = run_eval(model, self._tokenizer, self.plan, device, progress=False, warmup=False,
                                      cuda_graph=False, teacher_forced=True, max_new_tokens=self.max_new_tokens,
                                      inference_mode=False, measure_memory=False)
@@ -593,8 +591,6 @@ class RetrievalEval(Callback):
             rank_zero_warn(f"RetrievalEval at step {step} failed ({type(e).__name__}: {e}); training continues")
             return None
         finally:
-            for blk, w in zip(model.blocks, writes_before):
-                blk.memory_writes = w
             model.train(was_training)
         wall = time.perf_counter() - t0
         metrics["retrieval/wall_s"] = wall

@@ -433,14 +433,11 @@ class MemSparseLightningModule(pl.LightningModule):
     def _no_writes_step(self, batch: dict[str, torch.Tensor]) -> None:
         """The batch again with every memory's writes off (`val_no_writes`): its loss, and its answer positions
         counted apart; each block's write switch is restored after."""
-        before = [blk.memory_writes for blk in self.model.blocks]
         counts, self._answer_counts = self._answer_counts, self._answer_counts_no_writes
-        self.model.set_memory_writes(False)
         try:
-            out = self._forward_counted(batch)
+            with self.model.memory_writes_as(False):
+                out = self._forward_counted(batch)
         finally:
-            for blk, on in zip(self.model.blocks, before):
-                blk.memory_writes = on
             self._answer_counts_no_writes, self._answer_counts = self._answer_counts, counts
         n_tok = max(1, int((batch["labels"] != -100).sum()))
         self.log("val/no_writes/loss", out.loss, on_step=False, on_epoch=True, batch_size=n_tok, sync_dist=True)
