@@ -256,6 +256,13 @@ def test_callback_no_writes_runs_the_grid_again_with_the_memory_writes_off(tmp_p
     rows = list(csv.DictReader(open(tmp_path / "no_memory" / "retrieval" / "cells.csv")))
     assert [r["memory_writes"] for r in rows] == ["True", "True"]
 
+    every = RetrievalEval(**{**GRID, "lengths": [384]}, no_writes=True)  # memory_layers None: memory in every layer
+    pl.seed_everything(0)
+    _trainer(tmp_path / "every", max_steps=2, callbacks=[every]).fit(_module(memory_layers=None),
+                                                                     datamodule=_datamodule(synthetic=[]))
+    rows = list(csv.DictReader(open(tmp_path / "every" / "retrieval" / "cells.csv")))
+    assert [r["memory_writes"] for r in rows] == ["True", "True", "False", "False"]
+
 
 @pytest.mark.parametrize("max_steps,at_end,steps", [(3, True, [2, 3]), (4, True, [2, 4]), (3, False, [2])])
 def test_callback_at_end(tmp_path, max_steps, at_end, steps):

@@ -575,7 +575,7 @@ class RetrievalEval(Callback):
         step = trainer.global_step
         was_training = model.training
         t0 = time.perf_counter()
-        passes = [True] + ([False] if self.no_writes and model.config.memory_layers else [])
+        passes = [True] + ([False] if self.no_writes and model.config.memory_layer_ids() else [])
         rows, metrics = [], {}
         try:
             for writes in passes:
