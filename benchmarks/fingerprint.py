@@ -20,6 +20,7 @@ Equal output: the two commits compute the same function on these inputs and trai
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -66,11 +67,11 @@ def training_trace(doc_ids: bool, steps: int = 10) -> list[list[str]]:
     return out
 
 
+@functools.cache
 def data_module():
     """The `train/data.py` module of the checkout `memsparse` was imported from (PYTHONPATH picks the checkout; an
     editable install would otherwise map `memsparse.train` to the installed one)."""
     import importlib
-    import sys
 
     import memsparse
 
