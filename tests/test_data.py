@@ -17,6 +17,7 @@ from memsparse.train.data import (
 )
 from memsparse.train.packing import (
     IGNORE_INDEX,
+    MixtureDataset,
     PackedTextDataset,
     SyntheticTaskDataset,
     pack_stream,
@@ -514,3 +515,39 @@ def test_synthetic_depths_out_of_range_are_a_config_error(tmp_path):
         _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], depths=[0.5, 0.2])])
     with pytest.raises(DataConfigError, match=r"data\.synthetic\[0\]\.depths"):
         _dm(tmp_path, seq_len=320, synthetic=[SyntheticSpec("passkey", 0.5, [300], depths=[0.0])])
+
+
+def test_interleaved_mixture_deals_parts_in_proportion():
+    """MixtureDataset(interleave=True): the same items as the concatenation, each prefix holding every part in
+    proportion to its size (an unshuffled validation loader cut short sees the whole mixture)."""
+
+    class Part(torch.utils.data.Dataset):
+        def __init__(self, source, n):
+            self.source, self.n = source, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return {"source": torch.tensor(self.source), "i": torch.tensor(i % self.n)}
+
+    parts = [Part(0, 6), Part(1, 30), Part(2, 12)]
+    plain, mixed = MixtureDataset(parts), MixtureDataset(parts, interleave=True)
+    items = sorted((int(mixed[j]["source"]), int(mixed[j]["i"])) for j in range(len(mixed)))
+    assert items == sorted((int(plain[j]["source"]), int(plain[j]["i"])) for j in range(len(plain)))
+    assert [int(mixed[j]["source"]) for j in range(len(mixed))] == mixed.sources().tolist()
+    for n in (8, 16, 24):  # a prefix of n items: each part's share within one item of n * len(part) / 48
+        c = Counter(mixed.sources()[:n].tolist())
+        assert all(abs(c[k] - n * len(p) / 48) <= 1 for k, p in enumerate(parts))
+    assert set(plain.sources()[:16].tolist()) == {0, 1}  # the concatenation's prefix misses part 2
+    assert int(mixed[len(mixed) + 1]["i"]) == int(mixed[1]["i"])  # the epoch wraps as before
+
+
+@needs_registry
+def test_validation_cut_short_sees_every_synthetic_task(tmp_path):
+    """The val split is interleaved: its first batches hold every task of the mixture (limit_val_batches)."""
+    _write_docs(tmp_path, n=30, size=1200)
+    dm = _dm(tmp_path, seq_len=320, batch_size=2, val_fraction=0.2, synthetic_samples=200, synthetic_loss="answer",
+             synthetic=[SyntheticSpec("passkey", 0.5, [300]), SyntheticSpec("passkey", 0.2, [320])])
+    first = next(iter(torch.utils.data.DataLoader(dm.val_dataset, batch_size=12, shuffle=False)))
+    assert set(first["source"].tolist()) >= {1, 2}

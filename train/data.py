@@ -586,11 +586,13 @@ class MemSparseDataModule(LightningDataModule):
             return parts
 
         self.train_dataset = MixtureDataset([train_text, *synthetic_parts(scale_train, 0)])
-        self.val_dataset = MixtureDataset([val_text, *synthetic_parts(scale_val, 1)]) if with_val else None
+        # interleaved: validation cut short by limit_val_batches still sees every part of the mixture
+        self.val_dataset = (MixtureDataset([val_text, *synthetic_parts(scale_val, 1)], interleave=True)
+                            if with_val else None)
         if self.test_fraction > 0:
             scale_test = (len(test_text) / self.text_share if self.text_share > 0
                           else max(1.0, self.test_fraction * self.synthetic_samples))
-            self.test_dataset = MixtureDataset([test_text, *synthetic_parts(scale_test, 2)])
+            self.test_dataset = MixtureDataset([test_text, *synthetic_parts(scale_test, 2)], interleave=True)
 
     def _tasks(self) -> list[Any]:
         """The mixture's tasks, by name (SyntheticTaskDataset looks them up; checked here for a clear error)."""

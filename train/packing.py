@@ -268,12 +268,22 @@ def _get_task(name: str) -> Any:
 
 
 class MixtureDataset(Dataset):
-    """Concatenation of datasets addressed by one index; `index // len(self)` is passed on as the epoch."""
+    """Concatenation of datasets addressed by one index; `index // len(self)` is passed on as the epoch.
 
-    def __init__(self, parts: Sequence[Dataset]) -> None:
+    interleave=True: the parts' items are dealt in proportion to the parts' sizes (each item at its fractional
+    position within its part), so every prefix holds the mixture; an unshuffled loader cut short (validation with
+    `limit_val_batches`) then sees every part, not the first part's items only.
+    """
+
+    def __init__(self, parts: Sequence[Dataset], interleave: bool = False) -> None:
         self.parts = [p for p in parts if len(p) > 0]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self._len = int(self.offsets[-1])
+        self._order: np.ndarray | None = None
+        if interleave and len(self.parts) > 1:
+            # concatenated index j of part k, item r, sorts at (r + 0.5) / len(part k); ties in part order
+            pos = np.concatenate([(np.arange(len(p)) + 0.5) / len(p) for p in self.parts])
+            self._order = np.lexsort((np.arange(self._len), pos))
 
     def __len__(self) -> int:
         return self._len
@@ -282,13 +292,15 @@ class MixtureDataset(Dataset):
         if self._len == 0:
             raise IndexError("empty dataset")
         epoch, i = divmod(int(index), self._len)
+        if self._order is not None:
+            i = int(self._order[i])
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         part = self.parts[k]
         return part[epoch * len(part) + i - int(self.offsets[k])]
 
     def sources(self) -> np.ndarray:
-        """(len,) the `source` of every item, without generating any."""
+        """(len,) the `source` of every item in index order, without generating any."""
         out = np.empty(self._len, dtype=np.int64)
         for k, part in enumerate(self.parts):
             out[self.offsets[k] : self.offsets[k + 1]] = getattr(part, "source", TEXT_SOURCE)
-        return out
+        return out if self._order is None else out[self._order]
