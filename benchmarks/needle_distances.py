@@ -2,7 +2,7 @@
 tokens before the question, per task and over the mixture (weighted by the tasks' proportions).
 
     python benchmarks/needle_distances.py recipes/retrieval_small.yaml
-    python benchmarks/needle_distances.py recipes/retrieval_small.yaml recipes/overlays/far_keys_stage2.yaml \
+    python benchmarks/needle_distances.py recipes/retrieval_small.yaml recipes/overlays/near_keys_stage2.yaml \
         --distances 1024,1200,1500 --samples 400 --out x.json
 
 The last given file that sets `data.synthetic` defines the mixture (an overlay replaces the list). Samples are

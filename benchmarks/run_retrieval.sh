@@ -30,10 +30,11 @@
 #                                                    (recipes/overlays/balanced_keys_asks4_stage3.yaml; data.synthetic asks)
 #   STAGES="1 2 3 4" TRAIN=0 EVALS=passkey ...       no training: the eval grids of the last listed stage's export on
 #                                                    the machine (a curriculum trained over several calls)
-#   MEMORY_GATE=5 ...                                 stop after stage 2 (exit 3, stages 3-4 and evals skipped) if its last
-#                                                    RetrievalEval finds fewer than 5 more keys past the window with the
-#                                                    memory's writes than without (retrieval_by_step.py --memory-gate):
-#                                                    stages 3-4 learned nothing from such a model (H200, 2026-12-06)
+#   MEMORY_GATE=2 ...                                 stop after stage 2 (exit 3, stages 3-4 and evals skipped) if its last
+#                                                    RetrievalEval finds fewer than 2 more keys past the window with the
+#                                                    memory's writes than without (retrieval_by_step.py --memory-gate).
+#                                                    H200, 2026-12-06: after -1 stages 3-4 learned nothing past the
+#                                                    window, after +4 stage 3 learned the memory's carry
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval

@@ -1,4 +1,4 @@
-"""benchmarks/needle_distances.py: the far-key overlay puts more needles far back than the stage-2 recipe."""
+"""benchmarks/needle_distances.py: the stage-2 recipe puts more needles far back than its earlier mixture."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ _spec.loader.exec_module(nd)
 pytest.importorskip("memsparse.eval.tasks")
 
 
-def test_far_keys_overlay_moves_needles_back(tmp_path, capsys):
+def test_far_keys_mixture_moves_needles_back(tmp_path, capsys):
     base, far = tmp_path / "base.json", tmp_path / "far.json"
-    recipe, overlay = ROOT / "recipes" / "retrieval_small.yaml", ROOT / "recipes" / "overlays" / "far_keys_stage2.yaml"
-    assert nd.main([str(recipe), "--samples", "40", "--distances", "1500", "--out", str(base)]) == 0
-    assert nd.main([str(recipe), str(overlay), "--samples", "40", "--distances", "1500", "--out", str(far)]) == 0
+    recipe, overlay = ROOT / "recipes" / "retrieval_small.yaml", ROOT / "recipes" / "overlays" / "near_keys_stage2.yaml"
+    assert nd.main([str(recipe), str(overlay), "--samples", "40", "--distances", "1500", "--out", str(base)]) == 0
+    assert nd.main([str(recipe), "--samples", "40", "--distances", "1500", "--out", str(far)]) == 0
     b, f = json.loads(base.read_text()), json.loads(far.read_text())
     assert len(f["rows"]) == len(b["rows"]) + 1
     far_spec = [r for r in f["rows"] if r["depths"] == [0.0, 0.25]]

@@ -96,13 +96,14 @@ def test_copy_curve_overlay_changes_only_how_often_stage_1_decodes(capsys, monke
 
 
 @pytest.mark.parametrize("name", ["retrieval_small", "ablation_retrieval_no_memory"])
-def test_far_keys_overlay_moves_part_of_the_passkey_share_only(name, capsys, monkeypatch):
-    """recipes/overlays/far_keys_stage2.yaml: the stage-2 mixture with 0.2 of passkey's 0.5 at depths 0-0.25."""
+def test_near_keys_overlay_gives_back_the_whole_passkey_share(name, capsys, monkeypatch):
+    """The stage-2 recipes hold 0.2 of passkey's 0.5 at depths 0-0.25; recipes/overlays/near_keys_stage2.yaml gives
+    the earlier mixture (the whole 0.5 at depths 0-1) and changes nothing else."""
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     a = _resolved(capsys, RECIPES / f"{name}.yaml")
-    b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "far_keys_stage2.yaml")
+    b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "near_keys_stage2.yaml")
     sa, sb = a["data"].pop("synthetic"), b["data"].pop("synthetic")
     assert a == b
-    assert [s for s in sb if s["depths"] == [0.0, 1.0]] == [dict(sa[0], proportion=0.3), *sa[1:]]
-    far = [s for s in sb if s["depths"] != [0.0, 1.0]]
-    assert far == [dict(sa[0], proportion=0.2, lengths=[2048], depths=[0.0, 0.25])]
+    assert [s for s in sa if s["depths"] == [0.0, 1.0]] == [dict(sb[0], proportion=0.3), *sb[1:]]
+    far = [s for s in sa if s["depths"] != [0.0, 1.0]]
+    assert far == [dict(sb[0], proportion=0.2, lengths=[2048], depths=[0.0, 0.25])]
