@@ -975,11 +975,13 @@ def derived_graph(r):
         r["launch_overhead_share"] = max(0.0, 1 - min(og) / min(r["ours_fwdbwd_ms"]))
 
 
-def flex_kernel_options() -> dict | None:
-    """FlexAttention's tile for block masks finer than its default 128-token tile: its forward refuses a block size
-    its BLOCK_M / BLOCK_N do not divide ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N", H200 at
-    block 64, 2026-12-06); its backward skips such configs by itself. None (its defaults) from 128 up."""
-    return {"BLOCK_M": BS, "BLOCK_N": BS} if BS < 128 else None
+def flex_compile_kwargs() -> dict:
+    """torch.compile arguments for FlexAttention. Its default tiles are 128 tokens wide: at a block mask finer than
+    that the forward refuses the mask ("Q and KV block size must be divisible by BLOCK_M and BLOCK_N", H200 at block
+    64, 2026-12-06) and the backward skips every config it has (on sm90 one, 64 x 128 x 128 x 64 at head dim 64-128,
+    in torch 2.11-2.13's template heuristics), leaving none. max-autotune adds configs of 32- and 64-wide tiles and
+    picks the fastest that divides the block size, in both passes; from 128 up, the defaults."""
+    return {"mode": "max-autotune-no-cudagraphs"} if BS < 128 else {}
 
 
 def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
@@ -989,7 +991,7 @@ def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
     bm = flex_block_mask(blk, G, x.L)
 
     def flex_f(q_, k_, v_, bm=bm):
-        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1, kernel_options=flex_kernel_options())
+        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=G > 1)
 
     with torch.no_grad():
         r["flex_vs_ours_out_rel_err"] = rel(flex_f(x.q, x.k, x.v), ours_fwd())
@@ -1038,7 +1040,7 @@ def bench_selection(x, flex_compiled, log):
         sparse_attention(qg, kg, vg, idx, cnt, block_size=BS, impl="triton").backward(do)
 
     def flex_fb():
-        flex_compiled(qg, kg, vg, block_mask=bm, enable_gqa=G > 1, kernel_options=flex_kernel_options()).backward(do)
+        flex_compiled(qg, kg, vg, block_mask=bm, enable_gqa=G > 1).backward(do)
 
     out = {"available": True, "policy": policy, "mean_blocks": float(cnt.float().mean()),
            "density": kept_pairs(blk, G) / (x.Hq * x.L * (x.L + 1) / 2),
@@ -1662,7 +1664,7 @@ def main(argv=None):
     for name in ("cache_size_limit", "recompile_limit"):  # one compile per (L, GQA) shape
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
-    flex_compiled = torch.compile(flex_attention, dynamic=False)
+    flex_compiled = torch.compile(flex_attention, dynamic=False, **flex_compile_kwargs())
     if args.breakdown:
         rows = [breakdown(L, Hq, Hkv, log) for L in (int(x) for x in args.lengths.split(","))
                 for Hq, Hkv in parse_heads(args.heads)]

@@ -85,10 +85,11 @@ def test_head_dim_and_block_size_reach_the_inputs_and_the_report(tmp_path):
         mod.DEV, mod.HEAD_DIM, mod.BS = "cuda", 128, 128
 
 
-def test_flex_gets_a_tile_that_divides_a_finer_block_size(monkeypatch):
-    """At --block-size 64 FlexAttention's default 128 tile refuses the mask (H200, 2026-12-06): 64 x 64 then."""
+def test_flex_autotunes_its_tiles_below_its_default_128(monkeypatch):
+    """At --block-size 64 FlexAttention's default 128-wide tiles refuse the mask (forward, H200, 2026-12-06) and leave
+    its backward no config on sm90: max-autotune (32- and 64-wide tiles) then; its defaults from 128 up."""
     mod = _bench()
     monkeypatch.setattr(mod, "BS", 64)
-    assert mod.flex_kernel_options() == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert mod.flex_compile_kwargs() == {"mode": "max-autotune-no-cudagraphs"}
     monkeypatch.setattr(mod, "BS", 128)
-    assert mod.flex_kernel_options() is None
+    assert mod.flex_compile_kwargs() == {}
