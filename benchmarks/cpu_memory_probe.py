@@ -49,6 +49,13 @@ output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--fille
 appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
 `--unseen-share P` makes those letters rare instead of unseen: about P of the training keys' letters.
 
+`--beyond-share X` sets the share of the full mix's keys that lie beyond attention (112-160 back; the rest 8-40,
+within its reach, since attention alone answers only ~2/3 of the 40-90 band) instead of drawing every distance
+uniformly from 8-160 (where about half the keys lie beyond attention's reach); `--near-max N` moves the near keys
+bound from 40 to N (90: the relay band, whose farther third attention does not reach). The GPU
+curriculum's stage 2 put 5-13% of its needles beyond attention's reach and its memory carried nothing, 19-28% and
+it did (2026-12-06). Does the share decide whether, or how soon, the toy memory learns the carry?
+
 `--eval-no-writes` scores every band again with the memory's writes off (`acc_<band>_no_writes`, the same prompts):
 a key found then is reached by attention, one found only with the writes on is carried by the memory.
 
@@ -107,9 +114,17 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
 
 
 def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky",
-          letters: str = KEYS, filler_extra: str = ""):
-    rows = [sample(g, int(torch.randint(lo, hi + 1, (1,), generator=g)), length, key_length, filler, letters,
-                   filler_extra) for _ in range(n)]
+          letters: str = KEYS, filler_extra: str = "", beyond: tuple[int, int, float] | None = None):
+    """n samples, keys lo-hi tokens back (uniform); with `beyond` = (LO, HI, share), each key instead lies LO-HI
+    back with probability `share`. Returns (ids, labels, [(answer, question position)])."""
+
+    def distance() -> int:
+        a, b = lo, hi
+        if beyond is not None and float(torch.rand((1,), generator=g)) < beyond[2]:
+            a, b = beyond[0], beyond[1]
+        return int(torch.randint(a, b + 1, (1,), generator=g))
+
+    rows = [sample(g, distance(), length, key_length, filler, letters, filler_extra) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
@@ -213,6 +228,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         bands.append(("far", *far))
     top = max(hi for _, _, hi in bands)
     copy, relay = getattr(args, "copy_steps", 0), getattr(args, "relay_steps", 0)
+    share = getattr(args, "beyond_share", None)
     relay_top = max(hi for b, _, hi in bands if b == "relay")
     total = copy + relay + args.steps
     for step in range(1, total + 1):
@@ -221,8 +237,15 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # as far back as attention relays)
         mixed = step > copy and (step - copy) % 3
         hi = relay_top if step <= copy + relay else top
-        ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra) if mixed
-                          else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters, extra))
+        # --beyond-share X: the full mix's keys lie beyond attention (112-160) with probability X, else 8-40 back
+        # (within attention's reach: attention alone answers only ~2/3 of the 40-90 band), instead of uniform over
+        # 8-160
+        beyond = None
+        if mixed and step > copy + relay and share is not None:
+            hi, beyond = getattr(args, "near_max", 40) * sc, (112 * sc, 160 * sc, share)
+        ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond)
+                          if mixed else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters,
+                                              extra))
         out = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer")))
         loss = out.loss
         opt.zero_grad()
@@ -265,6 +288,11 @@ def main() -> None:
     ap.add_argument("--relay-steps", type=int, default=0,
                     help="steps after --copy-steps whose keys lie at most as far back as attention relays (the "
                          "relay band), before the --steps of the full mix")
+    ap.add_argument("--beyond-share", type=float, default=None,
+                    help="share of the full mix's keys beyond attention (112-160 back), the rest within its reach "
+                         "(8-40); default: uniform over 8-160")
+    ap.add_argument("--near-max", type=int, default=40,
+                    help="with --beyond-share: the other keys lie 8 to this many tokens back (x --scale; default 40)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=None, help="tokens a sample (default 192 x --scale)")
     ap.add_argument("--scale", type=int, default=1,
@@ -328,6 +356,10 @@ def main() -> None:
         ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
     if args.relay_steps < 0:
         ap.error(f"--relay-steps must be >= 0, got {args.relay_steps}")
+    if args.beyond_share is not None and not (0.0 <= args.beyond_share <= 1.0 and not args.far):
+        ap.error(f"--beyond-share must be in [0, 1] (and not with --far), got {args.beyond_share}")
+    if not 8 <= args.near_max < 112:
+        ap.error(f"--near-max must be in [8, 112), got {args.near_max}")
     if args.key_length < 1:
         ap.error(f"--key-length must be >= 1, got {args.key_length}")
     if args.far:

@@ -169,3 +169,34 @@ def test_eval_no_writes_scores_the_same_prompts_with_the_writes_off(monkeypatch)
     assert {"memory_forget", "memory_keep_1k", "memory_lr"} <= set(row)
     assert [f for f, _ in flags] == [True] * 3 + [False] * 3 and {s for _, s in flags} == {10_000}
     assert all(b.memory_writes for b in model.blocks)
+
+
+def test_beyond_share_draws_that_share_of_keys_beyond_attention_and_keeps_the_default_samples():
+    """--beyond-share X: each key lies 112-160 back with probability X, else within attention's reach; without it
+    the draws (and so the committed runs' samples) are unchanged."""
+    import torch
+
+    def distances(beyond, seed=0, n=400):
+        _, _, ans = probe.batch(torch.Generator().manual_seed(seed), n, 8, 90, 192, beyond=beyond)
+        return [q - 3 - 3 for _, q in ans]  # "K=X;" ... "?K=": the filler's length between
+
+    far = [d for d in distances((112, 160, 0.25)) if d >= 112]
+    near = [d for d in distances((112, 160, 0.25)) if d < 112]
+    assert 0.18 < len(far) / 400 < 0.32 and all(d <= 160 for d in far) and all(8 <= d <= 90 for d in near)
+    assert all(d >= 112 for d in distances((112, 160, 1.0), n=50))
+    assert all(d <= 90 for d in distances((112, 160, 0.0), n=50))
+    a = probe.batch(torch.Generator().manual_seed(4), 6, 8, 160, 192)
+    b = probe.batch(torch.Generator().manual_seed(4), 6, 8, 160, 192, beyond=None)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beyond-share", "1.5"], "--beyond-share must be in [0, 1]"),
+    (["--beyond-share", "0.3", "--far", "200,220", "--length", "260"], "not with --far"),
+    (["--near-max", "120"], "--near-max must be in [8, 112)"),
+])
+def test_bad_share_settings_are_one_line_errors(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["cpu_memory_probe.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        probe.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
