@@ -73,6 +73,7 @@ def test_passkey_eval_is_followed_by_hits_per_key_with_the_tokenizer(tmp_path):
     ev = [c for c in calls if c.startswith("memsparse-eval")]
     by_key = [c for c in calls if "benchmarks/passkey_by_key.py" in c]
     assert len(ev) == 1 and "--checkpoint outputs/retrieval_small/export" in ev[0] and "--samples 2" in ev[0]
+    assert "--seed 0" in ev[0]
     assert len(by_key) == 1 and "--tokenizer outputs/retrieval_small/export" in by_key[0]
     assert f"t={tmp_path}/out/t/eval_passkey/results.json" in by_key[0]
 
@@ -137,6 +138,13 @@ def test_a_stage_with_retrieval_cells_gets_its_table_by_step(tmp_path):
     assert f"benchmarks/retrieval_by_step.py retrieval_small={d}/retrieval_while_training_retrieval_small/cells.jsonl" \
         f" --name by_step_retrieval_small --out {d}" in calls
     assert (d / "retrieval_while_training_retrieval_small" / "cells.jsonl").exists()
+
+
+def test_eval_seed_reaches_every_eval_grid(tmp_path):
+    rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="passkey niah", PASSKEY_LENGTHS="1k", EVAL_SEED="1")
+    assert rc == 0, out
+    ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
+    assert len(ev) == 2 and all("--seed 1" in c for c in ev)
 
 
 def test_train_0_evaluates_the_last_listed_stage_without_training(tmp_path):
