@@ -281,9 +281,9 @@ class MixtureDataset(Dataset):
         self._len = int(self.offsets[-1])
         self._order: np.ndarray | None = None
         if interleave and len(self.parts) > 1:
-            # concatenated index j of part k, item r, sorts at (r + 0.5) / len(part k); ties in part order
+            # item r of part k sorts at (r + 0.5) / len(part k); a stable sort keeps ties in part order
             pos = np.concatenate([(np.arange(len(p)) + 0.5) / len(p) for p in self.parts])
-            self._order = np.lexsort((np.arange(self._len), pos))
+            self._order = np.argsort(pos, kind="stable")
 
     def __len__(self) -> int:
         return self._len
