@@ -15,6 +15,10 @@ evaluations of all its invocations.
 step of any run the memory carries fewer than N keys past the window (found with its writes minus found without):
 `run_retrieval.sh MEMORY_GATE=N` stops the curriculum there instead of training stages 3-4 on a model whose keys
 past the window are attention's.
+
+`--copy-check`: exit 4 (after writing the outputs) if at the last evaluated step of any run no key inside the window
+was decoded: a stage-1 model that has not learned to copy (on an H100 the recipe's stage 1 ends there at step 900;
+the copy appears by step 1,200). `run_retrieval.sh` logs it after stage 1 and goes on.
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gate", type=int, default=None, metavar="N",
                     help="exit 3 if at the last writes-off evaluation of a run the memory carries fewer than N keys "
                          "past the window (found with its writes minus without)")
+    ap.add_argument("--copy-check", action="store_true",
+                    help="exit 4 if at the last evaluated step of a run no key inside the window was decoded")
     a = ap.parse_args(argv)
     runs: dict[str, list[dict]] = {}
     for spec in a.runs:
@@ -168,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['beyond']} found with its writes, {r['beyond_no_writes']} without), fewer than "
                       f"--memory-gate {a.memory_gate}", file=sys.stderr)
                 return 3
+    if a.copy_check:
+        for name, rows in runs.items():
+            r = rows[-1] if rows else None
+            if r is not None and r["inside_n"] and not r["inside"]:
+                print(f"retrieval_by_step: {name} at step {r['step']}: no key inside the window decoded (0 of "
+                      f"{r['inside_n']}; teacher-forced {r['tf_inside']}): the copy is not learned yet",
+                      file=sys.stderr)
+                return 4
     return 0
 
 

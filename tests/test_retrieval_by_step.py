@@ -72,3 +72,16 @@ def test_memory_gate(tmp_path, capsys):
     p.write_text(json.dumps(on) + "\n")
     assert rbs.main([*args, "1"]) == 2
     assert "no writes-off evaluation" in capsys.readouterr().err
+
+
+def test_copy_check(tmp_path, capsys):
+    """--copy-check: exit 4 when the last step decodes no key inside the window, 0 once one is decoded."""
+    p = tmp_path / "cells.jsonl"
+    p.write_text(json.dumps(_cell(900, 256, 100, [0.0, 0.0], [0.0, 1.0])) + "\n")
+    args = [f"a={p}", "--name", "t", "--out", str(tmp_path / "o"), "--copy-check"]
+    assert rbs.main(args) == 4
+    assert "no key inside the window decoded (0 of 2; teacher-forced 1)" in capsys.readouterr().err
+    assert (tmp_path / "o" / "t.md").is_file()  # the outputs are written before the check
+    p.write_text(json.dumps(_cell(900, 256, 100, [0.0, 0.0], [0.0, 0.0])) + "\n"
+                 + json.dumps(_cell(1200, 256, 100, [1.0, 0.0], [1.0, 0.0])) + "\n")
+    assert rbs.main(args) == 0

@@ -15,16 +15,16 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def run_faked(script: str, cwd: Path, tmp_path: Path, prefix: str, env: dict,
-              exit_3_on: str | None = None) -> tuple[int, list[str], str]:
+              exit_3_on: str | None = None, code: int = 3) -> tuple[int, list[str], str]:
     """Run a benchmarks/ script under bash with fake `python3` / `memsparse-eval` / `nvidia-smi` on PATH, each
     recording `prefix` (evaluated by bash) and its command line: (exit status, the recorded lines, output). With
-    `exit_3_on`, the fake `python3` exits 3 when its command line holds that string."""
+    `exit_3_on`, the fake `python3` exits `code` (3 unless given) when its command line holds that string."""
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
     for name in ("python3", "memsparse-eval", "nvidia-smi"):
         fake_cmd = fake / name
-        gate = f'[[ "$*" == *"{exit_3_on}"* ]] && exit 3\n' if exit_3_on and name == "python3" else ""
+        gate = f'[[ "$*" == *"{exit_3_on}"* ]] && exit {code}\n' if exit_3_on and name == "python3" else ""
         fake_cmd.write_text(f'#!/usr/bin/env bash\necho "{prefix}{name} $*" >> "{calls}"\n{gate}')
         fake_cmd.chmod(0o755)
     full = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "EVALS": "", "NAME": "t", **env}
@@ -172,3 +172,21 @@ def test_memory_gate_stops_after_stage_two_when_not_met(tmp_path):
     rc, lines, out = run_faked("benchmarks/run_retrieval.sh", here, tmp_path, "", env)  # gate met: on to stage 3
     fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
     assert rc == 0 and len(fits) == 2 and "retrieval_small_long.yaml" in fits[1], out
+
+
+def test_stage_one_that_does_not_copy_is_logged_and_the_run_goes_on(tmp_path):
+    """Stage 1's retrieval_by_step.py runs with --copy-check; its exit 4 writes a warning to steps.log, stage 2
+    follows."""
+    here = tmp_path / "repo"
+    (here / "outputs" / "retrieval_small_copy" / "retrieval").mkdir(parents=True)
+    (here / "outputs" / "retrieval_small_copy" / "retrieval" / "cells.jsonl").write_text("{}\n")
+    for d in ("recipes", "benchmarks"):
+        (here / d).symlink_to(ROOT / d)
+    env = {"OUT": "out", "STAGES": "1 2"}
+    rc, lines, out = run_faked("benchmarks/run_retrieval.sh", here, tmp_path, "", env, exit_3_on="--copy-check",
+                               code=4)
+    fits = [ln for ln in lines if ln.startswith("python3 -m memsparse.train.cli fit")]
+    assert rc == 0 and len(fits) == 2, out
+    checks = [ln for ln in lines if "retrieval_by_step.py" in ln]
+    assert len(checks) == 1 and "--copy-check" in checks[0] and "retrieval_small_copy" in checks[0]
+    assert "stage 1: warning: no key decoded inside the window" in (here / "out" / "t" / "steps.log").read_text()
