@@ -39,7 +39,7 @@
 #                                                    H200, 2026-12-06: after -1 stages 3-4 learned nothing past the
 #                                                    window, after +4 stage 3 learned the memory's carry
 # Stage 1 is checked: a warning in steps.log if its last RetrievalEval decodes no key inside the window (H100,
-# 2026-12-05/06: four runs of four at the recipe's 900 steps; the H200 copies there).
+# 2026-12-05/06: four runs of seed 0 at the recipe's 900 steps, the same predictions each time; the H200 copies there).
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
