@@ -412,9 +412,14 @@ class MemSparseLightningModule(pl.LightningModule):
         finally:
             self._answer_pending = None
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    @staticmethod
+    def _labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+        """The batch's labelled tokens (at least 1): the loss's weight when epochs are averaged (one host sync)."""
+        return max(1, int((batch["labels"] != -100).sum()))
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str, n_tok: int | None = None) -> torch.Tensor:
         out = self._forward_counted(batch)
-        n_tok = max(1, int((batch["labels"] != -100).sum()))
+        n_tok = self._labelled_tokens(batch) if n_tok is None else n_tok
         if torch.isfinite(out.loss):
             self._eval_sum += float(out.loss) * n_tok
             self._eval_tokens += n_tok
@@ -425,12 +430,13 @@ class MemSparseLightningModule(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._eval_step(batch, "val")
+        n_tok = self._labelled_tokens(batch)
+        loss = self._eval_step(batch, "val", n_tok)
         if self.val_no_writes:
-            self._no_writes_step(batch)
+            self._no_writes_step(batch, n_tok)
         return loss
 
-    def _no_writes_step(self, batch: dict[str, torch.Tensor]) -> None:
+    def _no_writes_step(self, batch: dict[str, torch.Tensor], n_tok: int) -> None:
         """The batch again with every memory's writes off (`val_no_writes`): its loss, and its answer positions
         counted apart; each block's write switch is restored after."""
         counts, self._answer_counts = self._answer_counts, self._answer_counts_no_writes
@@ -439,7 +445,6 @@ class MemSparseLightningModule(pl.LightningModule):
                 out = self._forward_counted(batch)
         finally:
             self._answer_counts_no_writes, self._answer_counts = self._answer_counts, counts
-        n_tok = max(1, int((batch["labels"] != -100).sum()))
         self.log("val/no_writes/loss", out.loss, on_step=False, on_epoch=True, batch_size=n_tok, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
