@@ -76,7 +76,7 @@ def policy_constexprs(policy: BudgetPolicy) -> dict:
     """The policy as the kernel's constexpr arguments (floats as exact fp64 bit patterns)."""
     pid = _POLICY_IDS[type(policy)]
     kw = dict(POLICY=pid, FIXED_K=0, C_BITS=0, MIN_TOKENS_BITS=0, EXP_MODE=0, EXP_BITS=0, P_BITS=0, MIN_BLOCKS=0,
-              MAX_BLOCKS=-1, MIN_C_BITS=0, MAX_C_BITS=0, HAS_MIN_C=False, HAS_MAX_C=False)
+              MAX_BLOCKS=-1, MIN_C_BITS=0, MAX_C_BITS=0, HAS_MIN_C=False, HAS_MAX_C=False, FORCED_MASS=True)
     if pid == 1:
         kw["FIXED_K"] = int(policy.k)
     elif pid == 2:
@@ -86,7 +86,8 @@ def policy_constexprs(policy: BudgetPolicy) -> dict:
         kw.update(P_BITS=_bits(policy.p), MIN_BLOCKS=int(policy.min),
                   MAX_BLOCKS=-1 if policy.max is None else int(policy.max),
                   HAS_MIN_C=policy.min_c is not None, HAS_MAX_C=policy.max_c is not None,
-                  MIN_C_BITS=_bits(policy.min_c or 0.0), MAX_C_BITS=_bits(policy.max_c or 0.0))
+                  MIN_C_BITS=_bits(policy.min_c or 0.0), MAX_C_BITS=_bits(policy.max_c or 0.0),
+                  FORCED_MASS=bool(policy.forced_mass))
     return kw
 
 
@@ -158,7 +159,7 @@ if HAS_TRITON:
                        MIN_TOKENS_BITS: tl.constexpr, EXP_MODE: tl.constexpr, EXP_BITS: tl.constexpr,
                        P_BITS: tl.constexpr, MIN_BLOCKS: tl.constexpr, MAX_BLOCKS: tl.constexpr,
                        HAS_MIN_C: tl.constexpr, MIN_C_BITS: tl.constexpr, HAS_MAX_C: tl.constexpr,
-                       MAX_C_BITS: tl.constexpr, TOL_BITS: tl.constexpr):
+                       MAX_C_BITS: tl.constexpr, TOL_BITS: tl.constexpr, FORCED_MASS: tl.constexpr):
         # WINDOW: 0 none, 1 MK = min_key_block (first candidate block), 2 MK = min_key (first visible key)
         # POLICY: 0 dense, 1 fixed, 2 length_scaled, 3 top_p
         row = tl.program_id(0)
@@ -226,10 +227,14 @@ if HAS_TRITON:
         if POLICY == 3:
             srt = tl.sort(key, 0, descending=True)
             s64 = s.to(tl.float64)
-            n_scored = tl.sum(scored.to(tl.int32), 0)
-            smax = tl.max(tl.where(scored, s64, -float("inf")), 0)
+            if FORCED_MASS:
+                massed = scored
+            else:  # the candidates' mass only (TopP.forced_mass=0): forced blocks hold no share
+                massed = scored & (forced == 0)
+            n_scored = tl.sum(massed.to(tl.int32), 0)
+            smax = tl.max(tl.where(massed, s64, -float("inf")), 0)
             smax = tl.where(n_scored > 0, smax, 0.0)
-            e = tl.where(scored, _exp64(s64 - smax, LIBDEVICE), 0.0)
+            e = tl.where(massed, _exp64(s64 - smax, LIBDEVICE), 0.0)
             denom = tl.sum(e, 0)
             denom = tl.where(n_scored > 0, denom, 1.0)
             forced_mass = tl.sum(tl.where(forced, e / denom, 0.0), 0)

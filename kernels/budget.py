@@ -123,7 +123,10 @@ class TopP(BudgetPolicy):
 
     Mass is the softmax of the pooled scores over the scored blocks (the visible blocks whose keys all precede
     the block's first query); the unscored diagonal block is forced and takes no share. Bounds: `min`/`max` blocks, or
-    length-scaled bounds `min_c`/`max_c` (tokens c * sqrt(n)) when given.
+    length-scaled bounds `min_c`/`max_c` (tokens c * sqrt(n)) when given. `forced_mass=0`: the mass is the softmax
+    over the candidate (not forced) blocks only, so a sink block whose pooled score dominates cannot meet p alone
+    (trained with the default 1, a toy model's budget collapsed onto its sink and diagonal blocks:
+    benchmarks/results/cpu_budget_probe_2026-12-06/).
     """
 
     p: float = 0.9
@@ -131,6 +134,7 @@ class TopP(BudgetPolicy):
     max: int | None = None
     min_c: float | None = None
     max_c: float | None = None
+    forced_mass: int = 1
     name = "top_p"
     reads_scores = True
 
@@ -139,9 +143,13 @@ class TopP(BudgetPolicy):
             raise ValueError(f"top_p needs 0 < p <= 1, got {self.p}")
         if self.min < 0 or (self.max is not None and self.max < self.min):
             raise ValueError(f"top_p needs 0 <= min <= max, got min={self.min} max={self.max}")
+        if self.forced_mass not in (0, 1):
+            raise ValueError(f"top_p needs forced_mass 0 or 1, got {self.forced_mass}")
 
     def num_blocks(self, scores, valid, forced, visible_tokens, block_size, scored=None):
         scorable = valid if scored is None else valid & scored
+        if not self.forced_mass:  # the candidates' mass only: forced blocks are kept but hold no share
+            scorable = scorable & ~forced
         s = scores.double().masked_fill(~scorable, -math.inf)
         mass = torch.softmax(s, -1).nan_to_num(0.0)
         forced_mass = (mass * forced).sum(-1)
@@ -178,6 +186,8 @@ class TopP(BudgetPolicy):
         for k in ("max", "min_c", "max_c"):
             if getattr(self, k) is not None:
                 parts.append(f"{k}={getattr(self, k)}")
+        if not self.forced_mass:
+            parts.append("forced_mass=0")
         return "top_p:" + ",".join(parts)
 
 

@@ -15,7 +15,8 @@ from memsparse.memory import NeuralMemory, WriteStats
 from memsparse.model import MemSparseLM, SurpriseGate, top_count_indices
 
 POLICIES = ["dense", "fixed:2", "length_scaled:c=3,min_tokens=8", "length_scaled:c=0.9,min_tokens=0,exponent=1",
-            "top_p:p=0.6,min=1", "top_p:p=0.8,min=1,min_c=1,max_c=4"]
+            "top_p:p=0.6,min=1", "top_p:p=0.8,min=1,min_c=1,max_c=4",
+            "top_p:p=0.6,min=1,forced_mass=0"]
 CONSOLIDATION = {"off": ConsolidationConfig(mode="off"),
                  "schedule": ConsolidationConfig(mode="schedule", a=1.0, n_max=3)}
 

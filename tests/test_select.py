@@ -114,6 +114,23 @@ def test_top_p_holds_mass_and_respects_bounds():
                 assert mass[0, h, m, kept].sum() >= p - 1e-6
 
 
+def test_top_p_forced_mass_0_counts_the_candidates_only():
+    """A sink block whose pooled score dominates holds p of the mass alone: with forced_mass=1 (the default)
+    top_p keeps the forced blocks only; with forced_mass=0 the candidates' own mass decides, so it keeps more."""
+    q, k = _qk(256, D=32, seed=3)
+    q[..., 0] += 3.0  # every query leans on dimension 0, and the sink block's keys (block 0) lie along it
+    k[:, :, :16, 0] = 20.0
+    kw = dict(block_size=16, return_info=True)
+    _, cnt1, info = select_blocks(q, k, policy="top_p:p=0.8,min=1", **kw)
+    _, cnt0, _ = select_blocks(q, k, policy="top_p:p=0.8,min=1,forced_mass=0", **kw)
+    late = slice(8, 16)  # query blocks with several candidates
+    assert torch.equal(cnt1[..., late], info["forced_blocks"][late].expand_as(cnt1[..., late]).int())
+    assert bool((cnt0[..., late] > cnt1[..., late]).all())
+    assert parse_policy("top_p:p=0.8,forced_mass=0").spec() == "top_p:p=0.8,min=1,forced_mass=0"
+    with pytest.raises(ValueError, match="forced_mass 0 or 1"):
+        parse_policy("top_p:p=0.8,forced_mass=2")
+
+
 def test_length_scaled_keeps_smaller_fraction_when_longer():
     pol = LengthScaled(c=8.0, min_tokens=32)
     fracs = []

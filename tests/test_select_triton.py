@@ -30,7 +30,8 @@ DEV = os.environ.get("MEMSPARSE_SELECT_TEST_DEVICE", "cpu")
 POLICIES = ["dense", "fixed:1", "fixed:3", "length_scaled:c=3,min_tokens=16", "length_scaled:c=4,min_tokens=0",
             "length_scaled:c=0.9,min_tokens=0,exponent=1", "length_scaled:c=2,min_tokens=8,exponent=0.7",
             "top_p:p=0.9", "top_p:p=0.6,min=2,max=5", "top_p:p=0.8,min=1,min_c=1,max_c=4", "top_p:p=1.0",
-            "top_p:p=0.05,min=0", "top_p:p=0.95,min=3,max_c=6"]
+            "top_p:p=0.05,min=0", "top_p:p=0.95,min=3,max_c=6", "top_p:p=0.8,min=1,forced_mass=0",
+            "top_p:p=0.6,min=2,max=5,forced_mass=0"]
 
 
 @pytest.fixture(autouse=True)
