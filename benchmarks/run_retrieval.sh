@@ -38,10 +38,10 @@
 #                                                    memory's writes than without (retrieval_by_step.py --memory-gate).
 #                                                    H200, 2026-12-06: after -1 stages 3-4 learned nothing past the
 #                                                    window, after +4 stage 3 learned the memory's carry
-# Stage 1 is checked: a warning in steps.log if its last RetrievalEval decodes no key inside the window (H100,
-# 2026-12-05/06: four runs of seed 0 at the recipe's 900 steps, the same predictions each time; the H200 copies there).
 #   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
+# Stage 1 is checked: a warning in steps.log if its last RetrievalEval decodes no key inside the window (H100,
+# 2026-12-05/06: four runs of seed 0 at the recipe's 900 steps, the same predictions each time; the H200 copies there).
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
 # results.json/csv and heatmaps, passkey hits per key and by each key's rarest-token share (passkey_by_key.txt /
 # .csv), logs) go to
@@ -104,7 +104,7 @@ for s in $STAGES; do
     cp -r "outputs/$O/retrieval" "$D/retrieval_while_training_$O"
     # keys found beyond / inside the window at each evaluation (and with the memory's writes off, when run)
     GATE=(); [ -n "${MEMORY_GATE:-}" ] && [ "$s" = 2 ] && GATE=(--memory-gate "$MEMORY_GATE")
-    [ "$s" = 1 ] && GATE=(--copy-check)
+    [ "$s" = 1 ] && GATE=(--copy-check)  # a warning only (exit 4, below)
     python3 benchmarks/retrieval_by_step.py "$O=$D/retrieval_while_training_$O/cells.jsonl" --name "by_step_$O" \
       --out "$D" --device "$DEV" "${GATE[@]}" > "$D/by_step_$O.log" 2>&1; rc=$?
     cat "$D/by_step_$O.md" 2>/dev/null

@@ -417,9 +417,8 @@ class MemSparseLightningModule(pl.LightningModule):
         """The batch's labelled tokens (at least 1): the loss's weight when epochs are averaged (one host sync)."""
         return max(1, int((batch["labels"] != -100).sum()))
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str, n_tok: int | None = None) -> torch.Tensor:
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str, n_tok: int) -> torch.Tensor:
         out = self._forward_counted(batch)
-        n_tok = self._labelled_tokens(batch) if n_tok is None else n_tok
         if torch.isfinite(out.loss):
             self._eval_sum += float(out.loss) * n_tok
             self._eval_tokens += n_tok
@@ -450,7 +449,7 @@ class MemSparseLightningModule(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The validation step, plus the loss per source (text, each synthetic task): a batch of one source
         reuses its loss, a mixed batch takes one more forward per source."""
-        loss = self._eval_step(batch, "test")
+        loss = self._eval_step(batch, "test", self._labelled_tokens(batch))
         src = batch.get("source")
         if src is None:
             return loss
