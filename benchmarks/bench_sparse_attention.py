@@ -917,6 +917,9 @@ def run_mask(res, x, name, args, flex_compiled, log):
         except Exception as e:  # keep the rest of the run
             r["flex_error"] = repr(e)[:500]
             log(f"L={L} G={G} {name}: flex failed {e!r}"[:600])
+        if args.flex_flash:
+            r["flex_flash"] = flex_flash_timings(blk, x, ours_fwd, r, flex_compiled)
+            log(f"L={L} G={G} {name}: flex FLASH backend {json.dumps(r['flex_flash'])}"[:900])
     # GPU-only times (CUDA graph replays) last: a capture that fails cannot spoil the numbers above.
     if not args.no_graph and fast:
         with bwd_mode(modes[0]):
@@ -1017,6 +1020,42 @@ def flex_timings(r, blk, x, ours_fwd, fwd_flops, flex_compiled):
         if m.get("fwdbwd_graph_ms") and r.get("flex_fwdbwd_ms"):
             m["speedup_vs_flex_fwdbwd_graph"] = min(r["flex_fwdbwd_ms"]) / min(m["fwdbwd_graph_ms"])
     return flex_fb
+
+
+def flash_backend_status() -> dict:
+    """Whether this torch can run FlexAttention's FLASH backend (CuTe DSL kernels from the flash-attn-4 package,
+    imported as `flash_attn.cute`): torch's own check, or why not."""
+    try:
+        from torch._inductor.kernel.flex.flex_flash_attention import ensure_flash_available
+    except Exception as e:  # a torch without the FLASH backend
+        return {"available": False, "why": f"torch {torch.__version__} has no FLASH backend: {e!r}"[:300]}
+    ok = bool(ensure_flash_available())
+    return {"available": ok, "why": None if ok else "flash_attn.cute (pip package flash-attn-4) is not importable"}
+
+
+def flex_flash_timings(blk, x, ours_fwd, r, flex_compiled) -> dict:
+    """FlexAttention with kernel_options={"BACKEND": "FLASH"} on the same kept blocks: output agreement with ours,
+    fwd and fwd+bwd ms, speed-ups against it; or the error that stopped it (one line)."""
+    out = flash_backend_status()
+    if not out["available"]:
+        return out
+    bm = flex_block_mask(blk, x.G, x.L)
+
+    def f(q_, k_, v_):
+        return flex_compiled(q_, k_, v_, block_mask=bm, enable_gqa=x.G > 1, kernel_options={"BACKEND": "FLASH"})
+
+    try:
+        with torch.no_grad():
+            out["out_rel_err_vs_ours"] = rel(f(x.q, x.k, x.v), ours_fwd())
+            out["fwd_ms"] = timed_pair(lambda: f(x.q, x.k, x.v))
+        out["fwdbwd_ms"] = timed_pair(lambda: f(x.qg, x.kg, x.vg).backward(x.do), [x.qg, x.kg, x.vg])
+    except Exception as e:  # the backend refuses this mask, shape or card: say why, keep the run
+        out["error"] = repr(e)[:500]
+        _recover_cuda(lambda m: None)
+        return out
+    out["ours_speedup_fwd"] = min(out["fwd_ms"]) / min(r["ours_fwd_ms"])
+    out["ours_speedup_fwdbwd"] = min(out["fwdbwd_ms"]) / min(r["ours_fwdbwd_ms"])
+    return out
 
 
 def bench_selection(x, flex_compiled, log):
@@ -1147,6 +1186,19 @@ def main_tables(results):
             f"{fmt(m.get('speedup_vs_flex_fwdbwd_both_graph'), 2, 'x')} | "
             f"{fmt(m.get('ours_vs_ideal_fwd'))} / {fmt(m.get('ours_vs_ideal_fwdbwd'))} | "
             f"{_e(max_err(m.get('check')))} |")
+    flash = [(r, name, m["flex_flash"]) for r, name, m in timed_masks(results) if "flex_flash" in m]
+    if flash:
+        lines += ["", 'FlexAttention\'s FLASH backend (`kernel_options={"BACKEND": "FLASH"}`, `--flex-flash`) on the '
+                  "same masks, or why it did not run:", "",
+                  "| L | heads q/kv | mask | FLASH fwd | FLASH fwd+bwd | ours vs FLASH fwd / fwd+bwd | "
+                  "rel err vs ours | not run because |", "|---|---|---|---|---|---|---|---|"]
+        for r, name, f in flash:
+            why = f.get("why") or f.get("error") or ""
+            lines.append(
+                f"| {kl(r['L'])} | {r['Hq']}/{r['Hkv']} | {name} | {fmt(mn(f.get('fwd_ms')), 3)} | "
+                f"{fmt(mn(f.get('fwdbwd_ms')), 3)} | {fmt(f.get('ours_speedup_fwd'), 2, 'x')} / "
+                f"{fmt(f.get('ours_speedup_fwdbwd'), 2, 'x')} | {_e(f.get('out_rel_err_vs_ours'))} | "
+                f"{why.replace('|', '/')} |")
     lines += ["", "GPU-only (CUDA graph replays) vs `do_bench`, and the host's launch-side ms per fwd+bwd call "
               "(10 calls, no sync); launch share = 1 - graph / do_bench:", "",
               "| L | heads q/kv | mask | ours fwd graph | ours fwd+bwd do_bench | ours fwd+bwd graph | ours host ms | "
@@ -1589,6 +1641,9 @@ def main(argv=None):
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--heads", default="16/16,16/4", help="q/kv head pairs (the first is the headline one)")
     ap.add_argument("--flex-dense", action="store_true", help="also time FlexAttention on the dense list")
+    ap.add_argument("--flex-flash", action="store_true",
+                    help='also time FlexAttention\'s FLASH backend (kernel_options={"BACKEND": "FLASH"}; needs '
+                         'flash_attn.cute), or record why it cannot run')
     ap.add_argument("--no-select", action="store_true")
     ap.add_argument("--no-small-checks", action="store_true")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU-only) timings")
@@ -1635,7 +1690,7 @@ def main(argv=None):
             "python": platform.python_version(), "command": "python " + " ".join(sys.argv if argv is None else
                                                                                  [sys.argv[0], *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "variants": variants, "head_dim": HEAD_DIM,
-            "block_size": BS}
+            "block_size": BS, "flex_flash_backend": flash_backend_status()}
     log_f = open(out / f"{args.name}.log", "a")
 
     def log(msg):

@@ -93,3 +93,39 @@ def test_flex_autotunes_its_tiles_below_its_default_128(monkeypatch):
     assert mod.flex_compile_kwargs() == {"mode": "max-autotune-no-cudagraphs"}
     monkeypatch.setattr(mod, "BS", 128)
     assert mod.flex_compile_kwargs() == {}
+
+
+def test_flex_flash_backend_runs_or_says_why(monkeypatch):
+    """--flex-flash: without flash_attn.cute the row says why the FLASH backend did not run (and the report prints
+    it); when the backend fails on a mask, the error is recorded and nothing else of the row is lost."""
+    from types import SimpleNamespace
+
+    import torch
+
+    mod = _bench()
+    status = mod.flash_backend_status()
+    assert set(status) == {"available", "why"}
+    if not status["available"]:
+        assert "flash_attn.cute" in status["why"]
+    monkeypatch.setattr(mod, "flash_backend_status", lambda: {"available": False, "why": "no flash_attn.cute"})
+    assert mod.flex_flash_timings(None, None, None, {}, None) == {"available": False, "why": "no flash_attn.cute"}
+
+    monkeypatch.setattr(mod, "flash_backend_status", lambda: {"available": True, "why": None})
+    monkeypatch.setattr(mod, "flex_block_mask", lambda blk, G, L: "mask")
+    seen = {}
+
+    def refusing_flex(q, k, v, block_mask, enable_gqa, kernel_options):
+        seen.update(kernel_options=kernel_options, block_mask=block_mask)
+        raise RuntimeError("BACKEND='FLASH' but flash attention cannot be used: a reason")
+
+    t = torch.zeros(1, 1, 4, 8)
+    x = SimpleNamespace(G=1, L=4, q=t, k=t, v=t, qg=t, kg=t, vg=t, do=t)
+    out = mod.flex_flash_timings(None, x, lambda: t, {"ours_fwd_ms": [1.0], "ours_fwdbwd_ms": [2.0]}, refusing_flex)
+    assert seen == {"kernel_options": {"BACKEND": "FLASH"}, "block_mask": "mask"}
+    assert out["available"] and "cannot be used: a reason" in out["error"]
+
+    row = {"L": 4096, "Hq": 8, "Hkv": 4, "masks": {"window+random": {
+        "density": 0.2, "ours_fwd_ms": [1.0], "ours_fwdbwd_ms": [2.0],
+        "flex_flash": {"available": False, "why": "flash_attn.cute (pip package flash-attn-4) is not importable"}}}}
+    table = "\n".join(mod.main_tables([row]))
+    assert "FLASH backend" in table and "| 4K | 8/4 | window+random | - | - | - / - | - | flash_attn.cute" in table
