@@ -118,25 +118,9 @@ mkdir -p "$D"
 FAIL=0
 T0=$(date +%s)
 DEV="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
-pack() {  # atomic: evals running at once pack side by side
-  local tmp="$OUT/.$NAME.tgz.$BASHPID"
-  tar -czf "$tmp" -C "$OUT" "$NAME" 2>/dev/null
-  mv -f "$tmp" "$OUT/$NAME.tgz"
-}
-log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
-step() {  # step LABEL LOGFILE COMMAND...: run, log its exit status and time, show its tail, pack
-  local label=$1 logf=$2 t0 rc
-  shift 2
-  log "$label: $*"
-  t0=$(date +%s)
-  "$@" > "$logf" 2>&1
-  rc=$?
-  log "$label: exit $rc after $(( $(date +%s) - t0 )) s"
-  tail -n "${TAIL:-6}" "$logf"
-  [ "$rc" = 0 ] || FAIL=1
-  pack
-  return "$rc"
-}
+TAIL=${TAIL:-6}
+# shellcheck source=benchmarks/run_lib.sh
+source "$(dirname "$0")/run_lib.sh"  # pack, log, step
 log "run_budget_training.sh: BUDGETS='$BUDGETS' STEPS=${STEPS:-recipe} MATCH=$MATCH MATCH_TO=$MATCH_TO" \
   "SMOKE=$SMOKE device='$DEV'"
 

@@ -66,21 +66,8 @@ W=(); [ "${WANDB:-0}" = 1 ] || W=(--no-wandb)
 D="$OUT/$NAME"
 mkdir -p "$D"
 FAIL=0
-pack() { tar -czf "$OUT/$NAME.tgz" -C "$OUT" "$NAME"; }
-log() { echo "[$(date +%T)] $*" | tee -a "$D/steps.log"; }
-step() {  # step LABEL LOGFILE COMMAND...: run, log its exit status and time, show its tail, pack
-  local label=$1 logf=$2 t0 rc
-  shift 2
-  log "$label: $*"
-  t0=$(date +%s)
-  "$@" > "$logf" 2>&1
-  rc=$?
-  log "$label: exit $rc after $(( $(date +%s) - t0 )) s"
-  tail -n "${TAIL:-12}" "$logf"
-  [ "$rc" = 0 ] || FAIL=1
-  pack
-  return "$rc"
-}
+# shellcheck source=benchmarks/run_lib.sh
+source "$(dirname "$0")/run_lib.sh"  # pack, log, step
 groups() {  # groups "t1 t2": one group per task, or with SPLIT=0 one group of all (comma-joined)
   if [ "$SPLIT" = 1 ]; then printf '%s\n' $1; else echo "$1" | tr -s ' ' ','; fi
 }
