@@ -107,3 +107,19 @@ def test_near_keys_overlay_gives_back_the_whole_passkey_share(name, capsys, monk
     assert [s for s in sa if s["depths"] == [0.0, 1.0]] == [dict(sb[0], proportion=0.3), *sb[1:]]
     far = [s for s in sa if s["depths"] != [0.0, 1.0]]
     assert far == [dict(sb[0], proportion=0.2, lengths=[2048], depths=[0.0, 0.25])]
+
+
+def test_profile_overlay_changes_only_the_callbacks_and_the_stop(capsys, monkeypatch):
+    """recipes/overlays/profile_steps.yaml: the recipe's model, data and schedule, 105 steps, StepProfiler at step
+    100 in place of the recipe's callbacks."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / "retrieval_small.yaml"
+    a = _resolved(capsys, base)
+    b = _resolved(capsys, base, RECIPES / "overlays" / "profile_steps.yaml")
+    (prof,) = b["trainer"].pop("callbacks")
+    assert prof["class_path"] == "memsparse.train.step_profiler.StepProfiler"
+    assert prof["init_args"]["start_step"] + prof["init_args"]["steps"] == b["trainer"]["max_steps"] == 105
+    a["trainer"].pop("callbacks")
+    for key in ("max_steps", "max_time"):
+        a["trainer"].pop(key), b["trainer"].pop(key)
+    assert a == b

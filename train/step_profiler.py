@@ -1,0 +1,182 @@
+"""`StepProfiler`: where the wall time of a window of steady training steps goes (torch.profiler).
+
+A short training step can be slow for reasons no per-kernel benchmark shows: host work between launches, a host
+sync that makes the host wait for the device every step, data loading. This callback profiles `steps` training
+batches from `start_step` on (after compilation and CUDA-graph capture) and writes, on rank 0:
+
+- `<dirpath>/step_profile.json`: wall ms per step (host clock, device synchronised at both ends), device-busy ms
+  per step (the union of the kernels' intervals) and the idle share of the device, host time per step spent
+  waiting on the device (`cudaStreamSynchronize` / `cudaDeviceSynchronize` / `cudaEventSynchronize`) and how
+  many such waits and scalar reads (`aten::_local_scalar_dense`: `.item()`, `bool(tensor)`, `int(tensor)`) a step
+  does, and the top ops by host and by device time;
+- `<dirpath>/step_profile.md`: the same as tables;
+- `<dirpath>/step_trace.json` (`trace=True`): the Chrome / Perfetto trace.
+
+Use it from a recipe or the command line, e.g.
+`memsparse-train fit --config recipes/retrieval_small_copy.yaml --trainer.max_steps 130
+--trainer.callbacks+=memsparse.train.step_profiler.StepProfiler --trainer.callbacks.init_args.start_step 100`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.profiler import ProfilerActivity, profile
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+SCALAR_READ = "aten::_local_scalar_dense"
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of (start_us, end_us) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total / 1000.0
+
+
+def summarize(events: Any, steps: int, wall_s: float, rows: int = 15) -> dict[str, Any]:
+    """A profile's events (`prof.events()`) over `steps` steps of `wall_s` seconds -> the summary dict."""
+    kernels: list[tuple[float, float]] = []
+    sync_us, syncs, scalar_reads = 0.0, 0, 0
+    host: dict[str, float] = {}
+    device: dict[str, float] = {}
+    for e in events:
+        name = e.name
+        dev_type = getattr(e, "device_type", None)
+        on_device = dev_type is not None and dev_type != torch.autograd.DeviceType.CPU
+        if on_device:
+            start = e.time_range.start
+            kernels.append((start, start + e.time_range.elapsed_us()))
+            device[name] = device.get(name, 0.0) + e.time_range.elapsed_us()
+            continue
+        host[name] = host.get(name, 0.0) + e.self_cpu_time_total
+        if name in SYNC_OPS:
+            syncs += 1
+            sync_us += e.cpu_time_total
+        elif name == SCALAR_READ:
+            scalar_reads += 1
+    wall_ms = 1000.0 * wall_s / steps
+    busy_ms = _union_ms(kernels) / steps
+
+    def top(d: dict[str, float]) -> list[dict[str, Any]]:
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])[:rows]
+        return [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]
+
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "device_busy_ms_per_step": busy_ms if kernels else None,
+        "device_idle_share": (1.0 - min(busy_ms, wall_ms) / wall_ms) if kernels and wall_ms > 0 else None,
+        "host_sync_ms_per_step": sync_us / 1000.0 / steps,
+        "host_syncs_per_step": syncs / steps,
+        "scalar_reads_per_step": scalar_reads / steps,
+        "top_host_ops": top(host),
+        "top_device_kernels": top(device),
+    }
+
+
+def _markdown(s: dict[str, Any], title: str) -> str:
+    def f(x: Any, p: int = 2) -> str:
+        return "-" if x is None else f"{x:.{p}f}"
+
+    idle = "-" if s["device_idle_share"] is None else f"{100 * s['device_idle_share']:.0f}%"
+    lines = [f"# {title}", "", "| steps | wall ms / step | device busy ms / step | device idle | host waits on the "
+             "device, ms / step | waits / step | scalar reads / step |", "|---|---|---|---|---|---|---|",
+             f"| {s['steps']} | {f(s['wall_ms_per_step'])} | {f(s['device_busy_ms_per_step'])} | "
+             f"{idle} | "
+             f"{f(s['host_sync_ms_per_step'])} | {f(s['host_syncs_per_step'], 1)} | "
+             f"{f(s['scalar_reads_per_step'], 1)} |"]
+    for key, what in (("top_host_ops", "host (self) time"), ("top_device_kernels", "device time")):
+        if s[key]:
+            lines += ["", f"Top ops by {what}:", "", "| op | ms / step |", "|---|---|"]
+            lines += [f"| `{r['name'][:100]}` | {r['ms_per_step']:.3f} |" for r in s[key]]
+    return "\n".join(lines) + "\n"
+
+
+class StepProfiler(Callback):
+    """Profile `steps` training batches from global step `start_step` on; write the summary (module docstring).
+
+    Args:
+        start_step: the first profiled step (after the warm-up: compilation, autotuning, CUDA-graph capture).
+        steps: how many batches to profile (>= 1).
+        dirpath: where the files go (default `<trainer.default_root_dir>/profile`).
+        trace: also write the Chrome / Perfetto trace.
+        rows: ops listed per table.
+    """
+
+    def __init__(self, start_step: int = 100, steps: int = 10, dirpath: str | None = None, trace: bool = True,
+                 rows: int = 15) -> None:
+        if start_step < 0:
+            raise ValueError(f"StepProfiler: start_step must be >= 0, got {start_step}")
+        if steps < 1:
+            raise ValueError(f"StepProfiler: steps must be >= 1, got {steps}")
+        self.start_step, self.steps, self.dirpath, self.trace, self.rows = start_step, steps, dirpath, trace, rows
+        self._prof: profile | None = None
+        self._t0 = 0.0
+        self._seen = 0
+        self.summary: dict[str, Any] | None = None
+
+    @staticmethod
+    def _sync(trainer: pl.Trainer) -> float:
+        dev = trainer.strategy.root_device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._prof is not None or self.summary is not None or not trainer.is_global_zero:
+            return
+        if trainer.global_step < self.start_step:
+            return
+        acts = [ProfilerActivity.CPU]
+        if trainer.strategy.root_device.type == "cuda":
+            acts.append(ProfilerActivity.CUDA)
+        self._prof = profile(activities=acts)
+        self._t0 = self._sync(trainer)
+        self._prof.__enter__()
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._prof is None:
+            return
+        self._seen += 1
+        if self._seen < self.steps:
+            return
+        self._finish(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._prof is not None:  # the fit ended inside the window: summarise what was profiled
+            self._finish(trainer)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        wall = self._sync(trainer) - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        steps = max(self._seen, 1)
+        self.summary = summarize(prof.events(), steps, wall, self.rows)
+        self.summary.update(start_step=self.start_step, device=str(trainer.strategy.root_device))
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "profile")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "step_profile.json").write_text(json.dumps(self.summary, indent=1))
+        title = f"Training steps {self.start_step}-{self.start_step + steps - 1} ({self.summary['device']})"
+        (out / "step_profile.md").write_text(_markdown(self.summary, title))
+        if self.trace:
+            prof.export_chrome_trace(str(out / "step_trace.json"))
+        s = self.summary
+        busy = s["device_busy_ms_per_step"]
+        print(f"StepProfiler: {s['wall_ms_per_step']:.1f} ms a step over {steps} steps"
+              + ("" if busy is None else f", device busy {busy:.1f} ms") +
+              f", {s['host_syncs_per_step']:.1f} host waits ({s['host_sync_ms_per_step']:.1f} ms) and "
+              f"{s['scalar_reads_per_step']:.1f} scalar reads a step -> {out}", flush=True)
