@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from memsparse.train.step_profiler import StepProfiler, _union_ms, summarize
+from memsparse.train.step_profiler import StepProfiler, _union_ms, summarize, summarize_trace
 
 
-def _event(name, start_us=0.0, dur_us=0.0, self_cpu=0.0, device=False):
+def _event(name, start_us=0.0, dur_us=0.0, self_cpu=0.0, device=False, annotation=False):
     dev = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
     rng = SimpleNamespace(start=start_us, elapsed_us=lambda: dur_us)
     return SimpleNamespace(name=name, device_type=dev, time_range=rng, self_cpu_time_total=self_cpu,
-                           cpu_time_total=dur_us)
+                           cpu_time_total=dur_us, is_user_annotation=annotation)
 
 
 def test_summary_counts_busy_device_time_once_and_the_host_waits():
@@ -23,7 +23,10 @@ def test_summary_counts_busy_device_time_once_and_the_host_waits():
               _event("softmax", 3000, 1000, device=True),
               _event("cudaStreamSynchronize", dur_us=4000, self_cpu=4000),
               _event("aten::_local_scalar_dense", self_cpu=10), _event("aten::_local_scalar_dense", self_cpu=10),
-              _event("Optimizer.step#AdamW.step", self_cpu=2000)]
+              _event("Optimizer.step#AdamW.step", self_cpu=2000),
+              # the optimizer's record_function range on the device timeline (H100, 2026-12-06: it spanned the
+              # whole step and was counted as busy): not a kernel
+              _event("Optimizer.step#AdamW.step", 0, 9000, device=True, annotation=True)]
     s = summarize(events, steps=2, wall_s=0.010)
     assert s["wall_ms_per_step"] == pytest.approx(5.0)
     assert s["device_busy_ms_per_step"] == pytest.approx(1.25)  # 2.5 ms of union over 2 steps, not 3 ms summed
@@ -85,3 +88,25 @@ def test_a_fit_that_ends_inside_the_window_is_still_summarised(tmp_path):
 def test_bad_settings_are_one_line_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         StepProfiler(**kw)
+
+
+def test_trace_summary_reads_a_chrome_trace(tmp_path):
+    import gzip
+
+    ev = [{"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 1000},
+          {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 500, "dur": 1000},
+          {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 3000, "dur": 1000},
+          {"ph": "X", "cat": "gpu_user_annotation", "name": "Optimizer.step#AdamW.step", "ts": 0, "dur": 4000},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 0, "dur": 2000},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::_local_scalar_dense", "ts": 0, "dur": 1}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    s = summarize_trace(path, steps=2)
+    assert s["device_span_ms_per_step"] == pytest.approx(2.0) and s["device_busy_ms_per_step"] == pytest.approx(1.25)
+    assert s["device_idle_ms_per_step"] == pytest.approx(0.75) and s["device_kernels_per_step"] == 1.5
+    assert s["host_syncs_per_step"] == 0.5 and s["scalar_reads_per_step"] == 0.5
+    assert s["top_device_kernels"][0] == {"name": "gemm", "ms_per_step": pytest.approx(1.0)}
+    (tmp_path / "empty.json").write_text(json.dumps({"traceEvents": []}))
+    with pytest.raises(ValueError, match="no device activity"):
+        summarize_trace(tmp_path / "empty.json", steps=1)

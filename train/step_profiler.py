@@ -54,6 +54,8 @@ def summarize(events: Any, steps: int, wall_s: float, rows: int = 15) -> dict[st
         name = e.name
         dev_type = getattr(e, "device_type", None)
         on_device = dev_type is not None and dev_type != torch.autograd.DeviceType.CPU
+        if on_device and getattr(e, "is_user_annotation", False):
+            continue  # a record_function range on the device's timeline (e.g. the optimizer step), not a kernel
         if on_device:
             start = e.time_range.start
             kernels.append((start, start + e.time_range.elapsed_us()))
@@ -83,6 +85,35 @@ def summarize(events: Any, steps: int, wall_s: float, rows: int = 15) -> dict[st
         "top_host_ops": top(host),
         "top_device_kernels": top(device),
     }
+
+
+def summarize_trace(path: str | Path, steps: int, rows: int = 15) -> dict[str, Any]:
+    """The same figures from a Chrome trace (`step_trace.json`, optionally gzipped) of `steps` steps: device busy
+    ms a step (union of kernel, memcpy and memset intervals), the device's span and idle ms a step inside it, host
+    waits on the device and scalar reads a step, and the top kernels by device time."""
+    import gzip
+
+    path = Path(path)
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        doc = json.load(f)
+    events = [e for e in (doc["traceEvents"] if isinstance(doc, dict) else doc) if e.get("ph") == "X"]
+    dev = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not dev:
+        raise ValueError(f"{path}: no device activity in the trace")
+    iv = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev]
+    span_ms = (max(e for _, e in iv) - min(s for s, _ in iv)) / 1000.0
+    busy_ms = _union_ms(iv)
+    kern: dict[str, float] = {}
+    for e in dev:
+        kern[e["name"]] = kern.get(e["name"], 0.0) + float(e.get("dur", 0))
+    waits = [e for e in events if e.get("name") in SYNC_OPS]
+    reads = sum(1 for e in events if e.get("name") == SCALAR_READ)
+    ranked = sorted(kern.items(), key=lambda kv: -kv[1])[:rows]
+    return {"steps": steps, "device_span_ms_per_step": span_ms / steps, "device_busy_ms_per_step": busy_ms / steps,
+            "device_idle_ms_per_step": (span_ms - busy_ms) / steps, "device_kernels_per_step": len(dev) / steps,
+            "host_sync_ms_per_step": sum(float(e.get("dur", 0)) for e in waits) / 1000.0 / steps,
+            "host_syncs_per_step": len(waits) / steps, "scalar_reads_per_step": reads / steps,
+            "top_device_kernels": [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]}
 
 
 def _markdown(s: dict[str, Any], title: str) -> str:
