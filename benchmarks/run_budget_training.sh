@@ -45,14 +45,12 @@
 #                                   validation answer-token accuracy) against the step, tokens/s
 # Everything is packed into $OUT/$NAME.tgz after every step, so a cut-off run still brings back what it did.
 #
-# Time (an estimate, not yet measured: no GPU run of this script so far): a fit is ~25 s of start-up (the first also
-# trains the BPE) + 1,200 steps of 16 x 2K tokens at ~65 ms (the no-memory stage 2 ran 56 ms a step at window 512 on
-# an H100, 2026-12-06; more kept blocks here) ~ 80 s, so ~105 s; an eval (90 prompts of 512-2K at 0.15-0.3 s each,
-# measured on an H100 2026-12-06, plus ~45 s of start-up and warm-up in that run) ~75 s alone, ~90-120 s for three
-# or four side by side. So: three fits ~330 s, then the evals: ~450 s; a fourth fit (~105 s more) only if the first
-# three ran faster. The deadline (DEADLINE_S=540: a call may run 600 s, and its set-up comes first) starts a fit only
-# when the time so far plus the last fit's plus EVAL_RESERVE_S (120) for the evals stays below it, so when time runs
-# short the default top_p, listed last, is the one dropped.
+# Time (one H100, 2026-12-06, benchmarks/results/budget_training_h100_2026-12-06/): a fit of 1,200 steps of 16 x 2K
+# tokens took 119-129 s (~35 s of start-up, the first also trains the BPE; ~550K tokens/s), two evals side by side
+# 94-107 s, so two budgets fit one 10-minute call and the third was skipped. The deadline (DEADLINE_S=540: a call may
+# run 600 s, and its set-up comes first) starts a fit only when the time so far plus the last fit's plus
+# EVAL_RESERVE_S (120) for the evals stays below it, so when time runs short the default top_p, listed last, is the
+# one dropped. At 1,200 steps neither model copied the key: more STEPS, fewer BUDGETS a call.
 #
 # Overrides:
 #   BUDGETS="top_p_fm0 fixed length_scaled top_p"  the models, in order (names of the overlays above)
