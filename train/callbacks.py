@@ -278,6 +278,14 @@ class RankAgreementCheck(Callback):
             rank_zero_info(f"all {trainer.world_size} ranks agree on the weights (sha256 {digest[:16]})")
 
 
+def synced_clock(trainer: pl.Trainer) -> float:
+    """time.perf_counter() after the trainer's device has finished its queued work (CUDA: synchronised)."""
+    dev = trainer.strategy.root_device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
 class PhaseTimes(Callback):
     """Where a fit's wall time went: set-up before fit (data, tokenizer, strategy), fit start to the first
     training batch (sanity check included), the first training batches (compilation, autotuning, CUDA-graph
@@ -315,10 +323,7 @@ class PhaseTimes(Callback):
 
     @staticmethod
     def _now(trainer: pl.Trainer) -> float:
-        dev = trainer.strategy.root_device
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter()
+        return synced_clock(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset()

@@ -20,13 +20,13 @@ Use it from a recipe or the command line, e.g.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from memsparse.train.callbacks import synced_clock
 from torch.profiler import ProfilerActivity, profile
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -157,13 +157,6 @@ class StepProfiler(Callback):
         self._seen = 0
         self.summary: dict[str, Any] | None = None
 
-    @staticmethod
-    def _sync(trainer: pl.Trainer) -> float:
-        dev = trainer.strategy.root_device
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter()
-
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._prof is not None or self.summary is not None or not trainer.is_global_zero:
@@ -174,7 +167,7 @@ class StepProfiler(Callback):
         if trainer.strategy.root_device.type == "cuda":
             acts.append(ProfilerActivity.CUDA)
         self._prof = profile(activities=acts)
-        self._t0 = self._sync(trainer)
+        self._t0 = synced_clock(trainer)
         self._prof.__enter__()
         self._seen = 0
 
@@ -192,7 +185,7 @@ class StepProfiler(Callback):
             self._finish(trainer)
 
     def _finish(self, trainer: pl.Trainer) -> None:
-        wall = self._sync(trainer) - self._t0
+        wall = synced_clock(trainer) - self._t0
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         steps = max(self._seen, 1)
