@@ -297,6 +297,14 @@ def test_tilings(monkeypatch, tiles, bs, G, mode):
     check_case(1, 2 * G, 2, 75, 99, 16, bs, "random", seed=bs + G)
 
 
+def test_dkdv_row_tile_spanning_the_group_at_one_key_block(monkeypatch):
+    """dK/dV with BLOCK_M = G x block_size (both heads of a GQA group in one row tile) and BLOCK_N = block_size:
+    a candidate for the recipes' 64-token blocks, where the autotuner has only 64 x 64 and 32 x 64 row tiles today."""
+    monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
+    monkeypatch.setattr(tri, "INTERPRET_CONFIG", {"fwd": (16, 16), "dq": (16, 16), "dkdv": (32, 16), "fused": (32, 16)})
+    check_case(1, 4, 2, 75, 99, 16, 16, "random", seed=21)
+
+
 @pytest.mark.parametrize("mode", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(monkeypatch, dtype, mode):
