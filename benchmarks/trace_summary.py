@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
              f"{s['host_sync_ms_per_step']:.2f} ({s['host_syncs_per_step']:.1f}) | {s['scalar_reads_per_step']:.1f} |",
              "", "| kernel | ms / step |", "|---|---|"]
     lines += [f"| `{r['name'][:110]}` | {r['ms_per_step']:.3f} |" for r in s["top_device_kernels"]]
+    if "host_waits_by_caller" in s:  # traces recorded with StepProfiler(stack=True)
+        lines += ["", "Host waits on the device by the Python code that made them:", "",
+                  "| caller | waits / step | ms / step |", "|---|---|---|"]
+        lines += [f"| `{r['caller'][:110]}` | {r['waits_per_step']:.1f} | {r['ms_per_step']:.2f} |"
+                  for r in s["host_waits_by_caller"]]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return s

@@ -75,13 +75,15 @@ def test_a_fit_that_ends_inside_the_window_is_still_summarised(tmp_path):
 
     torch.manual_seed(0)
     module = MemSparseLightningModule(from_dict(ModelConfig, {**tiny_model(), "vocab_size": 259}), total_steps=4)
-    prof = StepProfiler(start_step=1, steps=50, dirpath=str(tmp_path / "p"), trace=True)
+    prof = StepProfiler(start_step=1, steps=50, dirpath=str(tmp_path / "p"), trace=True, stack=True)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, limit_val_batches=0,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=str(tmp_path), callbacks=[prof])
     trainer.fit(module, datamodule=MemSparseDataModule(stdlib_limit=4, tokenizer="byte", seq_len=64, batch_size=2,
                                                        val_fraction=0.0))
-    assert prof.summary["steps"] == 2 and (tmp_path / "p" / "step_trace.json").exists()
+    assert prof.summary["steps"] == 2
+    trace = json.loads((tmp_path / "p" / "step_trace.json").read_text())
+    assert any(e.get("cat") == "python_function" for e in trace["traceEvents"])  # stack=True records Python frames
 
 
 @pytest.mark.parametrize("kw, msg", [({"steps": 0}, "steps must be >= 1"), ({"start_step": -1}, "start_step")])
@@ -107,6 +109,27 @@ def test_trace_summary_reads_a_chrome_trace(tmp_path):
     assert s["device_idle_ms_per_step"] == pytest.approx(0.75) and s["device_kernels_per_step"] == 1.5
     assert s["host_syncs_per_step"] == 0.5 and s["scalar_reads_per_step"] == 0.5
     assert s["top_device_kernels"][0] == {"name": "gemm", "ms_per_step": pytest.approx(1.0)}
+    assert "host_waits_by_caller" not in s  # recorded without stacks
     (tmp_path / "empty.json").write_text(json.dumps({"traceEvents": []}))
     with pytest.raises(ValueError, match="no device activity"):
         summarize_trace(tmp_path / "empty.json", steps=1)
+
+
+def test_trace_with_stacks_names_the_code_behind_each_host_wait(tmp_path):
+    """With python_function events (StepProfiler(stack=True)) each wait is charged to the innermost frame outside
+    torch: two waits from training_step, one from the optimizer hook."""
+    def py(name, ts, dur):
+        return {"ph": "X", "cat": "python_function", "name": name, "ts": ts, "dur": dur, "tid": 1}
+
+    def wait(ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": ts, "dur": 10, "tid": 1}
+
+    ev = [{"ph": "X", "cat": "kernel", "name": "k", "ts": 0, "dur": 5, "tid": 7},
+          py("train/module.py(338): training_step", 0, 100), py("torch/_tensor.py(1): __bool__", 10, 20), wait(12),
+          py("torch/_tensor.py(1): __bool__", 50, 20), wait(52),
+          py("train/module.py(364): on_before_optimizer_step", 200, 100), wait(210)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    by = {r["caller"]: r for r in summarize_trace(path, steps=1)["host_waits_by_caller"]}
+    assert by["train/module.py(338): training_step"]["waits_per_step"] == 2
+    assert by["train/module.py(364): on_before_optimizer_step"]["ms_per_step"] == pytest.approx(0.01)

@@ -109,11 +109,46 @@ def summarize_trace(path: str | Path, steps: int, rows: int = 15) -> dict[str, A
     waits = [e for e in events if e.get("name") in SYNC_OPS]
     reads = sum(1 for e in events if e.get("name") == SCALAR_READ)
     ranked = sorted(kern.items(), key=lambda kv: -kv[1])[:rows]
-    return {"steps": steps, "device_span_ms_per_step": span_ms / steps, "device_busy_ms_per_step": busy_ms / steps,
-            "device_idle_ms_per_step": (span_ms - busy_ms) / steps, "device_kernels_per_step": len(dev) / steps,
-            "host_sync_ms_per_step": sum(float(e.get("dur", 0)) for e in waits) / 1000.0 / steps,
-            "host_syncs_per_step": len(waits) / steps, "scalar_reads_per_step": reads / steps,
-            "top_device_kernels": [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]}
+    out = {"steps": steps, "device_span_ms_per_step": span_ms / steps, "device_busy_ms_per_step": busy_ms / steps,
+           "device_idle_ms_per_step": (span_ms - busy_ms) / steps, "device_kernels_per_step": len(dev) / steps,
+           "host_sync_ms_per_step": sum(float(e.get("dur", 0)) for e in waits) / 1000.0 / steps,
+           "host_syncs_per_step": len(waits) / steps, "scalar_reads_per_step": reads / steps,
+           "top_device_kernels": [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]}
+    if any(e.get("cat") == "python_function" for e in events):  # a trace recorded with stacks (stack=True)
+        out["host_waits_by_caller"] = _waits_by_caller(events, steps, rows)
+    return out
+
+
+def _caller(frames: list[str]) -> str:
+    """The innermost Python frame outside torch itself (the code that asked for the value), else the innermost."""
+    for name in reversed(frames):
+        if not name.startswith(("torch/", "<built-in")) and "/torch/" not in name:
+            return name
+    return frames[-1] if frames else "?"
+
+
+def _waits_by_caller(events: list[dict], steps: int, rows: int) -> list[dict[str, Any]]:
+    """Host waits on the device grouped by the Python code they were made from (per step: count and ms)."""
+    by_tid: dict[Any, list[dict]] = {}
+    for e in events:
+        if e.get("cat") in ("python_function", "cpu_op", "cuda_runtime"):
+            by_tid.setdefault(e.get("tid"), []).append(e)
+    sites: dict[str, list[float]] = {}
+    for evs in by_tid.values():
+        evs.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0))))
+        stack: list[dict] = []
+        for e in evs:
+            end = float(e["ts"]) + float(e.get("dur", 0))
+            while stack and float(stack[-1]["ts"]) + float(stack[-1].get("dur", 0)) < end:
+                stack.pop()
+            if e["name"] in SYNC_OPS:
+                site = _caller([x["name"] for x in stack if x.get("cat") == "python_function"])
+                acc = sites.setdefault(site, [0.0, 0.0])
+                acc[0] += 1
+                acc[1] += float(e.get("dur", 0))
+            stack.append(e)
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:rows]
+    return [{"caller": k, "waits_per_step": n / steps, "ms_per_step": us / 1000.0 / steps} for k, (n, us) in ranked]
 
 
 def _markdown(s: dict[str, Any], title: str) -> str:
@@ -143,15 +178,18 @@ class StepProfiler(Callback):
         dirpath: where the files go (default `<trainer.default_root_dir>/profile`).
         trace: also write the Chrome / Perfetto trace.
         rows: ops listed per table.
+        stack: record Python stacks (slower); the trace then says which code each host wait on the device came
+            from (`benchmarks/trace_summary.py`: `host_waits_by_caller`).
     """
 
     def __init__(self, start_step: int = 100, steps: int = 10, dirpath: str | None = None, trace: bool = True,
-                 rows: int = 15) -> None:
+                 rows: int = 15, stack: bool = False) -> None:
         if start_step < 0:
             raise ValueError(f"StepProfiler: start_step must be >= 0, got {start_step}")
         if steps < 1:
             raise ValueError(f"StepProfiler: steps must be >= 1, got {steps}")
         self.start_step, self.steps, self.dirpath, self.trace, self.rows = start_step, steps, dirpath, trace, rows
+        self.stack = stack
         self._prof: profile | None = None
         self._t0 = 0.0
         self._seen = 0
@@ -166,7 +204,7 @@ class StepProfiler(Callback):
         acts = [ProfilerActivity.CPU]
         if trainer.strategy.root_device.type == "cuda":
             acts.append(ProfilerActivity.CUDA)
-        self._prof = profile(activities=acts)
+        self._prof = profile(activities=acts, with_stack=self.stack)
         self._t0 = synced_clock(trainer)
         self._prof.__enter__()
         self._seen = 0
