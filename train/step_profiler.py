@@ -44,47 +44,48 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1000.0
 
 
+def _ranked(d: dict[str, float], steps: int, rows: int) -> list[dict[str, Any]]:
+    """The `rows` largest of name -> total us, as ms a step."""
+    ranked = sorted(d.items(), key=lambda kv: -kv[1])[:rows]
+    return [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]
+
+
+def _device_and_waits(kernels: list[tuple[str, float, float]], waits_us: list[float], reads: int, steps: int,
+                      rows: int) -> dict[str, Any]:
+    """The figures both summaries share, from the device activity (name, start us, duration us), the host's waits
+    on the device (duration us each) and the scalar reads: per step."""
+    iv = [(s, s + d) for _, s, d in kernels]
+    per_kernel: dict[str, float] = {}
+    for name, _, d in kernels:
+        per_kernel[name] = per_kernel.get(name, 0.0) + d
+    return {"device_busy_ms_per_step": _union_ms(iv) / steps if kernels else None,
+            "host_sync_ms_per_step": sum(waits_us) / 1000.0 / steps, "host_syncs_per_step": len(waits_us) / steps,
+            "scalar_reads_per_step": reads / steps, "top_device_kernels": _ranked(per_kernel, steps, rows)}
+
+
 def summarize(events: Any, steps: int, wall_s: float, rows: int = 15) -> dict[str, Any]:
     """A profile's events (`prof.events()`) over `steps` steps of `wall_s` seconds -> the summary dict."""
-    kernels: list[tuple[float, float]] = []
-    sync_us, syncs, scalar_reads = 0.0, 0, 0
+    kernels: list[tuple[str, float, float]] = []
+    waits_us: list[float] = []
+    reads = 0
     host: dict[str, float] = {}
-    device: dict[str, float] = {}
     for e in events:
-        name = e.name
         dev_type = getattr(e, "device_type", None)
-        on_device = dev_type is not None and dev_type != torch.autograd.DeviceType.CPU
-        if on_device and getattr(e, "is_user_annotation", False):
-            continue  # a record_function range on the device's timeline (e.g. the optimizer step), not a kernel
-        if on_device:
-            start = e.time_range.start
-            kernels.append((start, start + e.time_range.elapsed_us()))
-            device[name] = device.get(name, 0.0) + e.time_range.elapsed_us()
+        if dev_type is not None and dev_type != torch.autograd.DeviceType.CPU:
+            if not getattr(e, "is_user_annotation", False):  # a record_function range on the device is no kernel
+                kernels.append((e.name, e.time_range.start, e.time_range.elapsed_us()))
             continue
-        host[name] = host.get(name, 0.0) + e.self_cpu_time_total
-        if name in SYNC_OPS:
-            syncs += 1
-            sync_us += e.cpu_time_total
-        elif name == SCALAR_READ:
-            scalar_reads += 1
+        host[e.name] = host.get(e.name, 0.0) + e.self_cpu_time_total
+        if e.name in SYNC_OPS:
+            waits_us.append(e.cpu_time_total)
+        elif e.name == SCALAR_READ:
+            reads += 1
     wall_ms = 1000.0 * wall_s / steps
-    busy_ms = _union_ms(kernels) / steps
-
-    def top(d: dict[str, float]) -> list[dict[str, Any]]:
-        ranked = sorted(d.items(), key=lambda kv: -kv[1])[:rows]
-        return [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]
-
-    return {
-        "steps": steps,
-        "wall_ms_per_step": wall_ms,
-        "device_busy_ms_per_step": busy_ms if kernels else None,
-        "device_idle_share": (1.0 - min(busy_ms, wall_ms) / wall_ms) if kernels and wall_ms > 0 else None,
-        "host_sync_ms_per_step": sync_us / 1000.0 / steps,
-        "host_syncs_per_step": syncs / steps,
-        "scalar_reads_per_step": scalar_reads / steps,
-        "top_host_ops": top(host),
-        "top_device_kernels": top(device),
-    }
+    out = {"steps": steps, "wall_ms_per_step": wall_ms,
+           **_device_and_waits(kernels, waits_us, reads, steps, rows), "top_host_ops": _ranked(host, steps, rows)}
+    busy = out["device_busy_ms_per_step"]
+    out["device_idle_share"] = (1.0 - min(busy, wall_ms) / wall_ms) if busy is not None and wall_ms > 0 else None
+    return out
 
 
 def summarize_trace(path: str | Path, steps: int, rows: int = 15) -> dict[str, Any]:
@@ -97,23 +98,16 @@ def summarize_trace(path: str | Path, steps: int, rows: int = 15) -> dict[str, A
     with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
         doc = json.load(f)
     events = [e for e in (doc["traceEvents"] if isinstance(doc, dict) else doc) if e.get("ph") == "X"]
-    dev = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    dev = [(e["name"], float(e["ts"]), float(e.get("dur", 0))) for e in events
+           if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not dev:
         raise ValueError(f"{path}: no device activity in the trace")
-    iv = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev]
-    span_ms = (max(e for _, e in iv) - min(s for s, _ in iv)) / 1000.0
-    busy_ms = _union_ms(iv)
-    kern: dict[str, float] = {}
-    for e in dev:
-        kern[e["name"]] = kern.get(e["name"], 0.0) + float(e.get("dur", 0))
-    waits = [e for e in events if e.get("name") in SYNC_OPS]
+    span_ms = (max(s + d for _, s, d in dev) - min(s for _, s, _ in dev)) / 1000.0
+    waits_us = [float(e.get("dur", 0)) for e in events if e.get("name") in SYNC_OPS]
     reads = sum(1 for e in events if e.get("name") == SCALAR_READ)
-    ranked = sorted(kern.items(), key=lambda kv: -kv[1])[:rows]
-    out = {"steps": steps, "device_span_ms_per_step": span_ms / steps, "device_busy_ms_per_step": busy_ms / steps,
-           "device_idle_ms_per_step": (span_ms - busy_ms) / steps, "device_kernels_per_step": len(dev) / steps,
-           "host_sync_ms_per_step": sum(float(e.get("dur", 0)) for e in waits) / 1000.0 / steps,
-           "host_syncs_per_step": len(waits) / steps, "scalar_reads_per_step": reads / steps,
-           "top_device_kernels": [{"name": k, "ms_per_step": v / 1000.0 / steps} for k, v in ranked]}
+    out = {"steps": steps, **_device_and_waits(dev, waits_us, reads, steps, rows),
+           "device_span_ms_per_step": span_ms / steps, "device_kernels_per_step": len(dev) / steps}
+    out["device_idle_ms_per_step"] = span_ms / steps - out["device_busy_ms_per_step"]
     if any(e.get("cat") == "python_function" for e in events):  # a trace recorded with stacks (stack=True)
         out["host_waits_by_caller"] = _waits_by_caller(events, steps, rows)
     return out
