@@ -169,10 +169,6 @@ def logged_mean(metrics_csv: str | Path, key: str = TABLE_METRIC) -> float | Non
 # ------------------------------------------------------------------------------------------------- the table
 
 
-def _fmt_len(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def _mean(vals) -> float | None:
     vals = [float(v) for v in vals if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -248,6 +244,8 @@ def _num(v, fmt: str) -> str:
 
 
 def _markdown(rows: list[dict], keys: list[tuple[str, int]], reference: str | None, tol: float) -> str:
+    from memsparse.eval.harness import format_length as _fmt_len
+
     head = ["budget", "spec", "train kept blocks", "train attn FLOPs/token", f"vs {reference or '-'}",
             "eval attn FLOPs/token"] + [f"{t} {_fmt_len(n)}" for t, n in keys] + ["mean"]
     lines = [f"Models trained under each budget (same steps and data), scored under their own budget on one grid: "

@@ -12,13 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def _fmt_len(n: int) -> str:
-    for unit, size in (("M", 1024**2), ("K", 1024)):
-        if n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
+from memsparse.eval.harness import format_length as _fmt_len  # noqa: E402
 
 
 def slug(text: str) -> str:
