@@ -540,18 +540,91 @@ def test_gradient_clipping_under_fsdp_uses_the_wrapped_models_norm_clip(monkeypa
     class Trainer:
         model = Wrapped()
 
-    sharded = [True]
     monkeypatch.setattr(type(module), "trainer", property(lambda self: Trainer()))
-    monkeypatch.setattr(module, "_sharded", lambda: sharded[0])
-    monkeypatch.setattr(module, "clip_gradients",
-                        lambda opt, **kw: calls.append(("lightning", kw["gradient_clip_val"])))
+    monkeypatch.setattr(module, "_sharded", lambda: True)
     module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
     assert calls == [0.5]
     with pytest.raises(ValueError, match="only norm clipping"):
         module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
-    sharded[0] = False  # DDP / one device: Lightning's own clipping
-    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
-    assert calls == [0.5, ("lightning", 0.5)]
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_equals_torchs(monkeypatch, algorithm):
+    """Unsharded, the module clips by the norm its on_before_optimizer_step computed (or by value) as
+    torch.nn.utils.clip_grad_norm_ / clip_grad_value_ do."""
+    torch.manual_seed(0)
+    module = _tiny_module()
+    monkeypatch.setattr(module, "_sharded", lambda: False)
+    params = [p for p in module.parameters()][:6]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for t, p in zip(twins, params):
+        t.grad = p.grad.clone()
+    if algorithm == "norm":
+        module._grad_norm = torch.nn.utils.clip_grad_norm_(twins, 0.5)  # the norm before clipping, as the hook's
+    else:
+        torch.nn.utils.clip_grad_value_(twins, 0.5)
+    want = [t.grad for t in twins]
+    module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w)
+    if algorithm == "norm":
+        assert abs(float(torch.stack([p.grad.norm() for p in params]).norm()) - 0.5) < 1e-4
+        module._grad_norm = None  # without it the module computes the same norm itself
+        for p in params:
+            p.grad = p.grad * 10
+        module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+        assert abs(float(torch.stack([p.grad.norm() for p in params]).norm()) - 0.5) < 1e-4
+
+
+def test_optimizer_impl_choice_and_errors(tmp_path):
+    """auto: torch's own AdamW on CPU (fused on CUDA without a grad scaler); fused refused on CPU in one line."""
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        _tiny_module(optimizer_impl="apex")
+    module = _tiny_module()
+    _trainer(tmp_path / "auto", 1).fit(module, datamodule=_datamodule())
+    opt = module.optimizers(use_pl_optimizer=False)
+    assert not opt.defaults.get("fused") and module._resolve_optimizer_impl() == "default"
+    with pytest.raises(ValueError, match="fused AdamW needs a CUDA device"):
+        _trainer(tmp_path / "fused", 1).fit(_tiny_module(optimizer_impl="fused"), datamodule=_datamodule())
+
+
+def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
+    """The module's own hooks read a device value on the host (bool / item / tolist / int / float of a tensor) once
+    an optimizer step: each such read makes the host wait for the device (H100 profile, docs/performance.md)."""
+    import inspect
+
+    import lightning.pytorch as pl
+    import memsparse.train.module as mod
+
+    reads = []
+    counting = [False]
+
+    def counted(name):
+        orig = getattr(torch.Tensor, name)
+
+        def f(self, *a, **k):
+            if counting[0] and inspect.currentframe().f_back.f_code.co_filename == mod.__file__:
+                reads.append((name, inspect.currentframe().f_back.f_lineno))
+            return orig(self, *a, **k)
+        return f
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+
+    class Window(pl.Callback):
+        def on_train_batch_start(self, *a):
+            counting[0] = True
+
+        def on_train_batch_end(self, *a):
+            counting[0] = False
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, limit_val_batches=0,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         gradient_clip_val=1.0, default_root_dir=str(tmp_path), callbacks=[Window()])
+    trainer.fit(_tiny_module(), datamodule=_datamodule())
+    assert [name for name, line in reads] == ["tolist"] * 4, reads  # (what, line in train/module.py)
 
 
 def test_lr_schedule():

@@ -148,6 +148,9 @@ def _as_config(config: ModelConfig | dict | None) -> ModelConfig:
     raise TypeError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
 
 
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach")
+
+
 class MemSparseLightningModule(pl.LightningModule):
     """Trains a `MemSparseLM`.
 
@@ -172,6 +175,10 @@ class MemSparseLightningModule(pl.LightningModule):
         val_no_writes: validation also runs each batch with the memory's writes off and logs `val/no_writes/loss`,
             `val/no_writes/answer_token_acc` and `val/no_writes/answer_exact` (per task too): answers the model finds
             only with the writes on are the memory's. Twice the validation time; nothing without memory layers.
+        optimizer_impl: AdamW's implementation: "fused" (one kernel per parameter group, its step counters on the
+            device; CUDA without a gradient scaler), "foreach", or "auto" (fused on CUDA unless the precision is
+            fp16 with its gradient scaler, foreach there; torch's default on CPU). The foreach step's Python ran
+            ~18 ms of host time a stage-1 step on an H100 (docs/performance.md).
     """
 
     def __init__(
@@ -190,6 +197,7 @@ class MemSparseLightningModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
         memory_lr_scale: float = 1.0,
         val_no_writes: bool = False,
+        optimizer_impl: str = "auto",
     ) -> None:
         super().__init__()
 
@@ -216,6 +224,7 @@ class MemSparseLightningModule(pl.LightningModule):
         check(max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "an integer >= 1",
               max_consecutive_nonfinite)
         check(memory_lr_scale > 0, "memory_lr_scale", "> 0", memory_lr_scale)
+        check(optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", " / ".join(OPTIMIZER_IMPLS), optimizer_impl)
         if memory_lr_scale != 1.0 and not cfg.memory_layer_ids():
             raise ConfigError("has no memory to scale: model.config.memory_layers is empty (set it to 1.0)",
                               key="model.memory_lr_scale")
@@ -225,13 +234,15 @@ class MemSparseLightningModule(pl.LightningModule):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.warmup_steps, self.total_steps, self.min_lr = warmup_steps, total_steps, min_lr
         self.compile_model, self.max_consecutive_nonfinite = compile, max_consecutive_nonfinite
-        self.memory_lr_scale = memory_lr_scale
+        self.memory_lr_scale, self.optimizer_impl = memory_lr_scale, optimizer_impl
         self.val_no_writes = bool(val_no_writes) and bool(cfg.memory_layer_ids())
         self.cuda_graph, self.float32_matmul_precision = cuda_graph, float32_matmul_precision
         self._graphed: GraphedLoss | None = None
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
-        self._loss_finite = True
+        self._loss_ok: torch.Tensor | None = None  # on the device: every micro-batch's loss of this step finite
+        self._step_logs: dict[str, torch.Tensor] = {}  # logged once the step's single host sync says finite
+        self._grad_norm: torch.Tensor | None = None
         self._t_last: float | None = None
         self._tokens_last = 0
         self._compiled = False
@@ -334,24 +345,22 @@ class MemSparseLightningModule(pl.LightningModule):
             out = self._graphed(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
         else:  # packed documents kept apart (doc_ids; the model's cross_document flag ignores them)
             out = self(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
-        loss = out.loss
-        finite = bool(torch.isfinite(loss.detach()))
-        self._loss_finite = self._loss_finite and finite  # over the micro-batches of this optimizer step
-        if finite:
-            n_tok = int((batch["labels"] != -100).sum())
-            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-            self.log("train/ppl", torch.exp(loss.detach().clamp(max=30.0)), on_step=True, on_epoch=False,
-                     batch_size=1)
-            self.log("train/label_tokens", float(n_tok), on_step=True, on_epoch=False, batch_size=1)
-            for k, v in out.stats.items():
-                self.log(f"train/{k}", v.detach().float(), on_step=True, on_epoch=False, batch_size=1)
+        loss = out.loss.detach()
+        # No host sync here: finiteness is decided once a step, in on_before_optimizer_step, with the gradient's
+        # (each bool(tensor) makes the host wait for the device, which then idles while the host catches up).
+        ok = torch.isfinite(loss)
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok  # over the step's micro-batches
+        self._step_logs = {"train/loss": loss, "train/ppl": torch.exp(loss.clamp(max=30.0)),
+                           "train/label_tokens": (batch["labels"] != -100).sum().float(),
+                           **{f"train/{k}": v.detach().float() for k, v in out.stats.items()}}
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None:
             self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
-        return loss
+        return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm; on a non-finite loss or gradient drop the gradients (the step is skipped)."""
+        """Log the step's loss and gradient norm; on a non-finite loss or gradient drop the gradients (the step is
+        skipped). The step's one host sync reads both finiteness flags at once."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norms = torch._foreach_norm(grads, 2.0)
@@ -361,9 +370,15 @@ class MemSparseLightningModule(pl.LightningModule):
         if self._sharded():
             sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
         grad_norm = sq.sqrt()
-        bad = not self._loss_finite or not bool(torch.isfinite(grad_norm))
+        loss_ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool, device=sq.device)
+        loss_finite, grad_finite = torch.stack([loss_ok.to(sq.device), torch.isfinite(grad_norm)]).tolist()
+        bad = not (loss_finite and grad_finite)
         bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
-        self._loss_finite = True
+        logs, self._step_logs, self._loss_ok = self._step_logs, {}, None
+        if loss_finite:
+            for k, v in logs.items():
+                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
+        self._grad_norm = None if bad else grad_norm
         if not bad:
             self.consecutive_nonfinite = 0
             self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
@@ -384,17 +399,33 @@ class MemSparseLightningModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, except under FSDP: its precision plugin refuses norm clipping there (found in a
-        one-GPU FSDP run of mac_small), so the wrapped model's own `clip_grad_norm_` clips by the global norm
-        over all shards."""
-        if not gradient_clip_val or not self._sharded():
-            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
-                                gradient_clip_algorithm=gradient_clip_algorithm)
+        """Clip with torch directly: by the norm on_before_optimizer_step computed (no second norm, no host sync),
+        or by value. Not through Lightning's clip_gradients, which refuses fused optimizers under mixed precision
+        (they could unscale fp16 gradients inside the step; the fused path is only taken without a scaler). Under
+        FSDP the wrapped model's own `clip_grad_norm_` clips by the global norm over all shards (Lightning's FSDP
+        precision plugin refuses norm clipping; found in a one-GPU FSDP run of mac_small)."""
+        if not gradient_clip_val:
             return
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"under FSDP only norm clipping is supported, got gradient_clip_algorithm="
-                             f"{gradient_clip_algorithm!r}")
-        self.trainer.model.clip_grad_norm_(float(gradient_clip_val))
+        if gradient_clip_algorithm not in (None, "norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be norm or value, got {gradient_clip_algorithm!r}")
+        if self._sharded():
+            if gradient_clip_algorithm == "value":
+                raise ValueError(f"under FSDP only norm clipping is supported, got gradient_clip_algorithm="
+                                 f"{gradient_clip_algorithm!r}")
+            self.trainer.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        if gradient_clip_algorithm == "value":
+            torch._foreach_clamp_min_(grads, -float(gradient_clip_val))
+            torch._foreach_clamp_max_(grads, float(gradient_clip_val))
+            return
+        norm = self._grad_norm
+        if norm is None:
+            norm = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum().sqrt()
+        coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
     def _sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -590,9 +621,9 @@ class MemSparseLightningModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = param_groups(self.model, self.weight_decay, self.lr, self.memory_lr_scale)
         kwargs: dict[str, Any] = {"lr": self.lr, "betas": self.betas, "eps": self.eps}
-        if self.device.type == "cuda":
-            # foreach, not fused: Lightning refuses gradient clipping with fused optimizers under AMP
-            kwargs["foreach"] = True
+        impl = self._resolve_optimizer_impl()
+        if impl != "default":
+            kwargs[impl] = True
         opt = torch.optim.AdamW(groups, **kwargs)
         total = self.total_steps or int(self.trainer.estimated_stepping_batches)
         if not 0 < total < 10**12:
@@ -600,6 +631,20 @@ class MemSparseLightningModule(pl.LightningModule):
                               "model.total_steps")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.warmup_steps, total, self.min_lr / self.lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _resolve_optimizer_impl(self) -> str:
+        """"fused", "foreach" or "default" (torch's own choice) from `optimizer_impl`, the device and the precision."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        cuda = self.device.type == "cuda"
+        if self.optimizer_impl == "fused":
+            if not cuda or scaler is not None:
+                raise ConfigError("fused AdamW needs a CUDA device and a precision without a gradient scaler "
+                                  "(bf16-mixed, bf16-true, 32-true): use foreach or auto",
+                                  key="model.optimizer_impl")
+            return "fused"
+        if self.optimizer_impl == "foreach":
+            return "foreach"
+        return ("fused" if scaler is None else "foreach") if cuda else "default"
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
