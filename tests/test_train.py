@@ -612,6 +612,17 @@ def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
 
     for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
+    # A Python number given to self.log becomes a tensor on the module's device: a host-to-device copy that waits
+    # for the device as a read does. Host numbers are logged as CPU tensors.
+    logged = []
+    log = MemSparseLightningModule.log
+
+    def log_spy(self, name, value, *a, **k):
+        if counting[0]:
+            logged.append((name, type(value).__name__, getattr(value, "device", None)))
+        return log(self, name, value, *a, **k)
+
+    monkeypatch.setattr(MemSparseLightningModule, "log", log_spy)
 
     class Window(pl.Callback):
         def on_train_batch_start(self, *a):
@@ -625,6 +636,8 @@ def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):
                          gradient_clip_val=1.0, default_root_dir=str(tmp_path), callbacks=[Window()])
     trainer.fit(_tiny_module(), datamodule=_datamodule())
     assert [name for name, line in reads] == ["tolist"] * 4, reads  # (what, line in train/module.py)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= {n for n, _, _ in logged}
+    assert [x for x in logged if x[1] != "Tensor"] == []
 
 
 def test_lr_schedule():

@@ -331,12 +331,18 @@ class MemSparseLightningModule(pl.LightningModule):
         now = time.perf_counter()
         if self._t_last is not None and self._tokens_last:
             rate = self._tokens_last * self.trainer.world_size / max(now - self._t_last, 1e-9)
-            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
+            self._log_host("train/tokens_per_s", rate)
             if torch.cuda.is_available() and self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-                self.log("train/peak_mem_gib", peak, on_step=True, on_epoch=False, batch_size=1)
+                self._log_host("train/peak_mem_gib", peak)
         self._t_last = now
         self._tokens_last = int(batch["input_ids"].numel())
+
+    def _log_host(self, name: str, value: float) -> None:
+        """Log a number the host already has, as a CPU tensor: Lightning turns a Python number into a tensor on the
+        module's device, a pageable host-to-device copy that waits for the device (4 such waits, ~34 ms of a
+        stage-1 step on an H100: benchmarks/results/step_profile_fused_h100_2026-12-06/)."""
+        self.log(name, torch.tensor(float(value)), on_step=True, on_epoch=False, batch_size=1)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.cuda_graph:
@@ -355,7 +361,7 @@ class MemSparseLightningModule(pl.LightningModule):
                            **{f"train/{k}": v.detach().float() for k, v in out.stats.items()}}
         opt = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         if opt is not None:
-            self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
+            self._log_host("train/lr", opt.param_groups[0]["lr"])
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -389,7 +395,7 @@ class MemSparseLightningModule(pl.LightningModule):
             self.consecutive_nonfinite += 1
             rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient, optimizer step skipped "
                            f"({self.consecutive_nonfinite} in a row, {self.nonfinite_steps} in total)")
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
+        self._log_host("train/nonfinite_steps", self.nonfinite_steps)
         if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
             raise NonFiniteTrainingError(
                 f"{self.consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
