@@ -578,16 +578,72 @@ def test_gradient_clipping_equals_torchs(monkeypatch, algorithm):
         assert abs(float(torch.stack([p.grad.norm() for p in params]).norm()) - 0.5) < 1e-4
 
 
-def test_optimizer_impl_choice_and_errors(tmp_path):
-    """auto: torch's own AdamW on CPU (fused on CUDA without a grad scaler); fused refused on CPU in one line."""
+def test_optimizer_impl_choice_and_errors(tmp_path, monkeypatch):
+    """auto: torch's own AdamW on CPU (fused on CUDA without a grad scaler); fused refused under a scaler."""
     with pytest.raises(ValueError, match="optimizer_impl"):
         _tiny_module(optimizer_impl="apex")
     module = _tiny_module()
     _trainer(tmp_path / "auto", 1).fit(module, datamodule=_datamodule())
+    assert not module.optimizers(use_pl_optimizer=False).defaults.get("fused")
+    assert module._resolve_optimizer_impl() == "default"
+    module = _tiny_module(optimizer_impl="fused")
+    _trainer(tmp_path / "fused", 1).fit(module, datamodule=_datamodule())
+    assert module.optimizers(use_pl_optimizer=False).defaults["fused"]
+    monkeypatch.setattr(type(module.trainer.precision_plugin), "scaler", object(), raising=False)
+    with pytest.raises(ValueError, match="without a gradient scaler"):
+        module._resolve_optimizer_impl()
+
+
+def _fit_snapshots(tmp_path, module, steps):
+    import lightning.pytorch as pl
+
+    snapshots = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            snapshots[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    trainer = _trainer(tmp_path, steps)
+    trainer.callbacks.append(Snap())
+    trainer.fit(module, datamodule=_datamodule())
+    return snapshots
+
+
+def test_fused_adamw_skips_nonfinite_steps_on_the_device(tmp_path):
+    """With fused AdamW a non-finite step is skipped by the optimizer (found_inf) and counted one step later: the
+    weights after the skipped steps equal those before, as on the host path, and the counters and checkpoint
+    agree; both paths end at the same weights."""
+    torch.manual_seed(0)
+    module = _tiny_module(optimizer_impl="fused")
+    init = copy.deepcopy(module.state_dict())
+    _inject_nan(module, {2, 3})
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradient, optimizer step skipped"):
+        snaps = _fit_snapshots(tmp_path / "fused", module, 5)
+    assert module.nonfinite_steps == 2 and module.consecutive_nonfinite == 0
+    assert all(torch.equal(a, b) for a, b in zip(snaps[1], snaps[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(snaps[3], snaps[4]))
+    assert load_checkpoint(tmp_path / "fused" / "checkpoints" / "last.ckpt")["memsparse"]["nonfinite_steps"] == 2
     opt = module.optimizers(use_pl_optimizer=False)
-    assert not opt.defaults.get("fused") and module._resolve_optimizer_impl() == "default"
-    with pytest.raises(ValueError, match="fused AdamW needs a CUDA device"):
-        _trainer(tmp_path / "fused", 1).fit(_tiny_module(optimizer_impl="fused"), datamodule=_datamodule())
+    assert {float(s["step"]) for s in opt.state.values()} == {3.0}  # 5 steps, 2 skipped
+
+    host = _tiny_module()  # torch's default AdamW, the host path
+    host.load_state_dict(init)
+    _inject_nan(host, {2, 3})
+    with pytest.warns(UserWarning, match="non-finite"):
+        ref = _fit_snapshots(tmp_path / "host", host, 5)
+    for a, b in zip(snaps[5], ref[5]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adamw_stops_after_consecutive_nonfinite_steps(tmp_path):
+    module = _tiny_module(optimizer_impl="fused", max_consecutive_nonfinite=3)
+    _inject_nan(module, {3, 4, 5, 6, 7, 8})
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive.*at step 4"):  # as on the host path
+        _trainer(tmp_path, 8).fit(module, datamodule=_datamodule())
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4  # the third skip was counted when its checkpoint was saved: that save stopped
+    assert ckpt["memsparse"]["nonfinite_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 def test_a_training_step_reads_the_device_once(tmp_path, monkeypatch):

@@ -151,6 +151,26 @@ def _as_config(config: ModelConfig | dict | None) -> ModelConfig:
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach")
 
 
+class _HostFlag:
+    """A device bool copied to pinned host memory behind the work queued so far; `get()` waits for that copy only
+    (a CUDA event), not for work queued after it, as `bool(tensor)` would."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self._event = None
+        if flag.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag.detach().clone()
+
+    def get(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
+
+
 class MemSparseLightningModule(pl.LightningModule):
     """Trains a `MemSparseLM`.
 
@@ -176,9 +196,9 @@ class MemSparseLightningModule(pl.LightningModule):
             `val/no_writes/answer_token_acc` and `val/no_writes/answer_exact` (per task too): answers the model finds
             only with the writes on are the memory's. Twice the validation time; nothing without memory layers.
         optimizer_impl: AdamW's implementation: "fused" (one kernel per parameter group, its step counters on the
-            device; CUDA without a gradient scaler), "foreach", or "auto" (fused on CUDA unless the precision is
-            fp16 with its gradient scaler, foreach there; torch's default on CPU). The foreach step's Python ran
-            ~18 ms of host time a stage-1 step on an H100 (docs/performance.md).
+            device; not with fp16's gradient scaler; a non-finite step is then skipped on the device, the host
+            counting it one step later, so a step never waits for the device), "foreach", or "auto" (fused on CUDA
+            unless the precision is fp16 with its gradient scaler, foreach there; torch's default on CPU).
     """
 
     def __init__(
@@ -243,6 +263,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self._loss_ok: torch.Tensor | None = None  # on the device: every micro-batch's loss of this step finite
         self._step_logs: dict[str, torch.Tensor] = {}  # logged once the step's single host sync says finite
         self._grad_norm: torch.Tensor | None = None
+        self._pending_skip: tuple[int, _HostFlag] | None = None  # (step, flag) of a skip the device decided
         self._t_last: float | None = None
         self._tokens_last = 0
         self._compiled = False
@@ -365,8 +386,12 @@ class MemSparseLightningModule(pl.LightningModule):
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the step's loss and gradient norm; on a non-finite loss or gradient drop the gradients (the step is
-        skipped). The step's one host sync reads both finiteness flags at once."""
+        """Log the step's loss and gradient norm and skip the step on a non-finite loss or gradient.
+
+        With fused AdamW the skip is decided on the device (`optimizer.found_inf`, as a gradient scaler sets it: the
+        fused step then leaves parameters, moments and step counts as they were) and the host learns of it one step
+        later, without waiting for this step's work. Otherwise the step's one host read takes both finiteness flags
+        at once and a skipped step's gradients are dropped."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norms = torch._foreach_norm(grads, 2.0)
@@ -377,29 +402,63 @@ class MemSparseLightningModule(pl.LightningModule):
             sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
         grad_norm = sq.sqrt()
         loss_ok = self._loss_ok if self._loss_ok is not None else torch.ones((), dtype=torch.bool, device=sq.device)
-        loss_finite, grad_finite = torch.stack([loss_ok.to(sq.device), torch.isfinite(grad_norm)]).tolist()
+        loss_ok = loss_ok.to(sq.device)
+        logs, self._step_logs, self._loss_ok = self._step_logs, {}, None
+        if self._skips_on_device(optimizer):
+            self._settle_skip()  # the previous step's flag: long computed, so no wait on this step's work
+            bad_t = ~(loss_ok & torch.isfinite(grad_norm))
+            if self.trainer.world_size > 1:  # every rank skips alike (a collective, no host wait)
+                bad_t = self.trainer.strategy.reduce(bad_t.float(), reduce_op="sum") > 0
+            getattr(optimizer, "optimizer", optimizer).found_inf = bad_t.float()  # torch's, not a wrapper
+            self._pending_skip = (self.global_step, _HostFlag(bad_t))
+            for k, v in logs.items():  # a skipped step's non-finite loss is logged as it was
+                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
+            self._grad_norm = grad_norm  # clipping a step that is skipped changes nothing
+            self._log_host("train/nonfinite_steps", self.nonfinite_steps)
+            return
+        loss_finite, grad_finite = torch.stack([loss_ok, torch.isfinite(grad_norm)]).tolist()
         bad = not (loss_finite and grad_finite)
         bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
-        logs, self._step_logs, self._loss_ok = self._step_logs, {}, None
         if loss_finite:
             for k, v in logs.items():
                 self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
         self._grad_norm = None if bad else grad_norm
         if not bad:
-            self.consecutive_nonfinite = 0
             self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
         else:
             for p in self.parameters():
                 p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            rank_zero_warn(f"step {self.global_step}: non-finite loss or gradient, optimizer step skipped "
-                           f"({self.consecutive_nonfinite} in a row, {self.nonfinite_steps} in total)")
+        self._count_step(self.global_step, bad)
         self._log_host("train/nonfinite_steps", self.nonfinite_steps)
+
+    def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step's skip is left to the fused optimizer (`found_inf`): fused AdamW, no gradient scaler
+        (it would set found_inf itself), not FSDP."""
+        opt = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        return (bool(opt.defaults.get("fused")) and not self._sharded()
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None)
+
+    def _settle_skip(self) -> None:
+        """Count the step whose skip the device decided (`_pending_skip`), once its flag has reached the host."""
+        if self._pending_skip is not None:
+            step, flag = self._pending_skip
+            self._pending_skip = None
+            self._count_step(step, flag.get())
+
+    def _count_step(self, step: int, bad: bool) -> None:
+        """The skipped-step counters; warn on a skip, stop after `max_consecutive_nonfinite` in a row."""
+        if not bad:
+            self.consecutive_nonfinite = 0
+            return
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        rank_zero_warn(f"step {step}: non-finite loss or gradient, optimizer step skipped "
+                       f"({self.consecutive_nonfinite} in a row, {self.nonfinite_steps} in total)")
         if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
             raise NonFiniteTrainingError(
                 f"{self.consecutive_nonfinite} consecutive optimizer steps had a non-finite loss or gradient "
-                f"(max_consecutive_nonfinite={self.max_consecutive_nonfinite}) at step {self.global_step}: "
+                f"(max_consecutive_nonfinite={self.max_consecutive_nonfinite}) at step {step}: "
                 "stopping. The weights were never updated with them; the last checkpoint is intact. "
                 "Lower the learning rate, raise warmup, or check the data.")
 
@@ -643,10 +702,9 @@ class MemSparseLightningModule(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         cuda = self.device.type == "cuda"
         if self.optimizer_impl == "fused":
-            if not cuda or scaler is not None:
-                raise ConfigError("fused AdamW needs a CUDA device and a precision without a gradient scaler "
-                                  "(bf16-mixed, bf16-true, 32-true): use foreach or auto",
-                                  key="model.optimizer_impl")
+            if scaler is not None:
+                raise ConfigError("fused AdamW needs a precision without a gradient scaler (bf16-mixed, bf16-true, "
+                                  "32-true), not fp16's: use foreach or auto", key="model.optimizer_impl")
             return "fused"
         if self.optimizer_impl == "foreach":
             return "foreach"
@@ -656,6 +714,7 @@ class MemSparseLightningModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse non-finite weights; store the model config, the tokenizer, counters and RNG states."""
+        self._settle_skip()  # the counters below include the last step's skip
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
@@ -699,6 +758,9 @@ class MemSparseLightningModule(pl.LightningModule):
             np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
     # ---------------------------------------------------------------------------------------------- export
+
+    def on_train_end(self) -> None:
+        self._settle_skip()
 
     def on_fit_end(self) -> None:
         """Export the final model + tokenizer to `<default_root_dir>/export` (loadable by `from_pretrained`).
