@@ -7,6 +7,7 @@ kernel fails to write fails the comparison. Inputs are fresh random draws for ev
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -303,6 +304,28 @@ def test_dkdv_row_tile_spanning_the_group_at_one_key_block(monkeypatch):
     monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
     monkeypatch.setattr(tri, "INTERPRET_CONFIG", {"fwd": (16, 16), "dq": (16, 16), "dkdv": (32, 16), "fused": (32, 16)})
     check_case(1, 4, 2, 75, 99, 16, 16, "random", seed=21)
+
+
+# dK/dV tilings not (yet) in the autotune list, each fixed and checked on the GPU before it may join the list
+# (Triton can miscompile what the interpreter runs):
+#   TRITON_INTERPRET=0 MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE=cuda python -m pytest -n 0 \
+#       tests/test_sparse_attention_kernel.py -k candidate_dkdv
+DKDV_CANDIDATES = [(128, 64, 8, 3), (128, 64, 4, 3)]  # both heads of a GQA group in one row tile at a 64-token block
+GPU_DEV = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE", "cpu")
+
+
+@pytest.mark.parametrize("cfg", DKDV_CANDIDATES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", [(1, 8, 4, 300, 300, 64, 64, "random"), (2, 4, 2, 200, 260, 64, 64, "window"),
+                                  (1, 8, 4, 513, 513, 64, 64, "full"), (1, 8, 2, 300, 300, 128, 64, "causal"),
+                                  (1, 4, 2, 333, 333, 64, 128, "random")], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidate_dkdv_config_on_the_gpu(monkeypatch, cfg, case, dtype):
+    if GPU_DEV == "cpu" or not torch.cuda.is_available():
+        pytest.skip("a compiled-kernel check: MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE=cuda on a GPU")
+    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    monkeypatch.setitem(tri.FIXED_CONFIG, "dkdv", cfg)
+    monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
+    check_case(*case, dtype=dtype, device=GPU_DEV, seed=3)
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
