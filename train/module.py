@@ -151,6 +151,11 @@ def _as_config(config: ModelConfig | dict | None) -> ModelConfig:
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach")
 
 
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of all elements (fp32 scalar): the squared global norm of a list of gradients."""
+    return torch.stack([n.float() for n in torch._foreach_norm(tensors, 2.0)]).square().sum()
+
+
 class _HostFlag:
     """A device bool copied to pinned host memory behind the work queued so far; `get()` waits for that copy only
     (a CUDA event), not for work queued after it, as `bool(tensor)` would."""
@@ -261,7 +266,7 @@ class MemSparseLightningModule(pl.LightningModule):
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self._loss_ok: torch.Tensor | None = None  # on the device: every micro-batch's loss of this step finite
-        self._step_logs: dict[str, torch.Tensor] = {}  # logged once the step's single host sync says finite
+        self._step_logs: dict[str, torch.Tensor] = {}  # this step's metrics, logged in on_before_optimizer_step
         self._grad_norm: torch.Tensor | None = None
         self._pending_skip: tuple[int, _HostFlag] | None = None  # (step, flag) of a skip the device decided
         self._t_last: float | None = None
@@ -393,11 +398,7 @@ class MemSparseLightningModule(pl.LightningModule):
         later, without waiting for this step's work. Otherwise the step's one host read takes both finiteness flags
         at once and a skipped step's gradients are dropped."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads, 2.0)
-            sq = torch.stack([n.float() for n in norms]).square().sum()
-        else:
-            sq = torch.zeros((), device=self.device)
+        sq = _sum_of_squares(grads) if grads else torch.zeros((), device=self.device)
         if self._sharded():
             sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
         grad_norm = sq.sqrt()
@@ -488,7 +489,7 @@ class MemSparseLightningModule(pl.LightningModule):
             return
         norm = self._grad_norm
         if norm is None:
-            norm = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).square().sum().sqrt()
+            norm = _sum_of_squares(grads).sqrt()
         coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
         torch._foreach_mul_(grads, coef.to(grads[0].device))
 
