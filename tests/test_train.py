@@ -709,10 +709,11 @@ def test_lr_schedule():
 # ------------------------------------------------------------------------------------------- multi-process
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path):
+@pytest.mark.parametrize("impl", ["auto", "fused"])  # fused: the skip flag reduced across ranks on the device
+def test_ddp_two_cpu_processes_agree(tmp_path, impl):
     root = tmp_path / "ddp"
     cfg = tiny_config(root, **{
-        "trainer.strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": 3,
+        "trainer.strategy": "ddp", "trainer.devices": 2, "trainer.max_steps": 3, "model.optimizer_impl": impl,
         "trainer.callbacks": [{"class_path": "memsparse.train.callbacks.RankAgreementCheck",
                                "init_args": {"output_dir": str(root / "digests")}}],
     })
