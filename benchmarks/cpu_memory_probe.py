@@ -153,17 +153,18 @@ def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
 
 
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
-          chunk: int = 16, scale: int = 1) -> MemSparseLM:
+          chunk: int = 16, scale: int = 1, forget_init: float = 1e-4) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
     committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
-    step of the memory (16, the segment: the committed runs)."""
+    step of the memory (16, the segment: the committed runs); `forget_init` the memory's initial forgetting rate
+    (1e-4: the committed runs; the GPU recipes 3e-6)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
         segment=16 * scale, window=32 * scale, persistent_tokens=8, budget="dense", variant="mac",
         memory_layers=[1] if memory else [],
-        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=chunk, forget_init=1e-4, conv=conv),
+        memory=MemoryConfig(heads=4, head_dim=16, chunk_size=chunk, forget_init=forget_init, conv=conv),
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 
@@ -209,7 +210,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     a third of them with the key inside the window; accuracy per distance band every `args.eval_every` steps."""
     model = build(memory, args.seed, getattr(args, "train_passes", 0), getattr(args, "memory_conv", 0),
                   getattr(args, "depth", 2), getattr(args, "chunk_size", None) or 16 * getattr(args, "scale", 1),
-                  getattr(args, "scale", 1))
+                  getattr(args, "scale", 1), getattr(args, "forget_init", 1e-4))
     opt = torch.optim.AdamW(probe_groups(model, args.lr, getattr(args, "memory_lr_scale", 1.0)), lr=args.lr,
                             weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
