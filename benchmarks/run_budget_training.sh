@@ -167,7 +167,7 @@ for b in $BUDGETS; do  # 1. train each model in turn
       ${TRAIN_ARGS:-} --trainer.logger lightning.pytorch.loggers.CSVLogger \
       --trainer.logger.init_args.save_dir "$ROOT/csv"
   fi
-  m=$(find "$ROOT/csv" -name metrics.csv -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -1 | cut -d' ' -f2-)
+  m=$(newest_metrics "$ROOT/csv")
   [ -n "$m" ] && cp "$m" "$R/metrics_$b.csv"
   cp "$ROOT/phase_times.json" "$R/phase_times.json" 2>/dev/null
   "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("ended_by") != "max_time")' \

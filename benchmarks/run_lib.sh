@@ -5,6 +5,7 @@
 #   log MESSAGE...                a time-stamped line on stdout and in $D/steps.log
 #   step LABEL LOGFILE CMD...     run CMD into LOGFILE, log its exit status and time, show its last ${TAIL:-12}
 #                                 lines, set FAIL=1 when it failed, pack; returns CMD's exit status
+#   newest_metrics DIR            the newest metrics.csv a CSVLogger wrote below DIR (empty if none)
 pack() {
   local tmp="$OUT/.$NAME.tgz.$BASHPID"
   tar -czf "$tmp" -C "$OUT" "$NAME" 2>/dev/null
@@ -23,4 +24,7 @@ step() {
   [ "$rc" = 0 ] || FAIL=1
   pack
   return "$rc"
+}
+newest_metrics() {
+  find "$1" -name metrics.csv -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -1 | cut -d' ' -f2-
 }

@@ -33,7 +33,7 @@ for impl in $IMPLS; do
     --trainer.callbacks.init_args.start_step $(( STEPS - 10 )) --model.optimizer_impl "$impl" \
     --trainer.default_root_dir "$ROOT/$impl" --overwrite true --trainer.enable_progress_bar false \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.init_args.save_dir "$ROOT/$impl/csv"
-  m=$(find "$ROOT/$impl/csv" -name metrics.csv 2>/dev/null | head -1)
+  m=$(newest_metrics "$ROOT/$impl/csv")
   [ -n "$m" ] && cp "$m" "$D/metrics_$impl.csv" && RUNS+=("$impl=$D/metrics_$impl.csv")
   for f in step_profile.json step_profile.md; do cp "$ROOT/$impl/profile/$f" "$D/${f%.*}_$impl.${f##*.}" 2>/dev/null; done
   if [ -f "$ROOT/$impl/profile/step_trace.json" ]; then

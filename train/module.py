@@ -412,8 +412,7 @@ class MemSparseLightningModule(pl.LightningModule):
                 bad_t = self.trainer.strategy.reduce(bad_t.float(), reduce_op="sum") > 0
             getattr(optimizer, "optimizer", optimizer).found_inf = bad_t.float()  # torch's, not a wrapper
             self._pending_skip = (self.global_step, _HostFlag(bad_t))
-            for k, v in logs.items():  # a skipped step's non-finite loss is logged as it was
-                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
+            self._log_step_metrics(logs)  # a skipped step's non-finite loss is logged as it was
             self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
             self._grad_norm = grad_norm  # clipping a step that is skipped changes nothing
             self._log_host("train/nonfinite_steps", self.nonfinite_steps)
@@ -422,8 +421,7 @@ class MemSparseLightningModule(pl.LightningModule):
         bad = not (loss_finite and grad_finite)
         bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         if loss_finite:
-            for k, v in logs.items():
-                self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
+            self._log_step_metrics(logs)
         self._grad_norm = None if bad else grad_norm
         if not bad:
             self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, batch_size=1)
@@ -432,6 +430,10 @@ class MemSparseLightningModule(pl.LightningModule):
                 p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
         self._count_step(self.global_step, bad)
         self._log_host("train/nonfinite_steps", self.nonfinite_steps)
+
+    def _log_step_metrics(self, logs: dict[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k == "train/loss", batch_size=1)
 
     def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether this step's skip is left to the fused optimizer (`found_inf`): fused AdamW, no gradient scaler
