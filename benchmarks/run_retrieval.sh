@@ -5,7 +5,10 @@
 #   MEM=0 bash benchmarks/run_retrieval.sh           the no-memory ablation (recipes/ablation_retrieval_no_memory*)
 #   STAGES="1 2" EVALS="passkey niah long" ...       which stages and which eval grids to run; EVALS=nowrite: the
 #                                                    passkey grid (NOWRITE_LENGTHS, default 1k,8k,32k) with the
-#                                                    memory's writes off (memsparse-eval --no-memory-writes)
+#                                                    memory's writes off (memsparse-eval --no-memory-writes);
+#                                                    EVALS=near: the key next to the question (depth 1, inside the
+#                                                    window) at NEAR_LENGTHS (default 128k), writes on, then off: does
+#                                                    something growing with the stream spoil attention's copy
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
 #   EVAL_SEED=1 ...                                  the eval grids' base seed (memsparse-eval --seed; default 0): other
 #                                                    keys and haystacks, the same in every cell (base seed 0's five
@@ -142,6 +145,9 @@ for e in $EVALS; do
     long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
     nowrite) ev passkey_no_memory_writes --tasks passkey --lengths "${NOWRITE_LENGTHS:-1k,8k,32k}" \
       --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" --no-memory-writes ;;
+    near) ev near --tasks passkey --lengths "${NEAR_LENGTHS:-128k}" --depths 1 --samples "$SAMPLES"
+      ev near_no_memory_writes --tasks passkey --lengths "${NEAR_LENGTHS:-128k}" --depths 1 --samples "$SAMPLES" \
+        --no-memory-writes ;;
   esac
 done
 log "done"

@@ -190,3 +190,12 @@ def test_stage_one_that_does_not_copy_is_logged_and_the_run_goes_on(tmp_path):
     checks = [ln for ln in lines if "retrieval_by_step.py" in ln]
     assert len(checks) == 1 and "--copy-check" in checks[0] and "retrieval_small_copy" in checks[0]
     assert "stage 1: warning: no key decoded inside the window" in (here / "out" / "t" / "steps.log").read_text()
+
+
+def test_near_evaluates_the_key_next_to_the_question_with_the_writes_on_then_off(tmp_path):
+    rc, _, out = run_script(tmp_path, STAGES="3", TRAIN="0", EVALS="near", NEAR_LENGTHS="32k,128k")
+    assert rc == 0, out
+    ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
+    assert len(ev) == 2 and all("--lengths 32k,128k --depths 1 " in c for c in ev)
+    assert "--no-memory-writes" not in ev[0] and ev[1].endswith("--no-memory-writes")
+    assert "eval_near " in ev[0] + " " and "eval_near_no_memory_writes" in ev[1]
