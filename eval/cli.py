@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated prompt lengths in tokens (1k = 1024)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth) cell")
+    p.add_argument("--batch", type=int, default=1,
+                   help="stream up to this many samples of a cell together (the same results up to float rounding, "
+                        "fewer launches; peak memory is then that of the group)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--budget-policy", default=None,
                    help="override the attention budget: dense | fixed:K | length_scaled:c=12,min_tokens=256 | "
@@ -96,6 +99,8 @@ def prepare(args: argparse.Namespace):
     depths = parse_depths(args.depths)
     if args.samples < 1:
         raise EvalInputError(f"--samples must be >= 1, got {args.samples}")
+    if args.batch < 1:
+        raise EvalInputError(f"--batch must be >= 1, got {args.batch}")
     budget = parse_budget(args.budget_policy) if args.budget_policy is not None else None
     cons = args.consolidation
     if cons is not None:
@@ -125,7 +130,7 @@ def prepare(args: argparse.Namespace):
     device = resolve_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise EvalInputError(f"--cuda-graph needs a CUDA device, but the device is {device}")
-    plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs, window)
+    plan = EvalPlan(tasks, lengths, depths, args.samples, args.seed, budget, cons, kind, specs, window, args.batch)
     return plan, ckpt, tokenizer, device
 
 
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "cuda_graph": cuda_graph,
         "tasks": plan.tasks, "lengths": plan.lengths, "depths": plan.depths, "samples": plan.samples,
-        "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,
+        "batch": plan.batch, "seed": plan.seed, "budget_policy": plan.budget, "consolidation": plan.consolidation,
         "model_budget": model.config.budget, "memory_writes": args.memory_writes,
         "window": model_window if plan.window is None else plan.window, "model_window": model_window,
         "sweep_kind": plan.sweep_kind, "sweep_specs": plan.sweep_specs,

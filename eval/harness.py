@@ -432,30 +432,39 @@ class AttentionStats:
 @dataclass
 class Decoded:
     """What `stream_decode` returns: the greedy continuation `new_ids` (B, m), the stream state after it, and, when
-    answer ids were given, the teacher-forced argmax at each answer position `tf_pred` (n,), the argmax after the
-    whole answer `tf_next` (what the model says once the answer is complete: `<eos>` for a model that stops) and
-    their time `tf_s`."""
+    answer ids were given, each row's teacher-forced argmax at its answer positions `tf_preds[b]` (n_b,) and after
+    its whole answer `tf_nexts[b]` (what the model says once the answer is complete: `<eos>` for a model that
+    stops), with their time `tf_s`. `tf_pred` / `tf_next` are row 0's."""
 
     new_ids: torch.Tensor
     state: object
-    tf_pred: list[int] | None = None
+    tf_preds: list[list[int]] | None = None
     tf_s: float = 0.0
-    tf_next: int | None = None
+    tf_nexts: list[int] | None = None
+
+    @property
+    def tf_pred(self) -> list[int] | None:
+        return None if self.tf_preds is None else self.tf_preds[0]
+
+    @property
+    def tf_next(self) -> int | None:
+        return None if self.tf_nexts is None else self.tf_nexts[0]
 
 
 def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
-                  chunk_tokens: int = 8192, streamer=None, teacher_ids: Sequence[int] | None = None,
-                  on_tokens=None) -> Decoded:
-    """Stream the prompt `ids` (1, L) from `init_state(1, total_length=L)` in calls of `chunk_tokens` (a multiple of
+                  chunk_tokens: int = 8192, streamer=None,
+                  teacher_ids: Sequence[int] | Sequence[Sequence[int]] | None = None, on_tokens=None) -> Decoded:
+    """Stream the prompts `ids` (B, L) from `init_state(B, total_length=L)` in calls of `chunk_tokens` (a multiple of
     the segment; `streamer`, e.g. a `memsparse.cuda_graph.GraphedStream`, replaces `model.stream` for them), then
     decode greedily: the same segment-by-segment computation as `model.generate(ids)`, with flat memory at any L.
 
-    With `teacher_ids` (the answer's n token ids), a branch from the state at the prompt's last segment boundary
-    streams the rest of the prompt and then the answer tokens, teacher-forced: `tf_pred[j]` is the argmax after
-    prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to float rounding;
-    the declared total length stays L), and `tf_next` the argmax after the whole answer. It costs under one segment
-    plus n + 1 tokens per sample, and the decoding is unchanged (the branch works on a copy of the state's
-    statistics).
+    With `teacher_ids` (the answer's n token ids, or one list per row), a branch from the state at the prompt's last
+    segment boundary streams the rest of the prompt and then the answer tokens, teacher-forced: `tf_preds[b][j]` is
+    the argmax after prompt + answer[:j], what the training forward over prompt + answer predicts there (equal up to
+    float rounding; the declared total length stays L), and `tf_nexts[b]` the argmax after the whole answer. Rows
+    with shorter answers are padded after them (the model is causal: nothing a row predicts before its pad reads
+    it). It costs under one segment plus n + 1 tokens per sample, and the decoding is unchanged (the branch works on
+    a copy of the state's statistics).
 
     `on_tokens(done, total)`, if given, is called with the prompt tokens streamed so far: 0 first, then after
     each chunk, and `total` when the prompt is in (a progress bar inside a long sample)."""
@@ -474,8 +483,9 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     cut = (length - 1) // seg * seg  # the last segment boundary before the prompt's end: where the branch starts
     if cut > head:  # whole segments: the same spans generate would stream
         _, state = model.stream(ids[:, head:cut], state, return_logits="none")
-    tf_pred, tf_next, tf_s = None, None, 0.0
-    if teacher_ids is not None and len(teacher_ids):
+    tf_preds, tf_nexts, tf_s = None, None, 0.0
+    answers = _answers_per_row(teacher_ids, ids.shape[0])
+    if answers is not None and max(map(len, answers)):
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
         t0 = time.perf_counter()
@@ -483,11 +493,15 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
         tail = ids[:, cut:]
         if tail.shape[1] > 1:
             _, branch = model.stream(tail[:, :-1], branch, return_logits="none")
-        answer = torch.as_tensor(list(teacher_ids), dtype=ids.dtype, device=ids.device)[None, :]
-        feed = torch.cat([tail[:, -1:], answer.expand(ids.shape[0], -1)], 1)
-        # (B, n + 1, V): position j < n predicts answer[j], position n what follows the answer
+        n = max(map(len, answers))
+        padded = [a + [a[-1] if a else 0] * (n - len(a)) for a in answers]
+        answer = torch.as_tensor(padded, dtype=ids.dtype, device=ids.device)
+        feed = torch.cat([tail[:, -1:], answer], 1)
+        # (B, n + 1, V): position j < n_b predicts row b's answer[j], position n_b what follows its answer
         logits, _ = model.stream(feed, branch, return_logits="all")
-        *tf_pred, tf_next = logits[0].float().argmax(-1).tolist()
+        arg = logits.float().argmax(-1).tolist()
+        tf_preds = [row[:len(a)] for row, a in zip(arg, answers)]
+        tf_nexts = [row[len(a)] for row, a in zip(arg, answers)]
         del logits, branch
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
@@ -495,7 +509,20 @@ def stream_decode(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | N
     new_ids, state = model.generate(ids[:, cut:], max_new_tokens, eos_id=eos_id, state=state)
     if on_tokens is not None:
         on_tokens(length, length)
-    return Decoded(new_ids, state, tf_pred, tf_s, tf_next)
+    return Decoded(new_ids, state, tf_preds, tf_s, tf_nexts)
+
+
+def _answers_per_row(teacher_ids, rows: int) -> list[list[int]] | None:
+    """`teacher_ids` as one list of answer ids per row: one sequence serves every row; a list of sequences must
+    have one per row."""
+    if teacher_ids is None:
+        return None
+    items = list(teacher_ids)
+    if not items or not isinstance(items[0], Sequence | torch.Tensor):
+        return [[int(t) for t in items]] * rows
+    if len(items) != rows:
+        raise ValueError(f"{len(items)} answers for {rows} prompts")
+    return [[int(t) for t in a] for a in items]
 
 
 def stream_generate(model, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None,
@@ -547,7 +574,8 @@ class EvalPlan:
     `window`: the attention window in tokens for the run (None: the checkpoint's), a multiple of the model's
     segment; every setting of a sweep runs with it, and each cell records it. A window the model was not trained
     with is outside its training distribution: longer windows let the budget policies choose among more key
-    blocks (a budget sweep at long lengths), they do not make the model better at using them."""
+    blocks (a budget sweep at long lengths), they do not make the model better at using them.
+    `batch`: the samples of a cell streamed together, up to this many at once (`run_cell`)."""
 
     tasks: list[str]
     lengths: list[int]
@@ -559,6 +587,7 @@ class EvalPlan:
     sweep_kind: str | None = None
     sweep_specs: list[str] = field(default_factory=list)
     window: int | None = None
+    batch: int = 1
 
     def settings(self) -> list[tuple[str | None, str | None, str | None]]:
         """(sweep value, budget, consolidation) for each setting run."""
@@ -580,13 +609,17 @@ def sample_seed(seed: int, index: int) -> int:
 def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, seed: int,
              device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
              on_sample=None, chunk_tokens: int = 8192, streamer=None, teacher_forced: bool = True,
-             max_new_tokens: int | None = None, on_tokens=None) -> dict:
+             max_new_tokens: int | None = None, on_tokens=None, batch: int = 1) -> dict:
     """Generate, stream, decode and score `samples` prompts of one (task, length, depth) cell; with
     `teacher_forced`, also the teacher-forced accuracy at the answer positions (`stream_decode`) and whether the
     model ends a complete answer (`tf_stop`: its next token after the teacher-forced answer is `<eos>` or keeps the
     answer's score, e.g. "."; None for list answers). Decoding runs for
     `max_new_tokens` (default: the task's `max_answer_tokens`) or to `<eos>`. `on_tokens` goes to `stream_decode`
-    for each sample. Returns the cell's row (one dict)."""
+    for each call. `batch` prompts are streamed together (one call per group; the same results up to float
+    rounding: each row's stream is its own; the cell's wall time and peak memory are then those of the groups).
+    Returns the cell's row (one dict)."""
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise EvalInputError(f"batch must be an integer >= 1, got {batch!r}")
     max_new = task.max_answer_tokens(tokenizer) if max_new_tokens is None else int(max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     details, scores = [], []
@@ -596,48 +629,54 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
     if attn is not None:
         attn.reset()
     memory.start()
-    for i in range(samples):
-        s = sample_seed(seed, i)
-        sample = task.generate(length, depth, s, tokenizer)
-        if len(sample.prompt_ids) != length:
-            raise RuntimeError(f"{task.name} generated {len(sample.prompt_ids)} tokens for length {length}")
-        ids = torch.tensor([sample.prompt_ids], dtype=torch.long, device=device)
+    for first in range(0, samples, batch):
+        group = []
+        for i in range(first, min(samples, first + batch)):
+            sample = task.generate(length, depth, sample_seed(seed, i), tokenizer)
+            if len(sample.prompt_ids) != length:
+                raise RuntimeError(f"{task.name} generated {len(sample.prompt_ids)} tokens for length {length}")
+            group.append((sample_seed(seed, i), sample))
+        ids = torch.tensor([sample.prompt_ids for _, sample in group], dtype=torch.long, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         res = stream_decode(model, ids, max_new, eos, chunk_tokens, streamer,
-                            teacher_ids=sample.answer_ids if teacher_forced else None,
+                            teacher_ids=[sample.answer_ids for _, sample in group] if teacher_forced else None,
                             **({"on_tokens": on_tokens} if on_tokens is not None else {}))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall += time.perf_counter() - t0
         tf_wall += res.tf_s
         if attn is not None:
-            attn.add(res.state)
-        out = res.new_ids[0].tolist()
+            for _ in group:  # each sample weighs the same, whatever its group's size
+                attn.add(res.state)
+        outs = res.new_ids.tolist()
         res.state = None
         del ids
-        if eos is not None and eos in out:
-            out = out[: out.index(eos)]
-        pred = tokenizer.decode(out)
-        score = float(task.score(pred, sample))
-        scores.append(score)
-        detail = {"seed": s, "prediction": pred, "answer": sample.answer, "score": score, "new_tokens": len(out)}
-        if "needle_positions" in sample.meta:  # tokens after each needle's last: beyond the window when > window
-            detail["needle_distances"] = [length - p - n for p, n in
-                                          zip(sample.meta["needle_positions"], sample.meta["needle_lengths"])]
-        if res.tf_pred is not None:
-            correct, exact = teacher_forced_scores(res.tf_pred, sample.answer_ids)
-            tf_correct, tf_tokens, tf_exact = tf_correct + correct, tf_tokens + len(sample.answer_ids), tf_exact + exact
-            detail.update({"tf_prediction": tokenizer.decode(res.tf_pred),
-                           "tf_token_acc": correct / len(sample.answer_ids), "tf_exact": float(exact)})
-            stop = stops_after_answer(res.tf_next, sample, task, tokenizer, eos)
-            if stop is not None:
-                detail["tf_stop"] = stop
-                tf_stops.append(stop)
-        details.append(detail)
-        if on_sample is not None:
-            on_sample()
+        for b, (s, sample) in enumerate(group):
+            out = outs[b]
+            if eos is not None and eos in out:
+                out = out[: out.index(eos)]
+            pred = tokenizer.decode(out)
+            score = float(task.score(pred, sample))
+            scores.append(score)
+            detail = {"seed": s, "prediction": pred, "answer": sample.answer, "score": score, "new_tokens": len(out)}
+            if "needle_positions" in sample.meta:  # tokens after each needle's last: beyond the window when > window
+                detail["needle_distances"] = [length - p - n for p, n in
+                                              zip(sample.meta["needle_positions"], sample.meta["needle_lengths"])]
+            if res.tf_preds is not None:
+                correct, exact = teacher_forced_scores(res.tf_preds[b], sample.answer_ids)
+                tf_correct, tf_tokens = tf_correct + correct, tf_tokens + len(sample.answer_ids)
+                tf_exact += exact
+                detail.update({"tf_prediction": tokenizer.decode(res.tf_preds[b]),
+                               "tf_token_acc": correct / len(sample.answer_ids), "tf_exact": float(exact)})
+                stop = stops_after_answer(res.tf_nexts[b], sample, task, tokenizer, eos)
+                if stop is not None:
+                    detail["tf_stop"] = stop
+                    tf_stops.append(stop)
+            details.append(detail)
+            if on_sample is not None:
+                on_sample()
     peak, growth = memory.stop()
     tf_on = teacher_forced and tf_tokens > 0
     row = {
@@ -731,7 +770,8 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
                                 row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
                                                device, memory, attn, on_sample=lambda: bar.update(1),
                                                streamer=streamer, teacher_forced=teacher_forced,
-                                               max_new_tokens=max_new_tokens, on_tokens=on_tokens if long else None)
+                                               max_new_tokens=max_new_tokens, on_tokens=on_tokens if long else None,
+                                               batch=plan.batch)
                                 row.update({"budget": cfg.budget, "window": cfg.window,
                                             "consolidation": describe_consolidation(cfg.consolidation),
                                             "consolidation_passes": passes,

@@ -159,6 +159,15 @@ def test_no_memory_writes_is_recorded(tmp_path, ckpt):
     assert data["meta"]["memory_writes"] is False
 
 
+def test_batch_is_recorded_and_every_sample_scored(tmp_path, ckpt):
+    out = tmp_path / "out"
+    assert cli.main(_args(ckpt, out, "--tasks", "passkey", "--lengths", "512", "--depths", "0,1", "--samples", "3",
+                          "--batch", "2", "--no-wandb")) == 0
+    data, _ = _read(out)
+    assert data["meta"]["batch"] == 2
+    assert all(c["n"] == 3 and [s["seed"] for s in c["samples"]] == [0, 1, 2] for c in data["cells"])
+
+
 def test_oracle_scores_one(tmp_path, ckpt, monkeypatch):
     """A model that reads the pass key from the prompt scores 1 everywhere; text after <eos> is cut."""
     tok = ByteTokenizer()
@@ -239,6 +248,7 @@ def test_consolidation_sweep(tmp_path, ckpt):
     (["--sweep", "passes=1;2"], "bad sweep"),
     (["--sweep", "budget=dense;fixed:2", "--budget-policy", "dense"], "conflict"),
     (["--samples", "0"], "--samples"),
+    (["--batch", "0"], "--batch must be >= 1"),
 ])
 def test_bad_input_fails_before_model_work(tmp_path, ckpt, capsys, no_model_load, extra, message):
     with pytest.raises(SystemExit) as e:

@@ -197,3 +197,45 @@ def test_stops_after_answer_none_for_list_answers_and_without_a_next_token():
     p = get_task("passkey").generate(300, 0.5, 0, TOK)
     assert harness.stops_after_answer(None, p, get_task("passkey"), TOK, TOK.eos_id) is None
     assert harness.stops_after_answer(TOK.eos_id, p, get_task("passkey"), TOK, TOK.eos_id) == 1.0
+
+
+@pytest.mark.parametrize("budget", ["length_scaled:c=2,min_tokens=16", "top_p:p=0.7,min=1,max=6"])
+def test_samples_streamed_together_score_as_one_at_a_time(budget):
+    """run_cell(batch=N) streams N prompts of a cell at once: every sample's decoded and teacher-forced predictions
+    are those of its own stream (float64: no rounding ties), with memory writes (prompts past the window) and a
+    budget that selects per row."""
+    torch.manual_seed(0)
+    model = MemSparseLM(tiny_config(budget=budget)).double().eval()
+    rows = {b: _cell(model, length=300, depths=(0.0, 1.0), samples=3, batch=b, attn=harness.AttentionStats(model))
+            for b in (1, 2, 3)}
+    keys = ("prediction", "tf_prediction", "tf_token_acc", "tf_exact", "tf_stop", "score", "new_tokens")
+    one = [[{k: s.get(k) for k in keys} for s in r["samples"]] for r in rows[1]]
+    assert len({s["prediction"] for cell in one for s in cell}) > 1  # a random model's outputs vary
+    for b in (2, 3):
+        assert [[{k: s.get(k) for k in keys} for s in r["samples"]] for r in rows[b]] == one
+        for r, r1 in zip(rows[b], rows[1]):
+            assert r["accuracy"] == r1["accuracy"] and r["tf_token_acc"] == r1["tf_token_acc"]
+            assert r["attn_kept_blocks"] == pytest.approx(r1["attn_kept_blocks"], rel=1e-9)
+
+
+def test_rows_with_answers_of_different_lengths_are_teacher_forced_each_on_its_own():
+    torch.manual_seed(1)
+    model = MemSparseLM(tiny_config()).double().eval()
+    ids = torch.randint(3, 259, (2, 150))
+    answers = [[65, 66, 67], [70, 71, 72, 73, 74]]
+    res = harness.stream_decode(model, ids, 4, None, 8192, teacher_ids=answers)
+    for b, a in enumerate(answers):
+        with torch.no_grad():
+            logits = model(torch.cat([ids[b], torch.tensor(a)])[None]).logits[0]
+        assert res.tf_preds[b] == logits[149:149 + len(a)].argmax(-1).tolist()
+        assert res.tf_nexts[b] == int(logits[149 + len(a)].argmax())
+        ref, _ = model.generate(ids[b:b + 1], 4, state=model.init_state(1, total_length=150))
+        assert torch.equal(res.new_ids[b:b + 1], ref)
+    assert res.tf_pred == res.tf_preds[0] and res.tf_next == res.tf_nexts[0]
+    with pytest.raises(ValueError, match="3 answers for 2 prompts"):
+        harness.stream_decode(model, ids, 1, None, 8192, teacher_ids=answers + [[1]])
+
+
+def test_a_batch_below_one_is_refused():
+    with pytest.raises(harness.EvalInputError, match="batch must be an integer >= 1"):
+        _cell(MemSparseLM(tiny_config()).eval(), batch=0)

@@ -302,6 +302,10 @@ def test_callback_from_the_recipe_yaml(tmp_path):
     assert (tmp_path / "phase_times.json").is_file()
 
 
+def test_batch_none_streams_every_sample_of_a_cell_together():
+    assert RetrievalEval(samples=3, batch=None).plan.batch == 3 and RetrievalEval(samples=3).plan.batch == 1
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"tasks": "passkey,nope"}, "unknown task 'nope'"),
     ({"at_end": "yes"}, "at_end must be true or false"),
@@ -311,6 +315,7 @@ def test_callback_from_the_recipe_yaml(tmp_path):
     ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1"),
     ({"samples": 0}, "samples must be an integer >= 1"),
     ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"batch": 0}, "batch must be an integer >= 1"),
 ])
 def test_misconfiguration_is_a_one_line_error_at_construction(kwargs, message):
     with pytest.raises(ValueError) as e:

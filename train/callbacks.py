@@ -488,6 +488,8 @@ class RetrievalEval(Callback):
             `heatmap_<task>_no_writes_step<N>.png`). A key beyond the window that is found only with the writes on
             is carried by the memory; one found either way, by attention relayed through the layers. Doubles the
             evaluation's time; a model without memory layers skips it.
+        batch: samples of a cell streamed together (None: all of them; default 1, one at a time). The same cells
+            up to float rounding, in fewer launches (`benchmarks/bench_eval_batch.py` measures both).
     """
 
     CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
@@ -496,13 +498,15 @@ class RetrievalEval(Callback):
     def __init__(self, every_n_steps: int = 500, tasks: str | list[str] = "passkey",
                  lengths: str | list[int | str] = "1k,4k", depths: str | list[float] = "0,0.5,1", samples: int = 2,
                  max_new_tokens: int | None = None, seed: int = 0, output_dir: str | None = None,
-                 chunk_tokens: int = 8192, at_end: bool = False, no_writes: bool = False) -> None:
+                 chunk_tokens: int = 8192, at_end: bool = False, no_writes: bool = False,
+                 batch: int | None = 1) -> None:
         try:
             self.tasks, self.lengths, self.depths = parse_tasks(tasks), parse_lengths(lengths), parse_depths(depths)
         except EvalInputError as e:
             raise ConfigError(f"RetrievalEval: {e}") from None
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("samples", samples, 1),
-                                 ("chunk_tokens", chunk_tokens, 1), ("max_new_tokens", max_new_tokens, 1)):
+                                 ("chunk_tokens", chunk_tokens, 1), ("max_new_tokens", max_new_tokens, 1),
+                                 ("batch", batch, 1)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ConfigError(f"RetrievalEval: {name} must be an integer >= {low}, got {value!r}")
         self.every_n_steps, self.samples, self.seed = every_n_steps, samples, int(seed)
@@ -510,14 +514,15 @@ class RetrievalEval(Callback):
         for name, flag in (("at_end", at_end), ("no_writes", no_writes)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"RetrievalEval: {name} must be true or false, got {flag!r}")
-        self.at_end, self.no_writes = at_end, no_writes
+        self.at_end, self.no_writes, self.batch = at_end, no_writes, batch
         self.last_step: int | None = None
         self._off: str | None = None
         self._tokenizer: Any = None
 
     @property
     def plan(self) -> EvalPlan:
-        return EvalPlan(self.tasks, self.lengths, self.depths, self.samples, self.seed)
+        return EvalPlan(self.tasks, self.lengths, self.depths, self.samples, self.seed,
+                        batch=self.samples if self.batch is None else self.batch)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the grid against the data's tokenizer (each length above its task's prompt overhead)."""

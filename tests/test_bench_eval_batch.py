@@ -1,0 +1,44 @@
+"""benchmarks/bench_eval_batch.py on CPU: a tiny checkpoint's cells one at a time and batched, compared."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memsparse.config import MemoryConfig, ModelConfig
+from memsparse.model import MemSparseLM
+from memsparse.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mod():
+    spec = importlib.util.spec_from_file_location("bench_eval_batch", ROOT / "benchmarks" / "bench_eval_batch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_batched_cells_are_compared_with_one_at_a_time(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=259, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
+                      segment=32, window=64, persistent_tokens=8, memory=MemoryConfig(heads=2, head_dim=8,
+                                                                                        chunk_size=32))
+    ckpt = MemSparseLM(cfg).save_pretrained(tmp_path / "ckpt")
+    ByteTokenizer().save(ckpt)
+    assert _mod().main(["--checkpoint", str(ckpt), "--lengths", "300", "--depths", "0,1", "--samples", "3",
+                        "--batch", "3", "--device", "cpu", "--name", "b", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["batch"] == 3 and res["device"] == "cpu" and len(res["rows"]) == 2
+    for r in res["rows"]:
+        assert r["n"] == 3 and 0 <= r["same_prediction"] <= 3 and r["wall_s_batch_1"] > 0 and r["speedup"] > 0
+    assert "same answers" in (tmp_path / "b.md").read_text()
+
+
+def test_a_batch_of_one_is_refused():
+    with pytest.raises(SystemExit):
+        _mod().main(["--batch", "1"])
