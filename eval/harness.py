@@ -575,7 +575,9 @@ class EvalPlan:
     segment; every setting of a sweep runs with it, and each cell records it. A window the model was not trained
     with is outside its training distribution: longer windows let the budget policies choose among more key
     blocks (a budget sweep at long lengths), they do not make the model better at using them.
-    `batch`: the samples of a cell streamed together, up to this many at once (`run_cell`)."""
+    `batch`: prompts streamed together, up to this many at once: a cell's samples, and when `batch` exceeds
+    `samples`, whole cells of the same (task, length) (`run_cells`: their peak memory and attention statistics are
+    then those of the cells run together)."""
 
     tasks: list[str]
     lengths: list[int]
@@ -618,82 +620,101 @@ def run_cell(model, tokenizer, task, length: int, depth: float, samples: int, se
     for each call. `batch` prompts are streamed together (one call per group; the same results up to float
     rounding: each row's stream is its own; the cell's wall time and peak memory are then those of the groups).
     Returns the cell's row (one dict)."""
+    return run_cells(model, tokenizer, task, length, [depth], samples, seed, device, memory, attn, on_sample,
+                     chunk_tokens, streamer, teacher_forced, max_new_tokens, on_tokens, batch)[0]
+
+
+def run_cells(model, tokenizer, task, length: int, depths: Sequence[float], samples: int, seed: int,
+              device: torch.device, memory: PeakMemory, attn: AttentionStats | None = None,
+              on_sample=None, chunk_tokens: int = 8192, streamer=None, teacher_forced: bool = True,
+              max_new_tokens: int | None = None, on_tokens=None, batch: int = 1) -> list[dict]:
+    """`run_cell` for several depths of one (task, length) at once: their `len(depths) x samples` prompts are
+    streamed `batch` at a time, in order (a group may hold several cells' prompts). One row per depth; each cell's
+    wall time is its prompts' share of their groups', and its peak memory and attention statistics are those of
+    all the cells run together (exact per cell with one depth)."""
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise EvalInputError(f"batch must be an integer >= 1, got {batch!r}")
     max_new = task.max_answer_tokens(tokenizer) if max_new_tokens is None else int(max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
-    details, scores = [], []
-    tf_correct = tf_tokens = tf_exact = 0
-    tf_stops: list[float] = []
-    wall = tf_wall = 0.0
+    prompts = [(c, i) for c in range(len(depths)) for i in range(samples)]
+    cells = [{"details": [], "scores": [], "tf_correct": 0, "tf_tokens": 0, "tf_exact": 0, "tf_stops": [],
+              "wall": 0.0, "tf_wall": 0.0} for _ in depths]
     if attn is not None:
         attn.reset()
     memory.start()
-    for first in range(0, samples, batch):
+    for first in range(0, len(prompts), batch):
         group = []
-        for i in range(first, min(samples, first + batch)):
-            sample = task.generate(length, depth, sample_seed(seed, i), tokenizer)
+        for c, i in prompts[first:first + batch]:
+            sample = task.generate(length, depths[c], sample_seed(seed, i), tokenizer)
             if len(sample.prompt_ids) != length:
                 raise RuntimeError(f"{task.name} generated {len(sample.prompt_ids)} tokens for length {length}")
-            group.append((sample_seed(seed, i), sample))
-        ids = torch.tensor([sample.prompt_ids for _, sample in group], dtype=torch.long, device=device)
+            group.append((c, sample_seed(seed, i), sample))
+        ids = torch.tensor([sample.prompt_ids for *_, sample in group], dtype=torch.long, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         res = stream_decode(model, ids, max_new, eos, chunk_tokens, streamer,
-                            teacher_ids=[sample.answer_ids for _, sample in group] if teacher_forced else None,
+                            teacher_ids=[sample.answer_ids for *_, sample in group] if teacher_forced else None,
                             **({"on_tokens": on_tokens} if on_tokens is not None else {}))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        wall += time.perf_counter() - t0
-        tf_wall += res.tf_s
+        share = (time.perf_counter() - t0) / len(group)
         if attn is not None:
             for _ in group:  # each sample weighs the same, whatever its group's size
                 attn.add(res.state)
         outs = res.new_ids.tolist()
         res.state = None
         del ids
-        for b, (s, sample) in enumerate(group):
+        for b, (c, s, sample) in enumerate(group):
+            cell = cells[c]
+            cell["wall"] += share
+            cell["tf_wall"] += res.tf_s / len(group)
             out = outs[b]
             if eos is not None and eos in out:
                 out = out[: out.index(eos)]
             pred = tokenizer.decode(out)
             score = float(task.score(pred, sample))
-            scores.append(score)
+            cell["scores"].append(score)
             detail = {"seed": s, "prediction": pred, "answer": sample.answer, "score": score, "new_tokens": len(out)}
             if "needle_positions" in sample.meta:  # tokens after each needle's last: beyond the window when > window
                 detail["needle_distances"] = [length - p - n for p, n in
                                               zip(sample.meta["needle_positions"], sample.meta["needle_lengths"])]
             if res.tf_preds is not None:
                 correct, exact = teacher_forced_scores(res.tf_preds[b], sample.answer_ids)
-                tf_correct, tf_tokens = tf_correct + correct, tf_tokens + len(sample.answer_ids)
-                tf_exact += exact
+                cell["tf_correct"] += correct
+                cell["tf_tokens"] += len(sample.answer_ids)
+                cell["tf_exact"] += exact
                 detail.update({"tf_prediction": tokenizer.decode(res.tf_preds[b]),
                                "tf_token_acc": correct / len(sample.answer_ids), "tf_exact": float(exact)})
                 stop = stops_after_answer(res.tf_nexts[b], sample, task, tokenizer, eos)
                 if stop is not None:
                     detail["tf_stop"] = stop
-                    tf_stops.append(stop)
-            details.append(detail)
+                    cell["tf_stops"].append(stop)
+            cell["details"].append(detail)
             if on_sample is not None:
                 on_sample()
     peak, growth = memory.stop()
-    tf_on = teacher_forced and tf_tokens > 0
-    row = {
-        "task": task.name, "length": length, "depth": depth, "n": samples,
-        "accuracy": sum(scores) / len(scores),
-        "tf_token_acc": tf_correct / tf_tokens if tf_on else None,
-        "tf_exact": tf_exact / samples if tf_on else None,
-        "tf_stop": sum(tf_stops) / len(tf_stops) if tf_on and tf_stops else None,
-        "wall_s": wall,
-        "tf_wall_s": tf_wall if tf_on else None,
-        "tokens_per_s": samples * length / wall if wall > 0 else None,
-        "peak_mem_bytes": peak, "peak_mem_growth_bytes": growth, "mem_measure": memory.kind,
-    }
-    row.update(attn.summary() if attn is not None else
-               {"attn_kept_blocks": None, "attn_kept_fraction": None, "attn_flops_per_token": None})
-    row["samples"] = details
-    return row
+    stats = attn.summary() if attn is not None else \
+        {"attn_kept_blocks": None, "attn_kept_fraction": None, "attn_flops_per_token": None}
+    rows = []
+    for depth, cell in zip(depths, cells):
+        tf_on = teacher_forced and cell["tf_tokens"] > 0
+        wall, stops = cell["wall"], cell["tf_stops"]
+        row = {
+            "task": task.name, "length": length, "depth": depth, "n": samples,
+            "accuracy": sum(cell["scores"]) / len(cell["scores"]),
+            "tf_token_acc": cell["tf_correct"] / cell["tf_tokens"] if tf_on else None,
+            "tf_exact": cell["tf_exact"] / samples if tf_on else None,
+            "tf_stop": sum(stops) / len(stops) if tf_on and stops else None,
+            "wall_s": wall,
+            "tf_wall_s": cell["tf_wall"] if tf_on else None,
+            "tokens_per_s": samples * length / wall if wall > 0 else None,
+            "peak_mem_bytes": peak, "peak_mem_growth_bytes": growth, "mem_measure": memory.kind,
+            **stats,
+            "samples": cell["details"],
+        }
+        rows.append(row)
+    return rows
 
 
 def warm_up(model, device: torch.device, streamer=None) -> None:
@@ -761,22 +782,26 @@ def run_eval(model, tokenizer, plan: EvalPlan, device: torch.device | str | None
                         task = get_task(name)
                         for length in plan.lengths:
                             passes = consolidation_passes(cfg.consolidation, length, cfg.window, False)
-                            for depth in plan.depths:
-                                label = f"{name} {format_length(length)} d={depth:g}"
+                            # a call streams whole cells: several depths' samples together when batch > samples
+                            per_call = max(1, plan.batch // plan.samples)
+                            for first in range(0, len(plan.depths), per_call):
+                                depths = plan.depths[first:first + per_call]
+                                label = f"{name} {format_length(length)} d={','.join(f'{d:g}' for d in depths)}"
                                 if sweep_value is not None:
                                     label += f" [{plan.sweep_kind}={sweep_value}]"
                                 bar.set_postfix_str(label, refresh=False)
                                 long = tok_bar is not None and length >= token_progress
-                                row = run_cell(model, tokenizer, task, length, depth, plan.samples, plan.seed,
-                                               device, memory, attn, on_sample=lambda: bar.update(1),
-                                               streamer=streamer, teacher_forced=teacher_forced,
-                                               max_new_tokens=max_new_tokens, on_tokens=on_tokens if long else None,
-                                               batch=plan.batch)
-                                row.update({"budget": cfg.budget, "window": cfg.window,
-                                            "consolidation": describe_consolidation(cfg.consolidation),
-                                            "consolidation_passes": passes,
-                                            "sweep_kind": plan.sweep_kind, "sweep_value": sweep_value})
-                                rows.append(row)
+                                cells = run_cells(model, tokenizer, task, length, depths, plan.samples, plan.seed,
+                                                  device, memory, attn, on_sample=lambda: bar.update(1),
+                                                  streamer=streamer, teacher_forced=teacher_forced,
+                                                  max_new_tokens=max_new_tokens,
+                                                  on_tokens=on_tokens if long else None, batch=plan.batch)
+                                for row in cells:
+                                    row.update({"budget": cfg.budget, "window": cfg.window,
+                                                "consolidation": describe_consolidation(cfg.consolidation),
+                                                "consolidation_passes": passes,
+                                                "sweep_kind": plan.sweep_kind, "sweep_value": sweep_value})
+                                rows += cells
     finally:
         if tok_bar is not None:
             tok_bar.close()

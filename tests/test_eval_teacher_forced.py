@@ -239,3 +239,18 @@ def test_rows_with_answers_of_different_lengths_are_teacher_forced_each_on_its_o
 def test_a_batch_below_one_is_refused():
     with pytest.raises(harness.EvalInputError, match="batch must be an integer >= 1"):
         _cell(MemSparseLM(tiny_config()).eval(), batch=0)
+
+
+def test_whole_cells_streamed_together_score_as_one_at_a_time():
+    """EvalPlan(batch > samples): several depths' cells in one call; every cell as with batch 1."""
+    torch.manual_seed(0)
+    model = MemSparseLM(tiny_config()).double().eval()
+    keys = ("prediction", "tf_prediction", "tf_exact", "tf_stop", "score")
+    got = {}
+    for b in (1, 4, 6):  # 4: two cells a call (the last call one), 6: all three
+        plan = harness.EvalPlan(["passkey"], [300], [0.0, 0.5, 1.0], samples=2, batch=b)
+        rows = harness.run_eval(model, TOK, plan, "cpu", progress=False, warmup=False)
+        assert [r["depth"] for r in rows] == [0.0, 0.5, 1.0] and all(r["n"] == 2 and r["wall_s"] > 0 for r in rows)
+        got[b] = [[{k: s.get(k) for k in keys} for s in r["samples"]] for r in rows]
+    assert got[4] == got[1] and got[6] == got[1]
+    assert len({s["prediction"] for cell in got[1] for s in cell}) > 1

@@ -302,8 +302,9 @@ def test_callback_from_the_recipe_yaml(tmp_path):
     assert (tmp_path / "phase_times.json").is_file()
 
 
-def test_batch_none_streams_every_sample_of_a_cell_together():
-    assert RetrievalEval(samples=3, batch=None).plan.batch == 3 and RetrievalEval(samples=3).plan.batch == 1
+def test_batch_none_streams_every_prompt_of_a_length_together():
+    assert RetrievalEval(samples=3, depths="0,1", batch=None).plan.batch == 6
+    assert RetrievalEval(samples=3).plan.batch == 1
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -488,8 +488,9 @@ class RetrievalEval(Callback):
             `heatmap_<task>_no_writes_step<N>.png`). A key beyond the window that is found only with the writes on
             is carried by the memory; one found either way, by attention relayed through the layers. Doubles the
             evaluation's time; a model without memory layers skips it.
-        batch: samples of a cell streamed together (None: all of them; default 1, one at a time). The same cells
-            up to float rounding, in fewer launches (`benchmarks/bench_eval_batch.py` measures both).
+        batch: prompts streamed together: a cell's samples, and beyond `samples` whole cells of one length (None:
+            every prompt of a length; default 1, one at a time). The same cells up to float rounding, in fewer
+            launches (`benchmarks/bench_eval_batch.py` measures both).
     """
 
     CSV_FIELDS = ["step", "task", "length", "in_window", "depth", "n", "accuracy", "tf_token_acc", "tf_exact",
@@ -522,7 +523,7 @@ class RetrievalEval(Callback):
     @property
     def plan(self) -> EvalPlan:
         return EvalPlan(self.tasks, self.lengths, self.depths, self.samples, self.seed,
-                        batch=self.samples if self.batch is None else self.batch)
+                        batch=self.samples * len(self.depths) if self.batch is None else self.batch)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the grid against the data's tokenizer (each length above its task's prompt overhead)."""
