@@ -140,11 +140,12 @@ def test_a_stage_with_retrieval_cells_gets_its_table_by_step(tmp_path):
     assert (d / "retrieval_while_training_retrieval_small" / "cells.jsonl").exists()
 
 
-def test_eval_seed_reaches_every_eval_grid(tmp_path):
-    rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="passkey niah", PASSKEY_LENGTHS="1k", EVAL_SEED="1")
+def test_eval_seed_and_batch_reach_every_eval_grid(tmp_path):
+    rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="passkey niah", PASSKEY_LENGTHS="1k", EVAL_SEED="1",
+                            EVAL_BATCH="25")
     assert rc == 0, out
     ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
-    assert len(ev) == 2 and all("--seed 1" in c for c in ev)
+    assert len(ev) == 2 and all("--seed 1 --batch 25 " in c for c in ev)
 
 
 def test_train_0_evaluates_the_last_listed_stage_without_training(tmp_path):
