@@ -35,12 +35,13 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from memsparse.eval.harness import AttentionStats
+from memsparse.eval.harness import AttentionStats, overrides
 from memsparse.kernels.budget import parse_policy
 
 from memsparse.config import ModelConfig
@@ -174,15 +175,41 @@ def fit(budget: str, args, calib) -> dict:
     after = kept(model, calib, args.chunk)
     rows = []
     for length in args.eval_lengths:
-        ev = kept(model, [batch(torch.Generator().manual_seed(args.seed + 100_003 + length), args.samples, length,
-                                args.pairs)], args.chunk)
+        ev = kept(model, [eval_batch(args, length)], args.chunk)
         rows.append({"length": length, **ev})
         print(f"{budget:>34}", json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return {"budget": budget, "policy": parse_policy(budget).spec(), "kept_before": before, "curve": curve,
+    sweep = []
+    for spec in args.sweep:  # the trained model scored under other budgets (inference only), same prompts
+        with overrides(model, budget=spec):
+            for length in args.eval_lengths:
+                sweep.append({"budget": spec, "length": length, **kept(model, [eval_batch(args, length)], args.chunk)})
+                print(f"{budget:>34} under {spec}", json.dumps(sweep[-1]), file=sys.stderr, flush=True)
+    return {"budget": budget, "sweep": sweep, "policy": parse_policy(budget).spec(), "kept_before": before,
+            "curve": curve,
             "kept_during": {"attn_kept_blocks": during / during_w,
                             "attn_flops_per_token": during / during_w * AttentionStats(model).per_query_flops},
             "kept_after": after, "eval": rows, "train_wall_s": round(train_s, 1),
             "eval_wall_s": round(time.time() - t0 - train_s, 1)}
+
+
+def eval_batch(args, length: int):
+    """The eval prompts of one length: the same for every model and every budget it is scored under."""
+    return batch(torch.Generator().manual_seed(args.seed + 100_003 + length), args.samples, length, args.pairs)
+
+
+def sweep_results(result: dict) -> dict:
+    """The `--sweep` scores as a memsparse-eval budget-sweep results.json (`benchmarks/plot_budget_pareto.py` reads
+    it): one cell per (trained model, length, budget), the task named after the model's training budget, depth 0
+    (the probe places its key at random)."""
+    cells = []
+    for run in result["runs"]:
+        task = "recall_trained_" + re.sub(r"[^A-Za-z0-9.]+", "_", run["budget"]).strip("_")
+        for r in run["sweep"]:
+            cells.append({"task": task, "length": r["length"], "depth": 0.0, "n": r["n"], "accuracy": r["accuracy"],
+                          "attn_kept_blocks": r["attn_kept_blocks"], "attn_kept_fraction": r["attn_kept_fraction"],
+                          "attn_flops_per_token": r["attn_flops_per_token"], "sweep_kind": "budget",
+                          "sweep_value": r["budget"], "budget": r["budget"]})
+    return {"cells": cells, "meta": {"source": "benchmarks/cpu_budget_probe.py --sweep", "args": result["args"]}}
 
 
 def table(result: dict) -> str:
@@ -211,6 +238,16 @@ def table(result: dict) -> str:
             lines.append(f"Sparse budgets' kept blocks {when} training, relative to their mean "
                          f"({m['mean_kept_blocks']:.2f}): " +
                          ", ".join(f"{b} {v:+.1%}" for b, v in m["relative"].items()) + ".")
+    for r in runs:
+        if r.get("sweep"):
+            cells = {(e["budget"], e["length"]): e for e in r["sweep"]}
+            lines += ["", f"Trained with `{r['budget']}`, scored under other budgets (`--sweep`, inference only, the "
+                      "same prompts): accuracy (kept blocks per query block)", "",
+                      "| scored under | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+            for spec in dict.fromkeys(e["budget"] for e in r["sweep"]):
+                lines.append(f"| {spec} | " + " | ".join(
+                    f"{cells[spec, n]['accuracy']:.2f} ({cells[spec, n]['attn_kept_blocks']:.1f})" for n in lengths)
+                    + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +320,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--persistent", type=int, default=PERSISTENT,
                     help=f"persistent tokens, a multiple of {BLOCK} (0: no sink block; top_p's mass then has no "
                          "forced share but the diagonal's)")
+    ap.add_argument("--sweep", default="",
+                    help="budget specs separated by ';': every trained model is also scored under each (inference "
+                         "only, the same prompts); written as <name>_sweep.json for benchmarks/plot_budget_pareto.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -296,6 +336,12 @@ def main(argv=None) -> dict:
             parse_policy(b)
         except ValueError as e:
             _fail(ap, f"--budgets: {b!r}: {e}")
+    args.sweep = [b.strip() for b in args.sweep.split(";") if b.strip()]
+    for b in args.sweep:
+        try:
+            parse_policy(b)
+        except ValueError as e:
+            _fail(ap, f"--sweep: {b!r}: {e}")
     if args.persistent < 0 or args.persistent % BLOCK:
         _fail(ap, f"--persistent must be a multiple of {BLOCK} >= 0, got {args.persistent}")
     if not 1 <= args.pairs <= len(NAMES):
@@ -321,6 +367,8 @@ def main(argv=None) -> dict:
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
         (out / f"{args.name}.md").write_text(table(result))
         plot(result, out / f"{args.name}.png")
+        if args.sweep:
+            (out / f"{args.name}_sweep.json").write_text(json.dumps(sweep_results(result), indent=2))
     return result
 
 

@@ -99,3 +99,28 @@ def test_an_unknown_budget_is_a_one_line_error(capsys):
                            "top_p:q=0.9"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no argument 'q'" in proc.stderr
+
+
+def test_sweep_scores_each_trained_model_under_other_budgets_for_the_pareto_plot(tmp_path):
+    """--sweep: the dense-trained model scored under fixed:1 / fixed:3 on the eval prompts (kept blocks follow the
+    budget; under dense its own eval again); <name>_sweep.json is a budget sweep plot_budget_pareto.py reads."""
+    bp.main(["--budgets", "dense", "--sweep", "fixed:1;fixed:3;dense", "--steps", "2", "--batch", "2",
+             "--train-lengths", "48,64", "--eval-lengths", "64,128", "--samples", "3", "--calib-samples", "2",
+             "--threads", "1", "--out", str(tmp_path), "--name", "bp"])
+    run = json.loads((tmp_path / "bp.json").read_text())["runs"][0]
+    got = {(r["budget"], r["length"]): r for r in run["sweep"]}
+    assert len(got) == 6
+    for n in (64, 128):
+        assert got["fixed:1", n]["attn_kept_blocks"] < got["fixed:3", n]["attn_kept_blocks"] <= 3.0
+        assert got["dense", n]["accuracy"] == next(e["accuracy"] for e in run["eval"] if e["length"] == n)
+    md = (tmp_path / "bp.md").read_text()
+    assert "scored under other budgets" in md and "| fixed:1 | " in md
+    sweep = tmp_path / "bp_sweep.json"
+    spec = importlib.util.spec_from_file_location("pareto", REPO / "benchmarks" / "plot_budget_pareto.py")
+    pareto = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pareto)
+    pts = pareto.points(pareto.load_cells([sweep]))
+    assert {p["task"] for p in pts} == {"recall_trained_dense"} and len(pts) == 6
+    assert {p["family"] for p in pts} == {"fixed", "dense"}
+    with pytest.raises(SystemExit):
+        bp.main(["--sweep", "fixed:2;sparse:3"])
