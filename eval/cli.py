@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth) cell")
     p.add_argument("--batch", type=int, default=1,
-                   help="stream up to this many samples of a cell together (the same results up to float rounding, "
-                        "fewer launches; peak memory is then that of the group)")
+                   help="stream up to this many prompts together: a cell's samples, and beyond --samples whole cells "
+                        "of one task and length (the same results up to float rounding, fewer launches; peak memory "
+                        "is then that of what ran together)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--budget-policy", default=None,
                    help="override the attention budget: dense | fixed:K | length_scaled:c=12,min_tokens=256 | "
