@@ -57,6 +57,30 @@ FIXED_CONFIG = {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4,
 # pair); "fused" = one pass per key tile computing dK/dV and adding dQ with fp32 atomics (5 matmuls). Both are
 # correct on the H100; split is the default because fused measured slower there (32K MHA fwd+bwd 9.99 ms vs
 # 8.47 ms, benchmarks/results/sparse_attention_h100_v2.md): the dQ atomics cost more than the 2 matmuls saved.
+EXTRA_CONFIGS_ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_EXTRA_CONFIGS"
+
+
+def parse_extra_configs(text: str) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Candidate tilings to append to the autotune lists, read once at import from
+    MEMSPARSE_SPARSE_ATTENTION_EXTRA_CONFIGS: "dkdv:128,64,8,3;fwd:64,128,4,2" (kernel: BLOCK_M, BLOCK_N,
+    num_warps, num_stages), so a GPU run can time a tiling beside the tuned ones (the bench's --report lists
+    every timed config) before it joins a list. Returns {kernel: [config, ...]}; a malformed entry raises."""
+    out: dict[str, list[tuple[int, int, int, int]]] = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        name, _, nums = item.partition(":")
+        name = name.strip()
+        try:
+            cfg = tuple(int(x) for x in nums.split(","))
+        except ValueError:
+            cfg = ()
+        if name not in FIXED_CONFIG or len(cfg) != 4 or min(cfg) < 1 or any(v & (v - 1) for v in cfg[:3]):
+            raise ValueError(f"{EXTRA_CONFIGS_ENV_VAR}: {item!r} is not kernel:BLOCK_M,BLOCK_N,warps,stages "
+                             f"(kernel one of {sorted(FIXED_CONFIG)}; tiles and warps powers of two)")
+        out.setdefault(name, []).append(cfg)
+    return out
+
+
+EXTRA_CONFIGS = parse_extra_configs(os.environ.get(EXTRA_CONFIGS_ENV_VAR, ""))
 BWD_ENV_VAR = "MEMSPARSE_SPARSE_ATTENTION_BWD"
 BWD_MODES = ("split", "fused")
 DEFAULT_BWD_MODE = "split"
@@ -417,6 +441,10 @@ if HAS_TRITON:
     def _cfg(bm, bn, w, s):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
+    def _configs(name, base):
+        """`base` tilings plus the EXTRA_CONFIGS candidates for kernel `name` not already among them."""
+        return [_cfg(*c) for c in dict.fromkeys([*base, *EXTRA_CONFIGS.get(name, [])])]
+
     def _prune(configs, named_args, **kwargs):
         bs = kwargs.get("BS", named_args.get("BS"))
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= bs]
@@ -424,17 +452,17 @@ if HAS_TRITON:
 
     _KEY = ["D", "BS", "G", "CAUSAL", "DOC"]  # triton adds the tensor dtypes to the key
     _fwd_tuned = triton.autotune(
-        [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
+        _configs("fwd", [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
     _dq_tuned = triton.autotune(
-        [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 32, 4, 4)],
+        _configs("dq", [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
     _dkdv_tuned = triton.autotune(
-        [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 3)],
+        _configs("dkdv", [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
         key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
     # The fused backward adds a (BLOCK_M x D) fp32 atomic per step: wide key tiles halve that traffic.
     _fused_tuned = triton.autotune(
-        [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 2)],
+        _configs("fused", [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 2)]),
         key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune},
         reset_to_zero=["DQA"])(_dkdv_kernel)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -326,6 +328,27 @@ def test_candidate_dkdv_config_on_the_gpu(monkeypatch, cfg, case, dtype):
     monkeypatch.setitem(tri.FIXED_CONFIG, "dkdv", cfg)
     monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
     check_case(*case, dtype=dtype, device=GPU_DEV, seed=3)
+
+
+def test_extra_configs_parse_and_reject():
+    assert tri.parse_extra_configs("") == {}
+    assert tri.parse_extra_configs(" dkdv:128,64,8,3; dkdv:128,64,4,3 ;fwd:64,128,4,2") == {
+        "dkdv": [(128, 64, 8, 3), (128, 64, 4, 3)], "fwd": [(64, 128, 4, 2)]}
+    for bad in ("dkdv:128,64,8", "bwd:64,64,4,2", "dkdv:96,64,4,2", "dq:64,64,four,2", "dq:64,64,4,0"):
+        with pytest.raises(ValueError, match=tri.EXTRA_CONFIGS_ENV_VAR):
+            tri.parse_extra_configs(bad)
+
+
+@pytest.mark.skipif(not tri.HAS_TRITON, reason="needs triton")
+def test_extra_configs_join_the_autotune_list():
+    """Set at import, the candidates are appended to that kernel's autotune list (a duplicate only once)."""
+    code = ("from memsparse.kernels import sparse_attention_triton as t; "
+            "print(len(t._dkdv_tuned.configs), len(t._fwd_tuned.configs), "
+            "[(c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps, c.num_stages) "
+            "for c in t._dkdv_tuned.configs][-1])")
+    env = {**os.environ, tri.EXTRA_CONFIGS_ENV_VAR: "dkdv:128,64,8,3;dkdv:64,64,4,3"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert got.split("\n")[0] == f"{len(tri._dkdv_tuned.configs) + 1} {len(tri._fwd_tuned.configs)} (128, 64, 8, 3)"
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
