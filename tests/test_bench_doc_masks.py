@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from load_script import load_benchmark
 
 
 def test_bench_doc_masks_runs_tiny(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_doc_masks.py"
-    spec = importlib.util.spec_from_file_location("bench_doc_masks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_doc_masks")
     res = mod.main(["--tiny", "--lengths", "128", "--batch", "2", "--median", "40", "--steps", "1", "--warmup", "0",
                     "--profile", "1", "--out", str(tmp_path), "--name", "tiny"])
     row = res["rows"][0]

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from load_script import load_benchmark
 
 from memsparse.config import MemoryConfig, ModelConfig
 from memsparse.model import MemSparseLM
 from memsparse.tokenizer import ByteTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("bench_eval_batch", ROOT / "benchmarks" / "bench_eval_batch.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_eval_batch")
 
 
 def test_batched_cells_are_compared_with_one_at_a_time(tmp_path):

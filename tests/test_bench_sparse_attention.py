@@ -3,21 +3,16 @@ real-mask checks of every listed kernel variant against fp32) runs through the i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 pytest.importorskip("triton")
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sparse_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_sparse_attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_sparse_attention")
 
 
 def test_small_checks_stop_at_their_deadline():

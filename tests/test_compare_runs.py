@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from load_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cr():
-    spec = importlib.util.spec_from_file_location("compare_runs", BENCH / "compare_runs.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare_runs"] = mod  # plot_train_run imports it by this name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("compare_runs", register=True)  # plot_train_run imports it by this name
 
 
 def _metrics(path: Path, rates: list[float], val: dict[int, float], mem: float = 3.0) -> Path:
@@ -69,9 +62,7 @@ def test_bad_input_is_a_clear_error(cr, tmp_path):
 
 
 def test_plot_train_run_summary_comes_from_the_same_reader(cr, tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_train_run", BENCH / "plot_train_run.py")
-    ptr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ptr)
+    ptr = load_benchmark("plot_train_run")
     m = _metrics(tmp_path / "a.csv", [1.0] * 2 + [50.0] * 8, {5: 4.5})
     ptr.main([str(m), "--name", "one", "--out", str(tmp_path / "o")])
     got = json.loads((tmp_path / "o" / "one.json").read_text())
@@ -90,9 +81,7 @@ def test_metric_is_plotted_and_recorded_per_run_and_a_missing_one_is_an_error(cr
 
 
 def test_plot_train_run_plots_answer_accuracy_with_and_without_memory_writes(cr, tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_train_run", BENCH / "plot_train_run.py")
-    ptr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ptr)
+    ptr = load_benchmark("plot_train_run")
     keys = ["epoch", "step", "train/loss", "val/loss", "val/answer_token_acc/passkey",
             "val/no_writes/answer_token_acc/passkey"]
     m = tmp_path / "m.csv"

@@ -3,7 +3,6 @@ run and its files, and a bad budget spec as a one-line error with status 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from load_script import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cpu_budget_probe", REPO / "benchmarks" / "cpu_budget_probe.py")
-bp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bp)
+bp = load_benchmark("cpu_budget_probe")
 
 
 def test_a_prompt_holds_its_pairs_inside_blocks_and_asks_one_of_them():
@@ -116,9 +114,7 @@ def test_sweep_scores_each_trained_model_under_other_budgets_for_the_pareto_plot
     md = (tmp_path / "bp.md").read_text()
     assert "scored under other budgets" in md and "| fixed:1 | " in md
     sweep = tmp_path / "bp_sweep.json"
-    spec = importlib.util.spec_from_file_location("pareto", REPO / "benchmarks" / "plot_budget_pareto.py")
-    pareto = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pareto)
+    pareto = load_benchmark("plot_budget_pareto")
     pts = pareto.points(pareto.load_cells([sweep]))
     assert {p["task"] for p in pts} == {"recall_trained_dense"} and len(pts) == 6
     assert {p["family"] for p in pts} == {"fixed", "dense"}

@@ -3,17 +3,12 @@ schedule n(L) = clamp(round(a * log2(L / window)), 0, n_max)), its files, and a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cpu_consolidation_probe",
-                                               REPO / "benchmarks" / "cpu_consolidation_probe.py")
-cons = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cons)
+cons = load_benchmark("cpu_consolidation_probe")
 
 
 def test_a_short_run_scores_every_setting_with_the_schedules_passes(tmp_path):

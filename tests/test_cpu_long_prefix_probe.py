@@ -3,20 +3,17 @@ writes on and off, and its argument checks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from load_script import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("cpu_long_prefix_probe",
-                                               REPO / "benchmarks" / "cpu_long_prefix_probe.py")
-lp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lp)
+lp = load_benchmark("cpu_long_prefix_probe")
 
 
 def test_prefixed_samples_put_the_key_right_before_the_question():

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from load_script import load_benchmark
 
 
 def test_count_ops_counts_both_paths(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_doc_masks.py"
-    spec = importlib.util.spec_from_file_location("bench_doc_masks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_doc_masks")
     res = mod.main(["--count-ops", "2", "--count-length", "768", "--out", str(tmp_path), "--name", "ops"])
     row = res["op_counts"][0]
     assert row["depth"] == 2 and row["length"] == 768 and row["documents"] >= 2

@@ -4,18 +4,14 @@ selection (dense keeps every visible token; length_scaled:c=4 keeps ~4 sqrt(L), 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from load_script import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("kept_budget", REPO / "benchmarks" / "kept_budget_vs_length.py")
-kept = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kept)
+kept = load_benchmark("kept_budget_vs_length")
 
 
 @pytest.fixture(autouse=True)

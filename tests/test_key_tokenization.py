@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 from memsparse.eval.harness import sample_seed
 from memsparse.eval.tasks import get_task
 
 from memsparse.tokenizer import ByteTokenizer, train_bpe
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("key_tok", REPO / "benchmarks" / "key_tokenization.py")
-key_tok = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(key_tok)
+key_tok = load_benchmark("key_tokenization")
 
 
 def test_byte_tokenizer_keys_are_all_alike():

@@ -36,7 +36,6 @@ slower than on one (the two threads wait on each other).
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from load_script import load_script
 from memsparse.eval.harness import PeakMemory, run_cell, sample_seed
 from memsparse.eval.tasks.base import Layout, Needle, NeedleTask, Piece, Template
 from memsparse.eval.tasks.haystacks import NoiseHaystack
@@ -55,10 +55,7 @@ from memsparse.config import MemoryConfig, ModelConfig
 from memsparse.model import MemSparseLM
 from memsparse.tokenizer import ByteTokenizer
 
-_spec = importlib.util.spec_from_file_location("reference_transformer",
-                                               Path(__file__).with_name("reference_transformer.py"))
-reference_transformer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reference_transformer)
+reference_transformer = load_script(Path(__file__).with_name("reference_transformer.py"))
 
 TOK = ByteTokenizer()
 CPU = torch.device("cpu")

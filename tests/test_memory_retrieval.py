@@ -8,15 +8,11 @@ without memory cannot; both copy it from inside the window. About 3 minutes on 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
-_path = Path(__file__).parent.parent / "benchmarks" / "cpu_memory_probe.py"
-_spec = importlib.util.spec_from_file_location("cpu_memory_probe", _path)
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+probe = load_benchmark("cpu_memory_probe")
 
 
 @pytest.mark.slow

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("needle_distances", ROOT / "benchmarks" / "needle_distances.py")
-nd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(nd)
+nd = load_benchmark("needle_distances")
 
 pytest.importorskip("memsparse.eval.tasks")
 

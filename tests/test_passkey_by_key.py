@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("passkey_by_key", REPO / "benchmarks" / "passkey_by_key.py")
-pbk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pbk)
+from load_script import load_benchmark
+
+pbk = load_benchmark("passkey_by_key")
 
 
 def _cell(n, d, found):  # found: {key: score}

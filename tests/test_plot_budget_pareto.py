@@ -4,16 +4,13 @@ hand-built case whose answer is known, and bad input as one-line errors."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("plot_budget_pareto", REPO / "benchmarks" / "plot_budget_pareto.py")
-pareto = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pareto)
+pareto = load_benchmark("plot_budget_pareto")
 
 # (length, setting): per depth (0.0, 1.0) a (flops, accuracy) pair
 CASE = {

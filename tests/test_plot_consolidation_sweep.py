@@ -4,16 +4,13 @@ fixed passes at equal total passes, wall time per pass count, and bad input as o
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("plot_cons", REPO / "benchmarks" / "plot_consolidation_sweep.py")
-cons = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cons)
+cons = load_benchmark("plot_consolidation_sweep")
 
 K32, K128, M1 = 32768, 131072, 1048576
 # (setting, length): (passes, accuracy at depth 0, accuracy at depth 1, wall_s of the cell)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 pytest.importorskip("matplotlib")
-_path = Path(__file__).parent.parent / "benchmarks" / "plot_memory_probe.py"
-_spec = importlib.util.spec_from_file_location("plot_memory_probe", _path)
-plot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot)
+plot = load_benchmark("plot_memory_probe")
 
 
 def _run(tmp_path, name, args, accs):

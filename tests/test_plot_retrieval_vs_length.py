@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("plot_rvl", REPO / "benchmarks" / "plot_retrieval_vs_length.py")
-plot_rvl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot_rvl)
+plot_rvl = load_benchmark("plot_retrieval_vs_length")
 
 
 def _results(path: Path, acc: dict) -> Path:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("retrieval_by_step", REPO / "benchmarks" / "retrieval_by_step.py")
-rbs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rbs)
+from load_script import load_benchmark
+
+rbs = load_benchmark("retrieval_by_step")
 
 
 def _cell(step, length, distance, scores, tf):

@@ -5,7 +5,6 @@ training logs."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -15,13 +14,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "run_budget_training.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-_spec = importlib.util.spec_from_file_location("budget_training", REPO / "benchmarks" / "budget_training.py")
-bt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bt)
+bt = load_benchmark("budget_training")
 
 
 def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,12 +11,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "run_claims.sh"
-_spec = importlib.util.spec_from_file_location("kept_budget", REPO / "benchmarks" / "kept_budget_vs_length.py")
-kept = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kept)
+kept = load_benchmark("kept_budget_vs_length")
 
 
 @pytest.fixture(scope="module")

@@ -337,14 +337,9 @@ def test_policy_constants_are_exact_doubles():
 
 
 def _bench_module():
-    import importlib.util
-    from pathlib import Path
+    from load_script import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_select.py"
-    spec = importlib.util.spec_from_file_location("bench_select", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_select")
 
 
 def test_bench_checks_then_times_both_impls_on_cpu(tmp_path):

@@ -3,19 +3,15 @@ line a + b x tokens through the runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from load_script import load_benchmark
 
 
 def _mod():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
-    spec = importlib.util.spec_from_file_location("step_cost", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("step_cost")
 
 
 def _run(tmp_path, name, batch, seq_len, ms, evals=()):

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from load_script import load_benchmark
 
 pytest.importorskip("triton")
 
 from tiny_recipe import tiny_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("triton_variants", REPO / "benchmarks" / "triton_variants.py")
-tv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tv)
+tv = load_benchmark("triton_variants")
 
 
 def test_specialisation_follows_tritons_keys():
