@@ -720,6 +720,9 @@ class MemSparseLM(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i in mem_layers) for i in range(config.depth)])
         self.norm = nn.RMSNorm(config.dim)
         self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # (V,) added to the logits inside the loss in train mode only (never to returned logits, never exported):
+        # the logit-adjusted loss of memsparse-train's `model.logit_adjust`, updated in place between steps
+        self.register_buffer("loss_logit_bias", None, persistent=False)
 
     @property
     def output_weight(self) -> Tensor:
@@ -876,7 +879,8 @@ class MemSparseLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, "
                                  f"got {tuple(labels.shape)}")
-            loss = chunked_cross_entropy(h, self.output_weight, labels, self.config.loss_chunk)
+            bias = self.loss_logit_bias if self.training else None
+            loss = chunked_cross_entropy(h, self.output_weight, labels, self.config.loss_chunk, bias)
         logits = h @ self.output_weight.t() if return_logits else None
         return LMOutput(loss, logits, stat_means(stats))
 
@@ -981,15 +985,18 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) ->
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
-def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
-    """Mean CE of `h @ weight.T` against labels without materialising all logits: chunks of `chunk` tokens,
-    each recomputed in backward (activation checkpointing). h `(B, L, dim)`, labels `(B, L)` (-100 ignored)."""
+def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096,
+                          bias: Tensor | None = None) -> Tensor:
+    """Mean CE of `h @ weight.T (+ bias)` against labels without materialising all logits: chunks of `chunk`
+    tokens, each recomputed in backward (activation checkpointing). h `(B, L, dim)`, labels `(B, L)` (-100
+    ignored), bias `(V,)` or None."""
     hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     total = h.new_zeros((), dtype=torch.float32)
     count = (lf != -100).sum().clamp_min(1)  # all ignored -> loss 0 (no host sync to test it)
 
     def piece(hc, lc):
-        return F.cross_entropy((hc @ weight.t()).float(), lc, ignore_index=-100, reduction="sum")
+        logits = (hc @ weight.t()).float()
+        return F.cross_entropy(logits if bias is None else logits + bias, lc, ignore_index=-100, reduction="sum")
 
     for hc, lc in zip(hf.split(chunk), lf.split(chunk)):  # one split: its backward is one concatenation
         if torch.is_grad_enabled() and hc.requires_grad:

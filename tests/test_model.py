@@ -218,6 +218,37 @@ def test_chunked_cross_entropy_matches_full():
         torch.testing.assert_close(x, y)
 
 
+def test_chunked_cross_entropy_with_a_bias_is_the_loss_of_the_shifted_logits():
+    h = torch.randn(2, 33, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    bias = torch.randn(50)
+    labels = torch.randint(0, 50, (2, 33))
+    labels[1, 3:9] = -100
+    a = chunked_cross_entropy(h, w, labels, chunk=10, bias=bias)
+    b = torch.nn.functional.cross_entropy((h @ w.t() + bias).view(-1, 50), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(torch.autograd.grad(a, (h, w)), torch.autograd.grad(b, (h, w))):
+        torch.testing.assert_close(x, y)
+
+
+def test_loss_logit_bias_applies_to_the_training_loss_only():
+    """Set, the bias shifts the loss in train mode; eval-mode loss, returned logits and the export ignore it."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    eval_loss = model(ids, labels=ids).loss
+    model.train()
+    plain = model(ids, labels=ids)
+    model.loss_logit_bias = torch.linspace(-3, 3, model.config.vocab_size, dtype=torch.float64)
+    out = model(ids, labels=ids)
+    V = model.config.vocab_size
+    want = torch.nn.functional.cross_entropy((plain.logits + model.loss_logit_bias).view(-1, V), ids.view(-1))
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(out.logits, plain.logits)
+    model.eval()
+    torch.testing.assert_close(model(ids, labels=ids).loss, eval_loss)
+    assert "loss_logit_bias" not in model.state_dict()
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(window=40), "window: must be a multiple of segment"),
     (dict(segment=20), "segment: must be a multiple of block_size"),

@@ -527,6 +527,71 @@ def test_cuda_graph_config_errors(tmp_path):
         _trainer(tmp_path, 1).fit(_tiny_module(cuda_graph=True), datamodule=_datamodule())
 
 
+# ------------------------------------------------------------------------------------------- logit adjustment
+
+
+def test_logit_adjust_counts_labels_and_sets_the_loss_bias():
+    module = _tiny_module(logit_adjust=2.0)
+    V = module.config.vocab_size
+    assert module.model.loss_logit_bias.shape == (V,) and not module.model.loss_logit_bias.any()
+    a = torch.tensor([[5, 5, -100, 7], [-100, 5, 9, 9]])
+    b = torch.tensor([[7, -100, -100, 1]])
+    module._update_logit_bias(a)
+    module._update_logit_bias(b)
+    want = torch.zeros(V, dtype=torch.float64)
+    for t, n in {5: 3, 7: 2, 9: 2, 1: 1}.items():
+        want[t] = n
+    torch.testing.assert_close(module._label_counts, want, rtol=0, atol=0)
+    prior = (want + 1) / (want.sum() + V)
+    torch.testing.assert_close(module.model.loss_logit_bias, (2.0 * prior.log()).float())
+    assert _tiny_module().model.loss_logit_bias is None  # off by default: plain cross-entropy
+    with pytest.raises(ValueError, match="logit_adjust"):
+        _tiny_module(logit_adjust=-1.0)
+
+
+def test_logit_adjust_trains_another_model_and_its_prior_is_checkpointed(tmp_path):
+    """The biased loss changes training (not validation or decoding); the counts reach the checkpoint, hold every
+    labelled token of the run, and come back on resume."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    plain = _fit_snapshots(tmp_path / "plain", _tiny_module(), 3)
+    pl.seed_everything(0)
+    module = _tiny_module(logit_adjust=1.0)
+    adjusted = _fit_snapshots(tmp_path / "adjusted", module, 3)
+    assert not all(torch.equal(x, y) for x, y in zip(plain[3], adjusted[3]))
+    ckpt = load_checkpoint(tmp_path / "adjusted" / "checkpoints" / "last.ckpt")
+    counts = ckpt["memsparse"]["label_counts"]
+    torch.testing.assert_close(counts, module._label_counts.cpu(), rtol=0, atol=0)
+    assert 3 * 2 * 60 <= float(counts.sum()) <= 3 * 2 * 64  # 3 steps of 2 x 64 tokens, loss on every next token
+    assert load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.ckpt")["memsparse"]["label_counts"] is None
+    fresh = _tiny_module(logit_adjust=1.0)
+    fresh.on_load_checkpoint(ckpt)
+    torch.testing.assert_close(fresh._label_counts, counts, rtol=0, atol=0)
+    x = torch.randint(0, 259, (1, 32))
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x, labels=x).loss,
+                                   torch.nn.functional.cross_entropy(module.model(x).logits[0], x[0]))
+
+
+def test_logit_adjust_under_the_graphed_step_trains_like_eager(tmp_path, monkeypatch):
+    """GraphedLoss reads the loss bias that each step updates in place."""
+    import lightning.pytorch as pl
+
+    from memsparse.cuda_graph import GraphedLoss
+
+    pl.seed_everything(0)
+    eager = _fit_params(tmp_path / "eager", _tiny_module(logit_adjust=1.5))
+    pl.seed_everything(0)
+    module = _tiny_module(cuda_graph=True, logit_adjust=1.5)
+    monkeypatch.setattr(MemSparseLightningModule, "_check_cuda_graph", lambda self: None)
+    module._graphed = GraphedLoss(module.model, graph=False)
+    graphed = _fit_params(tmp_path / "graphed", module)
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_clipping_under_fsdp_uses_the_wrapped_models_norm_clip(monkeypatch):
     """Lightning's FSDP precision plugin refuses norm clipping; the module clips through FSDP's clip_grad_norm_
     instead (Lightning runs FSDP only on GPUs, so the sharded state is stood in for here)."""

@@ -204,6 +204,12 @@ class MemSparseLightningModule(pl.LightningModule):
             device; not with fp16's gradient scaler; a non-finite step is then skipped on the device, the host
             counting it one step later, so a step never waits for the device), "foreach", or "auto" (fused on CUDA
             unless the precision is fp16 with its gradient scaler, foreach there; torch's default on CPU).
+        logit_adjust: tau > 0 trains on the logit-adjusted loss (Menon et al. 2021, "Long-tail learning via logit
+            adjustment", eq. 10): cross-entropy of `logits + tau * log(prior)`, the prior being the frequencies of
+            the labelled tokens so far (add-one smoothed, counted from step 0 and kept in checkpoints); decoding and
+            validation use the raw logits. With the loss on answers only, the model then need not hold the
+            answers' prior, so a key token that is a rare answer in training (a merged BPE number) is not pushed
+            below the common ones (docs/training.md). 0: plain cross-entropy.
     """
 
     def __init__(
@@ -223,6 +229,7 @@ class MemSparseLightningModule(pl.LightningModule):
         memory_lr_scale: float = 1.0,
         val_no_writes: bool = False,
         optimizer_impl: str = "auto",
+        logit_adjust: float = 0.0,
     ) -> None:
         super().__init__()
 
@@ -249,6 +256,7 @@ class MemSparseLightningModule(pl.LightningModule):
         check(max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "an integer >= 1",
               max_consecutive_nonfinite)
         check(memory_lr_scale > 0, "memory_lr_scale", "> 0", memory_lr_scale)
+        check(logit_adjust >= 0, "logit_adjust", ">= 0 (0: plain cross-entropy)", logit_adjust)
         check(optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", " / ".join(OPTIMIZER_IMPLS), optimizer_impl)
         if memory_lr_scale != 1.0 and not cfg.memory_layer_ids():
             raise ConfigError("has no memory to scale: model.config.memory_layers is empty (set it to 1.0)",
@@ -263,6 +271,10 @@ class MemSparseLightningModule(pl.LightningModule):
         self.val_no_writes = bool(val_no_writes) and bool(cfg.memory_layer_ids())
         self.cuda_graph, self.float32_matmul_precision = cuda_graph, float32_matmul_precision
         self._graphed: GraphedLoss | None = None
+        self.logit_adjust = float(logit_adjust)
+        self._label_counts: torch.Tensor | None = None  # (V,) float64: labelled tokens so far (logit_adjust)
+        if self.logit_adjust:
+            self.model.loss_logit_bias = torch.zeros(cfg.vocab_size)
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self._loss_ok: torch.Tensor | None = None  # on the device: every micro-batch's loss of this step finite
@@ -370,7 +382,22 @@ class MemSparseLightningModule(pl.LightningModule):
         stage-1 step on an H100: benchmarks/results/step_profile_fused_h100_2026-12-06/)."""
         self.log(name, torch.tensor(float(value)), on_step=True, on_epoch=False, batch_size=1)
 
+    def _update_logit_bias(self, labels: torch.Tensor) -> None:
+        """Count `labels` (-100 ignored) into the prior and set the model's loss bias to logit_adjust * log(prior),
+        in place (a CUDA graph reads it) and without a host sync."""
+        bias = self.model.loss_logit_bias
+        if self._label_counts is None:
+            self._label_counts = torch.zeros(bias.shape, dtype=torch.float64, device=bias.device)
+        elif self._label_counts.device != bias.device:  # restored from a checkpoint on the CPU
+            self._label_counts = self._label_counts.to(bias.device)
+        lab = labels.reshape(-1)
+        self._label_counts.index_add_(0, lab.clamp_min(0), (lab != -100).to(torch.float64))
+        prior = (self._label_counts + 1) / (self._label_counts.sum() + self._label_counts.numel())
+        bias.copy_(prior.log_().mul_(self.logit_adjust))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.logit_adjust:
+            self._update_logit_bias(batch["labels"])
         if self.cuda_graph:
             if self._graphed is None:
                 self._graphed = GraphedLoss(self.model)
@@ -730,6 +757,7 @@ class MemSparseLightningModule(pl.LightningModule):
             "tokenizer": tokenizer_payload(tok) if tok is not None else None,
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_nonfinite": self.consecutive_nonfinite,
+            "label_counts": None if self._label_counts is None else self._label_counts.cpu(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -751,6 +779,9 @@ class MemSparseLightningModule(pl.LightningModule):
         meta = checkpoint.get(CKPT_KEY) or {}
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         self.consecutive_nonfinite = int(meta.get("consecutive_nonfinite", 0))
+        counts = meta.get("label_counts")
+        if self.logit_adjust and counts is not None:  # the prior goes on from where the run stopped
+            self._label_counts = counts.to(torch.float64)
         rng = meta.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
