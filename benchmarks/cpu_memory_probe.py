@@ -152,6 +152,17 @@ def training_labels(ids: torch.Tensor, labels: torch.Tensor, loss: str) -> torch
     return out
 
 
+def adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
+                           tau: float) -> torch.Tensor:
+    """Logit-adjusted cross-entropy (Menon et al. 2021, "Long-tail learning via logit adjustment", eq. 10): the
+    loss on `logits + tau * log(prior)`, prior = the labelled tokens' frequencies so far (`counts`, add-one
+    smoothed), so the raw logits, which decode, need not hold the prior of the answers. logits `(B, L, V)`,
+    labels `(B, L)` (-100 ignored), counts `(V,)`; returns the mean loss over labelled positions."""
+    log_prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))
+    return torch.nn.functional.cross_entropy((logits + tau * log_prior).flatten(0, 1).float(), labels.flatten(),
+                                             ignore_index=-100)
+
+
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
           chunk: int = 16, scale: int = 1, forget_init: float = 1e-4) -> MemSparseLM:
     """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
@@ -232,6 +243,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     share = getattr(args, "beyond_share", None)
     relay_top = max(hi for b, _, hi in bands if b == "relay")
     total = copy + relay + args.steps
+    tau, seen_counts = getattr(args, "logit_adjust", 0.0), torch.zeros(VOCAB)
     for step in range(1, total + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
         # them during the --copy-steps first steps; during the --relay-steps after them the others reach only
@@ -247,8 +259,14 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond)
                           if mixed else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters,
                                               extra))
-        out = model(ids, labels=training_labels(ids, labels, getattr(args, "loss", "answer")))
-        loss = out.loss
+        lab = training_labels(ids, labels, getattr(args, "loss", "answer"))
+        if tau:  # --logit-adjust: the loss on logits + tau * log(prior of the labelled tokens so far)
+            out = model(ids)
+            seen_counts += torch.bincount(lab[lab != -100], minlength=VOCAB).float()
+            loss = adjusted_cross_entropy(out.logits, lab, seen_counts, tau)
+        else:
+            out = model(ids, labels=lab)
+            loss = out.loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,6 +343,9 @@ def main() -> None:
                     help="with --unseen N: those letters are rare instead, about this share of training key letters")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
+    ap.add_argument("--logit-adjust", type=float, default=0.0,
+                    help="TAU > 0: train on logits + TAU * log(prior of the labelled tokens so far), decode the raw "
+                         "logits (logit adjustment against the answers' prior; 0: plain cross-entropy)")
     ap.add_argument("--eval-no-writes", action="store_true",
                     help="also score every band with the memory's writes off (acc_<band>_no_writes; the same "
                          "prompts): what attention alone finds, as RetrievalEval's no_writes on the GPU")
@@ -333,6 +354,8 @@ def main() -> None:
                          "the segment; the GPU recipes write 256-token segments in one step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.logit_adjust < 0:
+        ap.error(f"--logit-adjust must be >= 0, got {args.logit_adjust}")
     if not 0 <= args.unseen < args.alphabet:
         ap.error(f"--unseen must be in [0, --alphabet), got {args.unseen}")
     if not 0.0 <= args.unseen_share < 1.0 or (args.unseen_share and not args.unseen):
