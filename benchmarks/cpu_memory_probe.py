@@ -81,15 +81,18 @@ KEYS = "ABCDEFGHIJKLMNOPQRSU"
 FILLER = "the sky is blue. "
 RANDOM_FILLER = "abcdefghijklmnopqrstuvwxyz  "  # --filler random draws from these (keys are upper case)
 VOCAB = 128  # ASCII
+STOP = ";"  # --stop: every answer ends with it
 
 
 def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
-           filler: str = "sky", letters: str = KEYS, filler_extra: str = "") -> tuple[list[int], list[int], int]:
+           filler: str = "sky", letters: str = KEYS, filler_extra: str = "",
+           stop: bool = False) -> tuple[list[int], list[int], int]:
     """(ids of `length` tokens, the key's ids, index of the question's last token): key at the start, filler of
     `distance` characters, then the question and the key; padded with filler so that every sample is `length`
     long. The key is `key_length` letters (with repeats); `filler` "sky" repeats FILLER, "random" draws each
     character from RANDOM_FILLER + `filler_extra`. The key's letters are drawn uniformly from `letters` (`--alphabet
-    N`: the first N of KEYS)."""
+    N`: the first N of KEYS). `stop`: the answer ends with STOP (";", as the key's statement does), labelled like
+    the key's letters: an end-of-answer token in every answer, as the GPU tasks' stop."""
     key = "".join(letters[int(torch.randint(len(letters), (1,), generator=g))] for _ in range(key_length))
     if filler == "random":
         chars = RANDOM_FILLER + filler_extra
@@ -104,7 +107,7 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
     text = f"K={key};" + fill_text(distance) + "?K="
     ids = [ord(c) for c in text]
     q = len(ids) - 1
-    ans = [ord(c) for c in key]
+    ans = [ord(c) for c in key + (STOP if stop else "")]
     pad = max(0, length - len(ids) - len(ans))
     if filler == "random":
         ids = ids + ans + [ord(c) for c in fill_text(pad)]
@@ -114,7 +117,8 @@ def sample(g: torch.Generator, distance: int, length: int, key_length: int = 1,
 
 
 def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler: str = "sky",
-          letters: str = KEYS, filler_extra: str = "", beyond: tuple[int, int, float] | None = None):
+          letters: str = KEYS, filler_extra: str = "", beyond: tuple[int, int, float] | None = None,
+          stop: bool = False):
     """n samples, keys lo-hi tokens back (uniform); with `beyond` = (LO, HI, share), each key instead lies LO-HI
     back with probability `share`. Returns (ids, labels, [(answer, question position)])."""
 
@@ -124,7 +128,7 @@ def batch(g, n: int, lo: int, hi: int, length: int, key_length: int = 1, filler:
             a, b = beyond[0], beyond[1]
         return int(torch.randint(a, b + 1, (1,), generator=g))
 
-    rows = [sample(g, distance(), length, key_length, filler, letters, filler_extra) for _ in range(n)]
+    rows = [sample(g, distance(), length, key_length, filler, letters, filler_extra, stop) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q) in enumerate(rows):
@@ -200,15 +204,16 @@ def key_hits(logits, ans) -> list[list[bool]]:
 
 @torch.no_grad()
 def accuracy(model, g, lo: int, hi: int, length: int, n: int = 200, key_length: int = 1,
-             per_token: bool = False, filler: str = "sky", letters: str = KEYS, filler_extra: str = ""):
+             per_token: bool = False, filler: str = "sky", letters: str = KEYS, filler_extra: str = "",
+             stop: bool = False):
     """Exact match of the whole key (argmax at each answer position, teacher-forced) over `n` held-out samples;
     with `per_token`, (exact match, per-letter accuracy)."""
     model.eval()
-    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, letters, filler_extra)
+    ids, _, ans = batch(g, n, lo, hi, length, key_length, filler, letters, filler_extra, stop=stop)
     hits = key_hits(model(ids).logits, ans)
     model.train()
     exact = sum(all(h) for h in hits) / n
-    return (exact, sum(map(sum, hits)) / (n * key_length)) if per_token else exact
+    return (exact, sum(map(sum, hits)) / sum(map(len, hits))) if per_token else exact
 
 
 def train(memory: bool, args) -> dict:
@@ -244,6 +249,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     relay_top = max(hi for b, _, hi in bands if b == "relay")
     total = copy + relay + args.steps
     tau, seen_counts = getattr(args, "logit_adjust", 0.0), torch.zeros(VOCAB)
+    stop = getattr(args, "stop", False)
     for step in range(1, total + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
         # them during the --copy-steps first steps; during the --relay-steps after them the others reach only
@@ -256,9 +262,9 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         beyond = None
         if mixed and step > copy + relay and share is not None:
             hi, beyond = getattr(args, "near_max", 40) * sc, (112 * sc, 160 * sc, share)
-        ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond)
+        ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond, stop)
                           if mixed else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters,
-                                              extra))
+                                              extra, stop=stop))
         lab = training_labels(ids, labels, getattr(args, "loss", "answer"))
         if tau:  # --logit-adjust: the loss on logits + tau * log(prior of the labelled tokens so far)
             out = model(ids)
@@ -287,8 +293,9 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                 ge = torch.Generator().manual_seed(10_000)
                 with model.memory_writes_as(writes):
                     for band, lo, hi, letters in scored:
-                        acc = accuracy(model, ge, lo, hi, args.length, n, kl, kl > 1, fl, letters, extra)
-                        if kl > 1:  # per-letter accuracy beside the exact match (a 1-letter key: the same)
+                        acc = accuracy(model, ge, lo, hi, args.length, n, kl, kl > 1 or stop, fl, letters, extra,
+                                       stop)
+                        if kl > 1 or stop:  # per-letter accuracy beside the exact match (a 1-letter key: the same)
                             row[f"acc_{band}{suffix}"] = acc[0]
                             if writes:
                                 row[f"tok_{band}"] = acc[1]
@@ -346,6 +353,9 @@ def main() -> None:
     ap.add_argument("--logit-adjust", type=float, default=0.0,
                     help="TAU > 0: train on logits + TAU * log(prior of the labelled tokens so far), decode the raw "
                          "logits (logit adjustment against the answers' prior; 0: plain cross-entropy)")
+    ap.add_argument("--stop", action="store_true",
+                    help="every answer ends with a labelled stop token (';'), scored with the key (exact match): an "
+                         "end-of-answer token as frequent as the answers, as the GPU tasks' stop")
     ap.add_argument("--eval-no-writes", action="store_true",
                     help="also score every band with the memory's writes off (acc_<band>_no_writes; the same "
                          "prompts): what attention alone finds, as RetrievalEval's no_writes on the GPU")

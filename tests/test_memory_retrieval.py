@@ -219,3 +219,16 @@ def test_adjusted_cross_entropy_shifts_the_logits_by_the_log_prior():
     torch.testing.assert_close(got, want)
     (g_plain,), (g_adj,) = torch.autograd.grad(plain, logits), torch.autograd.grad(got, logits)
     assert (g_adj[:, 3, 67] < 0.2 * g_plain[:, 3, 67]).all()  # 67: never a label (measured 0.13x)
+
+
+def test_stop_ends_every_answer_with_a_labelled_stop_token():
+    """--stop: the answer is the key then ";" (labelled like the key), and the defaults' samples are unchanged."""
+    import torch
+
+    ids, labels, ans = probe.batch(torch.Generator().manual_seed(0), 4, 8, 24, 64, key_length=2, stop=True)
+    for row, lab, (a, q) in zip(ids.tolist(), labels, ans):
+        assert len(a) == 3 and a[-1] == ord(probe.STOP) and row[q + 1:q + 4] == a
+        assert lab[q:q + 3].tolist() == a and int((lab != -100).sum()) == 3
+    plain = probe.batch(torch.Generator().manual_seed(0), 4, 8, 24, 64, key_length=2)
+    again = probe.batch(torch.Generator().manual_seed(0), 4, 8, 24, 64, key_length=2, stop=False)
+    assert torch.equal(plain[0], again[0]) and torch.equal(plain[1], again[1])
