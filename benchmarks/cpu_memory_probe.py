@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 
 from memsparse.config import ConsolidationConfig, MemoryConfig, ModelConfig
-from memsparse.model import MemSparseLM
+from memsparse.model import MemSparseLM, logit_adjustment
 
 KEYS = "ABCDEFGHIJKLMNOPQRSU"
 FILLER = "the sky is blue. "
@@ -160,11 +160,11 @@ def adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, counts: t
                            tau: float) -> torch.Tensor:
     """Logit-adjusted cross-entropy (Menon et al. 2021, "Long-tail learning via logit adjustment", eq. 10): the
     loss on `logits + tau * log(prior)`, prior = the labelled tokens' frequencies so far (`counts`, add-one
-    smoothed), so the raw logits, which decode, need not hold the prior of the answers. logits `(B, L, V)`,
+    smoothed; `memsparse.model.logit_adjustment`, as memsparse-train's `model.logit_adjust`), so the raw logits,
+    which decode, need not hold the prior of the answers. logits `(B, L, V)`,
     labels `(B, L)` (-100 ignored), counts `(V,)`; returns the mean loss over labelled positions."""
-    log_prior = torch.log((counts + 1) / (counts.sum() + counts.numel()))
-    return torch.nn.functional.cross_entropy((logits + tau * log_prior).flatten(0, 1).float(), labels.flatten(),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy((logits + logit_adjustment(counts, tau)).flatten(0, 1).float(),
+                                             labels.flatten(), ignore_index=-100)
 
 
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,

@@ -645,10 +645,11 @@ def run_cells(model, tokenizer, task, length: int, depths: Sequence[float], samp
     for first in range(0, len(prompts), batch):
         group = []
         for c, i in prompts[first:first + batch]:
-            sample = task.generate(length, depths[c], sample_seed(seed, i), tokenizer)
+            s = sample_seed(seed, i)
+            sample = task.generate(length, depths[c], s, tokenizer)
             if len(sample.prompt_ids) != length:
                 raise RuntimeError(f"{task.name} generated {len(sample.prompt_ids)} tokens for length {length}")
-            group.append((c, sample_seed(seed, i), sample))
+            group.append((c, s, sample))
         ids = torch.tensor([sample.prompt_ids for *_, sample in group], dtype=torch.long, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -985,6 +985,12 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) ->
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
 
 
+def logit_adjustment(counts: Tensor, tau: float) -> Tensor:
+    """The logit-adjusted loss's bias (Menon et al. 2021, eq. 10): `tau * log(prior)` `(V,)`, the prior being the
+    label counts `(V,)` add-one smoothed, in their dtype. Added to the logits inside the loss only."""
+    return tau * torch.log((counts + 1) / (counts.sum() + counts.numel()))
+
+
 def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096,
                           bias: Tensor | None = None) -> Tensor:
     """Mean CE of `h @ weight.T (+ bias)` against labels without materialising all logits: chunks of `chunk`

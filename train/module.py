@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memsparse.config import ConfigError, ModelConfig, from_dict
 from memsparse.cuda_graph import GraphedLoss
-from memsparse.model import MemSparseLM
+from memsparse.model import MemSparseLM, logit_adjustment
 from memsparse.tokenizer import load_tokenizer
 
 CKPT_KEY = "memsparse"  # our section of a Lightning checkpoint
@@ -392,8 +392,7 @@ class MemSparseLightningModule(pl.LightningModule):
             self._label_counts = self._label_counts.to(bias.device)
         lab = labels.reshape(-1)
         self._label_counts.index_add_(0, lab.clamp_min(0), (lab != -100).to(torch.float64))
-        prior = (self._label_counts + 1) / (self._label_counts.sum() + self._label_counts.numel())
-        bias.copy_(prior.log_().mul_(self.logit_adjust))
+        bias.copy_(logit_adjustment(self._label_counts, self.logit_adjust))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.logit_adjust:
