@@ -56,6 +56,10 @@ bound from 40 to N (90: the relay band, whose farther third attention does not r
 curriculum's stage 2 put 5-13% of its needles beyond attention's reach and its memory carried nothing, 19-28% and
 it did (2026-12-06). Does the share decide whether, or how soon, the toy memory learns the carry?
 
+`--logit-adjust TAU` trains on the logit-adjusted loss (`model.logit_adjust` of memsparse-train); with
+`--logit-adjust-from N` the plain loss runs up to step N and the adjusted one after it, its prior counted from step
+N + 1 (a plain start, then the adjustment, as a GPU curriculum's stage 2 from a plain stage 1).
+
 `--eval-no-writes` scores every band again with the memory's writes off (`acc_<band>_no_writes`, the same prompts):
 a key found then is reached by attention, one found only with the writes on is carried by the memory.
 
@@ -249,6 +253,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     relay_top = max(hi for b, _, hi in bands if b == "relay")
     total = copy + relay + args.steps
     tau, seen_counts = getattr(args, "logit_adjust", 0.0), torch.zeros(VOCAB)
+    tau_from = getattr(args, "logit_adjust_from", 0)  # plain loss up to this step; the prior counted after it
     stop = getattr(args, "stop", False)
     for step in range(1, total + 1):
         # a third of the samples inside the window: the copy is learned there, then needed beyond it (all of
@@ -266,7 +271,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
                           if mixed else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters,
                                               extra, stop=stop))
         lab = training_labels(ids, labels, getattr(args, "loss", "answer"))
-        if tau:  # --logit-adjust: the loss on logits + tau * log(prior of the labelled tokens so far)
+        if tau and step > tau_from:  # --logit-adjust: loss on logits + tau * log(prior so far)
             out = model(ids)
             seen_counts += torch.bincount(lab[lab != -100], minlength=VOCAB).float()
             loss = adjusted_cross_entropy(out.logits, lab, seen_counts, tau)
@@ -353,6 +358,10 @@ def main() -> None:
     ap.add_argument("--logit-adjust", type=float, default=0.0,
                     help="TAU > 0: train on logits + TAU * log(prior of the labelled tokens so far), decode the raw "
                          "logits (logit adjustment against the answers' prior; 0: plain cross-entropy)")
+    ap.add_argument("--logit-adjust-from", type=int, default=0,
+                    help="with --logit-adjust: the plain loss up to step N, the adjusted one after it with the prior "
+                         "counted from step N + 1 (a plain start, then the adjustment, as a GPU curriculum's stage 2 "
+                         "started from a plain stage 1 with fresh counts)")
     ap.add_argument("--stop", action="store_true",
                     help="every answer ends with a labelled stop token (';'), scored with the key (exact match): an "
                          "end-of-answer token as frequent as the answers, as the GPU tasks' stop")
@@ -366,6 +375,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.logit_adjust < 0:
         ap.error(f"--logit-adjust must be >= 0, got {args.logit_adjust}")
+    if args.logit_adjust_from < 0 or (args.logit_adjust_from and not args.logit_adjust):
+        ap.error(f"--logit-adjust-from needs --logit-adjust TAU and a step >= 0, got {args.logit_adjust_from}")
     if not 0 <= args.unseen < args.alphabet:
         ap.error(f"--unseen must be in [0, --alphabet), got {args.unseen}")
     if not 0.0 <= args.unseen_share < 1.0 or (args.unseen_share and not args.unseen):

@@ -148,6 +148,31 @@ def test_copy_steps_train_in_the_window_first_and_count_in_the_curve(monkeypatch
     assert calls[:6] == [(8, 24)] * 3 + [(8, 160), (8, 160), (8, 24)]
 
 
+def test_logit_adjust_from_trains_plain_first_and_counts_the_prior_after(monkeypatch):
+    """--logit-adjust-from N: steps 1..N take the plain loss (as with TAU 0, the same parameters after them), the
+    adjusted loss follows with the prior counted from step N + 1 only."""
+    import torch
+
+    seen, real = [], probe.adjusted_cross_entropy
+
+    def adjusted(logits, labels, counts, tau):
+        seen.append(float(counts.sum()))
+        return real(logits, labels, counts, tau)
+    monkeypatch.setattr(probe, "adjusted_cross_entropy", adjusted)
+
+    def run(**k):
+        args = argparse.Namespace(steps=4, batch=2, length=192, lr=1e-3, eval_every=100, seed=0, eval_samples=2,
+                                  **k)
+        model, _ = probe.fit(True, args)
+        return [p.detach().clone() for p in model.parameters()]
+    plain = run()
+    late = run(logit_adjust=2.0, logit_adjust_from=4)  # the adjustment from step 5 on: never, in 4 steps
+    assert seen == [] and all(torch.equal(a, b) for a, b in zip(plain, late))
+    half = run(logit_adjust=2.0, logit_adjust_from=2)
+    assert seen == [2.0, 4.0]  # two labelled answers a step (batch 2, one-letter keys), counted from step 3
+    assert any(not torch.equal(a, b) for a, b in zip(plain, half))
+
+
 def test_eval_no_writes_scores_the_same_prompts_with_the_writes_off(monkeypatch):
     """--eval-no-writes: every band scored again with the memory's writes off (the flags restored after), on the
     same prompts as the writes-on scores; the rows also hold the memory's write rates."""
@@ -191,6 +216,7 @@ def test_beyond_share_draws_that_share_of_keys_beyond_attention_and_keeps_the_de
     (["--beyond-share", "0.3", "--far", "200,220", "--length", "260"], "not with --far"),
     (["--near-max", "120"], "--near-max must be in [8, 112)"),
     (["--logit-adjust", "-1"], "--logit-adjust must be >= 0"),
+    (["--logit-adjust-from", "100"], "--logit-adjust-from needs --logit-adjust TAU"),
 ])
 def test_bad_share_settings_are_one_line_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["cpu_memory_probe.py", *argv])
