@@ -56,6 +56,9 @@ bound from 40 to N (90: the relay band, whose farther third attention does not r
 curriculum's stage 2 put 5-13% of its needles beyond attention's reach and its memory carried nothing, 19-28% and
 it did (2026-12-06). Does the share decide whether, or how soon, the toy memory learns the carry?
 
+`--copy-loss all` labels every next token during the `--copy-steps` start and `--loss` after it (the GPU
+curriculum: stage 1 on every token, stage 2 on the answers).
+
 `--logit-adjust TAU` trains on the logit-adjusted loss (`model.logit_adjust` of memsparse-train); with
 `--logit-adjust-from N` the plain loss runs up to step N and the adjusted one after it, its prior counted from step
 N + 1 (a plain start, then the adjustment, as a GPU curriculum's stage 2 from a plain stage 1).
@@ -270,7 +273,10 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond, stop)
                           if mixed else batch(g, args.batch, 8 * sc, 24 * sc, args.length, kl, fl, train_letters,
                                               extra, stop=stop))
-        lab = training_labels(ids, labels, getattr(args, "loss", "answer"))
+        kind = getattr(args, "loss", "answer")
+        if step <= copy:  # --copy-loss: the copying start's own loss (as the GPU stage 1's loss on every token)
+            kind = getattr(args, "copy_loss", None) or kind
+        lab = training_labels(ids, labels, kind)
         if tau and step > tau_from:  # --logit-adjust: loss on logits + tau * log(prior so far)
             out = model(ids)
             seen_counts += torch.bincount(lab[lab != -100], minlength=VOCAB).float()
@@ -355,6 +361,9 @@ def main() -> None:
                     help="with --unseen N: those letters are rare instead, about this share of training key letters")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
+    ap.add_argument("--copy-loss", default=None, choices=["answer", "all"],
+                    help="the loss of the --copy-steps start (default: --loss): all, then the answer only, is the "
+                         "GPU curriculum's stage 1 then stage 2")
     ap.add_argument("--logit-adjust", type=float, default=0.0,
                     help="TAU > 0: train on logits + TAU * log(prior of the labelled tokens so far), decode the raw "
                          "logits (logit adjustment against the answers' prior; 0: plain cross-entropy)")
@@ -399,6 +408,8 @@ def main() -> None:
         ap.error(f"--chunk-size must divide the segment ({16 * args.scale}), got {args.chunk_size}")
     if args.copy_steps < 0:
         ap.error(f"--copy-steps must be >= 0, got {args.copy_steps}")
+    if args.copy_loss and not args.copy_steps:
+        ap.error("--copy-loss needs --copy-steps N")
     if args.relay_steps < 0:
         ap.error(f"--relay-steps must be >= 0, got {args.relay_steps}")
     if args.beyond_share is not None and not (0.0 <= args.beyond_share <= 1.0 and not args.far):

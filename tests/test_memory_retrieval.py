@@ -173,6 +173,20 @@ def test_logit_adjust_from_trains_plain_first_and_counts_the_prior_after(monkeyp
     assert any(not torch.equal(a, b) for a, b in zip(plain, half))
 
 
+def test_copy_loss_labels_every_token_during_the_copying_start_only(monkeypatch):
+    """--copy-loss all: the --copy-steps start labels every next token, the mixed schedule after it --loss's."""
+    kinds, real = [], probe.training_labels
+
+    def training_labels(ids, labels, loss):
+        kinds.append(loss)
+        return real(ids, labels, loss)
+    monkeypatch.setattr(probe, "training_labels", training_labels)
+    args = argparse.Namespace(steps=2, batch=2, length=192, lr=1e-3, eval_every=100, seed=0, copy_steps=2,
+                              eval_samples=2, copy_loss="all")
+    probe.train(True, args)
+    assert kinds == ["all", "all", "answer", "answer"]
+
+
 def test_eval_no_writes_scores_the_same_prompts_with_the_writes_off(monkeypatch):
     """--eval-no-writes: every band scored again with the memory's writes off (the flags restored after), on the
     same prompts as the writes-on scores; the rows also hold the memory's write rates."""
@@ -217,6 +231,7 @@ def test_beyond_share_draws_that_share_of_keys_beyond_attention_and_keeps_the_de
     (["--near-max", "120"], "--near-max must be in [8, 112)"),
     (["--logit-adjust", "-1"], "--logit-adjust must be >= 0"),
     (["--logit-adjust-from", "100"], "--logit-adjust-from needs --logit-adjust TAU"),
+    (["--copy-loss", "all"], "--copy-loss needs --copy-steps N"),
 ])
 def test_bad_share_settings_are_one_line_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["cpu_memory_probe.py", *argv])

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -558,7 +559,8 @@ def test_logit_adjust_trains_another_model_and_its_prior_is_checkpointed(tmp_pat
     plain = _fit_snapshots(tmp_path / "plain", _tiny_module(), 3)
     pl.seed_everything(0)
     module = _tiny_module(logit_adjust=1.0)
-    adjusted = _fit_snapshots(tmp_path / "adjusted", module, 3)
+    with pytest.warns(UserWarning, match=r"model.logit_adjust=1 with labels on every token \(the text's tokens\)"):
+        adjusted = _fit_snapshots(tmp_path / "adjusted", module, 3)
     assert not all(torch.equal(x, y) for x, y in zip(plain[3], adjusted[3]))
     ckpt = load_checkpoint(tmp_path / "adjusted" / "checkpoints" / "last.ckpt")
     counts = ckpt["memsparse"]["label_counts"]
@@ -573,6 +575,23 @@ def test_logit_adjust_trains_another_model_and_its_prior_is_checkpointed(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(module.model(x, labels=x).loss,
                                    torch.nn.functional.cross_entropy(module.model(x).logits[0], x[0]))
+
+
+def test_logit_adjust_warns_only_where_every_token_is_labelled(recwarn):
+    """The answers-only mixture (no text, synthetic_loss: answer) fits quietly; text or synthetic_loss: all warns."""
+    from types import SimpleNamespace as NS
+
+    module = _tiny_module(logit_adjust=2.0)
+    for specs, loss, want in [([NS(proportion=0.6), NS(proportion=0.4)], "answer", None),
+                              ([NS(proportion=1.0)], "all", r"\(synthetic_loss: all\)"),
+                              ([NS(proportion=0.5)], "answer", r"\(the text's tokens\)"),
+                              ([NS(proportion=0.5)], "all", r"\(the text's tokens, synthetic_loss: all\)")]:
+        module._trainer = NS(datamodule=NS(synthetic=specs, synthetic_loss=loss))
+        recwarn.clear()
+        module._check_logit_adjust_labels()
+        got = [str(w.message) for w in recwarn if "logit_adjust" in str(w.message)]
+        assert (got == []) if want is None else (len(got) == 1 and re.search(want, got[0]))
+    module._trainer = None
 
 
 def test_logit_adjust_under_the_graphed_step_trains_like_eager(tmp_path, monkeypatch):

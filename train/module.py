@@ -306,9 +306,26 @@ class MemSparseLightningModule(pl.LightningModule):
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
         if self.cuda_graph and stage == "fit":
             self._check_cuda_graph()
+        if self.logit_adjust and stage == "fit":
+            self._check_logit_adjust_labels()
         if self.compile_model and not self._compiled:
             self.model.compile()
             self._compiled = True
+
+    def _check_logit_adjust_labels(self) -> None:
+        """Warn when logit_adjust meets labels on every token (text, or `synthetic_loss: all`): there the prior is
+        the tokens' unigram distribution, and in the CPU probe the adjusted model stopped copying (docs/training.md)."""
+        dm = getattr(self._trainer, "datamodule", None)
+        specs = getattr(dm, "synthetic", None) or []
+        text_share = 1.0 - sum(s.proportion for s in specs)
+        every = [w for w, on in (("the text's tokens", text_share > 1e-9),
+                                 ("synthetic_loss: all", specs and getattr(dm, "synthetic_loss", None) == "all"))
+                 if on]
+        if dm is not None and every:
+            rank_zero_warn(f"model.logit_adjust={self.logit_adjust:g} with labels on every token ({', '.join(every)}): "
+                           "the prior is then the tokens' unigram distribution, and in the CPU probe such a model "
+                           "stopped copying its keys; the adjustment is meant for data.synthetic_loss: answer with "
+                           "no text (docs/training.md)")
 
     def _check_cuda_graph(self) -> None:
         dev = self.trainer.strategy.root_device
