@@ -8,8 +8,10 @@ argmax at the question with the key placed further and further back (112-160 tok
 ~12x, ~35x and ~100x further, up to 16K tokens), under each consolidation setting: off, fixed passes 1 / 2 / 4 / 8,
 and the schedule n(L) = clamp(round(a * log2(L / window)), 0, n_max) at a = 0.25 / 0.5 / 1 (n_max 8; what it gives
 at each length is recorded). Every setting sees the same prompts; the wall time of each setting's forward is
-recorded beside its accuracy. A pass replays the whole evicted segment, or with `--replay surprising
---replay-tokens K` only its K most surprising tokens.
+recorded beside its accuracy. `--filler random` trains and scores on random letters instead of the repeated
+sentence (as `cpu_memory_probe.py --filler random`): a haystack whose every token surprises the memory. A pass
+replays the whole evicted segment, or with `--replay surprising --replay-tokens K` only its K most surprising
+tokens.
 
     python benchmarks/cpu_consolidation_probe.py --out benchmarks/results/cpu_consolidation_probe
 
@@ -56,13 +58,13 @@ def consolidation(setting: str, replay: str = "segment", replay_tokens: int = 64
 
 @torch.no_grad()
 def score(model, setting: str, band: tuple, n: int, seed: int, chunk: int, replay: str = "segment",
-          replay_tokens: int = 64) -> dict:
+          replay_tokens: int = 64, filler: str = "sky") -> dict:
     """Accuracy, wall time and passes of one setting on `n` prompts of one band (the same prompts for every
-    setting: the generator is seeded by the band)."""
+    setting: the generator is seeded by the band); `filler` as in training ("sky" or "random")."""
     label, lo, hi, length = band
     model.set_consolidation(consolidation(setting, replay, replay_tokens))
     model.eval()
-    ids, _, ans = probe.batch(torch.Generator().manual_seed(seed + lo), n, lo, hi, length)
+    ids, _, ans = probe.batch(torch.Generator().manual_seed(seed + lo), n, lo, hi, length, filler=filler)
     t0, right = time.perf_counter(), 0
     for i in range(0, n, chunk):
         logits = model(ids[i:i + chunk]).logits
@@ -88,7 +90,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, train_passes: int = 0, replay: str = "segment") -> None:
+def plot(rows: list[dict], path: Path, train_passes: int = 0, replay: str = "segment", filler: str = "sky") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +113,7 @@ def plot(rows: list[dict], path: Path, train_passes: int = 0, replay: str = "seg
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"CPU probe: window 32, memory in layer 1, trained on keys 8-160 back with {train_passes} "
-                 f"consolidation passes; replay: {replay}", fontsize=9)
+                 f"consolidation passes; replay: {replay}; filler: {filler}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,6 +132,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--replay", default="segment", choices=["segment", "surprising"],
                     help="what a pass replays: the evicted segment, or its --replay-tokens most surprising tokens")
     ap.add_argument("--replay-tokens", type=int, default=4)
+    ap.add_argument("--filler", default="sky", choices=["sky", "random"],
+                    help="the haystack, in training and scoring: the repeated sentence, or random letters and "
+                         "spaces (every filler token unpredictable, so every write of the memory is surprising)")
     ap.add_argument("--eval-samples", type=int, default=200, help="prompts per band of the training curve")
     ap.add_argument("--samples", type=int, default=100, help="prompts per distance band and setting")
     ap.add_argument("--bands", type=int, default=len(BANDS), help="how many of the distance bands (shortest first)")
@@ -154,7 +159,8 @@ def main(argv=None) -> dict:
     rows = []
     for band in BANDS[:args.bands]:
         for s in settings:
-            r = score(model, s, band, args.samples, args.seed, args.chunk, args.replay, args.replay_tokens)
+            r = score(model, s, band, args.samples, args.seed, args.chunk, args.replay, args.replay_tokens,
+                      args.filler)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     result = {"args": vars(args), "chance": 1 / len(probe.KEYS), "train_wall_s": round(train_s, 1),
@@ -164,7 +170,7 @@ def main(argv=None) -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "consolidation_probe.json").write_text(json.dumps(result, indent=2))
-        plot(rows, out / "consolidation_probe.png", args.train_passes, args.replay)
+        plot(rows, out / "consolidation_probe.png", args.train_passes, args.replay, args.filler)
         (out / "consolidation_probe.md").write_text(table(rows))
     return result
 

@@ -46,7 +46,7 @@ def test_surprising_replay_reaches_the_model():
     assert (c.mode, c.passes, c.replay, c.replay_tokens) == ("fixed", 2, "surprising", 4)
 
 
-def test_score_counts_a_model_that_answers_every_key():
+def test_score_counts_a_model_that_answers_every_key(monkeypatch):
     """A model whose logits put the next token first scores 1.0 (and 0.0 when they point one token off): the
     band's answers are scored through the memory probe's `key_hits`."""
     import types
@@ -70,3 +70,13 @@ def test_score_counts_a_model_that_answers_every_key():
     band = cons.BANDS[0]
     assert cons.score(Oracle(1), "off", band, n=6, seed=0, chunk=3)["accuracy"] == 1.0
     assert cons.score(Oracle(2), "off", band, n=6, seed=0, chunk=3)["accuracy"] == 0.0
+    # --filler random: the prompts change (random letters), the layout and the oracle's score do not
+    assert cons.score(Oracle(1), "off", band, n=6, seed=0, chunk=3, filler="random")["accuracy"] == 1.0
+    seen, real_batch = [], cons.probe.batch
+
+    def batch(*a, **k):
+        seen.append(k.get("filler"))
+        return real_batch(*a, **k)
+    monkeypatch.setattr(cons.probe, "batch", batch)
+    cons.score(Oracle(1), "off", band, n=2, seed=0, chunk=2, filler="random")
+    assert seen == ["random"]
