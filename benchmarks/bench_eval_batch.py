@@ -4,7 +4,8 @@ same checkpoint, prompts and seeds in one run; per cell the wall time of each an
 A trained checkpoint (`--checkpoint DIR`, its own tokenizer) or, without one, a mac_small-shape model with random
 weights and the byte tokenizer (then only the speed and the agreement mean anything). Both settings run eager
 streaming by default, as the in-training RetrievalEval does (`--cuda-graph`: memsparse-eval's default on a GPU).
-Writes <name>.json / .md under --out.
+Both settings first run untimed at every length (one depth), so the timed runs compare steady cells, not who paid
+the compilation (`--no-warmup`: the first run pays it). Writes <name>.json / .md under --out.
 
     python benchmarks/bench_eval_batch.py --checkpoint outputs/retrieval_small_copy/export --lengths 512,2k,8k \\
         --samples 5 --batch 5 --out benchmarks/results
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--batch", type=int, default=5, help="the batched setting's --batch")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="first run both settings untimed at every length with one depth, so that neither timed "
+                         "run pays the compilation and autotuning (without it the first run does)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ap.add_argument("--name", default="eval_batch")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -70,15 +74,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(d) / "ckpt")
         tok = [] if args.checkpoint else ["--tokenizer", "byte"]
+
+        def evaluate(b: int, out: Path, lengths: str, depths: str) -> int:
+            return cli.main(["--checkpoint", str(ckpt), *tok, "--tasks", args.tasks, "--lengths", lengths,
+                             "--depths", depths, "--samples", str(args.samples), "--batch", str(b), "--no-wandb",
+                             "--no-progress", "--out", str(out),
+                             "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
+                             *(["--device", args.device] if args.device else [])])
+        if args.warmup:  # compilation and autotuning at every length and batch shape, untimed, before either run
+            for b in (1, args.batch):
+                if rc := evaluate(b, Path(d) / f"warmup{b}", args.lengths, args.depths.split(",")[0]):
+                    return rc
         for b in (1, args.batch):
             out = Path(d) / f"batch{b}"
             t0 = time.perf_counter()
-            rc = cli.main(["--checkpoint", str(ckpt), *tok, "--tasks", args.tasks, "--lengths", args.lengths,
-                           "--depths", args.depths, "--samples", str(args.samples), "--batch", str(b), "--no-wandb",
-                           "--no-progress", "--out", str(out),
-                           "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
-                           *(["--device", args.device] if args.device else [])])
-            if rc:
+            if rc := evaluate(b, out, args.lengths, args.depths):
                 return rc
             walls[b] = time.perf_counter() - t0
             data = json.loads((out / "results.json").read_text())
@@ -86,7 +96,7 @@ def main(argv=None) -> int:
     rows = compare(runs[1], runs[args.batch])
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     res = {"device": name, "torch": torch.__version__, "checkpoint": args.checkpoint or "random weights",
-           "batch": args.batch, "samples": args.samples, "cuda_graph": args.cuda_graph,
+           "batch": args.batch, "samples": args.samples, "cuda_graph": args.cuda_graph, "warmup": args.warmup,
            "process_wall_s": {"1": walls[1], str(args.batch): walls[args.batch]}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +105,8 @@ def main(argv=None) -> int:
     lines = [f"memsparse-eval, a cell's {args.samples} samples one at a time against {args.batch} together "
              f"({res['checkpoint']}; {name}, torch {res['torch']}; "
              f"{'CUDA-graph' if args.cuda_graph else 'eager'} streaming)", "",
-             f"Whole runs (start-up included): {walls[1]:.1f} s against {walls[args.batch]:.1f} s. Same decoded "
+             f"Whole runs (start-up included{', after an untimed warm-up of both' if args.warmup else ''}): "
+             f"{walls[1]:.1f} s against {walls[args.batch]:.1f} s. Same decoded "
              f"answers: {sum(r['same_prediction'] for r in rows)} of {n}; same teacher-forced: "
              f"{sum(r['same_tf_prediction'] for r in rows)} of {n}.", "",
              "| task | length | depth | wall s, 1 at a time | together | speed-up | same answers "
