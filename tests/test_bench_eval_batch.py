@@ -17,13 +17,19 @@ def _mod():
     return load_benchmark("bench_eval_batch")
 
 
-def test_batched_cells_are_compared_with_one_at_a_time(tmp_path):
+def _tiny_checkpoint(tmp_path):
+    """A seeded tiny MAC model with the byte tokenizer, saved under tmp_path / "ckpt"."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=259, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
                       segment=32, window=64, persistent_tokens=8, memory=MemoryConfig(heads=2, head_dim=8,
                                                                                         chunk_size=32))
     ckpt = MemSparseLM(cfg).save_pretrained(tmp_path / "ckpt")
     ByteTokenizer().save(ckpt)
+    return ckpt
+
+
+def test_batched_cells_are_compared_with_one_at_a_time(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path)
     assert _mod().main(["--checkpoint", str(ckpt), "--lengths", "300", "--depths", "0,1", "--samples", "3",
                         "--batch", "3", "--device", "cpu", "--name", "b", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "b.json").read_text())
@@ -42,12 +48,7 @@ def test_the_warm_up_runs_both_settings_untimed_first(tmp_path, monkeypatch):
         calls.append((argv[argv.index("--batch") + 1], argv[argv.index("--depths") + 1], argv[argv.index("--out") + 1]))
         return real(argv)
     monkeypatch.setattr(mod.cli, "main", main)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=259, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
-                      segment=32, window=64, persistent_tokens=8, memory=MemoryConfig(heads=2, head_dim=8,
-                                                                                        chunk_size=32))
-    ckpt = MemSparseLM(cfg).save_pretrained(tmp_path / "ckpt")
-    ByteTokenizer().save(ckpt)
+    ckpt = _tiny_checkpoint(tmp_path)
     args = ["--checkpoint", str(ckpt), "--lengths", "260", "--depths", "0,1", "--samples", "2", "--batch", "2",
             "--device", "cpu", "--name", "w", "--out", str(tmp_path)]
     assert mod.main(args) == 0

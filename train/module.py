@@ -207,9 +207,9 @@ class MemSparseLightningModule(pl.LightningModule):
         logit_adjust: tau > 0 trains on the logit-adjusted loss (Menon et al. 2021, "Long-tail learning via logit
             adjustment", eq. 10): cross-entropy of `logits + tau * log(prior)`, the prior being the frequencies of
             the labelled tokens so far (add-one smoothed, counted from step 0 and kept in checkpoints); decoding and
-            validation use the raw logits. With the loss on answers only, the model then need not hold the
-            answers' prior, so a key token that is a rare answer in training (a merged BPE number) is not pushed
-            below the common ones (docs/training.md). 0: plain cross-entropy.
+            validation use the raw logits. With the loss on answers only from the first step, the model then
+            need not hold the answers' prior, so a token that is a rare answer is not pushed below the common
+            ones; no recipe uses it (what the CPU probe measured: docs/training.md). 0: plain cross-entropy.
     """
 
     def __init__(
@@ -316,12 +316,13 @@ class MemSparseLightningModule(pl.LightningModule):
         """Warn when logit_adjust meets labels on every token (text, or `synthetic_loss: all`): there the prior is
         the tokens' unigram distribution, and in the CPU probe the adjusted model stopped copying (docs/training.md)."""
         dm = getattr(self._trainer, "datamodule", None)
+        if dm is None:
+            return
         specs = getattr(dm, "synthetic", None) or []
-        text_share = 1.0 - sum(s.proportion for s in specs)
-        every = [w for w, on in (("the text's tokens", text_share > 1e-9),
+        every = [w for w, on in (("the text's tokens", 1.0 - sum(s.proportion for s in specs) > 1e-9),
                                  ("synthetic_loss: all", specs and getattr(dm, "synthetic_loss", None) == "all"))
                  if on]
-        if dm is not None and every:
+        if every:
             rank_zero_warn(f"model.logit_adjust={self.logit_adjust:g} with labels on every token ({', '.join(every)}): "
                            "the prior is then the tokens' unigram distribution, and in the CPU probe such a model "
                            "stopped copying its keys; the adjustment is meant for data.synthetic_loss: answer with "
