@@ -10,8 +10,10 @@
 #                                                    window) at NEAR_LENGTHS (default 128k), writes on, then off: does
 #                                                    something growing with the stream spoil attention's copy
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
-#   EVAL_BATCH=25 ...                                prompts memsparse-eval streams together (--batch; default 1;
-#                                                    25 = every prompt of a length at 5 samples x 5 depths)
+#   EVAL_BATCH=1 ...                                 prompts memsparse-eval streams together (--batch; default 25 =
+#                                                    every prompt of a length at 5 samples x 5 depths: the same answers
+#                                                    as one at a time, eager and CUDA-graph, 5-10x faster a cell, H200
+#                                                    2026-12-07; 1: one prompt at a time, as runs before then)
 #   EVAL_SEED=1 ...                                  the eval grids' base seed (memsparse-eval --seed; default 0): other
 #                                                    keys and haystacks, the same in every cell (base seed 0's five
 #                                                    keys hold 32684, a rare BPE token no measured model found)
@@ -132,7 +134,7 @@ ev() {  # ev NAME ARGS...: one memsparse-eval grid into $D/eval_NAME
   local n=$1; shift
   log "eval $n: memsparse-eval --checkpoint $CK $*"
   t0=$(date +%s)
-  memsparse-eval --checkpoint "$CK" --no-progress --seed "${EVAL_SEED:-0}" --batch "${EVAL_BATCH:-1}" --out "$D/eval_$n" "$@" > "$D/eval_$n.log" 2>&1
+  memsparse-eval --checkpoint "$CK" --no-progress --seed "${EVAL_SEED:-0}" --batch "${EVAL_BATCH:-25}" --out "$D/eval_$n" "$@" > "$D/eval_$n.log" 2>&1
   log "eval $n: exit $? after $(( $(date +%s) - t0 )) s"
   tail -12 "$D/eval_$n.log"
   pack

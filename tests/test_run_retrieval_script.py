@@ -148,6 +148,13 @@ def test_eval_seed_and_batch_reach_every_eval_grid(tmp_path):
     assert len(ev) == 2 and all("--seed 1 --batch 25 " in c for c in ev)
 
 
+def test_eval_batch_defaults_to_a_lengths_25_prompts(tmp_path):
+    rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="passkey", PASSKEY_LENGTHS="1k")
+    assert rc == 0, out
+    ev = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
+    assert len(ev) == 1 and "--seed 0 --batch 25 " in ev[0]
+
+
 def test_train_0_evaluates_the_last_listed_stage_without_training(tmp_path):
     rc, fits, out = run_script(tmp_path, STAGES="1 2 3 4", TRAIN="0", EVALS="passkey", PASSKEY_LENGTHS="8k")
     assert rc == 0, out
