@@ -1,0 +1,241 @@
+"""Can the neural memory recall the value of one key among several past the attention window? A CPU probe at toy
+scale of niah_multikey.
+
+The model, its training and its distance bands are `cpu_memory_probe.py`'s (MAC, window 32, segment 16, memory in
+layer 1; keys 8-24, 40-90 and 112-160 tokens back; random lowercase filler), with one change: a sample states
+`--pairs P` key-value pairs ("3=Q;" ... "7=B;": distinct digit names, values from 20 upper-case letters) at their
+own distances, and the question "?7=" asks for one of them. The asked pair lies in the scored band; the others
+(distractors) lie anywhere 8-160 back, inside the window or not, except in the band `all_beyond` (scored only),
+where every pair lies 112-160 back: no value can be copied from the window there. At P = 1 this is the passkey probe
+with a named key. The memory then has to store which value followed which name and answer by the name (an
+associative recall), where the passkey probe only has to keep the one surprising letter. MemSparseLM with the memory
+and without it are trained on the same samples (loss on the answer) and scored by greedy argmax at the question over
+held-out samples. Chance is 1/20; a model that answers one of the sample's P values, not knowing which name it
+followed, scores 1/P of its `any_<band>` (the share of answers that are one of the sample's values).
+
+`--pairs 1,2,4` trains a pair of models for each count; `--no-baseline` trains the memory model only.
+`--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec.
+4.4): a memory key written at a value then sees the name just before it.
+
+    python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_spec = importlib.util.spec_from_file_location("cpu_memory_probe", Path(__file__).with_name("cpu_memory_probe.py"))
+probe = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("cpu_memory_probe", probe)
+_spec.loader.exec_module(probe)
+
+NAMES = "0123456789"
+VALUES = probe.KEYS  # 20 upper-case letters
+FILLER = probe.RANDOM_FILLER
+PAIR = 4  # "3=Q;"
+TOP = 160  # the farthest a pair lies (distance: tokens between the pair's ";" and the question's "?")
+# scored bands: (name, the asked pair's distances, the other pairs' distances); in "all_beyond" every pair lies
+# beyond attention, so no other value can be copied from the window and only the memory can tell them apart
+BANDS = [("in_window", 8, 24, (8, TOP)), ("relay", 40, 90, (8, TOP)), ("beyond_attention", 112, 160, (8, TOP)),
+         ("all_beyond", 112, 160, (112, TOP))]
+
+
+def place(g: torch.Generator, pairs: int, asked: tuple[int, int], others: tuple[int, int]) -> list[int]:
+    """Distances of `pairs` pairs, the first (the asked one) in `asked`, the rest in `others`, no two overlapping (a
+    pair's 4 tokens and one filler token apart); [] when a pair finds no room after 50 draws."""
+    taken: list[int] = []
+    for k in range(pairs):
+        a, b = asked if k == 0 else others
+        for _ in range(50):
+            d = int(torch.randint(a, b + 1, (1,), generator=g))
+            if all(abs(d - t) > PAIR for t in taken):
+                taken.append(d)
+                break
+        else:
+            return []
+    return taken
+
+
+def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
+           others: tuple[int, int] = (8, TOP)) -> tuple[list[int], int, int, list[int]]:
+    """(ids of `length` tokens, the answer's id, index of the question's last token, the ids of every pair's value):
+    `pairs` key-value pairs in random filler, the asked one lo-hi tokens back, the others `others` back (no two
+    overlapping), then "?<name>=" and the value, padded with filler."""
+    if length < TOP + PAIR + 4:
+        raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {TOP + PAIR + 4}")
+    span = TOP + PAIR  # the text before the question: a pair d back ends d tokens before it
+    text = [FILLER[i] for i in torch.randint(len(FILLER), (span,), generator=g).tolist()]
+    names = [NAMES[i] for i in torch.randperm(len(NAMES), generator=g)[:pairs].tolist()]
+    values = [VALUES[i] for i in torch.randint(len(VALUES), (pairs,), generator=g).tolist()]
+    for _ in range(1000):  # placing pairs one by one can corner itself (8 pairs in 112-160): then start again
+        taken = place(g, pairs, (lo, hi), others)
+        if taken:
+            break
+    else:
+        raise ValueError(f"cannot place {pairs} pairs {others[0]}-{others[1]} tokens back")
+    for k, d in enumerate(taken):
+        end = span - d
+        text[end - PAIR:end] = list(f"{names[k]}={values[k]};")
+    ids = [ord(c) for c in "".join(text) + f"?{names[0]}="]
+    q = len(ids) - 1
+    ans = ord(values[0])
+    pad = [FILLER[i] for i in torch.randint(len(FILLER), (length - len(ids) - 1,), generator=g).tolist()]
+    return ids + [ans] + [ord(c) for c in pad], ans, q, [ord(v) for v in values]
+
+
+def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[int, int] = (8, TOP)):
+    """n samples (`sample`): (ids (n, length), labels (n, length) with the answer at the question,
+    [(answer, q, every value)])."""
+    rows = [sample(g, pairs, lo, hi, length, others) for _ in range(n)]
+    ids = torch.tensor([r[0] for r in rows])
+    labels = torch.full_like(ids, -100)
+    for i, (_, ans, q, _) in enumerate(rows):
+        labels[i, q] = ans  # the output at the question's last token predicts the value
+    return ids, labels, [r[1:] for r in rows]
+
+
+@torch.no_grad()
+def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
+             others: tuple[int, int] = (8, TOP)) -> tuple[float, float]:
+    """Greedy argmax at the question over `n` held-out samples, the asked pair lo-hi back: (the asked value's
+    share, the share answering any of the sample's values). A model that recalls the values but not which name
+    each followed scores about any / pairs."""
+    model.eval()
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others)
+    pred = model(ids).logits.argmax(-1)
+    model.train()
+    got = [int(pred[i, q]) for i, (_, q, _) in enumerate(ans)]
+    return (sum(p == a for p, (a, _, _) in zip(got, ans)) / n,
+            sum(p in vals for p, (_, _, vals) in zip(got, ans)) / n)
+
+
+def fit(memory: bool, pairs: int, args) -> dict:
+    """Train one model on `pairs`-pair samples; return {"memory_layers", "pairs", "curve", "final"}: accuracy per
+    band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
+    (as `cpu_memory_probe.py`)."""
+    model = probe.build(memory, args.seed, conv=args.memory_conv)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
+    t0, curve = time.time(), []
+    for step in range(1, args.steps + 1):
+        hi = TOP if step % 3 else 24
+        ids, labels, _ = batch(g, args.batch, pairs, 8, hi, args.length)
+        out = model(ids, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            row = {"step": step, "loss": float(out.loss.detach()), "wall_s": round(time.time() - t0, 1)}
+            ge = torch.Generator().manual_seed(10_000)
+            for band, lo, hi, others in BANDS:
+                row[f"acc_{band}"], row[f"any_{band}"] = accuracy(model, ge, pairs, lo, hi, args.length,
+                                                                  args.eval_samples, others)
+            curve.append(row)
+            print(f"pairs {pairs} {'memory   ' if memory else 'no memory'}", json.dumps(row), flush=True)
+    return {"memory_layers": [1] if memory else [], "pairs": pairs, "curve": curve, "final": curve[-1]}
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Markdown: one row per (pairs, model), the last evaluation's accuracy per band (and, in brackets, the share
+    answering any of the sample's values)."""
+    lines = ["| pairs | model | steps | " + " | ".join(f"{b} ({lo}-{hi})" for b, lo, hi, _ in BANDS) + " |",
+             "|---|---|---|" + "---|" * len(BANDS)]
+    for r in runs:
+        f = r["final"]
+        lines.append(f"| {r['pairs']} | {'memory' if r['memory_layers'] else 'no memory'} | {f['step']} | "
+                     + " | ".join(f"{f[f'acc_{b}']:.2f} ({f[f'any_{b}']:.2f})" for b, *_ in BANDS) + " |")
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    """One panel per band: accuracy (solid) and the share answering any of the sample's values (dotted) against
+    training step, a line per (pairs, model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BANDS), figsize=(4.2 * len(BANDS), 3.6), sharey=True)
+    for ax, (band, lo, hi, others) in zip(axes, BANDS):
+        for i, r in enumerate(result["runs"]):
+            steps = [c["step"] for c in r["curve"]]
+            model = "memory" if r["memory_layers"] else "no memory"
+            label = f"{r['pairs']} pair{'s' if r['pairs'] > 1 else ''}, {model}"
+            ax.plot(steps, [c[f"acc_{band}"] for c in r["curve"]], color=f"C{i}", label=label)
+            ax.plot(steps, [c.get(f"any_{band}", float("nan")) for c in r["curve"]], color=f"C{i}", ls=":")
+        ax.axhline(result["chance"], color="grey", lw=0.8)
+        ax.set_title(f"{band}: asked pair {lo}-{hi} back" + (", all pairs" if others[0] > 8 else ""), fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0].set_ylabel("accuracy (dotted: answered any pair's value)")
+    axes[0].legend(fontsize=7)
+    conv = result["args"].get("memory_conv", 0)
+    fig.suptitle(f"multi-key recall at toy scale (CPU, window 32){f', memory conv {conv}' if conv else ''}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", default="1,2,4", help="comma-separated pair counts, a model pair trained for each")
+    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--length", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory-conv", type=int, default=0,
+                    help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
+    ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
+    ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        if not args.out or not (Path(args.out) / "multikey_probe.json").is_file():
+            ap.error("--plot-only needs --out DIR holding a multikey_probe.json")
+        result = json.loads((Path(args.out) / "multikey_probe.json").read_text())
+        plot(result, Path(args.out) / "multikey_probe.png")
+        return result
+    try:
+        counts = [int(x) for x in args.pairs.split(",")]
+    except ValueError:
+        ap.error(f"--pairs must be comma-separated integers, got {args.pairs!r}")
+    if not counts or not all(1 <= c <= 8 for c in counts):
+        ap.error(f"--pairs must be 1-8 each (distinct digit names, room 8-{TOP} back), got {args.pairs!r}")
+    if args.length < TOP + PAIR + 4:
+        ap.error(f"--length must be >= {TOP + PAIR + 4} (a pair {TOP} tokens back and the question), got {args.length}")
+    if args.memory_conv < 0:
+        ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.batch < 1:
+        ap.error("--steps, --eval-every, --eval-samples and --batch must be >= 1")
+    torch.set_num_threads(args.threads)
+    runs = []
+    for p in counts:
+        runs.append(fit(True, p, args))
+        if not args.no_baseline:
+            runs.append(fit(False, p, args))
+    result = {"args": vars(args), "chance": 1 / len(VALUES), "bands": BANDS, "runs": runs,
+              "torch": torch.__version__, "device": "cpu"}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "multikey_probe.json").write_text(json.dumps(result, indent=2))
+        (out / "multikey_probe.md").write_text("\n".join(table(runs)) + "\n")
+        plot(result, out / "multikey_probe.png")
+    print("\n".join(table(runs)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""benchmarks/cpu_multikey_probe.py: its samples (pairs placed where asked, names distinct, the answer the asked
+pair's value), a short run's files, and a bad setting as a one-line error."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from load_script import load_benchmark
+
+mk = load_benchmark("cpu_multikey_probe")
+
+
+@pytest.mark.parametrize("pairs,lo,hi,others", [(1, 8, 24, (8, 160)), (4, 112, 160, (8, 160)), (8, 40, 90, (8, 160)),
+                                                (4, 112, 160, (112, 160)), (8, 112, 160, (112, 160))])
+def test_a_sample_holds_its_pairs_and_asks_one_in_its_band(pairs, lo, hi, others):
+    g = torch.Generator().manual_seed(pairs)
+    for _ in range(20):
+        ids, ans, q, values = mk.sample(g, pairs, lo, hi, 192, others)
+        text = "".join(map(chr, ids))
+        assert len(ids) == 192 and ids[q + 1] == ans
+        found = list(re.finditer(r"(\d)=([A-Z]);", text[:q - 2]))
+        assert len(found) == pairs and len({m.group(1) for m in found}) == pairs
+        assert sorted(values) == sorted(ord(m.group(2)) for m in found)
+        asked = text[q - 1]
+        assert text[q - 2] == "?" and text[q] == "="
+        (m,) = [m for m in found if m.group(1) == asked]
+        assert ord(m.group(2)) == ans
+        assert lo <= (q - 2) - m.end() <= hi  # filler tokens between the pair's ";" and the question's "?"
+        assert all(others[0] <= (q - 2) - f.end() <= others[1] for f in found if f is not m)
+
+
+def test_a_short_run_writes_its_table_and_curves(tmp_path):
+    res = mk.main(["--pairs", "1,2", "--steps", "2", "--eval-every", "1", "--eval-samples", "4", "--batch", "2",
+                   "--out", str(tmp_path)])
+    assert [(r["pairs"], r["memory_layers"]) for r in res["runs"]] == [(1, [1]), (1, []), (2, [1]), (2, [])]
+    for r in res["runs"]:
+        f = r["final"]
+        assert len(r["curve"]) == 2 and 0.0 <= f["acc_beyond_attention"] <= f["any_beyond_attention"] <= 1.0
+    one = [r for r in res["runs"] if r["pairs"] == 1]
+    assert all(r["final"][f"acc_{b}"] == r["final"][f"any_{b}"] for r in one for b, *_ in mk.BANDS)
+    saved = json.loads((tmp_path / "multikey_probe.json").read_text())
+    assert saved["runs"] == res["runs"] and saved["chance"] == 1 / 20
+    md = (tmp_path / "multikey_probe.md").read_text().splitlines()
+    assert md[0].startswith("| pairs | model | steps | in_window (8-24)") and md[0].endswith("all_beyond (112-160) |")
+    assert len(md) == 2 + 4
+    png = tmp_path / "multikey_probe.png"
+    assert png.stat().st_size > 1000
+    png.unlink()
+    assert mk.main(["--plot-only", "--out", str(tmp_path)])["runs"] == res["runs"] and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [(["--pairs", "0,2"], "--pairs must be 1-8 each"),
+                                          (["--pairs", "two"], "--pairs must be comma-separated integers"),
+                                          (["--length", "100"], "--length must be >= 168"),
+                                          (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
+                                          (["--plot-only"], "--plot-only needs --out DIR")])
+def test_bad_settings_are_one_line_errors(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        mk.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
