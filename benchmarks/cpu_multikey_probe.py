@@ -15,7 +15,10 @@ followed, scores 1/P of its `any_<band>` (the share of answers that are one of t
 
 `--pairs 1,2,4` trains a pair of models for each count; `--no-baseline` trains the memory model only.
 `--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec.
-4.4): a memory key written at a value then sees the name just before it.
+4.4): a memory key written at a value then sees the name just before it. `--memory-depth 1` makes the memory a
+linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP; `--memory-head-dim D`
+widens each memory head (16 in the committed runs). `--train-all-beyond` trains the far-asking two thirds of the
+steps on the all_beyond placement, where no value can be copied from the window.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -119,14 +122,19 @@ def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
 def fit(memory: bool, pairs: int, args) -> dict:
     """Train one model on `pairs`-pair samples; return {"memory_layers", "pairs", "curve", "final"}: accuracy per
     band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
-    (as `cpu_memory_probe.py`)."""
-    model = probe.build(memory, args.seed, conv=args.memory_conv)
+    (as `cpu_memory_probe.py`), or with `args.train_all_beyond` one 112-160 back with every other pair there too."""
+    model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
+                        memory_head_dim=args.memory_head_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
-        hi = TOP if step % 3 else 24
-        ids, labels, _ = batch(g, args.batch, pairs, 8, hi, args.length)
+        if step % 3 == 0:
+            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length)
+        elif args.train_all_beyond:  # the all_beyond band's placement: only the memory can answer
+            ids, labels, _ = batch(g, args.batch, pairs, 112, TOP, args.length, (112, TOP))
+        else:
+            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length)
         out = model(ids, labels=labels)
         opt.zero_grad()
         out.loss.backward()
@@ -197,6 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
+    ap.add_argument("--memory-depth", type=int, default=2,
+                    help="MLP layers of the memory (memory.depth; 1: a linear fast-weight map)")
+    ap.add_argument("--memory-head-dim", type=int, default=16, help="the memory's width a head (memory.head_dim)")
+    ap.add_argument("--train-all-beyond", action="store_true",
+                    help="the two thirds of steps that ask far place every pair 112-160 back (the all_beyond band)")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")
@@ -217,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--length must be >= {TOP + PAIR + 4} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.memory_depth < 1 or args.memory_head_dim < 1:
+        ap.error(f"--memory-depth and --memory-head-dim must be >= 1, got {args.memory_depth}, {args.memory_head_dim}")
     if args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.batch < 1:
         ap.error("--steps, --eval-every, --eval-samples and --batch must be >= 1")
     torch.set_num_threads(args.threads)

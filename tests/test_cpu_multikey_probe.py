@@ -52,10 +52,39 @@ def test_a_short_run_writes_its_table_and_curves(tmp_path):
     assert mk.main(["--plot-only", "--out", str(tmp_path)])["runs"] == res["runs"] and png.stat().st_size > 1000
 
 
+def test_memory_depth_and_width_reach_the_model(monkeypatch):
+    built = []
+    real = mk.probe.build
+    monkeypatch.setattr(mk.probe, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    mk.main(["--pairs", "1", "--steps", "1", "--eval-samples", "2", "--batch", "2", "--no-baseline",
+             "--memory-depth", "1", "--memory-head-dim", "8"])
+    (model,) = built
+    mem = model.config.memory
+    assert (mem.depth, mem.head_dim, model.config.memory_layers) == (1, 8, [1])
+
+
+@pytest.mark.parametrize("flag,far", [([], (8, 160, (8, 160))), (["--train-all-beyond"], (112, 160, (112, 160)))])
+def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far):
+    seen = []
+    real = mk.batch
+
+    def spy(g, n, pairs, lo, hi, length, others=(8, mk.TOP)):
+        if n == 2:  # training batches (the evaluation draws 3)
+            seen.append((lo, hi, tuple(others)))
+        return real(g, n, pairs, lo, hi, length, others)
+
+    monkeypatch.setattr(mk, "batch", spy)
+    mk.main(["--pairs", "2", "--steps", "6", "--eval-every", "6", "--eval-samples", "3", "--batch", "2",
+             "--no-baseline", *flag])
+    assert seen == [far, far, (8, 24, (8, 160))] * 2
+
+
 @pytest.mark.parametrize("argv,message", [(["--pairs", "0,2"], "--pairs must be 1-8 each"),
                                           (["--pairs", "two"], "--pairs must be comma-separated integers"),
                                           (["--length", "100"], "--length must be >= 168"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
+                                          (["--memory-depth", "0"], "--memory-depth and --memory-head-dim must be"),
+                                          (["--memory-head-dim", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--plot-only"], "--plot-only needs --out DIR")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
