@@ -17,7 +17,8 @@ followed, scores 1/P of its `any_<band>` (the share of answers that are one of t
 `--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec.
 4.4): a memory key written at a value then sees the name just before it. `--memory-depth 1` makes the memory a
 linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP; `--memory-head-dim D`
-widens each memory head (16 in the committed runs). `--train-all-beyond` trains the far-asking two thirds of the
+widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a memory (layer 1 in
+the committed runs). `--train-all-beyond` trains the far-asking two thirds of the
 steps on the all_beyond placement, where no value can be copied from the window.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
@@ -124,7 +125,7 @@ def fit(memory: bool, pairs: int, args) -> dict:
     band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
     (as `cpu_memory_probe.py`), or with `args.train_all_beyond` one 112-160 back with every other pair there too."""
     model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
-                        memory_head_dim=args.memory_head_dim)
+                        memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
@@ -148,7 +149,8 @@ def fit(memory: bool, pairs: int, args) -> dict:
                                                                   args.eval_samples, others)
             curve.append(row)
             print(f"pairs {pairs} {'memory   ' if memory else 'no memory'}", json.dumps(row), flush=True)
-    return {"memory_layers": [1] if memory else [], "pairs": pairs, "curve": curve, "final": curve[-1]}
+    return {"memory_layers": list(args.memory_layers) if memory else [], "pairs": pairs, "curve": curve,
+            "final": curve[-1]}
 
 
 def table(runs: list[dict]) -> list[str]:
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-depth", type=int, default=2,
                     help="MLP layers of the memory (memory.depth; 1: a linear fast-weight map)")
     ap.add_argument("--memory-head-dim", type=int, default=16, help="the memory's width a head (memory.head_dim)")
+    ap.add_argument("--memory-layers", default="1", help="comma-separated layers with a memory (of the 2)")
     ap.add_argument("--train-all-beyond", action="store_true",
                     help="the two thirds of steps that ask far place every pair 112-160 back (the all_beyond band)")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
@@ -230,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--length must be >= {TOP + PAIR + 4} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    try:
+        args.memory_layers = sorted({int(x) for x in args.memory_layers.split(",")})
+    except ValueError:
+        ap.error(f"--memory-layers must be comma-separated integers, got {args.memory_layers!r}")
+    if not all(0 <= x <= 1 for x in args.memory_layers):
+        ap.error(f"--memory-layers must name layers 0 and/or 1 (the model has 2), got {args.memory_layers}")
     if args.memory_depth < 1 or args.memory_head_dim < 1:
         ap.error(f"--memory-depth and --memory-head-dim must be >= 1, got {args.memory_depth}, {args.memory_head_dim}")
     if args.steps < 1 or args.eval_every < 1 or args.eval_samples < 1 or args.batch < 1:

@@ -57,10 +57,10 @@ def test_memory_depth_and_width_reach_the_model(monkeypatch):
     real = mk.probe.build
     monkeypatch.setattr(mk.probe, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     mk.main(["--pairs", "1", "--steps", "1", "--eval-samples", "2", "--batch", "2", "--no-baseline",
-             "--memory-depth", "1", "--memory-head-dim", "8"])
+             "--memory-depth", "1", "--memory-head-dim", "8", "--memory-layers", "1,0"])
     (model,) = built
     mem = model.config.memory
-    assert (mem.depth, mem.head_dim, model.config.memory_layers) == (1, 8, [1])
+    assert (mem.depth, mem.head_dim, model.config.memory_layers) == (1, 8, [0, 1])
 
 
 @pytest.mark.parametrize("flag,far", [([], (8, 160, (8, 160))), (["--train-all-beyond"], (112, 160, (112, 160)))])
@@ -83,6 +83,8 @@ def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far):
                                           (["--pairs", "two"], "--pairs must be comma-separated integers"),
                                           (["--length", "100"], "--length must be >= 168"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
+                                          (["--memory-layers", "2"], "--memory-layers must name layers 0 and/or 1"),
+                                          (["--memory-layers", "x"], "--memory-layers must be comma-separated"),
                                           (["--memory-depth", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--memory-head-dim", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--plot-only"], "--plot-only needs --out DIR")])
