@@ -19,7 +19,8 @@ followed, scores 1/P of its `any_<band>` (the share of answers that are one of t
 linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP; `--memory-head-dim D`
 widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a memory (layer 1 in
 the committed runs). `--train-all-beyond` trains the far-asking two thirds of the
-steps on the all_beyond placement, where no value can be copied from the window.
+steps on the all_beyond placement, where no value can be copied from the window. `--key-match` then measures
+whether the memory's query at the question points at the asked value's key more than at the others' (`key_match`).
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -120,6 +121,40 @@ def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
             sum(p in vals for p, (_, _, vals) in zip(got, ans)) / n)
 
 
+@torch.no_grad()
+def key_match(model, g, pairs: int, length: int, n: int) -> dict:
+    """Does the memory address a value by its name? Over `n` all_beyond samples: per memory layer, the cosine of
+    the question's memory query (at its "=") with the memory key written at the asked value, and with the keys at
+    the other values, averaged over heads and samples: {"layer<i>": {"asked": c, "other": c}}. Keys that encode the
+    names give asked > other; keys that hold the values alone give asked ~ other."""
+    model.eval()
+    ids, _, ans = batch(g, n, pairs, 112, TOP, length, (112, TOP))
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
+             for i, blk in enumerate(model.blocks) if blk.memory is not None]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    model.train()
+    out = {}
+    for i, x in seen.items():
+        blk = model.blocks[i]
+        inp = blk.memory.project(blk.norm1(x))  # q, k (B, H, N, D), unit length per head with qk_norm
+        asked, other = [], []
+        for b, (answer, q, _) in enumerate(ans):
+            row = ids[b].tolist()
+            spots = [p for p in range(2, q - 2) if row[p - 1] == ord("=") and chr(row[p - 2]).isdigit()]
+            for p in spots:
+                c = torch.nn.functional.cosine_similarity(inp.q[b, :, q], inp.k[b, :, p], dim=-1).mean()
+                if row[p - 2] == row[q - 1]:
+                    assert row[p] == answer, "the asked name's value is the answer"
+                    asked.append(float(c))
+                else:
+                    other.append(float(c))
+        out[f"layer{i}"] = {"asked": sum(asked) / len(asked), "other": sum(other) / max(len(other), 1)}
+    return out
+
+
 def fit(memory: bool, pairs: int, args) -> dict:
     """Train one model on `pairs`-pair samples; return {"memory_layers", "pairs", "curve", "final"}: accuracy per
     band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
@@ -149,8 +184,13 @@ def fit(memory: bool, pairs: int, args) -> dict:
                                                                   args.eval_samples, others)
             curve.append(row)
             print(f"pairs {pairs} {'memory   ' if memory else 'no memory'}", json.dumps(row), flush=True)
-    return {"memory_layers": list(args.memory_layers) if memory else [], "pairs": pairs, "curve": curve,
-            "final": curve[-1]}
+    run = {"memory_layers": list(args.memory_layers) if memory else [], "pairs": pairs, "curve": curve,
+           "final": curve[-1]}
+    if memory and args.key_match:
+        run["key_match"] = key_match(model, torch.Generator().manual_seed(20_000), pairs, args.length,
+                                     args.eval_samples)
+        print(f"pairs {pairs} key match", json.dumps(run["key_match"]), flush=True)
+    return run
 
 
 def table(runs: list[dict]) -> list[str]:
@@ -213,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-layers", default="1", help="comma-separated layers with a memory (of the 2)")
     ap.add_argument("--train-all-beyond", action="store_true",
                     help="the two thirds of steps that ask far place every pair 112-160 back (the all_beyond band)")
+    ap.add_argument("--key-match", action="store_true",
+                    help="after training: the memory query's cosine with the asked value's key and the others'")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")

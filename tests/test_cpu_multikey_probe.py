@@ -79,6 +79,32 @@ def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far):
     assert seen == [far, far, (8, 24, (8, 160))] * 2
 
 
+def test_key_match_compares_the_question_with_the_asked_values_key(monkeypatch):
+    """A memory whose key at a value is its name's vector (2 back) and whose query at the question's "=" is the
+    asked name's (1 back) matches the asked value exactly and the others less: key_match reads those positions."""
+    from types import SimpleNamespace
+
+    model = mk.probe.build(True, 0, memory_layers=(0,))
+    blk = model.blocks[0]
+
+    def by_name(h):  # h (B, N, dim) -> q, k (B, 1, N, dim): q at t = h[t-1], k at t = h[t-2]
+        q, k = torch.zeros_like(h), torch.zeros_like(h)
+        q[:, 1:], k[:, 2:] = h[:, :-1], h[:, :-2]
+        return SimpleNamespace(q=q.unsqueeze(1), k=k.unsqueeze(1))
+
+    monkeypatch.setattr(blk.memory, "project", by_name)
+    got = mk.key_match(model, torch.Generator().manual_seed(0), 3, 192, 6)
+    assert list(got) == ["layer0"]
+    assert got["layer0"]["asked"] == pytest.approx(1.0, abs=1e-5) and got["layer0"]["other"] < 0.9
+
+
+def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
+    res = mk.main(["--pairs", "2", "--steps", "1", "--eval-samples", "3", "--batch", "2", "--no-baseline",
+                   "--key-match", "--memory-layers", "0,1", "--out", str(tmp_path)])
+    km = res["runs"][0]["key_match"]
+    assert sorted(km) == ["layer0", "layer1"] and all(-1 <= v <= 1 for c in km.values() for v in c.values())
+
+
 @pytest.mark.parametrize("argv,message", [(["--pairs", "0,2"], "--pairs must be 1-8 each"),
                                           (["--pairs", "two"], "--pairs must be comma-separated integers"),
                                           (["--length", "100"], "--length must be >= 168"),
