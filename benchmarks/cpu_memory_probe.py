@@ -177,7 +177,7 @@ def adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, counts: t
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
           chunk: int = 16, scale: int = 1, forget_init: float = 1e-4, memory_depth: int = 2,
           memory_head_dim: int = 16, memory_layers: tuple[int, ...] = (1,)) -> MemSparseLM:
-    """The probe's model (MAC, memory in layer 1 when `memory`); `train_passes` consolidation passes in training;
+    """The probe's model (MAC, a memory in `memory_layers` when `memory`); `train_passes` consolidation passes;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
     committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
     step of the memory (16, the segment: the committed runs); `forget_init` the memory's initial forgetting rate

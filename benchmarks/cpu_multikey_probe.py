@@ -18,9 +18,9 @@ followed, scores 1/P of its `any_<band>` (the share of answers that are one of t
 4.4): a memory key written at a value then sees the name just before it. `--memory-depth 1` makes the memory a
 linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP; `--memory-head-dim D`
 widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a memory (layer 1 in
-the committed runs). `--train-all-beyond` trains the far-asking two thirds of the
-steps on the all_beyond placement, where no value can be copied from the window. `--key-match` then measures
-whether the memory's query at the question points at the asked value's key more than at the others' (`key_match`).
+the committed runs). `--train-all-beyond` trains the far-asking two thirds of the steps on the all_beyond
+placement, where no value can be copied from the window. `--key-match` then measures whether the memory's query at
+the question points at the asked value's key more than at the others' (`key_match`).
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
