@@ -50,6 +50,7 @@ TOP = 160  # the farthest a pair lies (distance: tokens between the pair's ";" a
 # beyond attention, so no other value can be copied from the window and only the memory can tell them apart
 BANDS = [("in_window", 8, 24, (8, TOP)), ("relay", 40, 90, (8, TOP)), ("beyond_attention", 112, 160, (8, TOP)),
          ("all_beyond", 112, 160, (112, TOP))]
+ALL_BEYOND = BANDS[-1][1:]  # (lo, hi, others) of the all_beyond placement: training and key_match draw it too
 
 
 def place(g: torch.Generator, pairs: int, asked: tuple[int, int], others: tuple[int, int]) -> list[int]:
@@ -128,7 +129,8 @@ def key_match(model, g, pairs: int, length: int, n: int) -> dict:
     the other values, averaged over heads and samples: {"layer<i>": {"asked": c, "other": c}}. Keys that encode the
     names give asked > other; keys that hold the values alone give asked ~ other."""
     model.eval()
-    ids, _, ans = batch(g, n, pairs, 112, TOP, length, (112, TOP))
+    lo, hi, others = ALL_BEYOND
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others)
     seen: dict[int, torch.Tensor] = {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
              for i, blk in enumerate(model.blocks) if blk.memory is not None]
@@ -168,7 +170,8 @@ def fit(memory: bool, pairs: int, args) -> dict:
         if step % 3 == 0:
             ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length)
         elif args.train_all_beyond:  # the all_beyond band's placement: only the memory can answer
-            ids, labels, _ = batch(g, args.batch, pairs, 112, TOP, args.length, (112, TOP))
+            lo, hi, others = ALL_BEYOND
+            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others)
         else:
             ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length)
         out = model(ids, labels=labels)
