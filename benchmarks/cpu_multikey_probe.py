@@ -20,7 +20,8 @@ linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2
 widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a memory (layer 1 in
 the committed runs). `--train-all-beyond` trains the far-asking two thirds of the steps on the all_beyond
 placement, where no value can be copied from the window. `--key-match` then measures whether the memory's query at
-the question points at the asked value's key more than at the others' (`key_match`).
+the question points at the asked value's key more than at the others' (`key_match`). `--filler sky` puts the pairs
+in a repeated sentence (predictable, so the memory's writes of it carry little) instead of random letters.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -69,15 +70,26 @@ def place(g: torch.Generator, pairs: int, asked: tuple[int, int], others: tuple[
     return taken
 
 
+def fill(g: torch.Generator, n: int, filler: str = "random") -> list[str]:
+    """n filler characters: "random" draws each from FILLER (lower case and spaces: every one a surprise to the
+    memory), "sky" repeats `cpu_memory_probe.FILLER` ("the sky is blue. ") from a random start (predictable)."""
+    if filler == "random":
+        return [FILLER[i] for i in torch.randint(len(FILLER), (n,), generator=g).tolist()]
+    if filler != "sky":
+        raise ValueError(f"filler must be 'random' or 'sky', got {filler!r}")
+    start = int(torch.randint(len(probe.FILLER), (1,), generator=g))
+    return list((probe.FILLER * (n // len(probe.FILLER) + 2))[start:start + n])
+
+
 def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
-           others: tuple[int, int] = (8, TOP)) -> tuple[list[int], int, int, list[int]]:
+           others: tuple[int, int] = (8, TOP), filler: str = "random") -> tuple[list[int], int, int, list[int]]:
     """(ids of `length` tokens, the answer's id, index of the question's last token, the ids of every pair's value):
-    `pairs` key-value pairs in random filler, the asked one lo-hi tokens back, the others `others` back (no two
+    `pairs` key-value pairs in `filler` (`fill`), the asked one lo-hi tokens back, the others `others` back (no two
     overlapping), then "?<name>=" and the value, padded with filler."""
     if length < TOP + PAIR + 4:
         raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {TOP + PAIR + 4}")
     span = TOP + PAIR  # the text before the question: a pair d back ends d tokens before it
-    text = [FILLER[i] for i in torch.randint(len(FILLER), (span,), generator=g).tolist()]
+    text = fill(g, span, filler)
     names = [NAMES[i] for i in torch.randperm(len(NAMES), generator=g)[:pairs].tolist()]
     values = [VALUES[i] for i in torch.randint(len(VALUES), (pairs,), generator=g).tolist()]
     for _ in range(1000):  # placing pairs one by one can corner itself (8 pairs in 112-160): then start again
@@ -92,14 +104,15 @@ def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
     ids = [ord(c) for c in "".join(text) + f"?{names[0]}="]
     q = len(ids) - 1
     ans = ord(values[0])
-    pad = [FILLER[i] for i in torch.randint(len(FILLER), (length - len(ids) - 1,), generator=g).tolist()]
+    pad = fill(g, length - len(ids) - 1, filler)
     return ids + [ans] + [ord(c) for c in pad], ans, q, [ord(v) for v in values]
 
 
-def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[int, int] = (8, TOP)):
+def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[int, int] = (8, TOP),
+          filler: str = "random"):
     """n samples (`sample`): (ids (n, length), labels (n, length) with the answer at the question,
     [(answer, q, every value)])."""
-    rows = [sample(g, pairs, lo, hi, length, others) for _ in range(n)]
+    rows = [sample(g, pairs, lo, hi, length, others, filler) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q, _) in enumerate(rows):
@@ -109,12 +122,12 @@ def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[in
 
 @torch.no_grad()
 def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
-             others: tuple[int, int] = (8, TOP)) -> tuple[float, float]:
+             others: tuple[int, int] = (8, TOP), filler: str = "random") -> tuple[float, float]:
     """Greedy argmax at the question over `n` held-out samples, the asked pair lo-hi back: (the asked value's
     share, the share answering any of the sample's values). A model that recalls the values but not which name
     each followed scores about any / pairs."""
     model.eval()
-    ids, _, ans = batch(g, n, pairs, lo, hi, length, others)
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler)
     pred = model(ids).logits.argmax(-1)
     model.train()
     got = [int(pred[i, q]) for i, (_, q, _) in enumerate(ans)]
@@ -123,14 +136,14 @@ def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
 
 
 @torch.no_grad()
-def key_match(model, g, pairs: int, length: int, n: int) -> dict:
+def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random") -> dict:
     """Does the memory address a value by its name? Over `n` all_beyond samples: per memory layer, the cosine of
     the question's memory query (at its "=") with the memory key written at the asked value, and with the keys at
     the other values, averaged over heads and samples: {"layer<i>": {"asked": c, "other": c}}. Keys that encode the
     names give asked > other; keys that hold the values alone give asked ~ other."""
     model.eval()
     lo, hi, others = ALL_BEYOND
-    ids, _, ans = batch(g, n, pairs, lo, hi, length, others)
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler)
     seen: dict[int, torch.Tensor] = {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
              for i, blk in enumerate(model.blocks) if blk.memory is not None]
@@ -168,12 +181,12 @@ def fit(memory: bool, pairs: int, args) -> dict:
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
         if step % 3 == 0:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length, filler=args.filler)
         elif args.train_all_beyond:  # the all_beyond band's placement: only the memory can answer
             lo, hi, others = ALL_BEYOND
-            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others)
+            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others, args.filler)
         else:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length, filler=args.filler)
         out = model(ids, labels=labels)
         opt.zero_grad()
         out.loss.backward()
@@ -184,14 +197,14 @@ def fit(memory: bool, pairs: int, args) -> dict:
             ge = torch.Generator().manual_seed(10_000)
             for band, lo, hi, others in BANDS:
                 row[f"acc_{band}"], row[f"any_{band}"] = accuracy(model, ge, pairs, lo, hi, args.length,
-                                                                  args.eval_samples, others)
+                                                                  args.eval_samples, others, args.filler)
             curve.append(row)
             print(f"pairs {pairs} {'memory   ' if memory else 'no memory'}", json.dumps(row), flush=True)
     run = {"memory_layers": list(args.memory_layers) if memory else [], "pairs": pairs, "curve": curve,
            "final": curve[-1]}
     if memory and args.key_match:
         run["key_match"] = key_match(model, torch.Generator().manual_seed(20_000), pairs, args.length,
-                                     args.eval_samples)
+                                     args.eval_samples, args.filler)
         print(f"pairs {pairs} key match", json.dumps(run["key_match"]), flush=True)
     return run
 
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the two thirds of steps that ask far place every pair 112-160 back (the all_beyond band)")
     ap.add_argument("--key-match", action="store_true",
                     help="after training: the memory query's cosine with the asked value's key and the others'")
+    ap.add_argument("--filler", choices=["random", "sky"], default="random",
+                    help="the text around the pairs: random letters (the committed runs) or a repeated sentence")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")

@@ -10,6 +10,7 @@
 #                                                    window) at NEAR_LENGTHS (default 128k), writes on, then off: does
 #                                                    something growing with the stream spoil attention's copy
 #   PASSKEY_LENGTHS=1k,2k,8k SAMPLES=3 ...           a smaller passkey grid (default 1k-128k, 5 samples per cell)
+#   NIAH_LENGTHS=4k,6k,8k ...                        the niah grid's lengths (default 8k,32k; stage 3 trains 4-6K)
 #   EVAL_BATCH=1 ...                                 prompts memsparse-eval streams together (--batch; default 25 =
 #                                                    every prompt of a length at 5 samples x 5 depths: the same answers
 #                                                    as one at a time, eager and CUDA-graph, 5-10x faster a cell, H200
@@ -145,7 +146,7 @@ for e in $EVALS; do
       # hits per key, and by the share of keys holding each key's rarest token (rare key tokens are not copied)
       python3 benchmarks/passkey_by_key.py "$NAME=$D/eval_passkey/results.json" --tokenizer "$CK" \
         --out "$D/passkey_by_key.csv" > "$D/passkey_by_key.txt" 2>&1; tail -3 "$D/passkey_by_key.txt"; pack ;;
-    niah) ev niah --tasks niah_single,niah_multikey --lengths 8k,32k --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
+    niah) ev niah --tasks niah_single,niah_multikey --lengths "${NIAH_LENGTHS:-8k,32k}" --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" ;;
     long) ev long --tasks passkey --lengths 1m --depths 0.25,0.75 --samples 1 ;;
     nowrite) ev passkey_no_memory_writes --tasks passkey --lengths "${NOWRITE_LENGTHS:-1k,8k,32k}" \
       --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" --no-memory-writes ;;

@@ -32,6 +32,22 @@ def test_a_sample_holds_its_pairs_and_asks_one_in_its_band(pairs, lo, hi, others
         assert all(others[0] <= (q - 2) - f.end() <= others[1] for f in found if f is not m)
 
 
+def test_sky_filler_repeats_the_sentence_around_the_pairs():
+    """--filler sky: the same pairs and question, in the repeated sentence instead of random letters."""
+    g = torch.Generator().manual_seed(5)
+    sentence = mk.probe.FILLER * 20
+    for _ in range(10):
+        ids, ans, q, values = mk.sample(g, 2, 112, 160, 192, (112, 160), filler="sky")
+        text = "".join(map(chr, ids))
+        found = list(re.finditer(r"(\d)=([A-Z]);", text[:q - 2]))
+        assert len(found) == 2 and ids[q + 1] == ans and text[q - 2] == "?"
+        pieces = re.split(r"\d=[A-Z];|\?\d=", text[:q + 1])
+        assert all(p in sentence for p in pieces) and any(len(p) > 20 for p in pieces)
+        assert text[q + 2:] in sentence
+    with pytest.raises(ValueError, match="filler must be"):
+        mk.fill(g, 5, "noise")
+
+
 def test_a_short_run_writes_its_table_and_curves(tmp_path):
     res = mk.main(["--pairs", "1,2", "--steps", "2", "--eval-every", "1", "--eval-samples", "4", "--batch", "2",
                    "--out", str(tmp_path)])
@@ -63,20 +79,23 @@ def test_memory_depth_and_width_reach_the_model(monkeypatch):
     assert (mem.depth, mem.head_dim, model.config.memory_layers) == (1, 8, [0, 1])
 
 
-@pytest.mark.parametrize("flag,far", [([], (8, 160, (8, 160))), (["--train-all-beyond"], (112, 160, (112, 160)))])
-def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far):
-    seen = []
+@pytest.mark.parametrize("flag,far,filler", [([], (8, 160, (8, 160)), "random"),
+                                             (["--train-all-beyond"], (112, 160, (112, 160)), "random"),
+                                             (["--filler", "sky"], (8, 160, (8, 160)), "sky")])
+def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far, filler):
+    seen, fillers = [], set()
     real = mk.batch
 
-    def spy(g, n, pairs, lo, hi, length, others=(8, mk.TOP)):
+    def spy(g, n, pairs, lo, hi, length, others=(8, mk.TOP), filler="random"):
+        fillers.add(filler)  # training and evaluation alike
         if n == 2:  # training batches (the evaluation draws 3)
             seen.append((lo, hi, tuple(others)))
-        return real(g, n, pairs, lo, hi, length, others)
+        return real(g, n, pairs, lo, hi, length, others, filler)
 
     monkeypatch.setattr(mk, "batch", spy)
     mk.main(["--pairs", "2", "--steps", "6", "--eval-every", "6", "--eval-samples", "3", "--batch", "2",
              "--no-baseline", *flag])
-    assert seen == [far, far, (8, 24, (8, 160))] * 2
+    assert seen == [far, far, (8, 24, (8, 160))] * 2 and fillers == {filler}
 
 
 def test_key_match_compares_the_question_with_the_asked_values_key(monkeypatch):
@@ -113,6 +132,7 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
                                           (["--memory-layers", "x"], "--memory-layers must be comma-separated"),
                                           (["--memory-depth", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--memory-head-dim", "0"], "--memory-depth and --memory-head-dim must be"),
+                                          (["--filler", "noise"], "argument --filler: invalid choice"),
                                           (["--plot-only"], "--plot-only needs --out DIR")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):

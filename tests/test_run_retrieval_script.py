@@ -148,6 +148,14 @@ def test_eval_seed_and_batch_reach_every_eval_grid(tmp_path):
     assert len(ev) == 2 and all("--seed 1 --batch 25 " in c for c in ev)
 
 
+@pytest.mark.parametrize("env,lengths", [({}, "8k,32k"), ({"NIAH_LENGTHS": "4k,6k,8k"}, "4k,6k,8k")])
+def test_niah_lengths_set_the_niah_grid(tmp_path, env, lengths):
+    rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="niah", **env)
+    assert rc == 0, out
+    (ev,) = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("memsparse-eval")]
+    assert f"--tasks niah_single,niah_multikey --lengths {lengths} " in ev
+
+
 def test_eval_batch_defaults_to_a_lengths_25_prompts(tmp_path):
     rc, _, out = run_script(tmp_path, STAGES="2", TRAIN="0", EVALS="passkey", PASSKEY_LENGTHS="1k")
     assert rc == 0, out
