@@ -15,13 +15,16 @@ followed, scores 1/P of its `any_<band>` (the share of answers that are one of t
 
 `--pairs 1,2,4` trains a pair of models for each count; `--no-baseline` trains the memory model only.
 `--memory-conv K` gives the memory a short causal convolution of K taps on its q/k/v (`memory.conv`, Titans sec.
-4.4): a memory key written at a value then sees the name just before it. `--memory-depth 1` makes the memory a
-linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP; `--memory-head-dim D`
-widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a memory (layer 1 in
-the committed runs). `--train-all-beyond` trains the far-asking two thirds of the steps on the all_beyond
-placement, where no value can be copied from the window. `--key-match` then measures whether the memory's query at
-the question points at the asked value's key more than at the others' (`key_match`). `--filler sky` puts the pairs
-in a repeated sentence (predictable, so the memory's writes of it carry little) instead of random letters.
+4.4): a memory key written at a value then sees the name just before it; `--memory-conv-init random` starts its
+taps random (nn.Conv1d's init, as delta-rule models' short convolutions) instead of the identity. `--memory-depth 1`
+makes the memory a linear fast-weight map (one matrix a head, as DeltaNet's state) instead of the 2-layer MLP;
+`--memory-head-dim D` widens each memory head (16 in the committed runs); `--memory-layers 0,1` gives both layers a
+memory (layer 1 in the committed runs). `--train-all-beyond` trains the far-asking two thirds of the steps on the
+all_beyond placement, where no value can be copied from the window. `--key-match` then measures whether the
+memory's query at the question points at the asked value's key more than at the others' (`key_match`). `--filler
+sky` puts the pairs in a repeated sentence (predictable, so the memory's writes of it carry little) instead of
+random letters. `--oracle-shift` (with `--memory-conv` >= 3) fixes the convolution so that keys hold the name 2
+tokens back and queries the name 1 back: the memory then need not learn the addressing, only store and read.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -170,13 +173,38 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random")
     return out
 
 
+def oracle_shift(model) -> None:
+    """Fix every memory's convolution (`memory.conv` >= 3 taps) to read the name where a pair puts it: a query is
+    the token 1 back (the name in the question "?7="), a key the token 2 back (the name in "7=B", written at the
+    value), a value the token itself; frozen. The keys and queries then hold the names by construction, so the
+    memory has only to store and read: whether it binds then separates the memory's store/read from the learning
+    of the addressing."""
+    for blk in model.blocks:
+        mem = blk.memory
+        if mem is None:
+            continue
+        w, hd = mem.conv_weight, mem.heads * mem.head_dim
+        if w is None or w.shape[1] < 3:
+            raise ValueError("the oracle shift needs a memory convolution of >= 3 taps (--memory-conv 3 or more)")
+        K = w.shape[1]
+        with torch.no_grad():
+            w.zero_()
+            w[:hd, K - 2] = 1.0  # q: 1 back
+            w[hd:2 * hd, K - 3] = 1.0  # k: 2 back
+            w[2 * hd:, K - 1] = 1.0  # v: the token itself
+        w.requires_grad_(False)
+
+
 def fit(memory: bool, pairs: int, args) -> dict:
     """Train one model on `pairs`-pair samples; return {"memory_layers", "pairs", "curve", "final"}: accuracy per
     band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
     (as `cpu_memory_probe.py`), or with `args.train_all_beyond` one 112-160 back with every other pair there too."""
     model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
-                        memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+                        memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers),
+                        conv_init=args.memory_conv_init)
+    if memory and args.oracle_shift:
+        oracle_shift(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
@@ -263,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
+    ap.add_argument("--memory-conv-init", choices=["identity", "random"], default="identity",
+                    help="the convolution's start (memory.conv_init): identity (last tap 1) or random (nn.Conv1d's)")
+    ap.add_argument("--oracle-shift", action="store_true",
+                    help="fix the memory's convolution so keys read the name 2 back, queries 1 back (`oracle_shift`)")
     ap.add_argument("--memory-depth", type=int, default=2,
                     help="MLP layers of the memory (memory.depth; 1: a linear fast-weight map)")
     ap.add_argument("--memory-head-dim", type=int, default=16, help="the memory's width a head (memory.head_dim)")
@@ -293,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--length must be >= {TOP + PAIR + 4} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.oracle_shift and args.memory_conv < 3:
+        ap.error(f"--oracle-shift needs --memory-conv 3 or more (a key 2 tokens back), got {args.memory_conv}")
     try:
         args.memory_layers = sorted({int(x) for x in args.memory_layers.split(",")})
     except ValueError:

@@ -53,6 +53,7 @@ class MemoryConfig:
     max_grad_norm: float = 1.0          # per-token surprise is clipped to this norm (bounds the update)
     qk_norm: bool = True                # L2-normalise memory keys and queries
     conv: int = 0                       # causal depthwise conv of this many taps on q/k/v (Titans 4.4); 0: none
+    conv_init: str = "identity"         # identity (last tap 1: starts as without it) | random (as nn.Conv1d's)
     compile: bool = False               # CUDA, training: chunk step and read under torch.compile (~2x, H100)
 
     def validate(self) -> MemoryConfig:
@@ -70,6 +71,8 @@ class MemoryConfig:
         _check(self.max_grad_norm > 0, "memory.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
         _check(isinstance(self.conv, int) and not isinstance(self.conv, bool) and self.conv >= 0, "memory.conv",
                f"must be an integer >= 0 (taps; 0 = no convolution), got {self.conv!r}")
+        _check(self.conv_init in ("identity", "random"), "memory.conv_init",
+               f"must be identity or random, got {self.conv_init!r}")
         return self
 
 

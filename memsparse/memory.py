@@ -550,11 +550,16 @@ class NeuralMemory(nn.Module):
         self.out = nn.Linear(H * D, dim, bias=False)
         # Titans (sec. 4.4) follows modern linear RNNs with a short depthwise convolution after the q/k/v
         # projections: a key then also sees the tokens just before it, so "what came before" -> "what came next"
-        # is one association. Initialised to the identity (last tap 1): the model starts as without it.
+        # is one association. Initialised to the identity (last tap 1): the model starts as without it; or
+        # (conv_init "random") as nn.Conv1d's depthwise default, U(-1/sqrt(K), 1/sqrt(K)), as the short
+        # convolutions of delta-rule models start, every tap already mixing in the tokens before.
         self.conv_weight = None
         if config.conv:
             w = torch.zeros(3 * H * D, config.conv)
-            w[:, -1] = 1.0
+            if config.conv_init == "random":
+                w.uniform_(-config.conv ** -0.5, config.conv ** -0.5)
+            else:
+                w[:, -1] = 1.0
             self.conv_weight = nn.Parameter(w)
 
     # -- state ------------------------------------------------------------------------------------------

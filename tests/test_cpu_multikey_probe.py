@@ -48,6 +48,27 @@ def test_sky_filler_repeats_the_sentence_around_the_pairs():
         mk.fill(g, 5, "noise")
 
 
+def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
+    model = mk.probe.build(True, 0, conv=4, memory_depth=1)
+    mk.oracle_shift(model)
+    mem = model.blocks[1].memory
+    assert not mem.conv_weight.requires_grad
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
+    raw = mem.to_qkv(x).detach().view(2, 12, 3, mem.heads, mem.head_dim)
+    inp = mem.project(x)
+
+    def heads(t, back):  # (B, N, H, D) -> (B, H, N, D), the token `back` tokens before (zeros before the start)
+        t = torch.cat([torch.zeros_like(t[:, :back]), t[:, :12 - back]], 1)
+        return t.permute(0, 2, 1, 3)
+
+    norm = torch.nn.functional.normalize
+    torch.testing.assert_close(inp.q.detach(), norm(heads(raw[:, :, 0], 1), dim=-1))
+    torch.testing.assert_close(inp.k.detach(), norm(heads(raw[:, :, 1], 2), dim=-1))
+    torch.testing.assert_close(inp.v.detach(), heads(raw[:, :, 2], 0))
+    with pytest.raises(ValueError, match="needs a memory convolution of >= 3 taps"):
+        mk.oracle_shift(mk.probe.build(True, 0, conv=2))
+
+
 def test_a_short_run_writes_its_table_and_curves(tmp_path):
     res = mk.main(["--pairs", "1,2", "--steps", "2", "--eval-every", "1", "--eval-samples", "4", "--batch", "2",
                    "--out", str(tmp_path)])
@@ -73,10 +94,11 @@ def test_memory_depth_and_width_reach_the_model(monkeypatch):
     real = mk.probe.build
     monkeypatch.setattr(mk.probe, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     mk.main(["--pairs", "1", "--steps", "1", "--eval-samples", "2", "--batch", "2", "--no-baseline",
-             "--memory-depth", "1", "--memory-head-dim", "8", "--memory-layers", "1,0"])
+             "--memory-depth", "1", "--memory-head-dim", "8", "--memory-layers", "1,0", "--memory-conv", "4",
+             "--memory-conv-init", "random"])
     (model,) = built
     mem = model.config.memory
-    assert (mem.depth, mem.head_dim, model.config.memory_layers) == (1, 8, [0, 1])
+    assert (mem.depth, mem.head_dim, model.config.memory_layers, mem.conv, mem.conv_init) == (1, 8, [0, 1], 4, "random")
 
 
 @pytest.mark.parametrize("flag,far,filler", [([], (8, 160, (8, 160)), "random"),
@@ -133,6 +155,7 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
                                           (["--memory-depth", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--memory-head-dim", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--filler", "noise"], "argument --filler: invalid choice"),
+                                          (["--oracle-shift", "--memory-conv", "2"], "--oracle-shift needs"),
                                           (["--plot-only"], "--plot-only needs --out DIR")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -105,6 +105,21 @@ def test_every_tap_learns():
     assert g is not None and (g.abs().sum(0) > 0).all()
 
 
+def test_random_init_draws_every_tap_within_conv1d_bounds():
+    """memory.conv_init random: nn.Conv1d's depthwise default U(-1/sqrt(K), 1/sqrt(K)), seeded like the rest of the
+    model; identity (the default) stays the last tap 1."""
+    cfg = config(4)
+    torch.manual_seed(0)
+    w = MemSparseLM(ModelConfig(**{**cfg.__dict__, "memory": MemoryConfig(**{**cfg.memory.__dict__,
+                                                                             "conv_init": "random"})})
+                    ).blocks[1].memory.conv_weight
+    assert w.abs().max() <= 0.5 and (w != 0).all() and w.std() > 0.2  # U(-0.5, 0.5): std 0.29
+    ident = model(4, randomize=False).blocks[1].memory.conv_weight
+    assert (ident[:, -1] == 1).all() and (ident[:, :-1] == 0).all()
+    with pytest.raises(ConfigError, match="memory.conv_init"):
+        MemoryConfig(conv=4, conv_init="zeros").validate()
+
+
 def test_graph_state_round_trip_keeps_the_conv_state():
     from memsparse.cuda_graph import _flatten_layer, _unflatten_layer
 
