@@ -176,18 +176,22 @@ def adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, counts: t
 
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
           chunk: int = 16, scale: int = 1, forget_init: float = 1e-4, memory_depth: int = 2,
-          memory_head_dim: int = 16, memory_layers: tuple[int, ...] = (1,), conv_init: str = "identity") -> MemSparseLM:
+          memory_head_dim: int = 16, memory_layers: tuple[int, ...] = (1,), conv_init: str = "identity",
+          variant: str = "mac", surprise_gate: bool = True) -> MemSparseLM:
     """The probe's model (MAC, a memory in `memory_layers` when `memory`); `train_passes` consolidation passes;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
     committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
     step of the memory (16, the segment: the committed runs); `forget_init` the memory's initial forgetting rate
     (1e-4: the committed runs; the GPU recipes 3e-6); `memory_depth` MLP layers of the memory (2; 1 is a linear
     fast-weight map) and `memory_head_dim` its width a head (16); `memory_layers` the layers with a memory ((1,));
-    `conv_init` the convolution's start (`memory.conv_init`: identity, the committed runs, or random)."""
+    `conv_init` the convolution's start (`memory.conv_init`: identity, the committed runs, or random); `variant`
+    how the memory's read reaches the layer (mac, the committed runs; mag; mal); `surprise_gate` the learned gate on
+    each evicted token's write (on in the committed runs)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
-        segment=16 * scale, window=32 * scale, persistent_tokens=8, budget="dense", variant="mac",
+        segment=16 * scale, window=32 * scale, persistent_tokens=8, budget="dense", variant=variant,
+        surprise_gate=surprise_gate,
         memory_layers=list(memory_layers) if memory else [],
         memory=MemoryConfig(heads=4, head_dim=memory_head_dim, depth=memory_depth, chunk_size=chunk,
                             forget_init=forget_init, conv=conv, conv_init=conv_init),

@@ -25,6 +25,8 @@ memory's query at the question points at the asked value's key more than at the 
 sky` puts the pairs in a repeated sentence (predictable, so the memory's writes of it carry little) instead of
 random letters. `--oracle-shift` (with `--memory-conv` >= 3) fixes the convolution so that keys hold the name 2
 tokens back and queries the name 1 back: the memory then need not learn the addressing, only store and read.
+`--variant mag|mal` feeds the memory's read to its layer as MAG or MAL does (MAC in the committed runs);
+`--no-surprise-gate` writes every evicted token ungated.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -201,7 +203,8 @@ def fit(memory: bool, pairs: int, args) -> dict:
     (as `cpu_memory_probe.py`), or with `args.train_all_beyond` one 112-160 back with every other pair there too."""
     model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
                         memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers),
-                        conv_init=args.memory_conv_init)
+                        conv_init=args.memory_conv_init, variant=args.variant,
+                        surprise_gate=not args.no_surprise_gate)
     if memory and args.oracle_shift:
         oracle_shift(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -293,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
     ap.add_argument("--memory-conv-init", choices=["identity", "random"], default="identity",
                     help="the convolution's start (memory.conv_init): identity (last tap 1) or random (nn.Conv1d's)")
+    ap.add_argument("--variant", choices=["mac", "mag", "mal"], default="mac",
+                    help="how the memory's read reaches its layer: an extra key/value a token (mac), a gated sum "
+                         "(mag) or the attention's input (mal)")
+    ap.add_argument("--no-surprise-gate", action="store_true", help="write every evicted token ungated")
     ap.add_argument("--oracle-shift", action="store_true",
                     help="fix the memory's convolution so keys read the name 2 back, queries 1 back (`oracle_shift`)")
     ap.add_argument("--memory-depth", type=int, default=2,

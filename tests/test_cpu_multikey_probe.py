@@ -95,10 +95,11 @@ def test_memory_depth_and_width_reach_the_model(monkeypatch):
     monkeypatch.setattr(mk.probe, "build", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     mk.main(["--pairs", "1", "--steps", "1", "--eval-samples", "2", "--batch", "2", "--no-baseline",
              "--memory-depth", "1", "--memory-head-dim", "8", "--memory-layers", "1,0", "--memory-conv", "4",
-             "--memory-conv-init", "random"])
+             "--memory-conv-init", "random", "--variant", "mag", "--no-surprise-gate"])
     (model,) = built
-    mem = model.config.memory
-    assert (mem.depth, mem.head_dim, model.config.memory_layers, mem.conv, mem.conv_init) == (1, 8, [0, 1], 4, "random")
+    mem, cfg = model.config.memory, model.config
+    assert (mem.depth, mem.head_dim, cfg.memory_layers, mem.conv, mem.conv_init) == (1, 8, [0, 1], 4, "random")
+    assert (cfg.variant, cfg.surprise_gate) == ("mag", False)
 
 
 @pytest.mark.parametrize("flag,far,filler", [([], (8, 160, (8, 160)), "random"),

@@ -123,3 +123,19 @@ def test_profile_overlay_changes_only_the_callbacks_and_the_stop(capsys, monkeyp
     for key in ("max_steps", "max_time"):
         a["trainer"].pop(key), b["trainer"].pop(key)
     assert a == b
+
+
+@pytest.mark.parametrize("name", ["retrieval_small_copy", "retrieval_small", "retrieval_small_long"])
+def test_memory_layer0_conv_overlay_moves_the_first_memory_and_adds_the_convolution(name, capsys, monkeypatch):
+    """recipes/overlays/memory_layer0_conv.yaml on each stage: the memories in layers 0/3/5 with a 4-tap convolution
+    started at random; the memory's other settings and everything else are the stage's."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{name}.yaml"
+    a = _resolved(capsys, base)
+    b = _resolved(capsys, base, RECIPES / "overlays" / "memory_layer0_conv.yaml")
+    ca, cb = a["model"]["config"], b["model"]["config"]
+    assert (ca["memory_layers"], cb["memory_layers"]) == ([1, 3, 5], [0, 3, 5])
+    assert (cb["memory"]["conv"], cb["memory"]["conv_init"]) == (4, "random")
+    for c in (ca, cb):
+        c.pop("memory_layers"), c["memory"].pop("conv"), c["memory"].pop("conv_init")
+    assert a == b
