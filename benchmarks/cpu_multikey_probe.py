@@ -281,10 +281,9 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", default="1,2,4", help="comma-separated pair counts, a model pair trained for each")
-    ap.add_argument("--steps", type=int, default=900)
+def add_run_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The training and scoring options this probe shares with `cpu_memory_alone_probe.py`."""
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--length", type=int, default=192)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -292,6 +291,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", default="1,2,4", help="comma-separated pair counts, a model pair trained for each")
+    add_run_args(ap, steps=900)
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
     ap.add_argument("--memory-conv-init", choices=["identity", "random"], default="identity",
