@@ -145,7 +145,8 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random")
     """Does the memory address a value by its name? Over `n` all_beyond samples: per memory layer, the cosine of
     the question's memory query (at its "=") with the memory key written at the asked value, and with the keys at
     the other values, averaged over heads and samples: {"layer<i>": {"asked": c, "other": c}}. Keys that encode the
-    names give asked > other; keys that hold the values alone give asked ~ other."""
+    names give asked != other (either sign: the binding runs differ by 0.13-0.37); keys that hold the values alone
+    give asked ~ other (within 0.02)."""
     model.eval()
     lo, hi, others = ALL_BEYOND
     ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler)
