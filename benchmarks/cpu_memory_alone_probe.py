@@ -43,13 +43,8 @@ class MemoryAlone(nn.Module):
         self.memory = NeuralMemory(dim, MemoryConfig(heads=4, head_dim=16, depth=1, chunk_size=16, forget_init=1e-4,
                                                      conv=4, conv_init=conv_init))
         self.head = nn.Linear(dim, 256)
-        self.memory_layers = [0]
         if oracle:
-            mk.oracle_shift(self)
-
-    @property
-    def blocks(self):  # what `oracle_shift` walks
-        return [self]
+            mk.oracle_shift([self.memory])
 
     def forward(self, ids: torch.Tensor, q: int) -> torch.Tensor:
         """ids `(B, N)` with the question's last token at index q (every row alike) -> logits `(B, 256)` there."""

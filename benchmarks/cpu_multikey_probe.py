@@ -176,16 +176,14 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random")
     return out
 
 
-def oracle_shift(model) -> None:
-    """Fix every memory's convolution (`memory.conv` >= 3 taps) to read the name where a pair puts it: a query is
+def oracle_shift(memories) -> None:
+    """Fix the convolution (`memory.conv` >= 3 taps) of each NeuralMemory in `memories` (a model's: `[b.memory for
+    b in model.blocks if b.memory is not None]`) to read the name where a pair puts it: a query is
     the token 1 back (the name in the question "?7="), a key the token 2 back (the name in "7=B", written at the
     value), a value the token itself; frozen. The keys and queries then hold the names by construction, so the
     memory has only to store and read: whether it binds then separates the memory's store/read from the learning
     of the addressing."""
-    for blk in model.blocks:
-        mem = blk.memory
-        if mem is None:
-            continue
+    for mem in memories:
         w, hd = mem.conv_weight, mem.heads * mem.head_dim
         if w is None or w.shape[1] < 3:
             raise ValueError("the oracle shift needs a memory convolution of >= 3 taps (--memory-conv 3 or more)")
@@ -207,7 +205,7 @@ def fit(memory: bool, pairs: int, args) -> dict:
                         conv_init=args.memory_conv_init, variant=args.variant,
                         surprise_gate=not args.no_surprise_gate)
     if memory and args.oracle_shift:
-        oracle_shift(model)
+        oracle_shift([b.memory for b in model.blocks if b.memory is not None])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []

@@ -50,8 +50,8 @@ def test_sky_filler_repeats_the_sentence_around_the_pairs():
 
 def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
     model = mk.probe.build(True, 0, conv=4, memory_depth=1)
-    mk.oracle_shift(model)
     mem = model.blocks[1].memory
+    mk.oracle_shift([mem])
     assert not mem.conv_weight.requires_grad
     x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
     raw = mem.to_qkv(x).detach().view(2, 12, 3, mem.heads, mem.head_dim)
@@ -66,7 +66,7 @@ def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
     torch.testing.assert_close(inp.k.detach(), norm(heads(raw[:, :, 1], 2), dim=-1))
     torch.testing.assert_close(inp.v.detach(), heads(raw[:, :, 2], 0))
     with pytest.raises(ValueError, match="needs a memory convolution of >= 3 taps"):
-        mk.oracle_shift(mk.probe.build(True, 0, conv=2))
+        mk.oracle_shift([mk.probe.build(True, 0, conv=2).blocks[1].memory])
 
 
 def test_a_short_run_writes_its_table_and_curves(tmp_path):
