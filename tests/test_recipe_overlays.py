@@ -139,3 +139,13 @@ def test_memory_layer0_conv_overlay_moves_the_first_memory_and_adds_the_convolut
     for c in (ca, cb):
         c.pop("memory_layers"), c["memory"].pop("conv"), c["memory"].pop("conv_init")
     assert a == b
+
+
+@pytest.mark.parametrize("name", BALANCED[1][:1] + BALANCED[2][:1] + BALANCED[3][:1])
+def test_memory_linear_overlay_changes_only_the_memory_depth(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{name}.yaml"
+    a = _resolved(capsys, base)
+    b = _resolved(capsys, base, RECIPES / "overlays" / "memory_linear.yaml")
+    assert (a["model"]["config"]["memory"].pop("depth"), b["model"]["config"]["memory"].pop("depth")) == (2, 1)
+    assert a == b
