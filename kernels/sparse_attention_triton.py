@@ -457,9 +457,21 @@ if HAS_TRITON:
     _dq_tuned = triton.autotune(
         _configs("dq", [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
+    def _prune_dkdv(configs, named_args, **kwargs):
+        # The 128-row tile was checked against the reference on an H100 in bf16 at every head dim and in fp32 up to
+        # head dim 64 (benchmarks/results/dkdv_candidates_check_h100_2026-12-07/); fp32 at 128 was not (8 warps ask
+        # 362 KB of shared memory, 4 warps did not finish the check), so it is not offered there.
+        d, q = kwargs.get("D", named_args.get("D")), named_args.get("Q")
+        if q is not None and q.dtype == torch.float32 and d is not None and d > 64:
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] < 128]
+        return _prune(configs, named_args, **kwargs)
+
+    # 128x64 at 4 warps: dK/dV 1.09 ms against 64x64's 1.83 at 32K 8/4 heads D=64 (H100, 2026-12-07,
+    # benchmarks/results/dkdv_timing_h100_2026-12-07/)
     _dkdv_tuned = triton.autotune(
-        _configs("dkdv", [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
-        key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune})(_dkdv_kernel)
+        _configs("dkdv", [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3),
+                          (128, 64, 4, 3)]),
+        key=_KEY + ["FUSED"], prune_configs_by={"early_config_prune": _prune_dkdv})(_dkdv_kernel)
     # The fused backward adds a (BLOCK_M x D) fp32 atomic per step: wide key tiles halve that traffic.
     _fused_tuned = triton.autotune(
         _configs("fused", [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 64, 8, 2)]),

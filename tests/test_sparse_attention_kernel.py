@@ -312,6 +312,7 @@ def test_dkdv_row_tile_spanning_the_group_at_one_key_block(monkeypatch):
 # (Triton can miscompile what the interpreter runs):
 #   TRITON_INTERPRET=0 MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE=cuda python -m pytest -n 0 \
 #       tests/test_sparse_attention_kernel.py -k candidate_dkdv
+# (128, 64, 4, 3) joined the list after this check and a timing (2026-12-07); kept here so the check covers it.
 DKDV_CANDIDATES = [(128, 64, 8, 3), (128, 64, 4, 3)]  # both heads of a GQA group in one row tile at a 64-token block
 GPU_DEV = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE", "cpu")
 
@@ -328,6 +329,18 @@ def test_candidate_dkdv_config_on_the_gpu(monkeypatch, cfg, case, dtype):
     monkeypatch.setitem(tri.FIXED_CONFIG, "dkdv", cfg)
     monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
     check_case(*case, dtype=dtype, device=GPU_DEV, seed=3)
+
+
+@pytest.mark.skipif(not tri.HAS_TRITON, reason="needs triton")
+def test_dkdv_row_tile_of_128_is_offered_only_where_it_was_checked():
+    """128x64 joined dK/dV's autotune list; fp32 at head dim > 64 (not checked on the GPU) never gets it."""
+    tile = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cs]  # noqa: E731
+    configs = tri._dkdv_tuned.configs
+    assert (128, 64, 4, 3) in tile(configs)
+    for dtype, d, offered in [(torch.bfloat16, 128, True), (torch.float32, 64, True), (torch.float32, 128, False)]:
+        kept = tile(tri._prune_dkdv(configs, {"Q": torch.empty(1, dtype=dtype)}, D=d, BS=64))
+        assert ((128, 64, 4, 3) in kept) is offered, (dtype, d)
+        assert all(bn <= 64 for _, bn, _, _ in kept)
 
 
 def test_extra_configs_parse_and_reject():
