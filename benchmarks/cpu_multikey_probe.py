@@ -26,7 +26,10 @@ sky` puts the pairs in a repeated sentence (predictable, so the memory's writes 
 random letters. `--oracle-shift` (with `--memory-conv` >= 3) fixes the convolution so that keys hold the name 2
 tokens back and queries the name 1 back: the memory then need not learn the addressing, only store and read.
 `--variant mag|mal` feeds the memory's read to its layer as MAG or MAL does (MAC in the committed runs);
-`--no-surprise-gate` writes every evicted token ungated.
+`--no-surprise-gate` writes every evicted token ungated. `--question-gap N` puts N fixed characters between the
+asked name and the question's "=" ("?7 in t=" for N 5), as RULER's niah_multikey question puts ~6 tokens between its
+key and the answer ("for {key} mentioned in the provided text is"): the question's memory query, read at "=", then
+finds the name N + 1 tokens back, past a convolution of N + 1 taps or fewer.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -56,6 +59,7 @@ TOP = 160  # the farthest a pair lies (distance: tokens between the pair's ";" a
 # beyond attention, so no other value can be copied from the window and only the memory can tell them apart
 BANDS = [("in_window", 8, 24, (8, TOP)), ("relay", 40, 90, (8, TOP)), ("beyond_attention", 112, 160, (8, TOP)),
          ("all_beyond", 112, 160, (112, TOP))]
+QUESTION_GAP = " in the text is mentioned here"  # --question-gap N: its first N characters
 ALL_BEYOND = BANDS[-1][1:]  # (lo, hi, others) of the all_beyond placement: training and key_match draw it too
 
 
@@ -87,12 +91,16 @@ def fill(g: torch.Generator, n: int, filler: str = "random") -> list[str]:
 
 
 def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
-           others: tuple[int, int] = (8, TOP), filler: str = "random") -> tuple[list[int], int, int, list[int]]:
+           others: tuple[int, int] = (8, TOP), filler: str = "random",
+           gap: int = 0) -> tuple[list[int], int, int, list[int]]:
     """(ids of `length` tokens, the answer's id, index of the question's last token, the ids of every pair's value):
     `pairs` key-value pairs in `filler` (`fill`), the asked one lo-hi tokens back, the others `others` back (no two
-    overlapping), then "?<name>=" and the value, padded with filler."""
-    if length < TOP + PAIR + 4:
-        raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {TOP + PAIR + 4}")
+    overlapping), then "?<name>=" (with `gap` characters of QUESTION_GAP before the "=") and the value, padded
+    with filler."""
+    if not 0 <= gap <= len(QUESTION_GAP):
+        raise ValueError(f"the question gap must be 0-{len(QUESTION_GAP)} characters, got {gap}")
+    if length < TOP + PAIR + 4 + gap:
+        raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {TOP + PAIR + 4 + gap}")
     span = TOP + PAIR  # the text before the question: a pair d back ends d tokens before it
     text = fill(g, span, filler)
     names = [NAMES[i] for i in torch.randperm(len(NAMES), generator=g)[:pairs].tolist()]
@@ -106,7 +114,7 @@ def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
     for k, d in enumerate(taken):
         end = span - d
         text[end - PAIR:end] = list(f"{names[k]}={values[k]};")
-    ids = [ord(c) for c in "".join(text) + f"?{names[0]}="]
+    ids = [ord(c) for c in "".join(text) + f"?{names[0]}{QUESTION_GAP[:gap]}="]
     q = len(ids) - 1
     ans = ord(values[0])
     pad = fill(g, length - len(ids) - 1, filler)
@@ -114,10 +122,10 @@ def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
 
 
 def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[int, int] = (8, TOP),
-          filler: str = "random"):
+          filler: str = "random", gap: int = 0):
     """n samples (`sample`): (ids (n, length), labels (n, length) with the answer at the question,
     [(answer, q, every value)])."""
-    rows = [sample(g, pairs, lo, hi, length, others, filler) for _ in range(n)]
+    rows = [sample(g, pairs, lo, hi, length, others, filler, gap) for _ in range(n)]
     ids = torch.tensor([r[0] for r in rows])
     labels = torch.full_like(ids, -100)
     for i, (_, ans, q, _) in enumerate(rows):
@@ -127,12 +135,12 @@ def batch(g, n: int, pairs: int, lo: int, hi: int, length: int, others: tuple[in
 
 @torch.no_grad()
 def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
-             others: tuple[int, int] = (8, TOP), filler: str = "random") -> tuple[float, float]:
+             others: tuple[int, int] = (8, TOP), filler: str = "random", gap: int = 0) -> tuple[float, float]:
     """Greedy argmax at the question over `n` held-out samples, the asked pair lo-hi back: (the asked value's
     share, the share answering any of the sample's values). A model that recalls the values but not which name
     each followed scores about any / pairs."""
     model.eval()
-    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler)
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler, gap)
     pred = model(ids).logits.argmax(-1)
     model.train()
     got = [int(pred[i, q]) for i, (_, q, _) in enumerate(ans)]
@@ -141,7 +149,7 @@ def accuracy(model, g, pairs: int, lo: int, hi: int, length: int, n: int,
 
 
 @torch.no_grad()
-def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random") -> dict:
+def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random", gap: int = 0) -> dict:
     """Does the memory address a value by its name? Over `n` all_beyond samples: per memory layer, the cosine of
     the question's memory query (at its "=") with the memory key written at the asked value, and with the keys at
     the other values, averaged over heads and samples: {"layer<i>": {"asked": c, "other": c}}. Keys that encode the
@@ -149,7 +157,7 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random")
     give asked ~ other (within 0.02)."""
     model.eval()
     lo, hi, others = ALL_BEYOND
-    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler)
+    ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler, gap)
     seen: dict[int, torch.Tensor] = {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
              for i, blk in enumerate(model.blocks) if blk.memory is not None]
@@ -167,7 +175,7 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random")
             spots = [p for p in range(2, q - 2) if row[p - 1] == ord("=") and chr(row[p - 2]).isdigit()]
             for p in spots:
                 c = torch.nn.functional.cosine_similarity(inp.q[b, :, q], inp.k[b, :, p], dim=-1).mean()
-                if row[p - 2] == row[q - 1]:
+                if row[p - 2] == row[q - 1 - gap]:  # the asked name
                     assert row[p] == answer, "the asked name's value is the answer"
                     asked.append(float(c))
                 else:
@@ -211,12 +219,13 @@ def fit(memory: bool, pairs: int, args) -> dict:
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
         if step % 3 == 0:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length, filler=args.filler)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length, filler=args.filler, gap=args.question_gap)
         elif args.train_all_beyond:  # the all_beyond band's placement: only the memory can answer
             lo, hi, others = ALL_BEYOND
-            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others, args.filler)
+            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others, args.filler, args.question_gap)
         else:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length, filler=args.filler)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length, filler=args.filler,
+                                   gap=args.question_gap)
         out = model(ids, labels=labels)
         opt.zero_grad()
         out.loss.backward()
@@ -227,14 +236,15 @@ def fit(memory: bool, pairs: int, args) -> dict:
             ge = torch.Generator().manual_seed(10_000)
             for band, lo, hi, others in BANDS:
                 row[f"acc_{band}"], row[f"any_{band}"] = accuracy(model, ge, pairs, lo, hi, args.length,
-                                                                  args.eval_samples, others, args.filler)
+                                                                  args.eval_samples, others, args.filler,
+                                                                  args.question_gap)
             curve.append(row)
             print(f"pairs {pairs} {'memory   ' if memory else 'no memory'}", json.dumps(row), flush=True)
     run = {"memory_layers": list(args.memory_layers) if memory else [], "pairs": pairs, "curve": curve,
            "final": curve[-1]}
     if memory and args.key_match:
         run["key_match"] = key_match(model, torch.Generator().manual_seed(20_000), pairs, args.length,
-                                     args.eval_samples, args.filler)
+                                     args.eval_samples, args.filler, args.question_gap)
         print(f"pairs {pairs} key match", json.dumps(run["key_match"]), flush=True)
     return run
 
@@ -316,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="after training: the memory query's cosine with the asked value's key and the others'")
     ap.add_argument("--filler", choices=["random", "sky"], default="random",
                     help="the text around the pairs: random letters (the committed runs) or a repeated sentence")
+    ap.add_argument("--question-gap", type=int, default=0,
+                    help="fixed characters between the asked name and the question's '=' (0: '?7=')")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")
@@ -332,8 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--pairs must be comma-separated integers, got {args.pairs!r}")
     if not counts or not all(1 <= c <= 8 for c in counts):
         ap.error(f"--pairs must be 1-8 each (distinct digit names, room 8-{TOP} back), got {args.pairs!r}")
-    if args.length < TOP + PAIR + 4:
-        ap.error(f"--length must be >= {TOP + PAIR + 4} (a pair {TOP} tokens back and the question), got {args.length}")
+    if not 0 <= args.question_gap <= len(QUESTION_GAP):
+        ap.error(f"--question-gap must be 0-{len(QUESTION_GAP)}, got {args.question_gap}")
+    if args.length < TOP + PAIR + 4 + args.question_gap:
+        need = TOP + PAIR + 4 + args.question_gap
+        ap.error(f"--length must be >= {need} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
     if args.oracle_shift and args.memory_conv < 3:

@@ -48,6 +48,28 @@ def test_sky_filler_repeats_the_sentence_around_the_pairs():
         mk.fill(g, 5, "noise")
 
 
+def test_question_gap_puts_fixed_characters_between_the_name_and_the_equals(monkeypatch):
+    """--question-gap N: "?7" + N characters of QUESTION_GAP + "=", the answer after it; training and evaluation
+    alike, and key_match reads the asked name N + 1 back."""
+    g = torch.Generator().manual_seed(1)
+    for gap in (0, 5):
+        ids, ans, q, _ = mk.sample(g, 2, 112, 160, 192, (112, 160), gap=gap)
+        text = "".join(map(chr, ids))
+        assert text[q] == "=" and ids[q + 1] == ans and text[q - gap - 2] == "?"
+        assert text[q - gap:q] == mk.QUESTION_GAP[:gap]
+        (m,) = [m for m in re.finditer(r"(\d)=([A-Z]);", text[:q - gap - 2]) if m.group(1) == text[q - gap - 1]]
+        assert ord(m.group(2)) == ans
+    with pytest.raises(ValueError, match="question gap"):
+        mk.sample(g, 2, 112, 160, 192, gap=len(mk.QUESTION_GAP) + 1)
+    gaps = set()
+    real = mk.batch
+    monkeypatch.setattr(mk, "batch", lambda *a, **k: (gaps.add(k.get("gap", a[8] if len(a) > 8 else 0)),
+                                                      real(*a, **k))[1])
+    mk.main(["--pairs", "2", "--steps", "3", "--eval-samples", "3", "--batch", "2", "--no-baseline",
+             "--question-gap", "4", "--key-match"])
+    assert gaps == {4}
+
+
 def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
     model = mk.probe.build(True, 0, conv=4, memory_depth=1)
     mem = model.blocks[1].memory
@@ -109,11 +131,11 @@ def test_training_steps_ask_where_the_flag_says(monkeypatch, flag, far, filler):
     seen, fillers = [], set()
     real = mk.batch
 
-    def spy(g, n, pairs, lo, hi, length, others=(8, mk.TOP), filler="random"):
+    def spy(g, n, pairs, lo, hi, length, others=(8, mk.TOP), filler="random", gap=0):
         fillers.add(filler)  # training and evaluation alike
         if n == 2:  # training batches (the evaluation draws 3)
             seen.append((lo, hi, tuple(others)))
-        return real(g, n, pairs, lo, hi, length, others, filler)
+        return real(g, n, pairs, lo, hi, length, others, filler, gap)
 
     monkeypatch.setattr(mk, "batch", spy)
     mk.main(["--pairs", "2", "--steps", "6", "--eval-every", "6", "--eval-samples", "3", "--batch", "2",
@@ -150,6 +172,8 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
 @pytest.mark.parametrize("argv,message", [(["--pairs", "0,2"], "--pairs must be 1-8 each"),
                                           (["--pairs", "two"], "--pairs must be comma-separated integers"),
                                           (["--length", "100"], "--length must be >= 168"),
+                                          (["--question-gap", "5", "--length", "170"], "--length must be >= 173"),
+                                          (["--question-gap", "-1"], "--question-gap must be 0-"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
                                           (["--memory-layers", "2"], "--memory-layers must name layers 0 and/or 1"),
                                           (["--memory-layers", "x"], "--memory-layers must be comma-separated"),
