@@ -24,7 +24,8 @@ all_beyond placement, where no value can be copied from the window. `--key-match
 memory's query at the question points at the asked value's key more than at the others' (`key_match`). `--filler
 sky` puts the pairs in a repeated sentence (predictable, so the memory's writes of it carry little) instead of
 random letters. `--oracle-shift` (with `--memory-conv` >= 3) fixes the convolution so that keys hold the name 2
-tokens back and queries the name 1 back: the memory then need not learn the addressing, only store and read.
+tokens back and queries the name 1 back: the memory then need not learn the addressing, only store and read
+(with `--question-gap N` the queries hold the name N + 1 back).
 `--variant mag|mal` feeds the memory's read to its layer as MAG or MAL does (MAC in the committed runs);
 `--no-surprise-gate` writes every evicted token ungated. `--question-gap N` puts N fixed characters between the
 asked name and the question's "=" ("?7 in t=" for N 5), as RULER's niah_multikey question puts ~6 tokens between its
@@ -184,21 +185,24 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random",
     return out
 
 
-def oracle_shift(memories) -> None:
+def oracle_shift(memories, query_back: int = 1) -> None:
     """Fix the convolution (`memory.conv` >= 3 taps) of each NeuralMemory in `memories` (a model's: `[b.memory for
     b in model.blocks if b.memory is not None]`) to read the name where a pair puts it: a query is
     the token 1 back (the name in the question "?7="), a key the token 2 back (the name in "7=B", written at the
     value), a value the token itself; frozen. The keys and queries then hold the names by construction, so the
     memory has only to store and read: whether it binds then separates the memory's store/read from the learning
-    of the addressing."""
+    of the addressing. `query_back`: where the question's name is, counted back from its "=" (1 + the question
+    gap)."""
     for mem in memories:
         w, hd = mem.conv_weight, mem.heads * mem.head_dim
-        if w is None or w.shape[1] < 3:
-            raise ValueError("the oracle shift needs a memory convolution of >= 3 taps (--memory-conv 3 or more)")
+        need = max(3, query_back + 1)
+        if w is None or w.shape[1] < need:
+            raise ValueError(f"the oracle shift needs a memory convolution of >= {need} taps "
+                             f"(--memory-conv {need} or more)")
         K = w.shape[1]
         with torch.no_grad():
             w.zero_()
-            w[:hd, K - 2] = 1.0  # q: 1 back
+            w[:hd, K - 1 - query_back] = 1.0  # q: the question's name, query_back back
             w[hd:2 * hd, K - 3] = 1.0  # k: 2 back
             w[2 * hd:, K - 1] = 1.0  # v: the token itself
         w.requires_grad_(False)
@@ -213,7 +217,7 @@ def fit(memory: bool, pairs: int, args) -> dict:
                         conv_init=args.memory_conv_init, variant=args.variant,
                         surprise_gate=not args.no_surprise_gate)
     if memory and args.oracle_shift:
-        oracle_shift([b.memory for b in model.blocks if b.memory is not None])
+        oracle_shift([b.memory for b in model.blocks if b.memory is not None], query_back=1 + args.question_gap)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
@@ -351,8 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--length must be >= {need} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
-    if args.oracle_shift and args.memory_conv < 3:
-        ap.error(f"--oracle-shift needs --memory-conv 3 or more (a key 2 tokens back), got {args.memory_conv}")
+    if args.oracle_shift and args.memory_conv < max(3, args.question_gap + 2):
+        ap.error(f"--oracle-shift needs --memory-conv {max(3, args.question_gap + 2)} or more (a key 2 tokens back, "
+                 f"the question's name {args.question_gap + 1} back), got {args.memory_conv}")
     try:
         args.memory_layers = sorted({int(x) for x in args.memory_layers.split(",")})
     except ValueError:

@@ -89,6 +89,12 @@ def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
     torch.testing.assert_close(inp.v.detach(), heads(raw[:, :, 2], 0))
     with pytest.raises(ValueError, match="needs a memory convolution of >= 3 taps"):
         mk.oracle_shift([mk.probe.build(True, 0, conv=2).blocks[1].memory])
+    far = mk.probe.build(True, 0, conv=8, memory_depth=1).blocks[1].memory  # a question gap of 5: the name 6 back
+    mk.oracle_shift([far], query_back=6)
+    raw_far = far.to_qkv(x).detach().view(2, 12, 3, far.heads, far.head_dim)
+    torch.testing.assert_close(far.project(x).q.detach(), norm(heads(raw_far[:, :, 0], 6), dim=-1))
+    with pytest.raises(ValueError, match="needs a memory convolution of >= 7 taps"):
+        mk.oracle_shift([mk.probe.build(True, 0, conv=4).blocks[1].memory], query_back=6)
 
 
 def test_a_short_run_writes_its_table_and_curves(tmp_path):
@@ -181,6 +187,8 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
                                           (["--memory-head-dim", "0"], "--memory-depth and --memory-head-dim must be"),
                                           (["--filler", "noise"], "argument --filler: invalid choice"),
                                           (["--oracle-shift", "--memory-conv", "2"], "--oracle-shift needs"),
+                                          (["--oracle-shift", "--memory-conv", "4", "--question-gap", "5"],
+                                           "--oracle-shift needs --memory-conv 7 or more"),
                                           (["--plot-only"], "--plot-only needs --out DIR")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
