@@ -30,7 +30,8 @@ tokens back and queries the name 1 back: the memory then need not learn the addr
 `--no-surprise-gate` writes every evicted token ungated. `--question-gap N` puts N fixed characters between the
 asked name and the question's "=" ("?7 in t=" for N 5), as RULER's niah_multikey question puts ~6 tokens between its
 key and the answer ("for {key} mentioned in the provided text is"): the question's memory query, read at "=", then
-finds the name N + 1 tokens back, past a convolution of N + 1 taps or fewer.
+finds the name N + 1 tokens back, past a convolution of N + 1 taps or fewer; `--gap-ramp S` trains the gap up
+from 0 over S steps (a curriculum; evaluation asks with the full gap throughout).
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -208,6 +209,12 @@ def oracle_shift(memories, query_back: int = 1) -> None:
         w.requires_grad_(False)
 
 
+def train_gap(step: int, gap: int, ramp: int) -> int:
+    """The question gap a training step draws: `gap`, or with `ramp` > 0 one growing from 0 at step 1 by one
+    character every ramp / (gap + 1) steps, `gap` from step ~ramp * gap / (gap + 1) on (evaluation keeps `gap`)."""
+    return gap if ramp <= 0 else min(gap, (step - 1) * (gap + 1) // ramp)
+
+
 def fit(memory: bool, pairs: int, args) -> dict:
     """Train one model on `pairs`-pair samples; return {"memory_layers", "pairs", "curve", "final"}: accuracy per
     band every `args.eval_every` steps. A third of the steps ask a pair inside the window, the rest one 8-160 back
@@ -222,14 +229,14 @@ def fit(memory: bool, pairs: int, args) -> dict:
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
+        gap = train_gap(step, args.question_gap, args.gap_ramp)
         if step % 3 == 0:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length, filler=args.filler, gap=args.question_gap)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, 24, args.length, filler=args.filler, gap=gap)
         elif args.train_all_beyond:  # the all_beyond band's placement: only the memory can answer
             lo, hi, others = ALL_BEYOND
-            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others, args.filler, args.question_gap)
+            ids, labels, _ = batch(g, args.batch, pairs, lo, hi, args.length, others, args.filler, gap)
         else:
-            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length, filler=args.filler,
-                                   gap=args.question_gap)
+            ids, labels, _ = batch(g, args.batch, pairs, 8, TOP, args.length, filler=args.filler, gap=gap)
         out = model(ids, labels=labels)
         opt.zero_grad()
         out.loss.backward()
@@ -332,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the text around the pairs: random letters (the committed runs) or a repeated sentence")
     ap.add_argument("--question-gap", type=int, default=0,
                     help="fixed characters between the asked name and the question's '=' (0: '?7=')")
+    ap.add_argument("--gap-ramp", type=int, default=0,
+                    help="train the question gap from 0 up to --question-gap over this many steps (0: from the start)")
     ap.add_argument("--no-baseline", action="store_true", help="train only the memory model")
     ap.add_argument("--out", default=None, help="directory for multikey_probe.json / .md / .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw --out's multikey_probe.png from its .json")
@@ -355,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--length must be >= {need} (a pair {TOP} tokens back and the question), got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.gap_ramp < 0 or (args.gap_ramp and not args.question_gap):
+        ap.error(f"--gap-ramp must be >= 0, and needs --question-gap >= 1, got {args.gap_ramp}")
     if args.oracle_shift and args.memory_conv < max(3, args.question_gap + 2):
         ap.error(f"--oracle-shift needs --memory-conv {max(3, args.question_gap + 2)} or more (a key 2 tokens back, "
                  f"the question's name {args.question_gap + 1} back), got {args.memory_conv}")

@@ -70,6 +70,13 @@ def test_question_gap_puts_fixed_characters_between_the_name_and_the_equals(monk
     assert gaps == {4}
 
 
+def test_gap_ramp_grows_the_training_gap_to_the_question_gap():
+    assert [mk.train_gap(s, 5, 0) for s in (1, 500)] == [5, 5]
+    got = [mk.train_gap(s, 5, 600) for s in range(1, 901)]
+    assert got[0] == 0 and got == sorted(got) and set(got) == set(range(6)) and (got[499], got[500]) == (4, 5)
+    assert sum(g == 0 for g in got) == 100  # each of the 6 gaps 600 / 6 steps, then the full gap
+
+
 def test_oracle_shift_makes_keys_the_token_2_back_and_queries_1_back():
     model = mk.probe.build(True, 0, conv=4, memory_depth=1)
     mem = model.blocks[1].memory
@@ -180,6 +187,7 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
                                           (["--length", "100"], "--length must be >= 168"),
                                           (["--question-gap", "5", "--length", "170"], "--length must be >= 173"),
                                           (["--question-gap", "-1"], "--question-gap must be 0-"),
+                                          (["--gap-ramp", "100"], "--gap-ramp must be >= 0, and needs --question-gap"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
                                           (["--memory-layers", "2"], "--memory-layers must name layers 0 and/or 1"),
                                           (["--memory-layers", "x"], "--memory-layers must be comma-separated"),
