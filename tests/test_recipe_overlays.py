@@ -149,3 +149,13 @@ def test_memory_linear_overlay_changes_only_the_memory_depth(name, capsys, monke
     b = _resolved(capsys, base, RECIPES / "overlays" / "memory_linear.yaml")
     assert (a["model"]["config"]["memory"].pop("depth"), b["model"]["config"]["memory"].pop("depth")) == (2, 1)
     assert a == b
+
+
+@pytest.mark.parametrize("name", BALANCED[1][:1] + BALANCED[3][:1])
+def test_memory_conv8_overlay_widens_only_the_convolution(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    over = [RECIPES / "overlays" / f for f in ("memory_layer0_conv.yaml", "memory_linear.yaml")]
+    a = _resolved(capsys, RECIPES / f"{name}.yaml", *over)
+    b = _resolved(capsys, RECIPES / f"{name}.yaml", *over, RECIPES / "overlays" / "memory_conv8.yaml")
+    assert (a["model"]["config"]["memory"].pop("conv"), b["model"]["config"]["memory"].pop("conv")) == (4, 8)
+    assert b["model"]["config"]["memory"]["conv_init"] == "random" and a == b
