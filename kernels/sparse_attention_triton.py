@@ -457,6 +457,7 @@ if HAS_TRITON:
     _dq_tuned = triton.autotune(
         _configs("dq", [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]),
         key=_KEY, prune_configs_by={"early_config_prune": _prune})(_dq_kernel)
+
     def _prune_dkdv(configs, named_args, **kwargs):
         # The 128-row tile was checked against the reference on an H100 in bf16 at every head dim and in fp32 up to
         # head dim 64 (benchmarks/results/dkdv_candidates_check_h100_2026-12-07/); fp32 at 128 was not (8 warps ask
