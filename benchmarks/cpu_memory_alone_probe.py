@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not 1 <= args.pairs <= 8:
         ap.error(f"--pairs must be 1-8, got {args.pairs}")
-    if args.length < mk.TOP + mk.PAIR + 4:
-        ap.error(f"--length must be >= {mk.TOP + mk.PAIR + 4} (a pair {mk.TOP} tokens back), got {args.length}")
+    if args.length < mk.min_length():
+        ap.error(f"--length must be >= {mk.min_length()} (a pair {mk.TOP} tokens back), got {args.length}")
     if min(args.steps, args.batch, args.eval_every, args.eval_samples) < 1:
         ap.error("--steps, --batch, --eval-every and --eval-samples must be >= 1")
     torch.set_num_threads(args.threads)

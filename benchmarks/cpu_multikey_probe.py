@@ -65,6 +65,11 @@ QUESTION_GAP = " in the text is mentioned here"  # --question-gap N: its first N
 ALL_BEYOND = BANDS[-1][1:]  # (lo, hi, others) of the all_beyond placement: training and key_match draw it too
 
 
+def min_length(gap: int = 0) -> int:
+    """The shortest sample: a pair TOP tokens back, the question "?<name>" + `gap` characters + "=", the answer."""
+    return TOP + PAIR + 4 + gap
+
+
 def place(g: torch.Generator, pairs: int, asked: tuple[int, int], others: tuple[int, int]) -> list[int]:
     """Distances of `pairs` pairs, the first (the asked one) in `asked`, the rest in `others`, no two overlapping (a
     pair's 4 tokens and one filler token apart); [] when a pair finds no room after 50 draws."""
@@ -101,8 +106,8 @@ def sample(g: torch.Generator, pairs: int, lo: int, hi: int, length: int,
     with filler."""
     if not 0 <= gap <= len(QUESTION_GAP):
         raise ValueError(f"the question gap must be 0-{len(QUESTION_GAP)} characters, got {gap}")
-    if length < TOP + PAIR + 4 + gap:
-        raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {TOP + PAIR + 4 + gap}")
+    if length < min_length(gap):
+        raise ValueError(f"length {length} cannot hold a pair {TOP} tokens back: use >= {min_length(gap)}")
     span = TOP + PAIR  # the text before the question: a pair d back ends d tokens before it
     text = fill(g, span, filler)
     names = [NAMES[i] for i in torch.randperm(len(NAMES), generator=g)[:pairs].tolist()]
@@ -359,9 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--pairs must be 1-8 each (distinct digit names, room 8-{TOP} back), got {args.pairs!r}")
     if not 0 <= args.question_gap <= len(QUESTION_GAP):
         ap.error(f"--question-gap must be 0-{len(QUESTION_GAP)}, got {args.question_gap}")
-    if args.length < TOP + PAIR + 4 + args.question_gap:
-        need = TOP + PAIR + 4 + args.question_gap
-        ap.error(f"--length must be >= {need} (a pair {TOP} tokens back and the question), got {args.length}")
+    if args.length < min_length(args.question_gap):
+        ap.error(f"--length must be >= {min_length(args.question_gap)} (a pair {TOP} tokens back and the question), "
+                 f"got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
     if args.gap_ramp < 0 or (args.gap_ramp and not args.question_gap):
