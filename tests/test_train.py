@@ -793,7 +793,8 @@ def test_lr_schedule():
 # ------------------------------------------------------------------------------------------- multi-process
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused"])  # fused: the skip flag reduced across ranks on the device
+# fused: the skip flag reduced across ranks on the device; "auto" (the same run without it) only in the slow run
+@pytest.mark.parametrize("impl", [pytest.param("auto", marks=pytest.mark.slow), "fused"])
 def test_ddp_two_cpu_processes_agree(tmp_path, impl):
     root = tmp_path / "ddp"
     cfg = tiny_config(root, **{
