@@ -324,8 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     add_run_args(ap, steps=900)
     ap.add_argument("--memory-conv", type=int, default=0,
                     help="taps of the memory's short causal q/k/v convolution (memory.conv; 0: none)")
-    ap.add_argument("--memory-conv-init", choices=["identity", "random"], default="identity",
-                    help="the convolution's start (memory.conv_init): identity (last tap 1) or random (nn.Conv1d's)")
+    ap.add_argument("--memory-conv-init", choices=["identity", "random", "box"], default="identity",
+                    help="the convolution's start (memory.conv_init): identity (last tap 1), random (nn.Conv1d's) "
+                         "or box (q/k taps all 1/sqrt(K), v identity)")
     ap.add_argument("--variant", choices=["mac", "mag", "mal"], default="mac",
                     help="how the memory's read reaches its layer: an extra key/value a token (mac), a gated sum "
                          "(mag) or the attention's input (mal)")

@@ -54,6 +54,7 @@ class MemoryConfig:
     qk_norm: bool = True                # L2-normalise memory keys and queries
     conv: int = 0                       # causal depthwise conv of this many taps on q/k/v (Titans 4.4); 0: none
     conv_init: str = "identity"         # identity (last tap 1: starts as without it) | random (as nn.Conv1d's)
+    #                                     | box (q/k taps all 1/sqrt(K): the sum of the last K tokens; v identity)
     compile: bool = False               # CUDA, training: chunk step and read under torch.compile (~2x, H100)
 
     def validate(self) -> MemoryConfig:
@@ -71,8 +72,8 @@ class MemoryConfig:
         _check(self.max_grad_norm > 0, "memory.max_grad_norm", f"must be positive, got {self.max_grad_norm}")
         _check(isinstance(self.conv, int) and not isinstance(self.conv, bool) and self.conv >= 0, "memory.conv",
                f"must be an integer >= 0 (taps; 0 = no convolution), got {self.conv!r}")
-        _check(self.conv_init in ("identity", "random"), "memory.conv_init",
-               f"must be identity or random, got {self.conv_init!r}")
+        _check(self.conv_init in ("identity", "random", "box"), "memory.conv_init",
+               f"must be identity, random or box, got {self.conv_init!r}")
         return self
 
 

@@ -552,12 +552,18 @@ class NeuralMemory(nn.Module):
         # projections: a key then also sees the tokens just before it, so "what came before" -> "what came next"
         # is one association. Initialised to the identity (last tap 1): the model starts as without it; or
         # (conv_init "random") as nn.Conv1d's depthwise default, U(-1/sqrt(K), 1/sqrt(K)), as the short
-        # convolutions of delta-rule models start, every tap already mixing in the tokens before.
+        # convolutions of delta-rule models start, every tap already mixing in the tokens before; or (conv_init
+        # "box") every q/k tap 1/sqrt(K) and v the identity: a query then holds each token of the last K whatever
+        # its lag, so a key several tokens back (RULER's question) is in it from the first step, and a value is
+        # still its own token.
         self.conv_weight = None
         if config.conv:
             w = torch.zeros(3 * H * D, config.conv)
             if config.conv_init == "random":
                 w.uniform_(-config.conv ** -0.5, config.conv ** -0.5)
+            elif config.conv_init == "box":  # channels: q, k, v (H * D each)
+                w[: 2 * H * D] = config.conv ** -0.5
+                w[2 * H * D:, -1] = 1.0
             else:
                 w[:, -1] = 1.0
             self.conv_weight = nn.Parameter(w)

@@ -120,6 +120,25 @@ def test_random_init_draws_every_tap_within_conv1d_bounds():
         MemoryConfig(conv=4, conv_init="zeros").validate()
 
 
+def test_box_init_sums_the_last_k_tokens_whatever_their_lag():
+    """memory.conv_init box: every query and key tap 1/sqrt(K), so a token's pre-head q/k are the sums of the last
+    K tokens' projections over sqrt(K) (a token 3 back counts as much as the token itself, one K back not at all);
+    values start at the identity."""
+    cfg = config(4)
+    torch.manual_seed(0)
+    mem = MemSparseLM(ModelConfig(**{**cfg.__dict__, "memory": MemoryConfig(**{**cfg.memory.__dict__,
+                                                                               "conv_init": "box"})})
+                      ).blocks[1].memory
+    qk = 2 * mem.heads * mem.head_dim
+    assert torch.equal(mem.conv_weight[:qk], torch.full_like(mem.conv_weight[:qk], 0.5))
+    x = torch.randn(1, 9, mem.dim)
+    qkv = mem.to_qkv(x)
+    conv, _ = causal_depthwise_conv(qkv, mem.conv_weight, None, None, 0)
+    assert torch.allclose(conv[0, 8, :qk], qkv[0, 5:9, :qk].sum(0) / 2, atol=1e-5)
+    assert torch.allclose(conv[0, 1, :qk], qkv[0, 0:2, :qk].sum(0) / 2, atol=1e-5)  # zeros before the first token
+    assert torch.allclose(conv[0, :, qk:], qkv[0, :, qk:], atol=1e-6)  # values: the identity
+
+
 def test_graph_state_round_trip_keeps_the_conv_state():
     from memsparse.cuda_graph import _flatten_layer, _unflatten_layer
 
