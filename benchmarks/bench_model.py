@@ -77,8 +77,11 @@ def parse_inductor(spec: str) -> dict:
 
 
 def memsparse_mac(L: int, segment: int, window: int, budget: str, checkpointing: bool = False,
-                  memory_compile: bool = False, variant: str = "mac", pointwise_compile: bool = False) -> MemSparseLM:
-    cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=8, head_dim=64, mlp_hidden=1408,
+                  memory_compile: bool = False, variant: str = "mac", pointwise_compile: bool = False,
+                  kv_heads: int = 8) -> MemSparseLM:
+    """The benchmark's memsparse model: dim 512, depth 8, 8 query heads (`kv_heads` key/value heads: 8, or 4 as
+    the retrieval recipes), memories in layers 1/3/5."""
+    cfg = ModelConfig(vocab_size=VOCAB, dim=512, depth=8, heads=8, kv_heads=kv_heads, head_dim=64, mlp_hidden=1408,
                       block_size=64, segment=segment, window=window, persistent_tokens=64, budget=budget,
                       variant=variant, memory_layers=[1, 3, 5],
                       memory=MemoryConfig(heads=8, head_dim=64, depth=2, expansion=4, chunk_size=segment,
@@ -106,7 +109,7 @@ def step_fns(name: str, L: int, args):
             return model(ids, return_loss=True)
     else:
         model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
-                          args.variant, args.pointwise_compile)
+                          args.variant, args.pointwise_compile, args.kv_heads)
         run = GraphedLoss(model.cuda()) if name.startswith("memsparse-graph") else model
 
         def loss_fn(ids):
@@ -119,7 +122,7 @@ def check_graph(L: int, args) -> dict:
     """GraphedLoss vs the eager step on the GPU: loss and gradients on two batches (bf16 autocast)."""
     torch.manual_seed(0)
     model = memsparse_mac(L, args.segment, args.window, args.budget, args.checkpointing, args.memory_compile,
-                          args.variant, args.pointwise_compile).cuda()
+                          args.variant, args.pointwise_compile, args.kv_heads).cuda()
     step = GraphedLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
     res = {"L": L, "batches": []}
@@ -244,6 +247,8 @@ def main(argv=None):
                     "KEY=VALUE,... (e.g. combo_kernels=1); recorded in the results")
     ap.add_argument("--batch", default="1", help="sequences a step, comma-separated for several (e.g. 16,32,64)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (the retrieval recipes: 16384)")
+    ap.add_argument("--kv-heads", type=int, default=8,
+                    help="memsparse: key/value heads of the 8 query heads (the retrieval recipes: 4)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -258,12 +263,14 @@ def main(argv=None):
     batches = [int(b) for b in args.batch.split(",")]
     if args.vocab < 2 or min(batches) < 1:
         raise SystemExit(f"--vocab must be >= 2 and --batch >= 1, got {args.vocab} and {args.batch}")
+    if args.kv_heads < 1 or 8 % args.kv_heads:
+        raise SystemExit(f"--kv-heads must divide the 8 query heads (1, 2, 4 or 8), got {args.kv_heads}")
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     memory_module.INDUCTOR_OPTIONS.update(parse_inductor(args.inductor))
     ckpt = ((", checkpointed" if args.checkpointing else "") + (", memory compiled" if args.memory_compile else "")
             + (", pointwise compiled" if args.pointwise_compile else "") + (", TF32" if args.tf32 else ""))
-    V = args.variant.upper()
+    V = args.variant.upper() + (f", 8/{args.kv_heads} heads" if args.kv_heads != 8 else "")
     names = {"memsparse": f"memsparse {V} (segment {args.segment}, window {args.window}{ckpt})",
              "memsparse-graph": f"memsparse-graph {V}, CUDA graph (segment {args.segment}, window {args.window}{ckpt})",
              "titans": "titans-pytorch 0.5.5 MAC", "dense": "dense GPT (SDPA flash)"}
@@ -274,7 +281,7 @@ def main(argv=None):
     check = check_graph(args.check_length, args) if "memsparse-graph" in systems and args.check_length else None
     rows = [bench(names[s], int(L), args, B) for L in args.lengths.split(",") for B in batches for s in systems]
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
-           "batch": batches, "vocab": VOCAB, "precision": "bf16 autocast, AdamW",
+           "batch": batches, "vocab": VOCAB, "kv_heads": args.kv_heads, "precision": "bf16 autocast, AdamW",
            "float32_matmul_precision": torch.get_float32_matmul_precision(), "command": " ".join(sys.argv),
            "inductor_options": dict(memory_module.INDUCTOR_OPTIONS),
            # kernel-path overrides in force (MEMSPARSE_*_IMPL and friends), so a table says which path it timed
