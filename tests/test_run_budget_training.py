@@ -41,6 +41,7 @@ def test_an_unknown_budget_or_bad_steps_is_refused_before_anything_runs(tmp_path
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow  # ~45 s (four CLI processes): the default run keeps the quick refusals above
 def test_smoke_trains_matches_evaluates_and_tabulates_each_budget(tmp_path):
     budgets = ["top_p_fm0", "fixed"]
     r = _run(tmp_path, BUDGETS=" ".join(budgets))
