@@ -325,10 +325,10 @@ GPU_DEV = os.environ.get("MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE", "cpu")
 def test_candidate_dkdv_config_on_the_gpu(monkeypatch, cfg, case, dtype):
     if GPU_DEV == "cpu" or not torch.cuda.is_available():
         pytest.skip("a compiled-kernel check: MEMSPARSE_SPARSE_ATTENTION_TEST_DEVICE=cuda on a GPU")
-    if dtype == torch.float32 and case[5] > 64 and cfg[0] == 128:
-        # 8 warps ask 362 KB of shared memory (H100: 227 KB), 4 warps did not finish the check: _prune_dkdv never
-        # offers the tile there (H100, 2026-12-07)
-        pytest.skip("128-row dK/dV tile in fp32 at head dim > 64: not offered (_prune_dkdv)")
+    offered = tri._prune_dkdv([tri._cfg(*cfg)], {"Q": torch.empty(1, dtype=dtype)}, D=case[5], BS=case[6])
+    if [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in offered] != [cfg]:
+        # e.g. the 128-row tile in fp32 at head dim 128: 8 warps ask 362 KB of shared memory (H100: 227 KB)
+        pytest.skip(f"{cfg} is never offered for {dtype} at head dim {case[5]} (_prune_dkdv)")
     monkeypatch.setattr(tri, "AUTOTUNE", False)
     monkeypatch.setitem(tri.FIXED_CONFIG, "dkdv", cfg)
     monkeypatch.setenv(tri.BWD_ENV_VAR, "split")
