@@ -65,6 +65,7 @@ def test_profiles_the_window_of_a_cpu_fit(tmp_path):
     assert "| 3 |" in (out / "step_profile.md").read_text() and not (out / "step_trace.json").exists()
 
 
+@pytest.mark.slow  # ~9 s (a CPU fit): the window's main path stays in the default run above
 def test_a_fit_that_ends_inside_the_window_is_still_summarised(tmp_path):
     import lightning.pytorch as pl
     from memsparse.train.data import MemSparseDataModule

@@ -29,6 +29,7 @@ def test_specialisation_follows_tritons_keys():
     assert spec(x.bfloat16(), False)[1] == "bfloat16"
 
 
+@pytest.mark.slow  # ~10 s (a fit and an evaluation): the key test above stays in the default run
 def test_an_evaluation_adds_variants_to_trainings(tmp_path, monkeypatch):
     """A tiny recipe: training rows of one length in bf16, then a float32 grid of two lengths and decoding:
     the sparse-attention forward gets variants of its own in the evaluation (dtype, the lengths' specialisations)."""
