@@ -1,6 +1,7 @@
 """Passkey retrieval against training steps, from RetrievalEval's cells.jsonl of one or more runs: per run and step,
 decoded accuracy per length, keys found with the key beyond / inside the attention window (decoded and
-teacher-forced), and tf_stop; a table (.md), the figures (.json) and a plot of the counts against steps (.png).
+teacher-forced), the teacher-forced answer-token accuracy (tf_token_acc: a key copied in part shows here before it
+is found whole) and tf_stop; a table (.md), the figures (.json) and a plot of the counts against steps (.png).
 Where the cells hold RetrievalEval's `no_writes` pass (the grid again with the memory's writes off), each row also
 counts the keys found without the memory's writes (`beyond_no_writes`, `inside_no_writes`), drawn dashed: keys
 beyond the window found only with the writes on are the memory's.
@@ -50,7 +51,8 @@ def found(cells: list[dict]) -> dict[bool, list[int]]:
 
 def by_step(path: Path) -> list[dict]:
     """One row per evaluated step: {step, acc_<length>, beyond, beyond_n, inside, inside_n, tf_beyond, tf_inside,
-    tf_stop} (counts of prompts; tf_stop the mean over the passkey cells that report it, else None), and
+    tf_token_acc, tf_stop} (counts of prompts; tf_token_acc the mean over the passkey samples that report it,
+    tf_stop over the passkey cells that report it, else None), and
     beyond_no_writes / inside_no_writes where the step has a writes-off pass. The file is read once."""
     all_cells, _ = pbk.read_cells(path)
     passes = {w: [c for c in all_cells if c.get("memory_writes", True) == w] for w in (True, False)}
@@ -65,6 +67,9 @@ def by_step(path: Path) -> list[dict]:
             row[k] = round(sum(row[k]) / len(row[k]), 4)
         stops = [float(c["tf_stop"]) for c in cells if c["task"] == "passkey" and c.get("tf_stop") is not None]
         row["tf_stop"] = round(sum(stops) / len(stops), 4) if stops else None
+        tok = [float(x["tf_token_acc"]) for c in cells if c["task"] == "passkey" for x in c.get("samples", [])
+               if x.get("tf_token_acc") is not None]
+        row["tf_token_acc"] = round(sum(tok) / len(tok), 4) if tok else None
         count = found(cells)
         row.update(beyond=count[True][0], tf_beyond=count[True][1], beyond_n=count[True][2],
                    inside=count[False][0], tf_inside=count[False][1], inside_n=count[False][2])
@@ -87,7 +92,8 @@ def table(runs: dict[str, list[dict]]) -> str:
     lengths = sorted({int(k[4:]) for rows in runs.values() for r in rows for k in r if k.startswith("acc_")})
     writes_off = any("beyond_no_writes" in r for rows in runs.values() for r in rows)
     head = ["run", "step"] + [f"acc {n}" for n in lengths] + [
-        "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_stop"] + (
+        "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_token_acc",
+        "tf_stop"] + (
         ["memory writes off: beyond / inside (decoded)"] if writes_off else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in runs.items():
@@ -95,6 +101,7 @@ def table(runs: dict[str, list[dict]]) -> str:
             cells = [name, str(r["step"])] + [f"{r[f'acc_{n}']:.2f}" if f"acc_{n}" in r else "-" for n in lengths]
             cells += [f"{r['beyond']} / {r['tf_beyond']} of {r['beyond_n']}",
                       f"{r['inside']} / {r['tf_inside']} of {r['inside_n']}",
+                      "-" if r.get("tf_token_acc") is None else f"{r['tf_token_acc']:.2f}",
                       "-" if r["tf_stop"] is None else f"{r['tf_stop']:.2f}"]
             if writes_off:
                 cells.append(f"{r['beyond_no_writes']} / {r['inside_no_writes']}" if "beyond_no_writes" in r else "-")

@@ -13,7 +13,8 @@ def _cell(step, length, distance, scores, tf):
     return {"task": "passkey", "length": length, "depth": 0.0, "window": 512, "step": step,
             "accuracy": sum(scores) / len(scores), "tf_stop": 1.0,
             "samples": [{"answer": str(100 + i), "prediction": " x", "score": s, "tf_exact": t,
-                         "needle_distances": [distance]} for i, (s, t) in enumerate(zip(scores, tf))]}
+                         "tf_token_acc": 0.5 + t / 2, "needle_distances": [distance]}
+                        for i, (s, t) in enumerate(zip(scores, tf))]}
 
 
 def test_counts_per_step(tmp_path, capsys):
@@ -28,9 +29,10 @@ def test_counts_per_step(tmp_path, capsys):
     assert (first["beyond"], first["tf_beyond"], first["beyond_n"]) == (0, 1, 2)
     assert (first["inside"], first["tf_inside"], first["inside_n"]) == (1, 1, 2)
     assert first["acc_1024"] == 0.0 and first["acc_2048"] == 0.5
+    assert first["tf_token_acc"] == 0.75 and got[1]["tf_token_acc"] == 1.0
     assert got[1]["beyond"] == 2 and got[1]["inside"] == 2
     assert (tmp_path / "o" / "t.png").stat().st_size > 0
-    assert "| a | 10 | 0.00 | 0.50 | 0 / 1 of 2 | 1 / 1 of 2 | 1.00 |" in capsys.readouterr().out
+    assert "| a | 10 | 0.00 | 0.50 | 0 / 1 of 2 | 1 / 1 of 2 | 0.75 | 1.00 |" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
