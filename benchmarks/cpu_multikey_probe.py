@@ -31,7 +31,10 @@ tokens back and queries the name 1 back: the memory then need not learn the addr
 asked name and the question's "=" ("?7 in t=" for N 5), as RULER's niah_multikey question puts ~6 tokens between its
 key and the answer ("for {key} mentioned in the provided text is"): the question's memory query, read at "=", then
 finds the name N + 1 tokens back, past a convolution of N + 1 taps or fewer; `--gap-ramp S` trains the gap up
-from 0 over S steps (a curriculum; evaluation asks with the full gap throughout).
+from 0 over S steps (a curriculum; evaluation asks with the full gap throughout). `--memory-write-input embeddings`
+takes the memory's keys, values and write rates from the token embeddings and only its queries from its layer's
+input (`memory.write_input`): a memory in layer 1 then writes the pairs as a first-layer memory does, and reads with
+a query that layer 0's attention can have filled with the asked name.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -167,7 +170,7 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random",
     ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler, gap)
     seen: dict[int, torch.Tensor] = {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-             for i, blk in enumerate(model.blocks) if blk.memory is not None]
+             for i, blk in enumerate(model.blocks) if blk.memory is not None or i == 0]
     model(ids)
     for h in hooks:
         h.remove()
@@ -175,7 +178,11 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random",
     out = {}
     for i, x in seen.items():
         blk = model.blocks[i]
-        inp = blk.memory.project(blk.norm1(x))  # q, k (B, H, N, D), unit length per head with qk_norm
+        if blk.memory is None:
+            continue
+        # q, k (B, H, N, D), unit length per head with qk_norm; keys from the embeddings under write_input
+        inp = blk.memory.project(blk.norm1(x)) if blk.memory.config.write_input == "layer" else \
+            blk.memory.project_stream(blk.norm1(x), src=blk.norm1(seen[0]))[0]
         asked, other = [], []
         for b, (answer, q, _) in enumerate(ans):
             row = ids[b].tolist()
@@ -227,7 +234,7 @@ def fit(memory: bool, pairs: int, args) -> dict:
     model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
                         memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers),
                         conv_init=args.memory_conv_init, variant=args.variant,
-                        surprise_gate=not args.no_surprise_gate)
+                        surprise_gate=not args.no_surprise_gate, write_input=args.memory_write_input)
     if memory and args.oracle_shift:
         oracle_shift([b.memory for b in model.blocks if b.memory is not None], query_back=1 + args.question_gap)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -337,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="MLP layers of the memory (memory.depth; 1: a linear fast-weight map)")
     ap.add_argument("--memory-head-dim", type=int, default=16, help="the memory's width a head (memory.head_dim)")
     ap.add_argument("--memory-layers", default="1", help="comma-separated layers with a memory (of the 2)")
+    ap.add_argument("--memory-write-input", choices=["layer", "embeddings"], default="layer",
+                    help="the memory's key / value input (memory.write_input): its layer's input or the embeddings")
     ap.add_argument("--train-all-beyond", action="store_true",
                     help="the two thirds of steps that ask far place every pair 112-160 back (the all_beyond band)")
     ap.add_argument("--key-match", action="store_true",

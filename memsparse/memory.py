@@ -588,19 +588,29 @@ class NeuralMemory(nn.Module):
         return self.project_stream(x)[0]
 
     def project_stream(self, x: Tensor, prev: Tensor | None = None, doc_start: Tensor | None = None,
-                       pos: int = 0) -> tuple[MemoryInputs, Tensor | None]:
+                       pos: int = 0, src: Tensor | None = None) -> tuple[MemoryInputs, Tensor | None]:
         """x `(B, N, dim)` = tokens [pos, pos+N) -> (MemoryInputs, conv state). With `memory.conv` = K taps:
         prev `(B, K-1, 3*H*D)` is the state of the K-1 tokens before x (the last return; None: zeros), and
         doc_start `(B, N)` (packed documents: each token's document's first absolute position) keeps a tap off
         tokens of an earlier document. The returned state holds the K-1 last tokens' pre-convolution q/k/v;
-        None without a convolution."""
+        None without a convolution. src `(B, N, dim)` (`memory.write_input: embeddings`): the same tokens' input
+        to the keys, values and write rates; the queries stay x's."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, dim={self.dim}), got {tuple(x.shape)}")
-        qkv, state = self.to_qkv(x), None
+        if src is None:
+            qkv, rates_in = self.to_qkv(x), x
+        else:
+            if src.shape != x.shape:
+                raise ValueError(f"src must have x's shape {tuple(x.shape)}, got {tuple(src.shape)}")
+            hd = self.heads * self.head_dim
+            w = self.to_qkv.weight
+            qkv, rates_in = torch.cat([F.linear(x, w[:hd]), F.linear(src, w[hd:])], -1), src
+        state = None
         if self.conv_weight is not None:
             qkv, state = causal_depthwise_conv(qkv, self.conv_weight, prev, doc_start, pos)
         tail = compile_cached(project_heads) if self._compiled(x) else project_heads
-        return MemoryInputs(*tail(qkv, self.to_rates(x), self.heads, self.config.qk_norm, self.config.lr_max)), state
+        return MemoryInputs(*tail(qkv, self.to_rates(rates_in), self.heads, self.config.qk_norm,
+                                  self.config.lr_max)), state
 
     def conv_state(self, batch_size: int, device=None) -> Tensor | None:
         """The convolution state before the first token: zeros `(B, K-1, 3*H*D)`; None without a convolution."""

@@ -355,10 +355,12 @@ class Block(nn.Module):
 
     # -- forward over a span ------------------------------------------------------------------------------
     def forward(self, x: Tensor, st: LayerState, pos: int, total_len: int | None, stats: dict,
-                pos_t: Tensor | None = None, docs: Documents | None = None):
+                pos_t: Tensor | None = None, docs: Documents | None = None, emb: Tensor | None = None):
         """x `(B, n, dim)` = tokens [pos, pos+n) -> (x_out, new LayerState). `pos_t` (optional, 0-dim device
         tensor equal to pos) feeds the rotary positions, so a captured CUDA graph can be replayed at any pos.
-        `docs`: packed documents, kept apart (see `Documents`); None = one document."""
+        `docs`: packed documents, kept apart (see `Documents`); None = one document. `emb` `(B, n, dim)`: the
+        same tokens' embeddings, the memory's write input under `memory.write_input: embeddings` (None, or x
+        itself in the first layer: the layer's input)."""
         cfg = self.cfg
         B, n, _ = x.shape
         S, W = cfg.segment, cfg.window
@@ -371,7 +373,11 @@ class Block(nn.Module):
         # 1. memory: per segment, read with the state as it stands, then evict what leaves the window
         mem_out, mem_state, mem_inputs, conv = None, st.memory, st.mem_inputs, st.conv
         if self.memory is not None:
-            new_in, conv = self.memory.project_stream(h, st.conv, None if docs is None else docs.start, pos)
+            src = None
+            if emb is not None and emb is not x:  # normed as the layer's own input is
+                src = compile_cached(rms_norm_cast)(emb, self.norm1.weight, self.norm1.eps, norm_dtype) \
+                    if norm_dtype else _autocast_input(self.norm1(emb))
+            new_in, conv = self.memory.project_stream(h, st.conv, None if docs is None else docs.start, pos, src)
             all_in = _cat_inputs(st.mem_inputs, new_in)
             c0 = pos - st.k.shape[2]  # absolute position of the first cached token (a multiple of S)
             bounds = [pos, *range((pos // S + 1) * S, pos + n, S), pos + n]
@@ -841,16 +847,17 @@ class MemSparseLM(nn.Module):
              pos_t: Tensor | None = None, doc_ids: Tensor | None = None) -> tuple[Tensor, StreamState]:
         self._check_state_window(state)
         x = self.embed(input_ids)
+        emb = x if self.config.memory.write_input == "embeddings" else None
         docs = self._documents(doc_ids, input_ids, state)
         new_layers = []
         ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk, ls in zip(self.blocks, state.layers):
             if ckpt:  # keep only each block's input; recompute the block (memory loop included) in backward
                 # nothing random inside; not stashing RNG state also keeps it CUDA-graph capturable
-                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, pos_t, docs,
+                x, ls = checkpoint(blk, x, ls, state.pos, state.total_length, stats, pos_t, docs, emb,
                                    use_reentrant=False, preserve_rng_state=False)
             else:
-                x, ls = blk(x, ls, state.pos, state.total_length, stats, pos_t, docs)
+                x, ls = blk(x, ls, state.pos, state.total_length, stats, pos_t, docs, emb)
             new_layers.append(ls)
         doc_id, doc_start = state.doc_id, state.doc_start
         if docs is not None:

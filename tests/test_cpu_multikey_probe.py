@@ -175,9 +175,12 @@ def test_key_match_compares_the_question_with_the_asked_values_key(monkeypatch):
     assert got["layer0"]["asked"] == pytest.approx(1.0, abs=1e-5) and got["layer0"]["other"] < 0.9
 
 
-def test_a_key_match_run_records_it_per_memory_layer(tmp_path):
+@pytest.mark.parametrize("write_input", ["layer", "embeddings"])
+def test_a_key_match_run_records_it_per_memory_layer(tmp_path, write_input):
     res = mk.main(["--pairs", "2", "--steps", "1", "--eval-samples", "3", "--batch", "2", "--no-baseline",
-                   "--key-match", "--memory-layers", "0,1", "--out", str(tmp_path)])
+                   "--key-match", "--memory-layers", "0,1", "--memory-write-input", write_input,
+                   "--out", str(tmp_path)])
+    assert res["args"]["memory_write_input"] == write_input
     km = res["runs"][0]["key_match"]
     assert sorted(km) == ["layer0", "layer1"] and all(-1 <= v <= 1 for c in km.values() for v in c.values())
 
