@@ -14,15 +14,16 @@ from memsparse.model import MemSparseLM
 V = 50
 
 
-def config(conv=4, variant="mac", **kw):
+def config(conv=4, variant="mac", write_input="layer", **kw):
     return ModelConfig(vocab_size=V, dim=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_hidden=64, block_size=8,
                        segment=16, window=32, persistent_tokens=8, budget="top_p:p=0.8,min=1", variant=variant,
-                       memory_layers=[1], memory=MemoryConfig(heads=2, head_dim=8, chunk_size=8, conv=conv), **kw)
+                       memory_layers=[1], memory=MemoryConfig(heads=2, head_dim=8, chunk_size=8, conv=conv,
+                                                              write_input=write_input), **kw)
 
 
-def model(conv=4, variant="mac", randomize=True, **kw):
+def model(conv=4, variant="mac", randomize=True, write_input="layer", **kw):
     torch.manual_seed(0)
-    m = MemSparseLM(config(conv, variant, **kw)).double().eval()
+    m = MemSparseLM(config(conv, variant, write_input, **kw)).double().eval()
     if randomize and conv:  # away from the identity start, so every tap matters
         with torch.no_grad():
             m.blocks[1].memory.conv_weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
@@ -66,9 +67,10 @@ def test_identity_start_computes_what_the_model_without_it_computes():
     torch.testing.assert_close(with_conv(x).logits, without(x).logits, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag"])
-def test_stream_equals_one_shot_with_conv(variant):
-    m = model(variant=variant, consolidation=ConsolidationConfig(mode="fixed", passes=1))
+@pytest.mark.parametrize("variant, write_input", [("mac", "layer"), ("mag", "layer"), ("mac", "embeddings")])
+def test_stream_equals_one_shot_with_conv(variant, write_input):
+    """Also with `memory.write_input: embeddings` (the layer-1 memory's keys and values from the embeddings)."""
+    m = model(variant=variant, write_input=write_input, consolidation=ConsolidationConfig(mode="fixed", passes=1))
     x = ids(130)
     with torch.no_grad():
         full = m(x).logits
