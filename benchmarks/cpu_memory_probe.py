@@ -48,6 +48,10 @@ of their own (`unseen_in_window`, `unseen_beyond_attention`): can the model copy
 output, as a merged BPE's rare number token? `--unseen-in-filler` (with `--filler random`) lets those letters
 appear in the filler, as input tokens only (and as targets too with `--loss all`, which labels every next token).
 `--unseen-share P` makes those letters rare instead of unseen: about P of the training keys' letters.
+`--balanced-from N` (with `--unseen`) draws every training key letter uniformly from the whole alphabet from step N
+on, the unseen letters included, as a last stage of token-balanced keys (`KEYS=balanced KEYS_STAGES=3` on the GPU):
+can a model that has learned its copy and the memory's carry on the common letters learn the rare ones late,
+without losing the carry?
 
 `--beyond-share X` sets the share of the full mix's keys that lie beyond attention (112-160 back; the rest 8-40,
 within its reach, since attention alone answers only ~2/3 of the 40-90 band) instead of drawing every distance
@@ -254,6 +258,7 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
     unseen = getattr(args, "unseen", 0)
     seen_letters, unseen_letters = KEYS[:ab - unseen], KEYS[ab - unseen:ab]
     train_letters = rare_mix(seen_letters, unseen_letters, getattr(args, "unseen_share", 0.0))
+    balanced_from = getattr(args, "balanced_from", 0)  # from this step on, keys over the whole alphabet
     extra = unseen_letters if getattr(args, "unseen_in_filler", False) else ""
     sc = getattr(args, "scale", 1)  # --scale S: window, segment and the bands' distances S times the committed runs'
     bands = [("in_window", 8 * sc, 24 * sc), ("relay", 40 * sc, 90 * sc), ("beyond_attention", 112 * sc, 160 * sc)]
@@ -277,6 +282,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # (within attention's reach: attention alone answers only ~2/3 of the 40-90 band), instead of uniform over
         # 8-160
         beyond = None
+        if balanced_from and step == balanced_from:
+            train_letters = KEYS[:ab]
         if mixed and step > copy + relay and share is not None:
             hi, beyond = getattr(args, "near_max", 40) * sc, (112 * sc, 160 * sc, share)
         ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond, stop)
@@ -368,6 +375,9 @@ def main() -> None:
                     help="with --filler random, the unseen letters appear in the filler (as input tokens only)")
     ap.add_argument("--unseen-share", type=float, default=0.0,
                     help="with --unseen N: those letters are rare instead, about this share of training key letters")
+    ap.add_argument("--balanced-from", type=int, default=0,
+                    help="with --unseen N: from this step on, training keys draw every letter of the alphabet "
+                         "uniformly (a last stage of balanced keys)")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
     ap.add_argument("--copy-loss", default=None, choices=["answer", "all"],
@@ -399,6 +409,8 @@ def main() -> None:
         ap.error(f"--unseen must be in [0, --alphabet), got {args.unseen}")
     if not 0.0 <= args.unseen_share < 1.0 or (args.unseen_share and not args.unseen):
         ap.error(f"--unseen-share needs --unseen N and a share in [0, 1), got {args.unseen_share}")
+    if args.balanced_from < 0 or (args.balanced_from and not args.unseen):
+        ap.error(f"--balanced-from needs --unseen N and a step >= 1, got {args.balanced_from}")
     if args.unseen_in_filler and (args.filler != "random" or not args.unseen):
         ap.error("--unseen-in-filler needs --filler random and --unseen N")
     if not 2 <= args.alphabet <= len(KEYS):

@@ -173,6 +173,22 @@ def test_logit_adjust_from_trains_plain_first_and_counts_the_prior_after(monkeyp
     assert any(not torch.equal(a, b) for a, b in zip(plain, half))
 
 
+def test_balanced_from_adds_the_unseen_letters_to_the_training_keys_from_that_step(monkeypatch):
+    """--balanced-from N (with --unseen): the steps before N draw key letters from the seen letters only, the steps
+    from N on from the whole alphabet (a last stage of balanced keys)."""
+    letters, real = [], probe.batch
+
+    def batch(g, n, lo, hi, length, kl, fl, train_letters, *a, **k):
+        letters.append(train_letters)
+        return real(g, n, lo, hi, length, kl, fl, train_letters, *a, **k)
+    monkeypatch.setattr(probe, "batch", batch)
+    args = argparse.Namespace(steps=4, batch=2, length=192, lr=1e-3, eval_every=100, seed=0, eval_samples=2,
+                              alphabet=20, unseen=4, balanced_from=3)
+    probe.fit(True, args)
+    seen, everything = probe.KEYS[:16], probe.KEYS[:20]
+    assert letters[:4] == [seen, seen, everything, everything]
+
+
 def test_copy_loss_labels_every_token_during_the_copying_start_only(monkeypatch):
     """--copy-loss all: the --copy-steps start labels every next token, the mixed schedule after it --loss's."""
     kinds, real = [], probe.training_labels
@@ -232,6 +248,7 @@ def test_beyond_share_draws_that_share_of_keys_beyond_attention_and_keeps_the_de
     (["--logit-adjust", "-1"], "--logit-adjust must be >= 0"),
     (["--logit-adjust-from", "100"], "--logit-adjust-from needs --logit-adjust TAU"),
     (["--copy-loss", "all"], "--copy-loss needs --copy-steps N"),
+    (["--balanced-from", "100"], "--balanced-from needs --unseen N"),
 ])
 def test_bad_share_settings_are_one_line_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["cpu_memory_probe.py", *argv])
