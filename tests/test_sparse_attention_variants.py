@@ -101,7 +101,8 @@ def test_variant_half_precision(variant, dtype):
     run((1, 4, 2, 60, 80, 32, 16, "window"), variant, dtype=dtype, seed=11)
 
 
-@pytest.mark.parametrize("tiles,bs,G", [((16, 16), 32, 1), ((64, 16), 16, 4), ((32, 16), 64, 2)])
+@pytest.mark.parametrize("tiles,bs,G", [((16, 16), 32, 1), ((64, 16), 16, 4),
+                                        pytest.param((32, 16), 64, 2, marks=pytest.mark.slow)])
 def test_variant_tilings(monkeypatch, tiles, bs, G):
     """BLOCK_N < block_size, BLOCK_M < block_size, and row tiles spanning GQA heads (the dK/dV kernel's Q/dO
     descriptor then reads several heads per tile, and rows of the next KV group are zeroed)."""
