@@ -170,19 +170,18 @@ def key_match(model, g, pairs: int, length: int, n: int, filler: str = "random",
     ids, _, ans = batch(g, n, pairs, lo, hi, length, others, filler, gap)
     seen: dict[int, torch.Tensor] = {}
     hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-             for i, blk in enumerate(model.blocks) if blk.memory is not None or i == 0]
+             for i, blk in enumerate(model.blocks) if blk.memory is not None]
     model(ids)
     for h in hooks:
         h.remove()
     model.train()
     out = {}
+    emb = model.embed(ids)  # the memory's write input under memory.write_input: embeddings
     for i, x in seen.items():
         blk = model.blocks[i]
-        if blk.memory is None:
-            continue
-        # q, k (B, H, N, D), unit length per head with qk_norm; keys from the embeddings under write_input
+        # q, k (B, H, N, D), unit length per head with qk_norm
         inp = blk.memory.project(blk.norm1(x)) if blk.memory.config.write_input == "layer" else \
-            blk.memory.project_stream(blk.norm1(x), src=blk.norm1(seen[0]))[0]
+            blk.memory.project_stream(blk.norm1(x), src=blk.norm1(emb))[0]
         asked, other = [], []
         for b, (answer, q, _) in enumerate(ans):
             row = ids[b].tolist()
