@@ -10,7 +10,10 @@ samples (the same seeds at every length and depth) hit one, every cell of that s
 
 `--bpe-stdlib N` trains the BPE the retrieval recipes train (stage 1: the first N stdlib modules, 5% held out,
 seed 0, `--split-digits` as `data.bpe_split_digits`) instead of loading one. Prints one line per sample key and
-the distribution over all keys; `--out` writes the same as JSON.
+the distribution over all keys; `--out` writes the same as JSON. `--balanced-draws N` adds, per sample key, how
+often N draws of the training task `passkey_balanced` (`TokenBalancedNumbers`, `--balance` as its balance) are
+expected to draw it: e.g. 6000 for stage 3 of the curriculum with `balanced_keys_stage3.yaml` (12 x 1,000 rows,
+half of them passkey_balanced).
 """
 
 from __future__ import annotations
@@ -59,6 +62,18 @@ def sample_keys(tokenizer, task_name: str, samples: int, seed: int, enc, share, 
     return rows
 
 
+def add_balanced_draws(rows: list[dict], tokenizer, digits: int, balance: float, draws: int) -> None:
+    """Adds to each sample row the probability that one `TokenBalancedNumbers(digits, balance)` draw is its key
+    (`balanced_p`) and the expected count in `draws` draws (`balanced_expected`)."""
+    from memsparse.eval.tasks.kinds import TokenBalancedNumbers
+
+    p = TokenBalancedNumbers(digits, balance).probabilities(tokenizer)
+    lo = 10 ** (digits - 1)
+    for r in rows:
+        q = float(p[int(r["key"]) - lo]) if r["key"].isdigit() and len(r["key"]) == digits else 0.0
+        r["balanced_p"], r["balanced_expected"] = q, q * draws
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -71,8 +86,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--digits", type=int, default=5, help="the task's key digits (passkey: 5)")
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0, help="memsparse-eval's --seed")
+    ap.add_argument("--balanced-draws", type=int, default=0, metavar="N",
+                    help="add each sample key's expected count in N draws of passkey_balanced's keys")
+    ap.add_argument("--balance", type=float, default=0.5, help="the balanced draw's balance (passkey_balanced: 0.5)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.balanced_draws < 0 or not 0.0 <= args.balance <= 1.0:
+        raise SystemExit("--balanced-draws must be >= 0 and --balance in [0, 1]")
 
     from memsparse.tokenizer import load_tokenizer, train_bpe
 
@@ -89,15 +109,19 @@ def main(argv=None) -> dict:
                   f"digit_group={args.digit_group}")
     stats, enc, share = key_statistics(tok, args.digits)
     rows = sample_keys(tok, args.task, args.samples, args.seed, enc, share, stats["keys"])
+    if args.balanced_draws:
+        add_balanced_draws(rows, tok, args.digits, args.balance, args.balanced_draws)
     for r in rows:
+        drawn = (f"; {r['balanced_expected']:.2f} expected in {args.balanced_draws} balanced draws"
+                 if "balanced_expected" in r else "")
         print(f"sample {r['sample']}: {r['key']} -> {r['tokens']} (its rarest token is in {r['rarest_token_keys']} "
-              f"of {stats['keys']} keys)")
+              f"of {stats['keys']} keys{drawn})")
     print(f"{stats['keys']} keys: tokens per key {stats['tokens_per_key']}, {stats['single_token_keys']} are one "
           f"token; rarest token in < 0.01% / 0.1% / 1% of keys: "
           + " / ".join(f"{v:.1%}" for v in stats["share_rarest_below"].values()))
     out = {"command": " ".join(["python benchmarks/key_tokenization.py", *(sys.argv[1:] if argv is None else argv)]),
            "python": sys.version.split()[0], "tokenizer": source, "task": args.task, "digits": args.digits,
-           "seed": args.seed, **stats,
+           "seed": args.seed, "balanced_draws": args.balanced_draws, "balance": args.balance, **stats,
            "samples": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -104,6 +104,8 @@ for s in $STAGES; do
   [ -n "$m" ] && cp "$m" "$D/metrics_$O.csv" && python3 benchmarks/plot_train_run.py "$m" --name "$O" --out "$D" \
     --device "$DEV" --command "memsparse-train fit ${CFG[*]}" > /dev/null 2>&1
   cp "outputs/$O/phase_times.json" "$D/phase_times_$O.json" 2>/dev/null
+  # the BPE stage 1 trained (later stages reuse it): key statistics offline (benchmarks/key_tokenization.py --tokenizer)
+  [ "$s" = 1 ] && [ -d "outputs/$O/tokenizer" ] && rm -rf "$D/tokenizer" && cp -r "outputs/$O/tokenizer" "$D/tokenizer"
   # the top-level ended_by (the latest invocation's; a resumed run's "segments" keep the earlier ones')
   python3 -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("ended_by") != "max_time")' \
     "outputs/$O/phase_times.json" 2>/dev/null && \

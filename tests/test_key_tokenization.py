@@ -42,3 +42,15 @@ def test_sample_keys_are_the_eval_harness_keys(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())["samples"][2]["key"] == want[2]
     with pytest.raises(SystemExit, match="does not exist"):
         key_tok.main(["--tokenizer", str(tmp_path / "missing")])
+
+
+def test_balanced_draws_favour_the_single_token_key():
+    tok = train_bpe(iter(["the value 123 and 123 again, 123 " * 50, "other words 4 5 6 7 8 9 0"]), 300,
+                    split_digits=False)
+    rows = [{"key": "123"}, {"key": "456"}]
+    key_tok.add_balanced_draws(rows, tok, digits=3, balance=0.5, draws=1000)
+    assert rows[0]["balanced_expected"] > 50 * rows[1]["balanced_expected"] > 0  # its own class vs. a crowded one
+    assert rows[0]["balanced_expected"] == pytest.approx(1000 * rows[0]["balanced_p"])
+    uniform = [{"key": "123"}]
+    key_tok.add_balanced_draws(uniform, tok, digits=3, balance=0.0, draws=900)
+    assert uniform[0]["balanced_expected"] == pytest.approx(1.0)

@@ -215,3 +215,18 @@ def test_near_evaluates_the_key_next_to_the_question_with_the_writes_on_then_off
     assert len(ev) == 2 and all("--lengths 32k,128k --depths 1 " in c for c in ev)
     assert "--no-memory-writes" not in ev[0] and ev[1].endswith("--no-memory-writes")
     assert "eval_near " in ev[0] + " " and "eval_near_no_memory_writes" in ev[1]
+
+
+def test_stage_one_tokenizer_comes_back_with_the_results(tmp_path):
+    """The BPE stage 1 trained is copied into the run's results (key statistics offline need exactly it)."""
+    here = tmp_path / "repo"
+    (here / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "run_retrieval.sh", here / "benchmarks")
+    tok = here / "outputs" / "retrieval_small_copy" / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text("{}")
+    rc, _, out = run_faked("benchmarks/run_retrieval.sh", here, tmp_path, "", {"OUT": str(tmp_path / "out"),
+                                                                              "STAGES": "1 2"})
+    assert rc == 0, out
+    assert (tmp_path / "out" / "t" / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / "out" / "t" / "tokenizer" / "tokenizer").exists()  # replaced, not nested
