@@ -28,6 +28,7 @@ from memsparse.tokenizer import ByteTokenizer, train_bpe
 EXPECTED = {
     "passkey",
     "passkey_balanced",
+    "passkey_balanced_full",
     "niah_single",
     "niah_single_noise",
     "niah_single_essay",
@@ -306,3 +307,5 @@ def test_token_balanced_keys_favour_rare_tokens():
     hits = sum(task.generate(n, 0.5, seed=i, tokenizer=bpe).answer == "31337" for i in range(400))
     assert hits >= 3
     assert get_task("passkey").generate(n, 0.5, seed=1, tokenizer=bpe).answer != "31337"
+    full = get_task("passkey_balanced_full")
+    assert full.values.probabilities(bpe)[31337 - 10000] > 1.9 * p[31337 - 10000]  # balance 1.0 against 0.5

@@ -67,6 +67,17 @@ def test_balanced_keys_overlay_changes_only_the_passkey_task(stage, capsys, monk
 
 
 @pytest.mark.parametrize("name", BALANCED[3])
+def test_full_balance_overlay_is_the_balanced_stage_3_mixture_with_every_key_balanced(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{name}.yaml"
+    a = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_stage3.yaml")
+    b = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_full_stage3.yaml")
+    assert [s["task"] for s in b["data"]["synthetic"]][0] == "passkey_balanced_full"
+    b["data"]["synthetic"][0]["task"] = "passkey_balanced"
+    assert a == b
+
+
+@pytest.mark.parametrize("name", BALANCED[3])
 def test_asks_overlay_is_the_balanced_stage_3_mixture_asking_four_times(name, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     base = RECIPES / f"{name}.yaml"

@@ -40,6 +40,7 @@ class PasskeyBalanced(Passkey):
 
     def __init__(self, name: str = "passkey_balanced", digits: int = 5, balance: float = 0.5) -> None:
         super().__init__(name, digits)
+        self.balance = balance  # shown in the repr (docs/tasks.md)
         self.values = TokenBalancedNumbers(digits, balance)
 
     def build_for(self, rng, tokenizer):
@@ -48,3 +49,5 @@ class PasskeyBalanced(Passkey):
 
 register_task(Passkey())
 register_task(PasskeyBalanced())
+# every key token-balanced: a rarest-token class (e.g. a key that is one rare token) comes up twice as often
+register_task(PasskeyBalanced("passkey_balanced_full", balance=1.0))
