@@ -46,10 +46,11 @@
 #                                                    memory's writes than without (retrieval_by_step.py --memory-gate).
 #                                                    H200, 2026-12-06: after -1 stages 3-4 learned nothing past the
 #                                                    window, after +4 stage 3 learned the memory's carry
-#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (900 / 2,850 / 1,000 /
+#   STEPS1=1500 STEPS2=1200 STEPS3=800 STEPS4=800    other step counts than the recipes' own (1,200 / 2,850 / 1,000 /
 #                                                    1,180, the measured runs'); max_time is lifted then
 # Stage 1 is checked: a warning in steps.log if its last RetrievalEval decodes no key inside the window (H100,
-# 2026-12-05/06: four runs of seed 0 at the recipe's 900 steps, the same predictions each time; the H200 copies there).
+# 2026-12-05/06, the memories before 2026-12-07: four runs of seed 0 at 900 steps, the same predictions each time, no
+# copy; the H200 copied there).
 # Results (loss curves, RetrievalEval cells and their table by step (by_step_<stage>.md/.json/.png), memsparse-eval
 # results.json/csv and heatmaps, passkey hits per key and by each key's rarest-token share (passkey_by_key.txt /
 # .csv), logs) go to
@@ -124,7 +125,7 @@ for s in $STAGES; do
     fi
     if [ "$rc" = 4 ]; then  # stage 1 decoded no key inside the window: the copy is not learned yet (a warning)
       tail -1 "$D/by_step_$O.log"
-      log "stage $s: warning: no key decoded inside the window at its last step (the copy is not learned yet; on an H100 the recipe's 900 steps end before it, STEPS1=1200 reaches it); going on"
+      log "stage $s: warning: no key decoded inside the window at its last step (the copy is not learned yet; with the memories before 2026-12-07 an H100 needed 1,200 steps, the recipe's now); going on"
     fi
   fi
   pack

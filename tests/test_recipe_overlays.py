@@ -137,36 +137,31 @@ def test_profile_overlay_changes_only_the_callbacks_and_the_stop(capsys, monkeyp
 
 
 @pytest.mark.parametrize("name", ["retrieval_small_copy", "retrieval_small", "retrieval_small_long"])
-def test_memory_layer0_conv_overlay_moves_the_first_memory_and_adds_the_convolution(name, capsys, monkeypatch):
-    """recipes/overlays/memory_layer0_conv.yaml on each stage: the memories in layers 0/3/5 with a 4-tap convolution
-    started at random; the memory's other settings and everything else are the stage's."""
+def test_curriculum_memory_is_linear_in_layers_0_3_5_and_the_old_memory_is_one_overlay(name, capsys, monkeypatch):
+    """Each stage's memories: linear maps in layers 0/3/5 with a 4-tap convolution started at random (what the
+    2026-12-07 overlays memory_layer0_conv.yaml + memory_linear.yaml set, now no-ops); memory_mlp_layers135.yaml
+    restores the 2-layer MLPs in layers 1/3/5 without a convolution and changes nothing else."""
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     base = RECIPES / f"{name}.yaml"
     a = _resolved(capsys, base)
-    b = _resolved(capsys, base, RECIPES / "overlays" / "memory_layer0_conv.yaml")
-    ca, cb = a["model"]["config"], b["model"]["config"]
-    assert (ca["memory_layers"], cb["memory_layers"]) == ([1, 3, 5], [0, 3, 5])
-    assert (cb["memory"]["conv"], cb["memory"]["conv_init"]) == (4, "random")
-    for c in (ca, cb):
-        c.pop("memory_layers"), c["memory"].pop("conv"), c["memory"].pop("conv_init")
-    assert a == b
-
-
-@pytest.mark.parametrize("name", BALANCED[1][:1] + BALANCED[2][:1] + BALANCED[3][:1])
-def test_memory_linear_overlay_changes_only_the_memory_depth(name, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
-    base = RECIPES / f"{name}.yaml"
-    a = _resolved(capsys, base)
-    b = _resolved(capsys, base, RECIPES / "overlays" / "memory_linear.yaml")
-    assert (a["model"]["config"]["memory"].pop("depth"), b["model"]["config"]["memory"].pop("depth")) == (2, 1)
+    c = a["model"]["config"]
+    assert (c["memory_layers"], c["memory"]["depth"], c["memory"]["conv"], c["memory"]["conv_init"]) == (
+        [0, 3, 5], 1, 4, "random")
+    over = [RECIPES / "overlays" / f for f in ("memory_layer0_conv.yaml", "memory_linear.yaml")]
+    assert _resolved(capsys, base, *over) == a
+    b = _resolved(capsys, base, RECIPES / "overlays" / "memory_mlp_layers135.yaml")
+    cb = b["model"]["config"]
+    assert (cb["memory_layers"], cb["memory"]["depth"], cb["memory"]["conv"], cb["memory"]["conv_init"]) == (
+        [1, 3, 5], 2, 0, "identity")
+    for x in (c, cb):
+        x.pop("memory_layers"), x["memory"].pop("depth"), x["memory"].pop("conv"), x["memory"].pop("conv_init")
     assert a == b
 
 
 @pytest.mark.parametrize("name", BALANCED[1][:1] + BALANCED[3][:1])
 def test_memory_conv8_overlay_widens_only_the_convolution(name, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
-    over = [RECIPES / "overlays" / f for f in ("memory_layer0_conv.yaml", "memory_linear.yaml")]
-    a = _resolved(capsys, RECIPES / f"{name}.yaml", *over)
-    b = _resolved(capsys, RECIPES / f"{name}.yaml", *over, RECIPES / "overlays" / "memory_conv8.yaml")
+    a = _resolved(capsys, RECIPES / f"{name}.yaml")
+    b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "memory_conv8.yaml")
     assert (a["model"]["config"]["memory"].pop("conv"), b["model"]["config"]["memory"].pop("conv")) == (4, 8)
     assert b["model"]["config"]["memory"]["conv_init"] == "random" and a == b
