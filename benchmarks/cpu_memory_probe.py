@@ -51,7 +51,9 @@ appear in the filler, as input tokens only (and as targets too with `--loss all`
 `--balanced-from N` (with `--unseen`) draws every training key letter uniformly from the whole alphabet from step N
 on, the unseen letters included, as a last stage of token-balanced keys (`KEYS=balanced KEYS_STAGES=3` on the GPU):
 can a model that has learned its copy and the memory's carry on the common letters learn the rare ones late,
-without losing the carry?
+without losing the carry? `--balanced-share P` (with `--balanced-from`) makes that stage draw the unseen letters as
+about P of the key letters instead of their uniform share (N / alphabet): fewer draws each, as the GPU's stage 3
+gives its one-token key (about 15-25 rows in 1,000 steps).
 
 `--beyond-share X` sets the share of the full mix's keys that lie beyond attention (112-160 back; the rest 8-40,
 within its reach, since attention alone answers only ~2/3 of the 40-90 band) instead of drawing every distance
@@ -283,7 +285,8 @@ def fit(memory: bool, args) -> tuple[MemSparseLM, dict]:
         # 8-160
         beyond = None
         if balanced_from and step == balanced_from:
-            train_letters = KEYS[:ab]
+            bshare = getattr(args, "balanced_share", None)
+            train_letters = KEYS[:ab] if bshare is None else rare_mix(seen_letters, unseen_letters, bshare)
         if mixed and step > copy + relay and share is not None:
             hi, beyond = getattr(args, "near_max", 40) * sc, (112 * sc, 160 * sc, share)
         ids, labels, _ = (batch(g, args.batch, 8 * sc, hi, args.length, kl, fl, train_letters, extra, beyond, stop)
@@ -378,6 +381,9 @@ def main() -> None:
     ap.add_argument("--balanced-from", type=int, default=0,
                     help="with --unseen N: from this step on, training keys draw every letter of the alphabet "
                          "uniformly (a last stage of balanced keys)")
+    ap.add_argument("--balanced-share", type=float, default=None,
+                    help="with --balanced-from: the unseen letters make up about this share of that stage's key "
+                         "letters (default: their uniform share)")
     ap.add_argument("--loss", default="answer", choices=["answer", "all"],
                     help="train on the key's letters only (default), or on every next token (filler included)")
     ap.add_argument("--copy-loss", default=None, choices=["answer", "all"],
@@ -411,6 +417,8 @@ def main() -> None:
         ap.error(f"--unseen-share needs --unseen N and a share in [0, 1), got {args.unseen_share}")
     if args.balanced_from < 0 or (args.balanced_from and not args.unseen):
         ap.error(f"--balanced-from needs --unseen N and a step >= 1, got {args.balanced_from}")
+    if args.balanced_share is not None and (not args.balanced_from or not 0.0 < args.balanced_share < 1.0):
+        ap.error(f"--balanced-share needs --balanced-from N and a share in (0, 1), got {args.balanced_share}")
     if args.unseen_in_filler and (args.filler != "random" or not args.unseen):
         ap.error("--unseen-in-filler needs --filler random and --unseen N")
     if not 2 <= args.alphabet <= len(KEYS):

@@ -187,6 +187,11 @@ def test_balanced_from_adds_the_unseen_letters_to_the_training_keys_from_that_st
     probe.fit(True, args)
     seen, everything = probe.KEYS[:16], probe.KEYS[:20]
     assert letters[:4] == [seen, seen, everything, everything]
+    letters.clear()
+    probe.fit(True, argparse.Namespace(**{**vars(args), "balanced_share": 0.02}))  # the unseen four at ~2%
+    late = letters[2]
+    assert letters[:2] == [seen, seen] and set(late) == set(everything)
+    assert sum(late.count(c) for c in probe.KEYS[16:20]) / len(late) == pytest.approx(0.02, rel=0.05)
 
 
 def test_copy_loss_labels_every_token_during_the_copying_start_only(monkeypatch):
@@ -249,6 +254,8 @@ def test_beyond_share_draws_that_share_of_keys_beyond_attention_and_keeps_the_de
     (["--logit-adjust-from", "100"], "--logit-adjust-from needs --logit-adjust TAU"),
     (["--copy-loss", "all"], "--copy-loss needs --copy-steps N"),
     (["--balanced-from", "100"], "--balanced-from needs --unseen N"),
+    (["--unseen", "4", "--balanced-share", "0.1"], "--balanced-share needs --balanced-from N"),
+    (["--unseen", "4", "--balanced-from", "9", "--balanced-share", "1.0"], "--balanced-share needs --balanced-from N"),
 ])
 def test_bad_share_settings_are_one_line_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["cpu_memory_probe.py", *argv])
