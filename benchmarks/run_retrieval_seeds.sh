@@ -11,17 +11,27 @@
 # links to recipes/, benchmarks/ and stage 1's outputs) so the runs' outputs/ do not collide; results go to
 # $OUT/${NAME}_data_seed<s>/ (and .tgz) as run_retrieval.sh writes them, its log to $OUT/${NAME}_data_seed<s>.log.
 # RESUME=1 keeps those directories: with TRAIN_ARGS2="--ckpt_path last" and a larger STEPS2 each seed's run goes on.
+# FROM=2: stage 3 (STAGES default 3; or "3 4") once per data seed from one stage-2 export instead, the seed going to
+# TRAIN_ARGS3 (stage 3's spread by data seed alone is wide: passkey 0.68-1.00 at 32K, docs/results.md):
+#   STAGES="1 2" EVALS= bash benchmarks/run_retrieval.sh    then   FROM=2 SEEDS="1 2 3" EVALS=passkey bash benchmarks/run_retrieval_seeds.sh
 set -u
 ROOT=$(pwd)
 SEEDS=${SEEDS:-"0 1"}
-STAGES=${STAGES:-2}
+FROM=${FROM:-1}
+case $FROM in 1) FIRST=2 ;; 2) FIRST=3 ;; *) echo "FROM is 1 (stages 2-4 from stage 1's export) or 2 (stages 3-4 from stage 2's)"; exit 2 ;; esac
+STAGES=${STAGES:-$FIRST}
 NAME=${NAME:-retrieval_small}
 WORK=${WORK:-/tmp/memsparse_seeds}
-if [ "${MEM:-1}" = 1 ]; then C1=retrieval_small_copy; else C1=ablation_retrieval_no_memory_copy; fi
-case " $STAGES " in *" 1 "*)
-  echo "run_retrieval_seeds.sh repeats stages 2-4 from stage 1's export: run STAGES=1 bash benchmarks/run_retrieval.sh first"
-  exit 2 ;; esac
-[ -d "outputs/$C1/export" ] || { echo "no outputs/$C1/export here: run STAGES=1 bash benchmarks/run_retrieval.sh first"; exit 2; }
+if [ "${MEM:-1}" = 1 ]; then C1=retrieval_small_copy; C2=retrieval_small; else
+  C1=ablation_retrieval_no_memory_copy; C2=ablation_retrieval_no_memory; fi
+if [ "$FROM" = 1 ]; then CF=$C1; BEFORE="STAGES=1"; else CF=$C2; BEFORE='STAGES="1 2"'; fi
+for s in $STAGES; do
+  if [ "$s" -lt "$FIRST" ] 2>/dev/null; then
+    echo "run_retrieval_seeds.sh (FROM=$FROM) repeats stages $FIRST-4 from stage $FROM's export: run $BEFORE bash benchmarks/run_retrieval.sh first"
+    exit 2
+  fi
+done
+[ -d "outputs/$CF/export" ] || { echo "no outputs/$CF/export here: run $BEFORE bash benchmarks/run_retrieval.sh first"; exit 2; }
 mkdir -p "${OUT:-benchmarks/results}"
 OUT=$(cd "${OUT:-benchmarks/results}" && pwd)  # absolute: each run starts in its own directory
 
@@ -30,9 +40,10 @@ for s in $SEEDS; do
   [ "${RESUME:-0}" != 1 ] || [ -d "$WORK/data_seed$s/outputs" ] || { echo "RESUME=1: no earlier run in $WORK/data_seed$s"; exit 2; }
 done
 
+SEED_ARGS="TRAIN_ARGS$FIRST"  # the first repeated stage takes the seed
 run() {  # run SEED: run_retrieval.sh in the seed's directory
-  (cd "$WORK/data_seed$1" && OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$1" \
-    TRAIN_ARGS2="--data.seed $1 ${TRAIN_ARGS2:-}" bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$1.log" 2>&1)
+  (cd "$WORK/data_seed$1" && env OUT="$OUT" STAGES="$STAGES" NAME="${NAME}_data_seed$1" \
+    "$SEED_ARGS=--data.seed $1 ${!SEED_ARGS:-}" bash benchmarks/run_retrieval.sh > "$OUT/${NAME}_data_seed$1.log" 2>&1)
 }
 pids=()
 rc=0
@@ -41,7 +52,8 @@ for s in $SEEDS; do
   if [ "${RESUME:-0}" != 1 ]; then  # RESUME=1: the seeds' earlier runs go on (TRAIN_ARGS2="--ckpt_path last")
     rm -rf "$W" && mkdir -p "$W/outputs"
     ln -s "$ROOT/recipes" "$ROOT/benchmarks" "$W/"
-    ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"
+    ln -s "$ROOT/outputs/$C1" "$W/outputs/$C1"  # stage 1's export or, with FROM=2, its tokenizer
+    [ "$FROM" = 2 ] && ln -s "$ROOT/outputs/$C2" "$W/outputs/$C2"
   fi
   echo "data seed $s: $W, log $OUT/${NAME}_data_seed$s.log"
   if [ "${PARALLEL:-0}" = 1 ]; then run "$s" & pids+=($!); else run "$s" || rc=1; fi

@@ -230,3 +230,23 @@ def test_stage_one_tokenizer_comes_back_with_the_results(tmp_path):
     assert rc == 0, out
     assert (tmp_path / "out" / "t" / "tokenizer" / "tokenizer.json").read_text() == "{}"
     assert not (tmp_path / "out" / "t" / "tokenizer" / "tokenizer").exists()  # replaced, not nested
+
+
+def test_seeds_from_stage_two_repeat_stage_three_with_the_seed_in_its_arguments(tmp_path):
+    """FROM=2: stage 3 once per data seed from one stage-2 export (linked with stage 1's outputs, whose tokenizer
+    stage 3 reuses), the seed before TRAIN_ARGS3; stage 2 is refused, as is a missing stage-2 export."""
+    rc, fits, out = run_seeds(tmp_path, FROM="2", SEEDS="1 2")
+    assert rc == 2 and fits == [] and "no outputs/retrieval_small/export" in out and 'STAGES="1 2"' in out
+    (tmp_path / "repo" / "outputs" / "retrieval_small" / "export").mkdir(parents=True)
+    rc, fits, out = run_seeds(tmp_path, FROM="2", SEEDS="1 2", TRAIN_ARGS3="--model.lr 1e-4",
+                              TRAIN_ARGS2="--never-used")
+    assert rc == 0 and len(fits) == 2, out
+    for f, s in zip(fits, ("1", "2")):
+        assert f.startswith(f"{tmp_path}/work/data_seed{s} ") and "recipes/retrieval_small_long.yaml" in f
+        assert f"--data.seed {s} --model.lr 1e-4" in f and "--never-used" not in f
+        for stage in ("retrieval_small_copy", "retrieval_small"):
+            assert (tmp_path / "work" / f"data_seed{s}" / "outputs" / stage / "export").is_dir()
+    rc, _, out = run_seeds(tmp_path, FROM="2", STAGES="2 3")
+    assert rc == 2 and "repeats stages 3-4" in out
+    rc, _, out = run_seeds(tmp_path, FROM="3")
+    assert rc == 2 and "FROM is 1" in out
