@@ -183,7 +183,8 @@ def adjusted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, counts: t
 def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: int = 2,
           chunk: int = 16, scale: int = 1, forget_init: float = 1e-4, memory_depth: int = 2,
           memory_head_dim: int = 16, memory_layers: tuple[int, ...] = (1,), conv_init: str = "identity",
-          variant: str = "mac", surprise_gate: bool = True, write_input: str = "layer") -> MemSparseLM:
+          variant: str = "mac", surprise_gate: bool = True, write_input: str = "layer",
+          query_pool: bool = False) -> MemSparseLM:
     """The probe's model (MAC, a memory in `memory_layers` when `memory`); `train_passes` consolidation passes;
     `conv` taps of the memory's short q/k/v convolution (0: none, the committed runs); `depth` layers (2: the
     committed runs; more layers relay attention further back, as the GPU recipes' 8 do); `chunk` tokens a write
@@ -193,7 +194,8 @@ def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: 
     `conv_init` the convolution's start (`memory.conv_init`: identity, the committed runs, or random); `variant`
     how the memory's read reaches the layer (mac, the committed runs; mag; mal); `surprise_gate` the learned gate on
     each evicted token's write (on in the committed runs); `write_input` the memory's key / value input
-    (`memory.write_input`: layer, the committed runs, or embeddings)."""
+    (`memory.write_input`: layer, the committed runs, or embeddings); `query_pool` the queries' content-scored pick
+    among the last `conv` tokens (`memory.query_pool`)."""
     torch.manual_seed(seed)
     return MemSparseLM(ModelConfig(
         vocab_size=VOCAB, dim=64, depth=depth, heads=4, kv_heads=2, head_dim=16, mlp_hidden=128, block_size=8,
@@ -201,7 +203,8 @@ def build(memory: bool, seed: int, train_passes: int = 0, conv: int = 0, depth: 
         surprise_gate=surprise_gate,
         memory_layers=list(memory_layers) if memory else [],
         memory=MemoryConfig(heads=4, head_dim=memory_head_dim, depth=memory_depth, chunk_size=chunk,
-                            forget_init=forget_init, conv=conv, conv_init=conv_init, write_input=write_input),
+                            forget_init=forget_init, conv=conv, conv_init=conv_init, write_input=write_input,
+                            query_pool=query_pool),
         consolidation=ConsolidationConfig(train_passes=train_passes)))
 
 

@@ -34,7 +34,9 @@ finds the name N + 1 tokens back, past a convolution of N + 1 taps or fewer; `--
 from 0 over S steps (a curriculum; evaluation asks with the full gap throughout). `--memory-write-input embeddings`
 takes the memory's keys, values and write rates from the token embeddings and only its queries from its layer's
 input (`memory.write_input`): a memory in layer 1 then writes the pairs as a first-layer memory does, and reads with
-a query that layer 0's attention can have filled with the asked name.
+a query that layer 0's attention can have filled with the asked name. `--memory-query-pool` (with `--memory-conv K`)
+makes the queries a content-scored pick among the last K tokens (`memory.query_pool`) instead of fixed taps: the
+asked name can enter the query whatever its lag.
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -233,7 +235,8 @@ def fit(memory: bool, pairs: int, args) -> dict:
     model = probe.build(memory, args.seed, conv=args.memory_conv, memory_depth=args.memory_depth,
                         memory_head_dim=args.memory_head_dim, memory_layers=tuple(args.memory_layers),
                         conv_init=args.memory_conv_init, variant=args.variant,
-                        surprise_gate=not args.no_surprise_gate, write_input=args.memory_write_input)
+                        surprise_gate=not args.no_surprise_gate, write_input=args.memory_write_input,
+                        query_pool=getattr(args, "memory_query_pool", False))
     if memory and args.oracle_shift:
         oracle_shift([b.memory for b in model.blocks if b.memory is not None], query_back=1 + args.question_gap)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -343,6 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="MLP layers of the memory (memory.depth; 1: a linear fast-weight map)")
     ap.add_argument("--memory-head-dim", type=int, default=16, help="the memory's width a head (memory.head_dim)")
     ap.add_argument("--memory-layers", default="1", help="comma-separated layers with a memory (of the 2)")
+    ap.add_argument("--memory-query-pool", action="store_true",
+                    help="the memory's queries pick among the last --memory-conv tokens by a learned content score "
+                         "(memory.query_pool) instead of the convolution's fixed taps")
     ap.add_argument("--memory-write-input", choices=["layer", "embeddings"], default="layer",
                     help="the memory's key / value input (memory.write_input): its layer's input or the embeddings")
     ap.add_argument("--train-all-beyond", action="store_true",
@@ -378,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
                  f"got {args.length}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
+    if args.memory_query_pool and args.memory_conv < 2:
+        ap.error("--memory-query-pool pools the last --memory-conv tokens: needs --memory-conv >= 2, "
+                 f"got {args.memory_conv}")
     if args.gap_ramp < 0 or (args.gap_ramp and not args.question_gap):
         ap.error(f"--gap-ramp must be >= 0, and needs --question-gap >= 1, got {args.gap_ramp}")
     if args.oracle_shift and args.memory_conv < max(3, args.question_gap + 2):

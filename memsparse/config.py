@@ -55,6 +55,9 @@ class MemoryConfig:
     conv: int = 0                       # causal depthwise conv of this many taps on q/k/v (Titans 4.4); 0: none
     conv_init: str = "identity"         # identity (last tap 1: starts as without it) | random (as nn.Conv1d's)
     #                                     | box (q/k taps all 1/sqrt(K): the sum of the last K tokens; v identity)
+    query_pool: bool = False            # queries: a softmax over the last `conv` tokens' query projections by a
+    #                                     learned per-head content score (+ a bias per lag) instead of the
+    #                                     convolution's fixed taps (keys and values keep them); needs conv >= 2
     write_input: str = "layer"          # layer: q, k, v from the layer's input | embeddings: keys, values and
     #                                     write rates from the token embeddings, queries from the layer's input
     compile: bool = False               # CUDA, training: chunk step and read under torch.compile (~2x, H100)
@@ -76,6 +79,8 @@ class MemoryConfig:
                f"must be an integer >= 0 (taps; 0 = no convolution), got {self.conv!r}")
         _check(self.conv_init in ("identity", "random", "box"), "memory.conv_init",
                f"must be identity, random or box, got {self.conv_init!r}")
+        _check(not self.query_pool or self.conv >= 2, "memory.query_pool",
+               f"pools the last memory.conv tokens: needs memory.conv >= 2, got {self.conv}")
         _check(self.write_input in ("layer", "embeddings"), "memory.write_input",
                f"must be layer or embeddings, got {self.write_input!r}")
         return self

@@ -378,6 +378,30 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, prev: Tensor | None = None,
     return y, ext[:, ext.shape[1] - (K - 1):]
 
 
+def causal_softmax_pool(x: Tensor, score: Tensor, lag_bias: Tensor, prev: Tensor | None = None,
+                        doc_start: Tensor | None = None, pos: int = 0) -> Tensor:
+    """y_t = sum_j softmax_j(score_h . x_{t-j,h} + lag_bias[h, j]) * x_{t-j,h} per head h, j = 0..K-1: a
+    content-addressed pick among the last K tokens (a token of another document, before `doc_start[b, t]`, is left
+    out; before the span the taps read `prev`, zeros at a stream's start, as `causal_depthwise_conv`'s do).
+    x `(B, N, H*D)` of tokens [pos, pos+N), score `(H, D)`, lag_bias `(H, K)`, prev `(B, K-1, H*D)` (None: zeros).
+    Returns y `(B, N, H*D)` in x's dtype."""
+    B, N, C = x.shape
+    H, K = lag_bias.shape
+    D = C // H
+    if prev is None:
+        prev = x.new_zeros(B, K - 1, C)
+    ext = torch.cat([prev.to(x.dtype), x], 1)                                    # tokens pos-K+1 .. pos+N-1
+    win = torch.stack([ext[:, K - 1 - j:K - 1 - j + N] for j in range(K)], 2).view(B, N, K, H, D)
+    s = (_up(win) * _up(score).view(1, 1, 1, H, D)).sum(-1) + _up(lag_bias).t().view(1, 1, K, H)  # fp32 scores
+    if doc_start is not None:
+        t_abs = torch.arange(pos, pos + N, device=x.device)
+        lag = torch.arange(K, device=x.device)
+        other_doc = (t_abs[None, :, None] - lag[None, None, :]) < doc_start[:, :, None]   # (B, N, K); lag 0 never
+        s = s.masked_fill(other_doc.unsqueeze(-1), float("-inf"))
+    w = torch.softmax(s, dim=2).to(x.dtype)                                       # (B, N, K, H)
+    return (w.unsqueeze(-1) * win).sum(2).reshape(B, N, C)
+
+
 def _up(t: Tensor) -> Tensor:
     """At least fp32 (float64 stays float64, for tests)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -567,6 +591,13 @@ class NeuralMemory(nn.Module):
             else:
                 w[:, -1] = 1.0
             self.conv_weight = nn.Parameter(w)
+        # query_pool: the queries pick among the last K tokens by content (a learned score per head), so that an
+        # asked name several tokens back (RULER's niah_multikey question) can enter the query whatever its lag;
+        # zeros: the pick starts as the mean of the last K tokens' query projections
+        self.pool_score = self.pool_lag_bias = None
+        if config.query_pool:
+            self.pool_score = nn.Parameter(torch.zeros(H, D))
+            self.pool_lag_bias = nn.Parameter(torch.zeros(H, config.conv))
 
     # -- state ------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> MemoryState:
@@ -607,7 +638,13 @@ class NeuralMemory(nn.Module):
             qkv, rates_in = torch.cat([F.linear(x, w[:hd]), F.linear(src, w[hd:])], -1), src
         state = None
         if self.conv_weight is not None:
+            raw = qkv
             qkv, state = causal_depthwise_conv(qkv, self.conv_weight, prev, doc_start, pos)
+            if self.pool_score is not None:
+                hd = self.heads * self.head_dim
+                q = causal_softmax_pool(raw[..., :hd], self.pool_score, self.pool_lag_bias,
+                                        None if prev is None else prev[..., :hd], doc_start, pos)
+                qkv = torch.cat([q, qkv[..., hd:]], -1)
         tail = compile_cached(project_heads) if self._compiled(x) else project_heads
         return MemoryInputs(*tail(qkv, self.to_rates(rates_in), self.heads, self.config.qk_norm,
                                   self.config.lr_max)), state

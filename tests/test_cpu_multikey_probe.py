@@ -192,6 +192,8 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path, write_input):
                                           (["--question-gap", "-1"], "--question-gap must be 0-"),
                                           (["--gap-ramp", "100"], "--gap-ramp must be >= 0, and needs --question-gap"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
+                                          (["--memory-query-pool", "--memory-conv", "1"],
+                                           "--memory-query-pool pools the last --memory-conv tokens"),
                                           (["--memory-layers", "2"], "--memory-layers must name layers 0 and/or 1"),
                                           (["--memory-layers", "x"], "--memory-layers must be comma-separated"),
                                           (["--memory-depth", "0"], "--memory-depth and --memory-head-dim must be"),
