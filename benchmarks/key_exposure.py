@@ -63,12 +63,9 @@ def stage_answers(data_cfg: dict, tokenizer_dir: str, steps: int, tasks: tuple[s
                 break
             step = n // dm.batch_size
             n += 1
-            e, i = divmod(index, len(ds))
-            k = int(ds.offsets.searchsorted(i, side="right")) - 1
-            part = ds.parts[k]
+            part, local = ds.locate(index)
             if not isinstance(part, SyntheticTaskDataset) or not part.name.startswith(tasks):
                 continue
-            local = e * len(part) + i - int(ds.offsets[k])
             length, depth, seed = part.params(local)
             _, answer = part.generate(length, depth, seed)
             yield step, part.name, tok.decode(answer).strip()

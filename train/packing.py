@@ -288,7 +288,8 @@ class MixtureDataset(Dataset):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def locate(self, index: int) -> tuple[Dataset, int]:
+        """(the part, its own index with the epoch carried on) that item `index` comes from, without generating it."""
         if self._len == 0:
             raise IndexError("empty dataset")
         epoch, i = divmod(int(index), self._len)
@@ -296,7 +297,11 @@ class MixtureDataset(Dataset):
             i = int(self._order[i])
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         part = self.parts[k]
-        return part[epoch * len(part) + i - int(self.offsets[k])]
+        return part, epoch * len(part) + i - int(self.offsets[k])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        part, i = self.locate(index)
+        return part[i]
 
     def sources(self) -> np.ndarray:
         """(len,) the `source` of every item in index order, without generating any."""
