@@ -78,6 +78,23 @@ def test_full_balance_overlay_is_the_balanced_stage_3_mixture_with_every_key_bal
 
 
 @pytest.mark.parametrize("name", BALANCED[3])
+def test_near_overlay_is_the_full_balance_mixture_with_a_fifth_of_its_passkeys_just_before_the_question(
+        name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    base = RECIPES / f"{name}.yaml"
+    a = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_full_stage3.yaml")
+    b = _resolved(capsys, base, RECIPES / "overlays" / "balanced_keys_full_near_stage3.yaml")
+    far, near, *rest = b["data"]["synthetic"]
+    assert far["task"] == near["task"] == "passkey_balanced_full" and near["depths"] == [0.95, 1.0]
+    assert far["proportion"] + near["proportion"] == a["data"]["synthetic"][0]["proportion"] == 0.5
+    window = b["model"]["config"]["window"]
+    assert max(near["lengths"]) * (1 - near["depths"][0]) < window  # every near key inside the window
+    far["proportion"] = 0.5
+    b["data"]["synthetic"] = [far, *rest]
+    assert a == b
+
+
+@pytest.mark.parametrize("name", BALANCED[3])
 def test_asks_overlay_is_the_balanced_stage_3_mixture_asking_four_times(name, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["memsparse-train"])
     base = RECIPES / f"{name}.yaml"
