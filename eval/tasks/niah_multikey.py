@@ -25,7 +25,7 @@ class NiahMultiKey(NiahTask):
             needles=needles,
             suffix=Piece(self.question, {"key": keys[0]}),
             answer=values[0],
-            meta={"keys": list(keys)},
+            meta={"keys": list(keys), "values": list(values)},  # the asked needle's first
         )
 
 
