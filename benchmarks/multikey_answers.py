@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from memsparse.eval.tasks import get_task
+from memsparse.eval.tasks.base import encode_value
 
 from memsparse.tokenizer import load_tokenizer
 
@@ -32,7 +33,7 @@ TOKENS = ("asked", "distractor", "neither")
 
 def classify(prediction_ids: list[int], asked_ids: list[int], distractor_ids: list[list[int]]) -> dict:
     """{"answer": right | distractor | other, "tokens": {asked, distractor, neither: count}} of one prediction,
-    compared as token id sequences (the value's own tokens, with its leading space)."""
+    compared as token id sequences (each value's own tokens, with its leading space, as the prompt holds it)."""
     answer = ("right" if prediction_ids == asked_ids
               else "distractor" if any(prediction_ids == d for d in distractor_ids) else "other")
     tokens = dict.fromkeys(TOKENS, 0)
@@ -51,10 +52,11 @@ def inside(cell: dict, sample: dict) -> bool:
     return float(cell["depth"]) == 1.0
 
 
-def analyse(results: dict, tokenizer, task_name: str = "niah_multikey") -> dict:
+def analyse(results: dict, tokenizer) -> dict:
     """{"<length>/<inside|beyond>": {"prompts", "answers": {...}, "tokens": {...}}} over the task's cells (`inside`:
     the asked needle within the attention window). A regenerated answer that differs from the file's is a
     ValueError (another task or generator than the eval's)."""
+    task_name = "niah_multikey"
     task = get_task(task_name)
     out: dict = defaultdict(lambda: {"prompts": 0, "answers": dict.fromkeys(ANSWERS, 0),
                                      "tokens": dict.fromkeys(TOKENS, 0)})
@@ -67,9 +69,8 @@ def analyse(results: dict, tokenizer, task_name: str = "niah_multikey") -> dict:
             if str(smp.answer) != str(s["answer"]):
                 raise ValueError(f"prompt seed {s['seed']} at {c['length']} regenerates answer {smp.answer!r}, the "
                                  f"file says {s['answer']!r}: not the task (or generator) the eval ran with")
-            values = smp.meta["values"]
-            enc = lambda v: list(tokenizer.encode(" " + str(v)))  # noqa: E731
-            got = classify(list(tokenizer.encode(s["prediction"])), enc(values[0]), [enc(v) for v in values[1:]])
+            others = [list(map(int, encode_value(tokenizer, " " + str(v)))) for v in smp.meta["values"][1:]]
+            got = classify(list(tokenizer.encode(s["prediction"])), list(map(int, smp.answer_ids)), others)
             row = out[f"{c['length']}/{'inside' if inside(c, s) else 'beyond'}"]
             row["prompts"] += 1
             row["answers"][got["answer"]] += 1
@@ -109,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="memsparse-eval results.json files holding niah_multikey cells (several: one table each, "
                          "and their total)")
     ap.add_argument("--tokenizer", required=True, help="the tokenizer the evals ran with (the run's export)")
-    ap.add_argument("--task", default="niah_multikey")
     ap.add_argument("--out", type=Path, default=None,
                     help="directory for multikey_answers.md / .json (default: beside the one results file)")
     args = ap.parse_args(argv)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("several results files need --out DIR")
     try:
         tok = load_tokenizer(args.tokenizer)
-        runs = [analyse(json.loads(path.read_text()), tok, args.task) for path in args.results]
+        runs = [analyse(json.loads(path.read_text()), tok) for path in args.results]
     except (ValueError, OSError, KeyError) as e:
         ap.error(str(e).strip("'\""))
     out = args.out or args.results[0].parent
