@@ -36,7 +36,8 @@ takes the memory's keys, values and write rates from the token embeddings and on
 input (`memory.write_input`): a memory in layer 1 then writes the pairs as a first-layer memory does, and reads with
 a query that layer 0's attention can have filled with the asked name. `--memory-query-pool` (with `--memory-conv K`)
 makes the queries a content-scored pick among the last K tokens (`memory.query_pool`) instead of fixed taps: the
-asked name can enter the query whatever its lag.
+asked name can enter the query whatever its lag. `--memory-lr-scale S` trains the memory model's memory parameters
+(projections, convolution, gates) at S x `--lr` (`model.memory_lr_scale`).
 
     python benchmarks/cpu_multikey_probe.py --pairs 1,2,4 --steps 900 --out benchmarks/results/multikey
 """
@@ -239,7 +240,9 @@ def fit(memory: bool, pairs: int, args) -> dict:
                         query_pool=getattr(args, "memory_query_pool", False))
     if memory and args.oracle_shift:
         oracle_shift([b.memory for b in model.blocks if b.memory is not None], query_back=1 + args.question_gap)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+              for g in probe.probe_groups(model, args.lr, getattr(args, "memory_lr_scale", 1.0) if memory else 1.0)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same samples for both models
     t0, curve = time.time(), []
     for step in range(1, args.steps + 1):
@@ -349,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-query-pool", action="store_true",
                     help="the memory's queries pick among the last --memory-conv tokens by a learned content score "
                          "(memory.query_pool) instead of the convolution's fixed taps")
+    ap.add_argument("--memory-lr-scale", type=float, default=1.0,
+                    help="the memory's parameters train at this multiple of --lr (model.memory_lr_scale; the "
+                         "memory model only)")
     ap.add_argument("--memory-write-input", choices=["layer", "embeddings"], default="layer",
                     help="the memory's key / value input (memory.write_input): its layer's input or the embeddings")
     ap.add_argument("--train-all-beyond", action="store_true",
@@ -382,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.length < min_length(args.question_gap):
         ap.error(f"--length must be >= {min_length(args.question_gap)} (a pair {TOP} tokens back and the question), "
                  f"got {args.length}")
+    if args.memory_lr_scale <= 0:
+        ap.error(f"--memory-lr-scale must be > 0, got {args.memory_lr_scale}")
     if args.memory_conv < 0:
         ap.error(f"--memory-conv must be >= 0, got {args.memory_conv}")
     if args.memory_query_pool and args.memory_conv < 2:

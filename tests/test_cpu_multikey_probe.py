@@ -137,6 +137,18 @@ def test_memory_depth_and_width_reach_the_model(monkeypatch):
     assert (cfg.variant, cfg.surprise_gate) == ("mag", False)
 
 
+def test_memory_lr_scale_trains_the_memory_model_s_memory_faster(monkeypatch):
+    made = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(mk.torch.optim, "AdamW", lambda groups, **k: made.append((groups, k)) or real(groups, **k))
+    mk.main(["--pairs", "1", "--steps", "1", "--eval-samples", "2", "--batch", "2", "--memory-lr-scale", "4",
+             "--lr", "0.001"])
+    (memory_groups, kw), (plain_groups, _) = made  # the memory model first, then the baseline
+    assert kw["lr"] == 0.001 and [g["lr"] for g in memory_groups] == [0.001, 0.004]
+    assert all(p.requires_grad for g in memory_groups for p in g["params"]) and memory_groups[1]["params"]
+    assert [g["lr"] for g in plain_groups] == [0.001]  # the baseline has no memory to scale
+
+
 @pytest.mark.parametrize("flag,far,filler", [([], (8, 160, (8, 160)), "random"),
                                              (["--train-all-beyond"], (112, 160, (112, 160)), "random"),
                                              (["--filler", "sky"], (8, 160, (8, 160)), "sky")])
@@ -192,6 +204,7 @@ def test_a_key_match_run_records_it_per_memory_layer(tmp_path, write_input):
                                           (["--question-gap", "-1"], "--question-gap must be 0-"),
                                           (["--gap-ramp", "100"], "--gap-ramp must be >= 0, and needs --question-gap"),
                                           (["--memory-conv", "-1"], "--memory-conv must be >= 0"),
+                                          (["--memory-lr-scale", "0"], "--memory-lr-scale must be > 0"),
                                           (["--memory-query-pool", "--memory-conv", "1"],
                                            "--memory-query-pool pools the last --memory-conv tokens"),
                                           (["--memory-layers", "2"], "--memory-layers must name layers 0 and/or 1"),
