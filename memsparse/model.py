@@ -1006,6 +1006,9 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, chunk: int 
     hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     total = h.new_zeros((), dtype=torch.float32)
     count = (lf != -100).sum().clamp_min(1)  # all ignored -> loss 0 (no host sync to test it)
+    if h.device.type == "cpu":  # no device to sync with: only the labelled rows' logits (an answer-only loss labels
+        keep = lf != -100       # a few tokens a row); on a GPU the shapes stay static (CUDA graphs)
+        hf, lf = hf[keep], lf[keep]
 
     def piece(hc, lc):
         logits = (hc @ weight.t()).float()

@@ -218,6 +218,26 @@ def test_chunked_cross_entropy_matches_full():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("labelled", [0, 1, 7])
+def test_chunked_cross_entropy_of_a_few_labelled_tokens_matches_full(labelled):
+    """An answer-only loss labels a few tokens a row: on CPU only their logits are computed; the loss and the
+    gradients are the full computation's, and a batch with nothing labelled gives 0 and zero gradients."""
+    h = torch.randn(2, 33, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    labels = torch.full((2, 33), -100)
+    labels.view(-1)[torch.randperm(66)[:labelled]] = torch.randint(0, 50, (labelled,))
+    a = chunked_cross_entropy(h, w, labels, chunk=10)
+    if labelled == 0:
+        assert float(a) == 0.0
+        assert all(float(g.abs().sum()) == 0.0 for g in torch.autograd.grad(a, (h, w), allow_unused=True)
+                   if g is not None)
+        return
+    b = torch.nn.functional.cross_entropy((h @ w.t()).view(-1, 50), labels.view(-1), ignore_index=-100)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(torch.autograd.grad(a, (h, w)), torch.autograd.grad(b, (h, w))):
+        torch.testing.assert_close(x, y)
+
+
 def test_chunked_cross_entropy_with_a_bias_is_the_loss_of_the_shifted_logits():
     h = torch.randn(2, 33, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
