@@ -10,7 +10,8 @@ every `--eval-every` steps the held-out prompts (`--eval-lengths` x `--eval-dept
 apart from training's) are decoded greedily by `memsparse.eval.harness.run_cells` (the path of memsparse-eval),
 which also gives the teacher-forced answer-token accuracy. The model: `--dim`, `--depth`, `--heads` (kv heads half),
 a dense budget and a `--window` of 512 tokens (longer than every prompt: all of it is in attention's reach),
-no memory unless `--memory-layers`. Writes task_probe.json (the arguments and the curve), task_probe.md and
+no memory unless `--memory-layers`. `--distractors N` (niah_multikey): N distractor needles instead of 3.
+Writes task_probe.json (the arguments and the curve), task_probe.md and
 task_probe.png (accuracy and tf_token_acc against steps) to `--out`.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from memsparse.eval.harness import PeakMemory, run_cells
 from memsparse.eval.tasks import get_task
+from memsparse.eval.tasks.niah_multikey import NiahMultiKey
 from memsparse.train.module import WarmupCosine, param_groups
 from memsparse.train.packing import SyntheticTaskDataset
 
@@ -60,10 +62,17 @@ def evaluate(model, tok, task, args) -> dict:
     return out
 
 
+def make_task(args):
+    """The registered task, or with `--distractors N` a niah_multikey of N distractor needles (3 registered)."""
+    if args.distractors is None:
+        return get_task(args.task)
+    return NiahMultiKey(f"niah_multikey_{args.distractors}d", num_distractors=args.distractors)
+
+
 def fit(args) -> dict:
     """Train and evaluate; returns {"args", "curve": [{step, loss, wall_s, eval}]}."""
-    tok, task = load_tokenizer(args.tokenizer), get_task(args.task)
-    data = SyntheticTaskDataset(args.task, args.steps * args.batch, args.lengths, max(args.lengths), tok,
+    tok, task = load_tokenizer(args.tokenizer), make_task(args)
+    data = SyntheticTaskDataset(task, args.steps * args.batch, args.lengths, max(args.lengths), tok,
                                 seed=args.seed, source=0, loss=args.loss)
     model = build(args, tok.vocab_size)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--task", required=True, help="a registered task (memsparse.eval.tasks)")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a saved tokenizer directory (a run's export)")
     ap.add_argument("--lengths", default="256", help="training lengths in tokens (comma-separated)")
+    ap.add_argument("--distractors", type=int, default=None,
+                    help="niah_multikey only: this many distractor needles instead of the registered 3")
     ap.add_argument("--loss", choices=["answer", "all"], default="answer")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=16)
@@ -160,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
                  "whether attention learns the task with the whole prompt in reach")
     if args.heads < 1 or args.dim % (2 * args.heads):
         ap.error(f"--dim ({args.dim}) must be a multiple of 2 x --heads ({args.heads}): an even head width")
+    if args.distractors is not None and (args.task != "niah_multikey" or args.distractors < 0):
+        ap.error(f"--distractors needs --task niah_multikey and a count >= 0, got {args.task} {args.distractors}")
     torch.set_num_threads(args.threads)
     try:
-        get_task(args.task)
+        make_task(args)
         result = fit(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         ap.error(str(e).strip("'\""))

@@ -35,7 +35,17 @@ def test_the_rows_are_the_training_path_s_answer_only_rows(monkeypatch):
     assert all(0 < int((row != -100).sum()) <= 9 for row in labels)  # a 5-digit key, its eos: nothing else
 
 
-@pytest.mark.parametrize("argv, message", [(["--lengths", "600"], "must be given and <= --window (512)"),
+def test_distractors_give_niah_multikey_that_many_other_needles():
+    import argparse
+
+    task = tp.make_task(argparse.Namespace(task="niah_multikey", distractors=1))
+    sample = task.generate(512, 0.5, 0, tp.load_tokenizer("byte"))
+    assert task.num_distractors == 1 and len(sample.meta["values"]) == len(sample.meta["needle_texts"]) == 2
+    assert tp.make_task(argparse.Namespace(task="niah_multikey", distractors=None)).num_distractors == 3
+
+
+@pytest.mark.parametrize("argv, message", [(["--distractors", "1"], "--distractors needs --task niah_multikey"),
+                                           (["--lengths", "600"], "must be given and <= --window (512)"),
                                            (["--task", "nope"], "nope"),
                                            (["--dim", "30"], "--dim (30) must be a multiple of 2 x --heads (2)"),
                                            (["--lengths", "2x"], "--lengths must be comma-separated integers"),
