@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from memsparse.eval.harness import PeakMemory, run_cells
+from memsparse.eval.harness import EvalInputError, PeakMemory, parse_depths, parse_lengths, run_cells
 from memsparse.eval.tasks import get_task
 from memsparse.eval.tasks.niah_multikey import NiahMultiKey
 from memsparse.train.module import WarmupCosine, param_groups
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="directory for task_probe.json / .md / .png")
     args = ap.parse_args(argv)
     args.lengths = ints(args.lengths, "--lengths", ap)
-    args.eval_lengths = ints(args.eval_lengths, "--eval-lengths", ap) if args.eval_lengths else [max(args.lengths)]
     args.memory_layers = ints(args.memory_layers, "--memory-layers", ap)
-    try:
-        args.eval_depths = [float(x) for x in args.eval_depths.split(",")]
-    except ValueError:
-        ap.error(f"--eval-depths must be comma-separated numbers, got {args.eval_depths!r}")
+    try:  # memsparse-eval's own parsing of its grid (training lengths keep their repeats: they weight the draws)
+        args.eval_lengths = parse_lengths(args.eval_lengths) if args.eval_lengths else [max(args.lengths or [0])]
+        args.eval_depths = parse_depths(args.eval_depths)
+    except EvalInputError as e:
+        ap.error(f"--eval-lengths / --eval-depths: {e}")
     if min(args.steps, args.batch, args.eval_every, args.eval_samples) < 1 or args.lr <= 0:
         ap.error("--steps, --batch, --eval-every and --eval-samples must be >= 1, --lr > 0")
     if not args.lengths or max(args.lengths + args.eval_lengths) > args.window:

@@ -49,7 +49,8 @@ def test_distractors_give_niah_multikey_that_many_other_needles():
                                            (["--task", "nope"], "nope"),
                                            (["--dim", "30"], "--dim (30) must be a multiple of 2 x --heads (2)"),
                                            (["--lengths", "2x"], "--lengths must be comma-separated integers"),
-                                           (["--lengths", "64"], "too short")])
+                                           (["--lengths", "64"], "too short"),
+                                           (["--eval-depths", "0.5,2"], "depth '2' is outside [0, 1]")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
         tp.main(TINY + argv)
