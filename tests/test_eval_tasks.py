@@ -34,6 +34,7 @@ EXPECTED = {
     "niah_single_essay",
     "niah_single_kv",
     "niah_multikey",
+    "niah_multikey_pair",
     "niah_multivalue",
     "niah_multiquery",
     "variable_tracking",

@@ -182,3 +182,16 @@ def test_memory_conv8_overlay_widens_only_the_convolution(name, capsys, monkeypa
     b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "memory_conv8.yaml")
     assert (a["model"]["config"]["memory"].pop("conv"), b["model"]["config"]["memory"].pop("conv")) == (4, 8)
     assert b["model"]["config"]["memory"]["conv_init"] == "random" and a == b
+
+
+@pytest.mark.parametrize("name", BALANCED[1])
+def test_multikey_pair_overlay_changes_only_the_multikey_task(name, capsys, monkeypatch):
+    """recipes/overlays/multikey_pair_stage1.yaml copies stage 1's mixture with two needles instead of four."""
+    monkeypatch.setattr(sys, "argv", ["memsparse-train"])
+    a = _resolved(capsys, RECIPES / f"{name}.yaml")
+    b = _resolved(capsys, RECIPES / f"{name}.yaml", RECIPES / "overlays" / "multikey_pair_stage1.yaml")
+    tasks = [s["task"] for s in b["data"]["synthetic"]]
+    assert "niah_multikey_pair" in tasks and "niah_multikey" not in tasks
+    for s in b["data"]["synthetic"]:
+        s["task"] = "niah_multikey" if s["task"] == "niah_multikey_pair" else s["task"]
+    assert a == b, name

@@ -28,5 +28,10 @@ class NiahMultiKey(NiahTask):
             meta={"keys": list(keys), "values": list(values)},  # the asked needle's first
         )
 
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", num_distractors={self.num_distractors})"
+
 
 register_task(NiahMultiKey())
+# the asked needle and one other: a step before four needles in a multi-key curriculum (docs/training.md)
+register_task(NiahMultiKey("niah_multikey_pair", num_distractors=1))
