@@ -277,6 +277,37 @@ def test_callback_at_end(tmp_path, max_steps, at_end, steps):
     assert cb.last_step == steps[-1]
 
 
+def test_a_fresh_fit_starts_its_own_cells_and_a_resumed_one_appends(tmp_path):
+    """A second fresh fit in the same directory moves the first run's cells and heatmaps to retrieval/earlier/
+    (the by-step tables then hold one run); a fit resumed from a checkpoint appends to its run's cells."""
+    grid = {**GRID, "lengths": [256]}
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    pl.seed_everything(0)
+    _trainer(tmp_path, max_steps=2, callbacks=[RetrievalEval(**grid), ckpt], enable_checkpointing=True).fit(
+        _module(), datamodule=_datamodule(synthetic=[]))
+    out = tmp_path / "retrieval"
+    first = (out / "cells.jsonl").read_text()
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="earlier run's cells"):
+        _trainer(tmp_path, max_steps=4, callbacks=[RetrievalEval(**grid)]).fit(
+            _module(), datamodule=_datamodule(synthetic=[]))
+    assert [int(c["step"]) for c in csv.DictReader(open(out / "cells.csv"))] == [2, 2, 4, 4]
+    (earlier,) = (out / "earlier").iterdir()
+    assert (earlier / "cells.jsonl").read_text() == first
+    assert sorted(p.name for p in earlier.iterdir()) == ["cells.csv", "cells.jsonl", "heatmap_passkey_step2.png"]
+    assert sorted(p.name for p in out.glob("heatmap_*")) == ["heatmap_passkey_step2.png", "heatmap_passkey_step4.png"]
+
+    root = tmp_path / "resumed"
+    pl.seed_everything(0)
+    _trainer(root, max_steps=2, callbacks=[RetrievalEval(**grid), ckpt], enable_checkpointing=True).fit(
+        _module(), datamodule=_datamodule(synthetic=[]))
+    pl.seed_everything(0)
+    _trainer(root, max_steps=4, callbacks=[RetrievalEval(**grid)]).fit(
+        _module(), datamodule=_datamodule(synthetic=[]), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert [int(c["step"]) for c in csv.DictReader(open(root / "retrieval" / "cells.csv"))] == [2, 2, 4, 4]
+    assert not (root / "retrieval" / "earlier").exists()
+
+
 def test_callback_from_the_recipe_yaml(tmp_path):
     """The recipes' form (trainer.callbacks class_path/init_args) through memsparse-train, beside the default
     callbacks (PhaseTimes still writes its file); with gradient accumulation the evaluation runs once per step."""

@@ -461,7 +461,8 @@ class RetrievalEval(Callback):
     accuracy at the answer positions are logged per (task, length) and overall to the run's loggers
     (`retrieval/<task>/<length>/acc|tf_exact|tf_token_acc|tf_stop`, `retrieval/acc|tf_exact|tf_token_acc|tf_stop`,
     `retrieval/wall_s`; tf_stop: how often the model ends a complete teacher-forced answer, see `run_cell`);
-    every cell is appended to `<output_dir>/cells.csv` and `cells.jsonl` (with the per-sample predictions), and a
+    every cell is appended to `<output_dir>/cells.csv` and `cells.jsonl` (with the per-sample predictions; a fresh
+    fit first moves an earlier run's files to `<output_dir>/earlier/`, a resumed one appends), and a
     heatmap per task is written as `<output_dir>/heatmap_<task>_step<N>.png` (also logged as an
     image to W&B). `output_dir` defaults to `<default_root_dir>/retrieval`.
 
@@ -549,6 +550,25 @@ class RetrievalEval(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict.get("last_step")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fresh fit (not resumed from a checkpoint) starts its own cells.csv / cells.jsonl: an earlier run's
+        files in the output directory (a fit again in the same `default_root_dir`, e.g. with `--overwrite`) move to
+        `<output_dir>/earlier/<UTC time>/`, so that the by-step tables hold one run's cells. A resumed fit appends."""
+        if self._off or trainer.ckpt_path is not None or not trainer.is_global_zero:
+            return
+        out = self.output_path(trainer)
+        old = [p for p in (out / "cells.csv", out / "cells.jsonl") if p.exists()]
+        if not old:
+            return
+        old += sorted(out.glob("heatmap_*.png"))
+        dest = out / "earlier" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        while dest.exists():
+            dest = dest.with_name(dest.name + "_")
+        dest.mkdir(parents=True)
+        for p in old:
+            p.rename(dest / p.name)
+        rank_zero_warn(f"RetrievalEval: a fresh fit; an earlier run's cells in {out} moved to {dest}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
