@@ -2,6 +2,8 @@
 decoded accuracy per length, keys found with the key beyond / inside the attention window (decoded and
 teacher-forced), the teacher-forced answer-token accuracy (tf_token_acc: a key copied in part shows here before it
 is found whole) and tf_stop; a table (.md), the figures (.json) and a plot of the counts against steps (.png).
+The grid's other tasks (e.g. niah_multikey) get a decoded-accuracy column per task and length (`tasks` in the
+.json); every other figure is the passkey's.
 Where the cells hold RetrievalEval's `no_writes` pass (the grid again with the memory's writes off), each row also
 counts the keys found without the memory's writes (`beyond_no_writes`, `inside_no_writes`), drawn dashed: keys
 beyond the window found only with the writes on are the memory's.
@@ -65,6 +67,12 @@ def by_step(path: Path) -> list[dict]:
                 row.setdefault(f"acc_{c['length']}", []).append(float(c["accuracy"]))
         for k in [k for k in row if k.startswith("acc_")]:
             row[k] = round(sum(row[k]) / len(row[k]), 4)
+        other: dict[str, list[float]] = {}  # the grid's other tasks: decoded accuracy per length, over the depths
+        for c in cells:
+            if c["task"] != "passkey":
+                other.setdefault(f"{c['task']} {c['length']}", []).append(float(c["accuracy"]))
+        if other:
+            row["tasks"] = {k: round(sum(v) / len(v), 4) for k, v in other.items()}
         stops = [float(c["tf_stop"]) for c in cells if c["task"] == "passkey" and c.get("tf_stop") is not None]
         row["tf_stop"] = round(sum(stops) / len(stops), 4) if stops else None
         tok = [float(x["tf_token_acc"]) for c in cells if c["task"] == "passkey" for x in c.get("samples", [])
@@ -90,8 +98,10 @@ def memory_keys(rows: list[dict]) -> tuple[int, dict] | None:
 def table(runs: dict[str, list[dict]]) -> str:
     """Markdown: one line per run and step."""
     lengths = sorted({int(k[4:]) for rows in runs.values() for r in rows for k in r if k.startswith("acc_")})
+    tasks = sorted({k for rows in runs.values() for r in rows for k in r.get("tasks", {})},
+                   key=lambda k: (k.rsplit(" ", 1)[0], int(k.rsplit(" ", 1)[1])))
     writes_off = any("beyond_no_writes" in r for rows in runs.values() for r in rows)
-    head = ["run", "step"] + [f"acc {n}" for n in lengths] + [
+    head = ["run", "step"] + [f"acc {n}" for n in lengths] + [f"{k} acc" for k in tasks] + [
         "beyond the window: decoded / teacher-forced", "inside: decoded / teacher-forced", "tf_token_acc",
         "tf_stop"] + (
         ["memory writes off: beyond / inside (decoded)"] if writes_off else [])
@@ -99,6 +109,7 @@ def table(runs: dict[str, list[dict]]) -> str:
     for name, rows in runs.items():
         for r in rows:
             cells = [name, str(r["step"])] + [f"{r[f'acc_{n}']:.2f}" if f"acc_{n}" in r else "-" for n in lengths]
+            cells += [f"{r['tasks'][k]:.2f}" if k in r.get("tasks", {}) else "-" for k in tasks]
             cells += [f"{r['beyond']} / {r['tf_beyond']} of {r['beyond_n']}",
                       f"{r['inside']} / {r['tf_inside']} of {r['inside_n']}",
                       "-" if r.get("tf_token_acc") is None else f"{r['tf_token_acc']:.2f}",

@@ -35,6 +35,22 @@ def test_counts_per_step(tmp_path, capsys):
     assert "| a | 10 | 0.00 | 0.50 | 0 / 1 of 2 | 1 / 1 of 2 | 0.75 | 1.00 |" in capsys.readouterr().out
 
 
+def test_other_tasks_get_their_own_accuracy_columns_and_leave_the_passkey_counts(tmp_path, capsys):
+    """A grid with niah_multikey beside passkey: one accuracy column per task and length (mean over depths), and
+    the passkey counts, accuracies and tf figures unchanged by the other task's cells."""
+    pk = _cell(10, 512, 100, [1.0, 0.0], [1.0, 0.0])
+    mk = [{**_cell(10, 512, 100, [0.0, 0.0], [0.0, 0.0]), "task": "niah_multikey", "depth": d, "accuracy": a,
+           "tf_stop": 0.0} for d, a in ((0.0, 0.5), (1.0, 0.0))]
+    p = tmp_path / "cells.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [pk, *mk]) + "\n")
+    assert rbs.main([f"a={p}", "--name", "t", "--out", str(tmp_path / "o")]) == 0
+    (row,) = json.loads((tmp_path / "o" / "t.json").read_text())["runs"]["a"]
+    assert row["tasks"] == {"niah_multikey 512": 0.25}
+    assert (row["inside"], row["inside_n"], row["acc_512"], row["tf_stop"]) == (1, 2, 0.5, 1.0)
+    out = capsys.readouterr().out
+    assert "| run | step | acc 512 | niah_multikey 512 acc |" in out and "| a | 10 | 0.50 | 0.25 | 0 / 0 of 0 |" in out
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert rbs.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "NAME=cells.jsonl" in capsys.readouterr().err
