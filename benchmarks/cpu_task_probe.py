@@ -11,6 +11,9 @@ apart from training's) are decoded greedily by `memsparse.eval.harness.run_cells
 which also gives the teacher-forced answer-token accuracy. The model: `--dim`, `--depth`, `--heads` (kv heads half),
 a dense budget and a `--window` of 512 tokens (longer than every prompt: all of it is in attention's reach),
 no memory unless `--memory-layers`. `--distractors N` (niah_multikey): N distractor needles instead of 3.
+`--first TASK:STEPS`: a two-step curriculum, the first STEPS of `--steps` on TASK's rows (e.g.
+`niah_multikey_pair:2000` before `--task niah_multikey`), the rest on `--task`'s, under one learning-rate schedule;
+each evaluation then also scores TASK (`eval_first` in the curve).
 Writes task_probe.json (the arguments and the curve), task_probe.md and
 task_probe.png (accuracy and tf_token_acc against steps) to `--out`.
 """
@@ -70,17 +73,22 @@ def make_task(args):
 
 
 def fit(args) -> dict:
-    """Train and evaluate; returns {"args", "curve": [{step, loss, wall_s, eval}]}."""
+    """Train and evaluate; returns {"args", "curve": [{step, loss, wall_s, eval[, eval_first]}]}."""
     tok, task = load_tokenizer(args.tokenizer), make_task(args)
     data = SyntheticTaskDataset(task, args.steps * args.batch, args.lengths, max(args.lengths), tok,
                                 seed=args.seed, source=0, loss=args.loss)
+    first, first_steps = (None, 0) if args.first is None else (get_task(args.first[0]), args.first[1])
+    if first is not None:  # the curriculum's first rows: another source, so other draws than the target's
+        first_data = SyntheticTaskDataset(first, first_steps * args.batch, args.lengths, max(args.lengths), tok,
+                                          seed=args.seed, source=1, loss=args.loss)
     model = build(args, tok.vocab_size)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(max(1, args.steps // 20), args.steps, 0.1))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed)).tolist()
     curve, t0 = [], time.time()
     for step in range(1, args.steps + 1):
-        items = [data[i] for i in order[(step - 1) * args.batch: step * args.batch]]
+        src = first_data if step <= first_steps else data
+        items = [src[i] for i in order[(step - 1) * args.batch: step * args.batch]]
         ids = torch.stack([it["input_ids"] for it in items])
         labels = torch.stack([it["labels"] for it in items])
         loss = model(ids, labels, return_logits=False).loss
@@ -92,6 +100,8 @@ def fit(args) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             row = {"step": step, "loss": round(float(loss.detach()), 4), "wall_s": round(time.time() - t0, 1),
                    "eval": evaluate(model, tok, task, args)}
+            if first is not None:
+                row["eval_first"] = evaluate(model, tok, first, args)
             curve.append(row)
             print(json.dumps(row), flush=True)
     return {"args": {k: v for k, v in vars(args).items() if k != "out"}, "curve": curve}
@@ -99,10 +109,13 @@ def fit(args) -> dict:
 
 def table(result: dict) -> str:
     lengths = list(result["curve"][0]["eval"]) if result["curve"] else []
-    head = ["step", "loss"] + [f"{n}: exact / tf_token_acc" for n in lengths] + ["wall s"]
+    first = result["args"].get("first")
+    cols = [("eval", n, f"{n}: exact / tf_token_acc") for n in lengths] + (
+        [("eval_first", n, f"{first[0]} {n}: exact / tf_token_acc") for n in lengths] if first else [])
+    head = ["step", "loss"] + [c[2] for c in cols] + ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["curve"]:
-        cells = [f"{r['eval'][n]['accuracy']:.2f} / {r['eval'][n]['tf_token_acc']:.2f}" for n in lengths]
+        cells = [f"{r[k][n]['accuracy']:.2f} / {r[k][n]['tf_token_acc']:.2f}" for k, n, _ in cols]
         lines.append("| " + " | ".join([str(r["step"]), f"{r['loss']:.3f}", *cells, str(r["wall_s"])]) + " |")
     return "\n".join(lines)
 
@@ -115,10 +128,15 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in result["curve"]]
-    for n in (result["curve"][0]["eval"] if result["curve"] else {}):
-        ax.plot(steps, [r["eval"][n]["accuracy"] for r in result["curve"]], marker="o", label=f"{n}: exact match")
-        ax.plot(steps, [r["eval"][n]["tf_token_acc"] for r in result["curve"]], ls="--",
-                label=f"{n}: teacher-forced answer tokens")
+    first = result["args"].get("first")
+    for key, name in [("eval", result["args"]["task"])] + ([("eval_first", first[0])] if first else []):
+        for n in (result["curve"][0][key] if result["curve"] else {}):
+            line, = ax.plot(steps, [r[key][n]["accuracy"] for r in result["curve"]], marker="o",
+                            label=f"{name} {n}: exact match")
+            ax.plot(steps, [r[key][n]["tf_token_acc"] for r in result["curve"]], ls="--", color=line.get_color(),
+                    label=f"{name} {n}: teacher-forced answer tokens")
+    if first:
+        ax.axvline(first[1], color="grey", ls=":", lw=1)
     ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(-0.02, 1.02), title=f"{result['args']['task']} (CPU probe)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -155,8 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-layers", default="", help="comma-separated layers with a memory (default: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--first", default=None, metavar="TASK:STEPS",
+                    help="a curriculum: the first STEPS steps on this registered task's rows, then --task's")
     ap.add_argument("--out", default=None, help="directory for task_probe.json / .md / .png")
     args = ap.parse_args(argv)
+    if args.first is not None:
+        name, _, n = args.first.rpartition(":")
+        if not name or not n.isdigit() or not 0 < int(n) < args.steps:
+            ap.error(f"--first must be TASK:STEPS with 0 < STEPS < --steps ({args.steps}), got {args.first!r}")
+        args.first = [name, int(n)]
     args.lengths = ints(args.lengths, "--lengths", ap)
     args.memory_layers = ints(args.memory_layers, "--memory-layers", ap)
     try:  # memsparse-eval's own parsing of its grid (training lengths keep their repeats: they weight the draws)
@@ -176,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     try:
         make_task(args)
+        if args.first is not None:
+            get_task(args.first[0])
         result = fit(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         ap.error(str(e).strip("'\""))

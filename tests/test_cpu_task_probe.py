@@ -44,13 +44,31 @@ def test_distractors_give_niah_multikey_that_many_other_needles():
     assert tp.make_task(argparse.Namespace(task="niah_multikey", distractors=None)).num_distractors == 3
 
 
+def test_first_trains_the_first_steps_on_another_task_and_scores_both(monkeypatch, tmp_path):
+    """--first TASK:STEPS: the first STEPS batches are TASK's rows (the labelled answers are its values), the rest
+    --task's; every evaluation scores both tasks, and the table and plot show both."""
+    seen = []
+    real = tp.MemSparseLM.forward
+    monkeypatch.setattr(tp.MemSparseLM, "forward", lambda self, ids, labels=None, **k: (
+        seen.append(int((labels != -100).sum(-1).max())) if labels is not None and self.training else None) or
+        real(self, ids, labels, **k))
+    argv = TINY[:]
+    argv[argv.index("--steps") + 1] = "3"
+    res = tp.main(argv + ["--first", "niah_multikey_pair:2", "--lengths", "480", "--out", str(tmp_path)])
+    assert seen == [9, 9, 7]  # " 1234567" + eos (byte tokens) twice, then a passkey " 12345" + eos
+    assert [sorted(r) for r in res["curve"]] == [["eval", "eval_first", "loss", "step", "wall_s"]] * 3
+    assert "niah_multikey_pair 480: exact / tf_token_acc" in (tmp_path / "task_probe.md").read_text()
+
+
 @pytest.mark.parametrize("argv, message", [(["--distractors", "1"], "--distractors needs --task niah_multikey"),
                                            (["--lengths", "600"], "must be given and <= --window (512)"),
                                            (["--task", "nope"], "nope"),
                                            (["--dim", "30"], "--dim (30) must be a multiple of 2 x --heads (2)"),
                                            (["--lengths", "2x"], "--lengths must be comma-separated integers"),
                                            (["--lengths", "64"], "too short"),
-                                           (["--eval-depths", "0.5,2"], "depth '2' is outside [0, 1]")])
+                                           (["--eval-depths", "0.5,2"], "depth '2' is outside [0, 1]"),
+                                           (["--first", "niah_single:5"], "0 < STEPS < --steps (2)"),
+                                           (["--first", "nope:1"], "nope")])
 def test_bad_settings_are_one_line_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
         tp.main(TINY + argv)
