@@ -78,7 +78,8 @@ def fit(args) -> dict:
     data = SyntheticTaskDataset(task, args.steps * args.batch, args.lengths, max(args.lengths), tok,
                                 seed=args.seed, source=0, loss=args.loss)
     first, first_steps = (None, 0) if args.first is None else (get_task(args.first[0]), args.first[1])
-    if first is not None:  # the curriculum's first rows: another source, so other draws than the target's
+    if first is not None:  # the curriculum's first rows: another source, so other draws than the target's (indices
+        # past its length are the next epoch's draws, fresh samples: SyntheticTaskDataset varies them by epoch)
         first_data = SyntheticTaskDataset(first, first_steps * args.batch, args.lengths, max(args.lengths), tok,
                                           seed=args.seed, source=1, loss=args.loss)
     model = build(args, tok.vocab_size)
